@@ -1,0 +1,289 @@
+//! Wiring: settings, start-up, serving and graceful shutdown.
+//!
+//! [`Application::build`] opens the store and binds the listener (so a test can ask for port 0
+//! and read the real port); [`Application::run_until`] serves until a shutdown signal. While
+//! the verification cache loads, the health service reports NOT_SERVING and key calls answer
+//! UNAVAILABLE; then it reports SERVING.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+use crate::cache::VerifyCache;
+use crate::clock::Clock;
+use crate::config::{LogFormat, ServeArgs};
+use crate::grpc::KeyApi;
+use crate::proto::v1::key_service_server::KeyServiceServer;
+use crate::store::{self, Store, StoreOptions};
+use crate::vault::MasterKey;
+
+/// Where the master key comes from.
+#[derive(Debug, Clone)]
+pub enum MasterKeySource {
+    /// 64 hex characters, e.g. from KEMON_MASTER_KEY.
+    Hex(String),
+    /// A file holding 64 hex characters.
+    File(PathBuf),
+    /// Development only: generated once into `<data_dir>/dev-master.key` and reused.
+    Development,
+}
+
+/// Everything the server needs to start.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub master_key: MasterKeySource,
+    pub write_batch_max: usize,
+}
+
+impl Settings {
+    pub fn from_args(args: &ServeArgs) -> Settings {
+        let master_key = match (&args.master_key, &args.master_key_file) {
+            (Some(hex), _) => MasterKeySource::Hex(hex.clone()),
+            (None, Some(path)) => MasterKeySource::File(path.clone()),
+            (None, None) => MasterKeySource::Development,
+        };
+        Settings {
+            listen: args.listen,
+            data_dir: args.data.data_dir.clone(),
+            master_key,
+            write_batch_max: usize::from(args.write_batch_max),
+        }
+    }
+
+    pub fn database_path(&self) -> PathBuf {
+        self.data_dir.join(store::DATABASE_FILE)
+    }
+}
+
+/// Development master key file inside the data directory.
+pub const DEV_MASTER_KEY_FILE: &str = "dev-master.key";
+
+fn load_master_key(settings: &Settings) -> anyhow::Result<MasterKey> {
+    match &settings.master_key {
+        MasterKeySource::Hex(hex) => MasterKey::parse_hex(hex).context("KEMON_MASTER_KEY"),
+        MasterKeySource::File(path) => MasterKey::from_file(path).context("KEMON_MASTER_KEY_FILE"),
+        MasterKeySource::Development => {
+            let path = settings.data_dir.join(DEV_MASTER_KEY_FILE);
+            let key = if path.exists() {
+                MasterKey::from_file(&path)?
+            } else {
+                let key = MasterKey::generate();
+                write_private_file(&path, &key.to_hex())
+                    .with_context(|| format!("writing {}", path.display()))?;
+                key
+            };
+            tracing::warn!(
+                path = %path.display(),
+                "USING A DEVELOPMENT MASTER KEY stored in plain text next to the database. \
+                 Anyone who can read the data directory can decrypt revealable keys. \
+                 Set KEMON_MASTER_KEY_FILE (or KEMON_MASTER_KEY) in production."
+            );
+            Ok(key)
+        }
+    }
+}
+
+fn write_private_file(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path)?;
+    file.write_all(contents.as_bytes())?;
+    file.write_all(b"\n")?;
+    file.sync_all()
+}
+
+/// A built server: store open, listener bound, not yet serving.
+pub struct Application {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    store: Store,
+    cache: Arc<VerifyCache>,
+    api: KeyApi,
+    ready: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Application {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Application")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Application {
+    pub async fn build(settings: Settings, clock: Arc<dyn Clock>) -> anyhow::Result<Application> {
+        std::fs::create_dir_all(&settings.data_dir)
+            .with_context(|| format!("creating data directory {}", settings.data_dir.display()))?;
+        let master_key = load_master_key(&settings)?;
+        let cache = Arc::new(VerifyCache::new(clock.clone()));
+        let store = Store::open(
+            &settings.database_path(),
+            &master_key.fingerprint(),
+            clock.clone(),
+            cache.clone(),
+            StoreOptions {
+                max_batch: settings.write_batch_max,
+            },
+        )
+        .await
+        .with_context(|| format!("opening {}", settings.database_path().display()))?;
+        let listener = TcpListener::bind(settings.listen)
+            .await
+            .with_context(|| format!("binding {}", settings.listen))?;
+        let local_addr = listener.local_addr()?;
+        let ready = Arc::new(AtomicBool::new(false));
+        let api = KeyApi::new(
+            store.clone(),
+            cache.clone(),
+            clock,
+            master_key,
+            ready.clone(),
+        );
+        Ok(Application {
+            listener,
+            local_addr,
+            store,
+            cache,
+            api,
+            ready,
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting calls, lets in-flight calls
+    /// finish, waits for the writer to commit what it was given, and closes the database.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let Application {
+            listener,
+            local_addr,
+            store,
+            cache,
+            api,
+            ready,
+        } = self;
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        health.set_not_serving::<KeyServiceServer<KeyApi>>().await;
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+
+        let server = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(KeyServiceServer::new(api))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+        let server = tokio::spawn(server);
+        tracing::info!(%local_addr, "listening");
+
+        let started = std::time::Instant::now();
+        let states = store
+            .all_keys()
+            .await
+            .context("loading the verification cache")?;
+        for state in &states {
+            cache.upsert(state);
+        }
+        drop(states);
+        ready.store(true, Ordering::Release);
+        health.set_service_status("", ServingStatus::Serving).await;
+        health.set_serving::<KeyServiceServer<KeyApi>>().await;
+        tracing::info!(
+            keys = cache.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "cache loaded; serving"
+        );
+
+        server.await.context("server task")?.context("server")?;
+        store.close().await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown signal received; finishing in-flight calls");
+}
+
+/// `kemon-keys rebuild`.
+pub async fn rebuild(data_dir: &Path) -> anyhow::Result<()> {
+    let path = data_dir.join(store::DATABASE_FILE);
+    anyhow::ensure!(path.exists(), "no database at {}", path.display());
+    let report = store::rebuild(&path).await?;
+    tracing::info!(
+        events = report.events,
+        keys = report.keys,
+        last_sequence = report.last_sequence,
+        "projection rebuilt from the event log"
+    );
+    Ok(())
+}
+
+/// Installs the tracing subscriber: `RUST_LOG` filtering (default `info`), text or JSON lines.
+pub fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
+    }
+}

@@ -1,0 +1,200 @@
+//! The hot verification cache: every key's verification state in memory, keyed by the
+//! SHA3-256 of its string. VerifyKey answers from here alone and never touches the database.
+//!
+//! Loaded from the projection at start-up, then kept current by the store's writer, which
+//! applies each committed change before it answers the caller. Expiry is checked against the
+//! clock on every call, so a key stops working at its expiry instant with no lag.
+//!
+//! The map is split into shards, each behind its own `RwLock` held only for a map operation
+//! (never across I/O), so writers never stall readers for long and readers never contend.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::{Arc, RwLock};
+
+use crate::clock::Clock;
+use crate::domain::api_key;
+use crate::domain::values::{is_localhost, origin_host};
+use crate::domain::{DomainPattern, Environment, KeyId, KeyState, KeyType, ScopeSet, SecretHash};
+use crate::store::CommitListener;
+
+const SHARDS: usize = 64;
+
+/// What Verify needs of a key, and nothing else.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedKey {
+    pub key_id: KeyId,
+    pub workspace_id: Arc<str>,
+    pub key_type: KeyType,
+    pub environment: Environment,
+    pub scopes: ScopeSet,
+    pub full_access: bool,
+    pub expires_at_ms: Option<i64>,
+    pub revoked: bool,
+    pub allowed_domains: Box<[DomainPattern]>,
+    pub version: u64,
+}
+
+impl CachedKey {
+    fn from_state(s: &KeyState) -> CachedKey {
+        CachedKey {
+            key_id: s.key_id,
+            workspace_id: Arc::from(s.workspace_id.as_str()),
+            key_type: s.key_type,
+            environment: s.environment,
+            scopes: s.scopes,
+            full_access: s.full_access,
+            expires_at_ms: s.expires_at_ms,
+            revoked: s.is_revoked(),
+            allowed_domains: s.allowed_domains.clone().into_boxed_slice(),
+            version: s.version,
+        }
+    }
+
+    /// The scopes this key grants: everything for a full-access key.
+    pub fn granted(&self) -> ScopeSet {
+        if self.full_access {
+            ScopeSet::ALL
+        } else {
+            self.scopes
+        }
+    }
+}
+
+/// The outcome of a verification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Valid(CachedKey),
+    Malformed,
+    NotFound,
+    Expired(CachedKey),
+    Revoked(CachedKey),
+    EnvironmentNotAllowed(CachedKey),
+    OriginNotAllowed(CachedKey),
+    InsufficientScope { key: CachedKey, missing: ScopeSet },
+}
+
+/// The hash is SHA3-256 output of server-generated secrets, uniformly distributed, so its
+/// first eight bytes are already a perfect hash: no need to hash it again.
+#[derive(Default)]
+struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for (i, b) in bytes.iter().take(8).enumerate() {
+            self.0 |= u64::from(*b) << (8 * i);
+        }
+    }
+}
+
+type Shard = RwLock<HashMap<SecretHash, CachedKey, BuildHasherDefault<DigestHasher>>>;
+
+pub struct VerifyCache {
+    shards: Box<[Shard]>,
+    clock: Arc<dyn Clock>,
+}
+
+impl VerifyCache {
+    pub fn new(clock: Arc<dyn Clock>) -> VerifyCache {
+        VerifyCache {
+            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+            clock,
+        }
+    }
+
+    fn shard(&self, hash: &SecretHash) -> &Shard {
+        // Byte 8 onwards is independent of the bytes the in-shard hasher uses.
+        &self.shards[usize::from(hash.0[8]) % SHARDS]
+    }
+
+    /// Inserts or replaces a key's entry, unless the cache already holds a newer version.
+    pub fn upsert(&self, state: &KeyState) {
+        let mut shard = self
+            .shard(&state.secret_hash)
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        match shard.get(&state.secret_hash) {
+            Some(existing) if existing.version >= state.version => {}
+            _ => {
+                shard.insert(state.secret_hash, CachedKey::from_state(state));
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.read().unwrap_or_else(|p| p.into_inner()).len())
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Verifies a presented key string: format and checksum, then hash, lookup, revocation,
+    /// expiry, environment, origin and scopes, in that order.
+    pub fn verify(&self, key: &str, required: ScopeSet, origin: &str) -> Verdict {
+        let Some(format) = api_key::parse(key) else {
+            return Verdict::Malformed;
+        };
+        let hash = SecretHash::of(key);
+        let entry = {
+            let shard = self.shard(&hash).read().unwrap_or_else(|p| p.into_inner());
+            match shard.get(&hash) {
+                Some(entry) => entry.clone(),
+                None => return Verdict::NotFound,
+            }
+        };
+        // The string's prefix is part of what was hashed, so these always agree; checked
+        // anyway so that a corrupt cache can never widen what a key may do.
+        if entry.key_type != format.key_type || entry.environment != format.environment {
+            return Verdict::NotFound;
+        }
+        if entry.revoked {
+            return Verdict::Revoked(entry);
+        }
+        if entry
+            .expires_at_ms
+            .is_some_and(|at| self.clock.now_ms() >= at)
+        {
+            return Verdict::Expired(entry);
+        }
+        let host = origin_host(origin);
+        match entry.environment {
+            Environment::Test => {
+                if !host.as_deref().is_some_and(is_localhost) {
+                    return Verdict::EnvironmentNotAllowed(entry);
+                }
+            }
+            Environment::Production if entry.key_type == KeyType::Public => {
+                let allowed = host
+                    .as_deref()
+                    .is_some_and(|h| entry.allowed_domains.iter().any(|d| d.matches(h)));
+                if !allowed {
+                    return Verdict::OriginNotAllowed(entry);
+                }
+            }
+            Environment::Production => {}
+        }
+        let missing = required.difference(entry.granted());
+        if !missing.is_empty() {
+            return Verdict::InsufficientScope {
+                key: entry,
+                missing,
+            };
+        }
+        Verdict::Valid(entry)
+    }
+}
+
+impl CommitListener for VerifyCache {
+    fn committed(&self, states: &[KeyState]) {
+        for state in states {
+            self.upsert(state);
+        }
+    }
+}

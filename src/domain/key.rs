@@ -1,0 +1,590 @@
+//! The key aggregate: `decide` turns a command and the current state into events, `apply`
+//! folds an event into the state. Both are pure; the store, the projection, the cache and
+//! any replay use this one `apply`, so they cannot disagree.
+
+use super::{
+    DomainPattern, Environment, Expiration, KeyId, KeyName, KeyType, ScopeSet, SecretHash,
+    WorkspaceId,
+};
+
+/// The current state of one key: the fold of its stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyState {
+    pub key_id: KeyId,
+    pub workspace_id: WorkspaceId,
+    pub name: KeyName,
+    pub key_type: KeyType,
+    pub environment: Environment,
+    /// Empty when `full_access`.
+    pub scopes: ScopeSet,
+    pub full_access: bool,
+    pub secret_hash: SecretHash,
+    pub masked: String,
+    /// The key string of a public key; `None` for private keys.
+    pub public_key: Option<String>,
+    pub allowed_domains: Vec<DomainPattern>,
+    pub created_at_ms: i64,
+    pub expires_at_ms: Option<i64>,
+    pub revoked_at_ms: Option<i64>,
+    /// An encrypted copy was stored at creation.
+    pub reveal_later: bool,
+    /// The stream version: the number of events folded.
+    pub version: u64,
+    pub created_by: String,
+    pub updated_at_ms: i64,
+}
+
+impl KeyState {
+    pub fn is_revoked(&self) -> bool {
+        self.revoked_at_ms.is_some()
+    }
+
+    pub fn is_expired(&self, now_ms: i64) -> bool {
+        self.expires_at_ms.is_some_and(|at| now_ms >= at)
+    }
+
+    /// Whether RevealKey may return the secret now.
+    pub fn revealable(&self) -> bool {
+        !self.is_revoked() && (self.key_type == KeyType::Public || self.reveal_later)
+    }
+}
+
+/// Everything KeyCreated records. Built only by [`NewKey::validate`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewKey {
+    pub key_id: KeyId,
+    pub workspace_id: WorkspaceId,
+    pub name: KeyName,
+    pub key_type: KeyType,
+    pub environment: Environment,
+    pub scopes: ScopeSet,
+    pub full_access: bool,
+    pub secret_hash: SecretHash,
+    pub masked: String,
+    pub public_key: Option<String>,
+    pub allowed_domains: Vec<DomainPattern>,
+    pub created_at_ms: i64,
+    pub expires_at_ms: Option<i64>,
+    pub reveal_later: bool,
+}
+
+/// What a caller asks for when creating a key, already parsed field by field.
+pub struct NewKeyRequest {
+    pub key_id: KeyId,
+    pub workspace_id: WorkspaceId,
+    pub name: KeyName,
+    pub key_type: KeyType,
+    pub environment: Environment,
+    pub expiration: Expiration,
+    pub scopes: ScopeSet,
+    pub reveal_later: bool,
+    pub allowed_domains: Vec<DomainPattern>,
+    pub secret_hash: SecretHash,
+    pub masked: String,
+    /// The key string, kept only for public keys.
+    pub public_key: Option<String>,
+}
+
+/// A bad field: its name as in the API, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    pub field: String,
+    pub reason: String,
+}
+
+impl Violation {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Violation {
+        Violation {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl NewKeyRequest {
+    /// The rules that tie fields together: what public, private and test keys may hold.
+    pub fn validate(self, now_ms: i64) -> Result<NewKey, DomainError> {
+        let mut violations = Vec::new();
+        let full_access = self.key_type == KeyType::Private && self.scopes.is_empty();
+        match self.key_type {
+            KeyType::Public => {
+                if self.scopes.is_empty() {
+                    violations.push(Violation::new(
+                        "scopes",
+                        "public keys need at least one read scope",
+                    ));
+                }
+                for scope in self.scopes.writes() {
+                    violations.push(Violation::new(
+                        "scopes",
+                        format!(
+                            "public keys may hold read scopes only; `{scope}` is a write scope"
+                        ),
+                    ));
+                }
+                if self.reveal_later {
+                    violations.push(Violation::new(
+                        "reveal_later",
+                        "public keys are not secret and can always be shown; \
+                         reveal_later is for private keys",
+                    ));
+                }
+                match self.environment {
+                    Environment::Production if self.allowed_domains.is_empty() => {
+                        violations.push(Violation::new(
+                            "allowed_domains",
+                            "production public keys need at least one allowed domain",
+                        ));
+                    }
+                    Environment::Test if !self.allowed_domains.is_empty() => {
+                        violations.push(Violation::new(
+                            "allowed_domains",
+                            "test keys work only from localhost and take no allowed domains",
+                        ));
+                    }
+                    _ => {}
+                }
+            }
+            KeyType::Private => {
+                if !self.allowed_domains.is_empty() {
+                    violations.push(Violation::new(
+                        "allowed_domains",
+                        "only public keys are restricted to domains",
+                    ));
+                }
+            }
+        }
+        if !violations.is_empty() {
+            return Err(DomainError::Invalid(violations));
+        }
+        Ok(NewKey {
+            key_id: self.key_id,
+            workspace_id: self.workspace_id,
+            name: self.name,
+            key_type: self.key_type,
+            environment: self.environment,
+            scopes: self.scopes,
+            full_access,
+            secret_hash: self.secret_hash,
+            masked: self.masked,
+            public_key: self.public_key,
+            allowed_domains: self.allowed_domains,
+            created_at_ms: now_ms,
+            expires_at_ms: self.expiration.expires_at(now_ms),
+            reveal_later: self.reveal_later,
+        })
+    }
+}
+
+/// A change asked of one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Create(Box<NewKey>),
+    Rename {
+        name: KeyName,
+        expected_version: Option<u64>,
+    },
+    UpdateScopes {
+        scopes: ScopeSet,
+        expected_version: Option<u64>,
+    },
+    Revoke {
+        expected_version: Option<u64>,
+    },
+}
+
+/// What happened to a key. Stored, never changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    KeyCreated(Box<NewKey>),
+    KeyRenamed { name: KeyName },
+    KeyScopesChanged { scopes: ScopeSet },
+    KeyRevoked,
+}
+
+impl Event {
+    /// The name stored in the log's `event_type` column.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Event::KeyCreated(_) => "KeyCreated",
+            Event::KeyRenamed { .. } => "KeyRenamed",
+            Event::KeyScopesChanged { .. } => "KeyScopesChanged",
+            Event::KeyRevoked => "KeyRevoked",
+        }
+    }
+}
+
+/// An event as the log holds it: who recorded it, when, at which stream version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recorded {
+    pub event: Event,
+    pub actor: String,
+    pub recorded_at_ms: i64,
+    pub stream_version: u64,
+}
+
+/// Why a command was refused. Each maps to one gRPC code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DomainError {
+    #[error("invalid request")]
+    Invalid(Vec<Violation>),
+    #[error("key not found")]
+    NotFound,
+    #[error("key already exists")]
+    AlreadyExists,
+    #[error("the key is revoked; revoked keys cannot be changed or revealed")]
+    Revoked,
+    #[error("the key is at version {actual}, not the expected {expected}")]
+    VersionConflict { expected: u64, actual: u64 },
+    #[error("the scopes of public keys cannot be edited; create a new key instead")]
+    PublicScopesImmutable,
+    #[error("{0}")]
+    NotRevealable(&'static str),
+}
+
+/// Decides what a command does to a key. `state` is `None` for a key with no events yet.
+/// An empty result means the command changes nothing (a repeated revoke, a rename to the
+/// current name): nothing is appended.
+pub fn decide(state: Option<&KeyState>, command: &Command) -> Result<Vec<Event>, DomainError> {
+    let state = match (state, command) {
+        (None, Command::Create(new)) => return Ok(vec![Event::KeyCreated(new.clone())]),
+        (Some(_), Command::Create(_)) => return Err(DomainError::AlreadyExists),
+        (None, _) => return Err(DomainError::NotFound),
+        (Some(state), _) => state,
+    };
+    // A repeated revoke is answered before the version check, so that a retry carrying the
+    // version it saw before its first attempt still succeeds.
+    if let (Command::Revoke { .. }, true) = (command, state.is_revoked()) {
+        return Ok(vec![]);
+    }
+    if state.is_revoked() {
+        return Err(DomainError::Revoked);
+    }
+    let expected = match command {
+        Command::Rename {
+            expected_version, ..
+        }
+        | Command::UpdateScopes {
+            expected_version, ..
+        }
+        | Command::Revoke { expected_version } => *expected_version,
+        Command::Create(_) => None,
+    };
+    if let Some(expected) = expected.filter(|&e| e != state.version) {
+        return Err(DomainError::VersionConflict {
+            expected,
+            actual: state.version,
+        });
+    }
+    match command {
+        Command::Create(_) => unreachable!("handled above"),
+        Command::Rename { name, .. } if *name == state.name => Ok(vec![]),
+        Command::Rename { name, .. } => Ok(vec![Event::KeyRenamed { name: name.clone() }]),
+        Command::UpdateScopes { .. } if state.key_type == KeyType::Public => {
+            Err(DomainError::PublicScopesImmutable)
+        }
+        Command::UpdateScopes { scopes, .. } if scopes.is_empty() => Err(DomainError::Invalid(
+            vec![Violation::new("scopes", "at least one scope is required")],
+        )),
+        Command::UpdateScopes { scopes, .. } if *scopes == state.scopes && !state.full_access => {
+            Ok(vec![])
+        }
+        Command::UpdateScopes { scopes, .. } => {
+            Ok(vec![Event::KeyScopesChanged { scopes: *scopes }])
+        }
+        Command::Revoke { .. } => Ok(vec![Event::KeyRevoked]),
+    }
+}
+
+/// Folds one recorded event into a key's state. Events come from the log in stream order;
+/// an event that cannot follow the state (a second KeyCreated, a change before creation) is
+/// a corrupt log, reported as an error rather than guessed around.
+pub fn apply(state: Option<KeyState>, recorded: &Recorded) -> Result<KeyState, String> {
+    let at = recorded.recorded_at_ms;
+    let expected_version = state.as_ref().map_or(1, |s| s.version + 1);
+    if recorded.stream_version != expected_version {
+        return Err(format!(
+            "stream version {} where {expected_version} was expected",
+            recorded.stream_version
+        ));
+    }
+    let mut state = match (state, &recorded.event) {
+        (None, Event::KeyCreated(new)) => {
+            let new = new.as_ref().clone();
+            return Ok(KeyState {
+                key_id: new.key_id,
+                workspace_id: new.workspace_id,
+                name: new.name,
+                key_type: new.key_type,
+                environment: new.environment,
+                scopes: new.scopes,
+                full_access: new.full_access,
+                secret_hash: new.secret_hash,
+                masked: new.masked,
+                public_key: new.public_key,
+                allowed_domains: new.allowed_domains,
+                created_at_ms: new.created_at_ms,
+                expires_at_ms: new.expires_at_ms,
+                revoked_at_ms: None,
+                reveal_later: new.reveal_later,
+                version: 1,
+                created_by: recorded.actor.clone(),
+                updated_at_ms: at,
+            });
+        }
+        (Some(_), Event::KeyCreated(_)) => return Err("KeyCreated on an existing key".into()),
+        (None, event) => return Err(format!("{} before KeyCreated", event.type_name())),
+        (Some(state), _) if state.is_revoked() => {
+            return Err(format!("{} after KeyRevoked", recorded.event.type_name()));
+        }
+        (Some(state), _) => state,
+    };
+    match &recorded.event {
+        Event::KeyCreated(_) => unreachable!("handled above"),
+        Event::KeyRenamed { name } => state.name = name.clone(),
+        Event::KeyScopesChanged { scopes } => {
+            state.scopes = *scopes;
+            state.full_access = false;
+        }
+        Event::KeyRevoked => state.revoked_at_ms = Some(at),
+    }
+    state.version += 1;
+    state.updated_at_ms = at;
+    Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    //! Given these events, when this command, then these events or this error.
+    use super::*;
+    use crate::domain::api_key::ApiKey;
+
+    fn request(key_type: KeyType, environment: Environment) -> NewKeyRequest {
+        let key = ApiKey::generate(key_type, environment);
+        NewKeyRequest {
+            key_id: KeyId::generate(1_000),
+            workspace_id: WorkspaceId::parse("ws_1").unwrap(),
+            name: KeyName::parse("CI").unwrap(),
+            key_type,
+            environment,
+            expiration: Expiration::default(),
+            scopes: ScopeSet::EMPTY,
+            reveal_later: false,
+            allowed_domains: vec![],
+            secret_hash: key.hash(),
+            masked: key.masked(),
+            public_key: (key_type == KeyType::Public).then(|| key.expose().to_owned()),
+        }
+    }
+
+    fn given(events: &[Event]) -> Option<KeyState> {
+        events.iter().enumerate().fold(None, |state, (i, event)| {
+            let recorded = Recorded {
+                event: event.clone(),
+                actor: "user_1".into(),
+                recorded_at_ms: 1_000 + i as i64,
+                stream_version: i as u64 + 1,
+            };
+            Some(apply(state, &recorded).expect("valid history"))
+        })
+    }
+
+    fn created() -> Event {
+        Event::KeyCreated(Box::new(
+            request(KeyType::Private, Environment::Production)
+                .validate(1_000)
+                .unwrap(),
+        ))
+    }
+
+    fn scopes(names: &[&str]) -> ScopeSet {
+        ScopeSet::parse(names).unwrap()
+    }
+
+    #[test]
+    fn private_key_without_scopes_has_full_access_and_default_expiry() {
+        let new = request(KeyType::Private, Environment::Production)
+            .validate(1_000)
+            .unwrap();
+        assert!(new.full_access);
+        assert_eq!(new.expires_at_ms, Some(1_000 + 90 * 86_400_000));
+    }
+
+    #[test]
+    fn public_keys_need_read_scopes_and_domains_in_production() {
+        let mut req = request(KeyType::Public, Environment::Production);
+        req.scopes = scopes(&["tickets:write"]);
+        req.reveal_later = true;
+        let DomainError::Invalid(v) = req.validate(0).unwrap_err() else {
+            panic!("expected Invalid")
+        };
+        let fields: Vec<_> = v.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(fields, ["scopes", "reveal_later", "allowed_domains"]);
+
+        let mut req = request(KeyType::Public, Environment::Production);
+        req.allowed_domains = vec![DomainPattern::parse("app.example.com").unwrap()];
+        let DomainError::Invalid(v) = req.validate(0).unwrap_err() else {
+            panic!("expected Invalid")
+        };
+        assert_eq!(v[0].reason, "public keys need at least one read scope");
+
+        let mut req = request(KeyType::Public, Environment::Test);
+        req.scopes = scopes(&["tickets:read"]);
+        let new = req.validate(0).unwrap();
+        assert!(!new.full_access);
+    }
+
+    #[test]
+    fn create_on_an_existing_key_is_refused() {
+        let state = given(&[created()]);
+        let new = request(KeyType::Private, Environment::Test)
+            .validate(0)
+            .unwrap();
+        assert_eq!(
+            decide(state.as_ref(), &Command::Create(Box::new(new))),
+            Err(DomainError::AlreadyExists)
+        );
+    }
+
+    #[test]
+    fn rename_records_the_new_name_and_same_name_records_nothing() {
+        let state = given(&[created()]);
+        let name = KeyName::parse("Deploy").unwrap();
+        let rename = Command::Rename {
+            name: name.clone(),
+            expected_version: Some(1),
+        };
+        assert_eq!(
+            decide(state.as_ref(), &rename),
+            Ok(vec![Event::KeyRenamed { name: name.clone() }])
+        );
+        let state = given(&[created(), Event::KeyRenamed { name: name.clone() }]);
+        assert_eq!(state.as_ref().unwrap().version, 2);
+        let again = Command::Rename {
+            name,
+            expected_version: None,
+        };
+        assert_eq!(decide(state.as_ref(), &again), Ok(vec![]));
+    }
+
+    #[test]
+    fn a_stale_expected_version_is_a_conflict() {
+        let state = given(&[
+            created(),
+            Event::KeyRenamed {
+                name: KeyName::parse("x").unwrap(),
+            },
+        ]);
+        let cmd = Command::Revoke {
+            expected_version: Some(1),
+        };
+        assert_eq!(
+            decide(state.as_ref(), &cmd),
+            Err(DomainError::VersionConflict {
+                expected: 1,
+                actual: 2
+            })
+        );
+    }
+
+    #[test]
+    fn revoked_keys_refuse_changes_but_a_repeated_revoke_is_a_no_op() {
+        let state = given(&[created(), Event::KeyRevoked]);
+        assert!(state.as_ref().unwrap().is_revoked());
+        let rename = Command::Rename {
+            name: KeyName::parse("y").unwrap(),
+            expected_version: None,
+        };
+        assert_eq!(decide(state.as_ref(), &rename), Err(DomainError::Revoked));
+        let scopes_cmd = Command::UpdateScopes {
+            scopes: scopes(&["tickets:read"]),
+            expected_version: None,
+        };
+        assert_eq!(
+            decide(state.as_ref(), &scopes_cmd),
+            Err(DomainError::Revoked)
+        );
+        let revoke = Command::Revoke {
+            expected_version: Some(1),
+        };
+        assert_eq!(decide(state.as_ref(), &revoke), Ok(vec![]));
+    }
+
+    #[test]
+    fn scope_updates_need_a_scope_end_full_access_and_skip_public_keys() {
+        let state = given(&[created()]);
+        let empty = Command::UpdateScopes {
+            scopes: ScopeSet::EMPTY,
+            expected_version: None,
+        };
+        assert!(matches!(
+            decide(state.as_ref(), &empty),
+            Err(DomainError::Invalid(_))
+        ));
+        let set = scopes(&["tickets:read"]);
+        let update = Command::UpdateScopes {
+            scopes: set,
+            expected_version: None,
+        };
+        let events = decide(state.as_ref(), &update).unwrap();
+        assert_eq!(events, vec![Event::KeyScopesChanged { scopes: set }]);
+        let state = given(&[created(), events[0].clone()]).unwrap();
+        assert!(!state.full_access);
+        assert_eq!(state.scopes, set);
+
+        let mut public = request(KeyType::Public, Environment::Test);
+        public.scopes = scopes(&["tickets:read"]);
+        let state = given(&[Event::KeyCreated(Box::new(public.validate(0).unwrap()))]);
+        assert_eq!(
+            decide(state.as_ref(), &update),
+            Err(DomainError::PublicScopesImmutable)
+        );
+    }
+
+    #[test]
+    fn commands_on_a_missing_key_are_not_found() {
+        let cmd = Command::Revoke {
+            expected_version: None,
+        };
+        assert_eq!(decide(None, &cmd), Err(DomainError::NotFound));
+    }
+
+    #[test]
+    fn apply_refuses_histories_that_cannot_happen() {
+        let revoked = given(&[created(), Event::KeyRevoked]);
+        let after = Recorded {
+            event: Event::KeyRenamed {
+                name: KeyName::parse("z").unwrap(),
+            },
+            actor: "a".into(),
+            recorded_at_ms: 9,
+            stream_version: 3,
+        };
+        assert!(apply(revoked, &after).is_err());
+        let skipped = Recorded {
+            stream_version: 3,
+            ..after.clone()
+        };
+        assert!(apply(given(&[created()]), &skipped).is_err());
+        assert!(
+            apply(
+                None,
+                &Recorded {
+                    stream_version: 1,
+                    ..after
+                }
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn revealable_follows_type_copy_and_revocation() {
+        let mut state = given(&[created()]).unwrap();
+        assert!(!state.revealable());
+        state.reveal_later = true;
+        assert!(state.revealable());
+        state.revoked_at_ms = Some(5);
+        assert!(!state.revealable());
+    }
+}

@@ -1,0 +1,27 @@
+//! The pure core: key formats, scopes, validated values, and the key aggregate's decisions
+//! and fold. No I/O, no clock, no randomness except in the explicit `generate` constructors.
+//! Nothing here knows about gRPC or SQL.
+
+pub mod api_key;
+pub mod key;
+pub mod scope;
+pub mod values;
+
+pub use api_key::{ApiKey, SecretHash};
+pub use key::{Command, DomainError, Event, KeyState, NewKey, Recorded, Violation, apply, decide};
+pub use scope::{Scope, ScopeSet};
+pub use values::{DomainPattern, Expiration, KeyId, KeyName, WorkspaceId};
+
+/// Private (`sk_`) or public (`pk_`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeyType {
+    Private,
+    Public,
+}
+
+/// Production or test (`…_test_…`, localhost only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Environment {
+    Production,
+    Test,
+}

@@ -1,0 +1,104 @@
+//! The one place where failures become gRPC statuses. Field errors carry
+//! `google.rpc.BadRequest` details; version conflicts carry `google.rpc.ErrorInfo`;
+//! internal errors are logged with their cause and reach the client only as "internal error".
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+
+use crate::domain::{DomainError, Violation};
+use crate::store::StoreError;
+
+/// The error domain named in `google.rpc.ErrorInfo`.
+const ERROR_DOMAIN: &str = "keys.kemon.dev";
+
+#[derive(Debug)]
+pub enum ApiError {
+    Invalid(Vec<Violation>),
+    Unauthenticated(String),
+    PermissionDenied(String),
+    NotFound,
+    FailedPrecondition(String),
+    VersionConflict { expected: u64, actual: u64 },
+    Unavailable(&'static str),
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn invalid(field: &str, reason: impl Into<String>) -> ApiError {
+        ApiError::Invalid(vec![Violation::new(field, reason)])
+    }
+}
+
+impl From<DomainError> for ApiError {
+    fn from(e: DomainError) -> ApiError {
+        match e {
+            DomainError::Invalid(v) => ApiError::Invalid(v),
+            DomainError::NotFound => ApiError::NotFound,
+            DomainError::AlreadyExists => {
+                ApiError::Internal("generated key id already exists".into())
+            }
+            DomainError::VersionConflict { expected, actual } => {
+                ApiError::VersionConflict { expected, actual }
+            }
+            e @ (DomainError::Revoked
+            | DomainError::PublicScopesImmutable
+            | DomainError::NotRevealable(_)) => ApiError::FailedPrecondition(e.to_string()),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        match e {
+            StoreError::Domain(d) => d.into(),
+            StoreError::Internal(m) => ApiError::Internal(m),
+        }
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Status {
+        match e {
+            ApiError::Invalid(violations) => {
+                let message = violations
+                    .iter()
+                    .map(|v| format!("{}: {}", v.field, v.reason))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                let details = ErrorDetails::with_bad_request(
+                    violations
+                        .into_iter()
+                        .map(|v| FieldViolation::new(v.field, v.reason))
+                        .collect::<Vec<_>>(),
+                );
+                Status::with_error_details(Code::InvalidArgument, message, details)
+            }
+            ApiError::Unauthenticated(m) => Status::unauthenticated(m),
+            ApiError::PermissionDenied(m) => Status::permission_denied(m),
+            ApiError::NotFound => Status::not_found("key not found in this workspace"),
+            ApiError::FailedPrecondition(m) => Status::failed_precondition(m),
+            ApiError::VersionConflict { expected, actual } => {
+                let details = ErrorDetails::with_error_info(
+                    "VERSION_CONFLICT",
+                    ERROR_DOMAIN,
+                    [
+                        ("expected_version".to_owned(), expected.to_string()),
+                        ("actual_version".to_owned(), actual.to_string()),
+                    ],
+                );
+                Status::with_error_details(
+                    Code::Aborted,
+                    format!(
+                        "the key is at version {actual}, not the expected {expected}; read it again and retry"
+                    ),
+                    details,
+                )
+            }
+            ApiError::Unavailable(m) => Status::unavailable(m),
+            ApiError::Internal(m) => {
+                tracing::error!(error = %m, "internal error");
+                Status::internal("internal error")
+            }
+        }
+    }
+}

@@ -1,0 +1,611 @@
+//! `kemon.keys.v1.KeyService`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tonic::{Request, Response, Status};
+
+use super::auth::{Actor, Permission};
+use super::error::ApiError;
+use super::{observe, record_key_id, timestamp};
+use crate::cache::{CachedKey, Verdict, VerifyCache};
+use crate::clock::Clock;
+use crate::domain::key::NewKeyRequest;
+use crate::domain::scope::{Access, CATALOG};
+use crate::domain::{
+    ApiKey, Command, DomainPattern, Expiration, KeyId, KeyName, KeyState, KeyType, ScopeSet,
+    Violation, WorkspaceId,
+};
+use crate::proto::v1 as pb;
+use crate::proto::v1::key_service_server::KeyService;
+use crate::store::codec::{
+    environment_from_pb, environment_to_pb, key_type_from_pb, key_type_to_pb,
+};
+use crate::store::{ListFilter, SealedSecret, Store, Write};
+use crate::vault::MasterKey;
+
+/// Most entries accepted in a `scopes` or `required_scopes` list.
+pub const MAX_SCOPES_LISTED: usize = 16;
+/// Page size when the request leaves it at 0, and the largest accepted.
+pub const DEFAULT_PAGE_SIZE: u32 = 50;
+pub const MAX_PAGE_SIZE: u32 = 200;
+
+pub struct KeyApi {
+    store: Store,
+    cache: Arc<VerifyCache>,
+    clock: Arc<dyn Clock>,
+    master_key: MasterKey,
+    ready: Arc<AtomicBool>,
+}
+
+impl KeyApi {
+    pub fn new(
+        store: Store,
+        cache: Arc<VerifyCache>,
+        clock: Arc<dyn Clock>,
+        master_key: MasterKey,
+        ready: Arc<AtomicBool>,
+    ) -> KeyApi {
+        KeyApi {
+            store,
+            cache,
+            clock,
+            master_key,
+            ready,
+        }
+    }
+
+    fn ensure_ready(&self) -> Result<(), ApiError> {
+        if self.ready.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(ApiError::Unavailable(
+                "starting: the key cache is still loading",
+            ))
+        }
+    }
+
+    fn to_pb(&self, s: &KeyState) -> pb::Key {
+        let now = self.clock.now_ms();
+        pb::Key {
+            key_id: s.key_id.to_string(),
+            workspace_id: s.workspace_id.to_string(),
+            name: s.name.as_str().to_owned(),
+            r#type: key_type_to_pb(s.key_type) as i32,
+            environment: environment_to_pb(s.environment) as i32,
+            masked: s.masked.clone(),
+            scopes: s.scopes.names(),
+            full_access: s.full_access,
+            created_at: Some(timestamp(s.created_at_ms)),
+            expires_at: s.expires_at_ms.map(timestamp),
+            revoked_at: s.revoked_at_ms.map(timestamp),
+            revealable: s.revealable(),
+            version: s.version,
+            created_by: s.created_by.clone(),
+            allowed_domains: s
+                .allowed_domains
+                .iter()
+                .map(|d| d.as_str().to_owned())
+                .collect(),
+            expired: !s.is_revoked() && s.is_expired(now),
+            updated_at: Some(timestamp(s.updated_at_ms)),
+        }
+    }
+
+    /// Applies a change to an existing key and returns its new state.
+    async fn change(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        workspace_id: &str,
+        key_id: &str,
+        extra: Vec<Violation>,
+        command: impl FnOnce() -> Option<Command>,
+    ) -> Result<pb::Key, ApiError> {
+        self.ensure_ready()?;
+        let actor = Actor::authorize(metadata, Permission::ManageKeys)?;
+        let mut violations = extra;
+        let ids = key_ref(workspace_id, key_id, &mut violations);
+        let command = command();
+        let (Some((workspace_id, key_id)), Some(command), true) =
+            (ids, command, violations.is_empty())
+        else {
+            return Err(ApiError::Invalid(violations));
+        };
+        let state = self
+            .store
+            .write(Write {
+                workspace_id,
+                key_id,
+                command,
+                actor: actor.id,
+                sealed_secret: None,
+            })
+            .await?;
+        Ok(self.to_pb(&state))
+    }
+}
+
+/// Parses the workspace and key id of a request, recording the key id on the log line.
+fn key_ref(
+    workspace_id: &str,
+    key_id: &str,
+    violations: &mut Vec<Violation>,
+) -> Option<(WorkspaceId, KeyId)> {
+    let workspace = WorkspaceId::parse(workspace_id)
+        .map_err(|r| violations.push(Violation::new("workspace_id", r)))
+        .ok();
+    let key = KeyId::parse(key_id)
+        .map_err(|r| violations.push(Violation::new("key_id", r)))
+        .ok();
+    if let Some(key) = key {
+        record_key_id(key);
+    }
+    Some((workspace?, key?))
+}
+
+fn parse_scopes(field: &str, names: &[String], violations: &mut Vec<Violation>) -> ScopeSet {
+    if names.len() > MAX_SCOPES_LISTED {
+        violations.push(Violation::new(
+            field,
+            format!("at most {MAX_SCOPES_LISTED} entries"),
+        ));
+        return ScopeSet::EMPTY;
+    }
+    ScopeSet::parse(names).unwrap_or_else(|unknown| {
+        for name in unknown {
+            violations.push(Violation::new(
+                field,
+                format!(
+                    "unknown scope `{}`; ListScopes gives the catalog",
+                    name.escape_debug()
+                ),
+            ));
+        }
+        ScopeSet::EMPTY
+    })
+}
+
+fn parse_name(name: &str, violations: &mut Vec<Violation>) -> Option<KeyName> {
+    KeyName::parse(name)
+        .map_err(|r| violations.push(Violation::new("name", r)))
+        .ok()
+}
+
+fn parse_expiration(v: i32) -> Option<Expiration> {
+    Some(match pb::Expiration::try_from(v).ok()? {
+        pb::Expiration::Unspecified | pb::Expiration::Expiration90Days => Expiration::Days90,
+        pb::Expiration::Expiration30Days => Expiration::Days30,
+        pb::Expiration::Expiration60Days => Expiration::Days60,
+        pb::Expiration::Expiration180Days => Expiration::Days180,
+        pb::Expiration::Expiration365Days => Expiration::Days365,
+        pb::Expiration::Never => Expiration::Never,
+    })
+}
+
+fn verify_response(verdict: Verdict) -> pb::VerifyKeyResponse {
+    use pb::VerifyCode as C;
+    let (code, key, missing) = match verdict {
+        Verdict::Valid(k) => (C::Valid, Some(k), ScopeSet::EMPTY),
+        Verdict::Malformed => (C::Malformed, None, ScopeSet::EMPTY),
+        Verdict::NotFound => (C::NotFound, None, ScopeSet::EMPTY),
+        Verdict::Expired(k) => (C::Expired, Some(k), ScopeSet::EMPTY),
+        Verdict::Revoked(k) => (C::Revoked, Some(k), ScopeSet::EMPTY),
+        Verdict::EnvironmentNotAllowed(k) => (C::EnvironmentNotAllowed, Some(k), ScopeSet::EMPTY),
+        Verdict::OriginNotAllowed(k) => (C::OriginNotAllowed, Some(k), ScopeSet::EMPTY),
+        Verdict::InsufficientScope { key, missing } => (C::InsufficientScope, Some(key), missing),
+    };
+    let mut response = pb::VerifyKeyResponse {
+        valid: code == C::Valid,
+        code: code as i32,
+        missing_scopes: missing.names(),
+        ..Default::default()
+    };
+    if let Some(k) = key {
+        record_key_id(k.key_id);
+        fill_key(&mut response, &k);
+    }
+    response
+}
+
+fn fill_key(response: &mut pb::VerifyKeyResponse, k: &CachedKey) {
+    response.key_id = k.key_id.to_string();
+    response.workspace_id = k.workspace_id.to_string();
+    response.r#type = key_type_to_pb(k.key_type) as i32;
+    response.environment = environment_to_pb(k.environment) as i32;
+    response.scopes = k.scopes.names();
+    response.full_access = k.full_access;
+    response.expires_at = k.expires_at_ms.map(timestamp);
+}
+
+#[tonic::async_trait]
+impl KeyService for KeyApi {
+    async fn create_key(
+        &self,
+        request: Request<pb::CreateKeyRequest>,
+    ) -> Result<Response<pb::CreateKeyResponse>, Status> {
+        observe("CreateKey", async {
+            self.ensure_ready()?;
+            let actor = Actor::authorize(request.metadata(), Permission::ManageKeys)?;
+            let req = request.get_ref();
+            let mut violations = Vec::new();
+            let workspace_id = WorkspaceId::parse(&req.workspace_id)
+                .map_err(|r| violations.push(Violation::new("workspace_id", r)))
+                .ok();
+            let name = parse_name(&req.name, &mut violations);
+            let key_type = key_type_from_pb(req.r#type);
+            if key_type.is_none() {
+                violations.push(Violation::new(
+                    "type",
+                    "must be KEY_TYPE_PRIVATE or KEY_TYPE_PUBLIC",
+                ));
+            }
+            let environment = environment_from_pb(req.environment);
+            if environment.is_none() {
+                violations.push(Violation::new(
+                    "environment",
+                    "must be ENVIRONMENT_PRODUCTION or ENVIRONMENT_TEST",
+                ));
+            }
+            let expiration = parse_expiration(req.expiration);
+            if expiration.is_none() {
+                violations.push(Violation::new(
+                    "expiration",
+                    "must be 30, 60, 90, 180 or 365 days, or never",
+                ));
+            }
+            let scopes = parse_scopes("scopes", &req.scopes, &mut violations);
+            let mut allowed_domains: Vec<DomainPattern> = Vec::new();
+            if req.allowed_domains.len() > DomainPattern::MAX_PER_KEY {
+                violations.push(Violation::new(
+                    "allowed_domains",
+                    format!("at most {} domains", DomainPattern::MAX_PER_KEY),
+                ));
+            } else {
+                for domain in &req.allowed_domains {
+                    match DomainPattern::parse(domain) {
+                        Ok(d) if !allowed_domains.contains(&d) => allowed_domains.push(d),
+                        Ok(_) => {}
+                        Err(r) => violations.push(Violation::new(
+                            "allowed_domains",
+                            format!("`{}` {r}", domain.escape_debug()),
+                        )),
+                    }
+                }
+            }
+            let (
+                Some(workspace_id),
+                Some(name),
+                Some(key_type),
+                Some(environment),
+                Some(expiration),
+                true,
+            ) = (
+                workspace_id,
+                name,
+                key_type,
+                environment,
+                expiration,
+                violations.is_empty(),
+            )
+            else {
+                return Err(ApiError::Invalid(violations));
+            };
+
+            let now = self.clock.now_ms();
+            let key_id = KeyId::generate(now);
+            record_key_id(key_id);
+            let secret = ApiKey::generate(key_type, environment);
+            let new_key = NewKeyRequest {
+                key_id,
+                workspace_id: workspace_id.clone(),
+                name,
+                key_type,
+                environment,
+                expiration,
+                scopes,
+                reveal_later: req.reveal_later,
+                allowed_domains,
+                secret_hash: secret.hash(),
+                masked: secret.masked(),
+                public_key: (key_type == KeyType::Public).then(|| secret.expose().to_owned()),
+            }
+            .validate(now)?;
+            let sealed_secret =
+                (key_type == KeyType::Private && req.reveal_later).then(|| SealedSecret {
+                    sealed: self.master_key.seal(key_id, secret.expose()),
+                    master_key_id: self.master_key.fingerprint(),
+                });
+            let state = self
+                .store
+                .write(Write {
+                    workspace_id,
+                    key_id,
+                    command: Command::Create(Box::new(new_key)),
+                    actor: actor.id,
+                    sealed_secret,
+                })
+                .await?;
+            Ok(pb::CreateKeyResponse {
+                key: Some(self.to_pb(&state)),
+                secret: secret.expose().to_owned(),
+            })
+        })
+        .await
+    }
+
+    async fn get_key(
+        &self,
+        request: Request<pb::GetKeyRequest>,
+    ) -> Result<Response<pb::Key>, Status> {
+        observe("GetKey", async {
+            self.ensure_ready()?;
+            Actor::authorize(request.metadata(), Permission::ReadKeys)?;
+            let req = request.get_ref();
+            let mut violations = Vec::new();
+            let Some((workspace_id, key_id)) =
+                key_ref(&req.workspace_id, &req.key_id, &mut violations)
+            else {
+                return Err(ApiError::Invalid(violations));
+            };
+            let state = self
+                .store
+                .get_key(&workspace_id, key_id)
+                .await?
+                .ok_or(ApiError::NotFound)?;
+            Ok(self.to_pb(&state))
+        })
+        .await
+    }
+
+    async fn list_keys(
+        &self,
+        request: Request<pb::ListKeysRequest>,
+    ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        observe("ListKeys", async {
+            self.ensure_ready()?;
+            Actor::authorize(request.metadata(), Permission::ReadKeys)?;
+            let req = request.get_ref();
+            let mut violations = Vec::new();
+            let workspace_id = WorkspaceId::parse(&req.workspace_id)
+                .map_err(|r| violations.push(Violation::new("workspace_id", r)))
+                .ok();
+            let page_size = match req.page_size {
+                0 => DEFAULT_PAGE_SIZE,
+                n if n > MAX_PAGE_SIZE => {
+                    violations.push(Violation::new(
+                        "page_size",
+                        format!("must be at most {MAX_PAGE_SIZE}"),
+                    ));
+                    0
+                }
+                n => n,
+            };
+            let after = if req.page_token.is_empty() {
+                None
+            } else {
+                KeyId::parse(&req.page_token)
+                    .map_err(|_| {
+                        violations.push(Violation::new(
+                            "page_token",
+                            "is not a next_page_token from a previous ListKeys response",
+                        ))
+                    })
+                    .ok()
+            };
+            let key_type = match req.r#type {
+                0 => None,
+                v => {
+                    let t = key_type_from_pb(v);
+                    if t.is_none() {
+                        violations.push(Violation::new("type", "unknown key type"));
+                    }
+                    t
+                }
+            };
+            let environment = match req.environment {
+                0 => None,
+                v => {
+                    let e = environment_from_pb(v);
+                    if e.is_none() {
+                        violations.push(Violation::new("environment", "unknown environment"));
+                    }
+                    e
+                }
+            };
+            let (Some(workspace_id), true) = (workspace_id, violations.is_empty()) else {
+                return Err(ApiError::Invalid(violations));
+            };
+            let filter = ListFilter {
+                key_type,
+                environment,
+                include_revoked: req.include_revoked,
+            };
+            let mut states = self
+                .store
+                .list_keys(&workspace_id, &filter, after, page_size + 1)
+                .await?;
+            let next_page_token = if states.len() > page_size as usize {
+                states.truncate(page_size as usize);
+                states
+                    .last()
+                    .map(|s| s.key_id.to_string())
+                    .unwrap_or_default()
+            } else {
+                String::new()
+            };
+            Ok(pb::ListKeysResponse {
+                keys: states.iter().map(|s| self.to_pb(s)).collect(),
+                next_page_token,
+            })
+        })
+        .await
+    }
+
+    async fn rename_key(
+        &self,
+        request: Request<pb::RenameKeyRequest>,
+    ) -> Result<Response<pb::Key>, Status> {
+        observe("RenameKey", async {
+            let req = request.get_ref();
+            let mut violations = Vec::new();
+            let name = parse_name(&req.name, &mut violations);
+            self.change(
+                request.metadata(),
+                &req.workspace_id,
+                &req.key_id,
+                violations,
+                || {
+                    Some(Command::Rename {
+                        name: name?,
+                        expected_version: req.expected_version,
+                    })
+                },
+            )
+            .await
+        })
+        .await
+    }
+
+    async fn update_key_scopes(
+        &self,
+        request: Request<pb::UpdateKeyScopesRequest>,
+    ) -> Result<Response<pb::Key>, Status> {
+        observe("UpdateKeyScopes", async {
+            let req = request.get_ref();
+            let mut violations = Vec::new();
+            let scopes = parse_scopes("scopes", &req.scopes, &mut violations);
+            if req.scopes.is_empty() {
+                violations.push(Violation::new("scopes", "at least one scope is required"));
+            }
+            self.change(
+                request.metadata(),
+                &req.workspace_id,
+                &req.key_id,
+                violations,
+                || {
+                    Some(Command::UpdateScopes {
+                        scopes,
+                        expected_version: req.expected_version,
+                    })
+                },
+            )
+            .await
+        })
+        .await
+    }
+
+    async fn revoke_key(
+        &self,
+        request: Request<pb::RevokeKeyRequest>,
+    ) -> Result<Response<pb::Key>, Status> {
+        observe("RevokeKey", async {
+            let req = request.get_ref();
+            self.change(
+                request.metadata(),
+                &req.workspace_id,
+                &req.key_id,
+                vec![],
+                || {
+                    Some(Command::Revoke {
+                        expected_version: req.expected_version,
+                    })
+                },
+            )
+            .await
+        })
+        .await
+    }
+
+    async fn reveal_key(
+        &self,
+        request: Request<pb::RevealKeyRequest>,
+    ) -> Result<Response<pb::RevealKeyResponse>, Status> {
+        observe("RevealKey", async {
+            self.ensure_ready()?;
+            let actor = Actor::authorize(request.metadata(), Permission::ManageKeys)?;
+            let req = request.get_ref();
+            let mut violations = Vec::new();
+            let Some((workspace_id, key_id)) =
+                key_ref(&req.workspace_id, &req.key_id, &mut violations)
+            else {
+                return Err(ApiError::Invalid(violations));
+            };
+            let state = self
+                .store
+                .get_key(&workspace_id, key_id)
+                .await?
+                .ok_or(ApiError::NotFound)?;
+            let not_revealable = |why: &str| ApiError::FailedPrecondition(why.to_owned());
+            if state.is_revoked() {
+                return Err(not_revealable(
+                    "the key is revoked; its secret was destroyed",
+                ));
+            }
+            let secret = match (&state.public_key, state.reveal_later) {
+                (Some(public), _) => public.clone(),
+                (None, false) => {
+                    return Err(not_revealable(
+                        "the key was created without reveal_later, so no copy of it is kept; \
+                         revoke it and create a new one if it is lost",
+                    ));
+                }
+                (None, true) => {
+                    // Revoked meanwhile: the copy is gone.
+                    let sealed = self.store.sealed_secret(key_id).await?.ok_or_else(|| {
+                        not_revealable("the key is revoked; its secret was destroyed")
+                    })?;
+                    self.master_key.open(key_id, &sealed).ok_or_else(|| {
+                        ApiError::Internal(format!("the sealed copy of {key_id} does not open"))
+                    })?
+                }
+            };
+            tracing::info!(actor = %actor.id, "secret revealed");
+            Ok(pb::RevealKeyResponse { secret })
+        })
+        .await
+    }
+
+    async fn verify_key(
+        &self,
+        request: Request<pb::VerifyKeyRequest>,
+    ) -> Result<Response<pb::VerifyKeyResponse>, Status> {
+        observe("VerifyKey", async {
+            self.ensure_ready()?;
+            let req = request.get_ref();
+            let mut violations = Vec::new();
+            let required = parse_scopes("required_scopes", &req.required_scopes, &mut violations);
+            if !violations.is_empty() {
+                return Err(ApiError::Invalid(violations));
+            }
+            Ok(verify_response(self.cache.verify(
+                &req.key,
+                required,
+                &req.origin,
+            )))
+        })
+        .await
+    }
+
+    async fn list_scopes(
+        &self,
+        _request: Request<pb::ListScopesRequest>,
+    ) -> Result<Response<pb::ListScopesResponse>, Status> {
+        observe("ListScopes", async {
+            Ok(pb::ListScopesResponse {
+                scopes: CATALOG
+                    .iter()
+                    .map(|s| pb::Scope {
+                        name: s.name.to_owned(),
+                        resource: s.resource.to_owned(),
+                        access: match s.access {
+                            Access::Read => pb::scope::Access::Read,
+                            Access::Write => pb::scope::Access::Write,
+                        } as i32,
+                        reserved: s.reserved,
+                    })
+                    .collect(),
+            })
+        })
+        .await
+    }
+}

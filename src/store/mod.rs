@@ -1,0 +1,348 @@
+//! The append-only event log and the `keys` projection, on SQLite.
+//!
+//! All writes go through one writer task ([`writer`]) that commits waiting commands together
+//! (group commit); reads use a small pool. The seam a PostgreSQL backend will fill is this
+//! module's public surface: [`Store::open`], [`Store::write`], the read methods and
+//! [`rebuild`]. Nothing outside `store` sees SQL.
+
+pub mod codec;
+mod writer;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Connection, Row, SqliteConnection, SqlitePool};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::clock::Clock;
+use crate::domain::{
+    self, Command, DomainError, Environment, KeyId, KeyState, KeyType, Recorded, WorkspaceId,
+};
+use codec::{KEY_COLUMNS, KeyRow};
+pub use writer::CommitListener;
+
+/// The database file inside the data directory.
+pub const DATABASE_FILE: &str = "kemon-keys.db";
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Why a store call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The domain refused the command; nothing was written.
+    #[error(transparent)]
+    Domain(#[from] DomainError),
+    /// The database failed or holds something it should not; logged, hidden from callers.
+    #[error("storage failure: {0}")]
+    Internal(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> StoreError {
+        StoreError::Internal(e.to_string())
+    }
+}
+
+/// A change to one key, as the writer receives it.
+pub struct Write {
+    pub workspace_id: WorkspaceId,
+    pub key_id: KeyId,
+    pub command: Command,
+    pub actor: String,
+    /// For a create with reveal_later: the encrypted copy to keep beside the log.
+    pub sealed_secret: Option<SealedSecret>,
+}
+
+pub struct SealedSecret {
+    pub sealed: Vec<u8>,
+    pub master_key_id: String,
+}
+
+/// Filters of [`Store::list_keys`].
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub key_type: Option<KeyType>,
+    pub environment: Option<Environment>,
+    pub include_revoked: bool,
+}
+
+/// Tuning of the writer.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Most commands committed in one transaction.
+    pub max_batch: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> StoreOptions {
+        StoreOptions { max_batch: 256 }
+    }
+}
+
+/// The log and its projection. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pool: SqlitePool,
+    writes: mpsc::Sender<writer::Request>,
+}
+
+fn connect_options(path: &Path) -> SqliteConnectOptions {
+    SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .foreign_keys(true)
+        .busy_timeout(Duration::from_secs(10))
+}
+
+/// Opens (creating if needed) the database, applies the embedded migrations, and returns
+/// the reader pool and a dedicated writer connection.
+async fn open_database(path: &Path) -> Result<(SqlitePool, SqliteConnection), StoreError> {
+    let options = connect_options(path);
+    let mut conn = SqliteConnection::connect_with(&options).await?;
+    MIGRATOR
+        .run(&mut conn)
+        .await
+        .map_err(|e| StoreError::Internal(format!("migrations failed: {e}")))?;
+    let pool = SqlitePoolOptions::new()
+        .max_connections(4)
+        .connect_with(options.read_only(true))
+        .await?;
+    Ok((pool, conn))
+}
+
+impl Store {
+    /// Opens the store at `path` and starts its writer. `master_key_id` is the fingerprint of
+    /// the master key: recorded on first open, and required to match afterwards, so a server
+    /// never runs with a master key that cannot open the stored copies.
+    pub async fn open(
+        path: &Path,
+        master_key_id: &str,
+        clock: Arc<dyn Clock>,
+        listener: Arc<dyn CommitListener>,
+        options: StoreOptions,
+    ) -> Result<Store, StoreError> {
+        let (pool, mut conn) = open_database(path).await?;
+        sqlx::query("INSERT OR IGNORE INTO meta (name, value) VALUES ('master_key_id', ?)")
+            .bind(master_key_id)
+            .execute(&mut conn)
+            .await?;
+        let stored: String =
+            sqlx::query_scalar("SELECT value FROM meta WHERE name = 'master_key_id'")
+                .fetch_one(&mut conn)
+                .await?;
+        if stored != master_key_id {
+            return Err(StoreError::Internal(format!(
+                "the master key (fingerprint {master_key_id}) is not the one this database was \
+                 created with (fingerprint {stored}); start with the original master key"
+            )));
+        }
+        let (tx, rx) = mpsc::channel(options.max_batch.max(1) * 4);
+        tokio::spawn(writer::run(
+            conn,
+            rx,
+            clock,
+            listener,
+            options.max_batch.max(1),
+        ));
+        Ok(Store { pool, writes: tx })
+    }
+
+    /// Applies one command durably: answered once the transaction holding its events has
+    /// committed and the commit listener has seen the new state.
+    pub async fn write(&self, write: Write) -> Result<KeyState, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.writes
+            .send(writer::Request { write, reply })
+            .await
+            .map_err(|_| StoreError::Internal("the writer has stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Internal("the writer dropped the request".into()))?
+    }
+
+    pub async fn get_key(
+        &self,
+        workspace_id: &WorkspaceId,
+        key_id: KeyId,
+    ) -> Result<Option<KeyState>, StoreError> {
+        let row: Option<KeyRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {KEY_COLUMNS} FROM keys WHERE key_id = ? AND workspace_id = ?"
+        )))
+        .bind(key_id.to_string())
+        .bind(workspace_id.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(KeyRow::into_state)
+            .transpose()
+            .map_err(StoreError::Internal)
+    }
+
+    /// A page of a workspace's keys in key id order (oldest first), after `after`.
+    pub async fn list_keys(
+        &self,
+        workspace_id: &WorkspaceId,
+        filter: &ListFilter,
+        after: Option<KeyId>,
+        limit: u32,
+    ) -> Result<Vec<KeyState>, StoreError> {
+        let mut sql =
+            format!("SELECT {KEY_COLUMNS} FROM keys WHERE workspace_id = ? AND key_id > ?");
+        if filter.key_type.is_some() {
+            sql.push_str(" AND key_type = ?");
+        }
+        if filter.environment.is_some() {
+            sql.push_str(" AND environment = ?");
+        }
+        if !filter.include_revoked {
+            sql.push_str(" AND revoked_at IS NULL");
+        }
+        sql.push_str(" ORDER BY key_id LIMIT ?");
+        let mut query = sqlx::query_as::<_, KeyRow>(sqlx::AssertSqlSafe(sql))
+            .bind(workspace_id.as_str())
+            .bind(after.map(|k| k.to_string()).unwrap_or_default());
+        if let Some(t) = filter.key_type {
+            query = query.bind(codec::key_type_str(t));
+        }
+        if let Some(e) = filter.environment {
+            query = query.bind(codec::environment_str(e));
+        }
+        let rows = query.bind(i64::from(limit)).fetch_all(&self.pool).await?;
+        rows.into_iter()
+            .map(KeyRow::into_state)
+            .collect::<Result<_, _>>()
+            .map_err(StoreError::Internal)
+    }
+
+    /// The encrypted copy of a key's secret, if one is kept.
+    pub async fn sealed_secret(&self, key_id: KeyId) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT sealed FROM sealed_secrets WHERE key_id = ?")
+                .bind(key_id.to_string())
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Every key's current state from the projection, for loading the verification cache.
+    pub async fn all_keys(&self) -> Result<Vec<KeyState>, StoreError> {
+        let mut rows = sqlx::query_as::<_, KeyRow>(sqlx::AssertSqlSafe(format!(
+            "SELECT {KEY_COLUMNS} FROM keys"
+        )))
+        .fetch(&self.pool);
+        let mut states = Vec::new();
+        while let Some(row) = rows.try_next().await? {
+            states.push(row.into_state().map_err(StoreError::Internal)?);
+        }
+        Ok(states)
+    }
+
+    /// Closes the reader pool and waits for the writer to finish what it was given.
+    pub async fn close(self) {
+        let Store { pool, writes } = self;
+        let closed = writes.clone();
+        drop(writes);
+        closed.closed().await;
+        pool.close().await;
+    }
+}
+
+/// Reads one key's stream inside a connection or transaction and folds it with [`apply`].
+async fn load_stream(
+    conn: &mut SqliteConnection,
+    key_id: KeyId,
+) -> Result<Option<KeyState>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT stream_version, event_type, schema_version, payload, actor, recorded_at \
+         FROM events WHERE key_id = ? ORDER BY stream_version",
+    )
+    .bind(key_id.to_string())
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut state = None;
+    for row in rows {
+        let recorded = recorded_from_row(&row)?;
+        state = Some(domain::apply(state, &recorded).map_err(StoreError::Internal)?);
+    }
+    Ok(state)
+}
+
+fn recorded_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Recorded, StoreError> {
+    let event_type: String = row.try_get("event_type")?;
+    let schema_version: i64 = row.try_get("schema_version")?;
+    let payload: Vec<u8> = row.try_get("payload")?;
+    let event = codec::decode_event(
+        &event_type,
+        u32::try_from(schema_version).unwrap_or(u32::MAX),
+        &payload,
+    )
+    .map_err(StoreError::Internal)?;
+    Ok(Recorded {
+        event,
+        actor: row.try_get("actor")?,
+        recorded_at_ms: row.try_get("recorded_at")?,
+        stream_version: u64::try_from(row.try_get::<i64, _>("stream_version")?).unwrap_or(0),
+    })
+}
+
+/// Statistics of a [`rebuild`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RebuildReport {
+    pub events: u64,
+    pub keys: u64,
+    pub last_sequence: i64,
+}
+
+/// Recreates the `keys` projection from the event log alone, in one transaction: the table is
+/// emptied, every event is folded with the service's own `apply`, and each key's final state
+/// is written with the same row encoding the live path uses. Run it with the server stopped.
+pub async fn rebuild(path: &Path) -> Result<RebuildReport, StoreError> {
+    let (pool, mut conn) = open_database(path).await?;
+    pool.close().await;
+    let mut tx = conn.begin().await?;
+    let mut states: std::collections::HashMap<String, KeyState> = Default::default();
+    let mut events = 0u64;
+    let mut last_sequence = 0i64;
+    {
+        let mut rows = sqlx::query(
+            "SELECT sequence, key_id, stream_version, event_type, schema_version, payload, \
+             actor, recorded_at FROM events ORDER BY sequence",
+        )
+        .fetch(&mut *tx);
+        while let Some(row) = rows.try_next().await? {
+            let sequence: i64 = row.try_get("sequence")?;
+            let key_id: String = row.try_get("key_id")?;
+            let recorded = recorded_from_row(&row)?;
+            let previous = states.remove(&key_id);
+            let state = domain::apply(previous, &recorded)
+                .map_err(|e| StoreError::Internal(format!("sequence {sequence}: {e}")))?;
+            states.insert(key_id, state);
+            events += 1;
+            last_sequence = sequence;
+        }
+    }
+    sqlx::query("DELETE FROM keys").execute(&mut *tx).await?;
+    for state in states.values() {
+        writer::project(&mut tx, state).await?;
+    }
+    sqlx::query("UPDATE projection_checkpoint SET last_sequence = ? WHERE id = 1")
+        .bind(last_sequence)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    conn.close().await?;
+    Ok(RebuildReport {
+        events,
+        keys: states.len() as u64,
+        last_sequence,
+    })
+}
+
+/// Opens a database for tools and tests that inspect it directly.
+pub async fn connect(path: &Path) -> Result<SqliteConnection, StoreError> {
+    Ok(SqliteConnection::connect_with(&connect_options(path)).await?)
+}
