@@ -1,0 +1,263 @@
+//! Starting real servers for tests, and small conveniences for calling them.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kemon_keys::app::{Application, MasterKeySource, Settings};
+use kemon_keys::clock::ManualClock;
+use kemon_keys::proto::v1 as pb;
+use kemon_keys::proto::v1::key_service_client::KeyServiceClient;
+use kemon_keys::vault::MasterKey;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_types::StatusExt;
+
+/// 2026-01-01T00:00:00Z: where every test clock starts.
+pub const T0_MS: i64 = 1_767_225_600_000;
+pub const DAY_MS: i64 = 86_400_000;
+
+/// A running server on a random port, with its own data directory and clock.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub clock: ManualClock,
+    pub data_dir: PathBuf,
+    pub master_key_hex: String,
+    /// Keeps the temporary directory alive for the server's (and its restarts') lifetime.
+    _tmp: Option<Arc<tempfile::TempDir>>,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    /// A fresh server: new data directory, clock at [`T0_MS`], a random master key.
+    pub async fn start() -> TestServer {
+        let tmp = Arc::new(tempfile::tempdir().expect("temp dir"));
+        let master_key_hex = MasterKey::generate().to_hex();
+        let mut server = TestServer::start_in(
+            tmp.path(),
+            ManualClock::new(T0_MS),
+            MasterKeySource::Hex(master_key_hex.clone()),
+        )
+        .await
+        .expect("server starts");
+        server._tmp = Some(tmp);
+        server.master_key_hex = master_key_hex;
+        server
+    }
+
+    /// A server on an existing data directory.
+    pub async fn start_in(
+        data_dir: &Path,
+        clock: ManualClock,
+        master_key: MasterKeySource,
+    ) -> anyhow::Result<TestServer> {
+        let settings = Settings {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: data_dir.to_owned(),
+            master_key: master_key.clone(),
+            write_batch_max: 64,
+        };
+        let app = Application::build(settings, Arc::new(clock.clone())).await?;
+        let addr = app.local_addr();
+        let (tx, rx) = oneshot::channel();
+        let handle = tokio::spawn(app.run_until(async {
+            let _ = rx.await;
+        }));
+        let server = TestServer {
+            addr,
+            clock,
+            data_dir: data_dir.to_owned(),
+            master_key_hex: match master_key {
+                MasterKeySource::Hex(h) => h,
+                _ => String::new(),
+            },
+            _tmp: None,
+            shutdown: Some(tx),
+            handle: Some(handle),
+        };
+        server.wait_until_serving().await;
+        Ok(server)
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.endpoint())
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    pub async fn client(&self) -> KeyServiceClient<Channel> {
+        KeyServiceClient::new(self.channel().await)
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir.join(kemon_keys::store::DATABASE_FILE)
+    }
+
+    async fn wait_until_serving(&self) {
+        let mut health = HealthClient::new(self.channel().await);
+        for _ in 0..500 {
+            let status = health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .map(|r| r.into_inner().status);
+            if status.is_ok_and(|s| s == ServingStatus::Serving as i32) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("server did not report SERVING");
+    }
+
+    /// Graceful shutdown; returns what the server's run returned. Keeps the data directory.
+    pub async fn stop(mut self) -> (Option<Arc<tempfile::TempDir>>, anyhow::Result<()>) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let result = self.handle.take().unwrap().await.expect("server task");
+        (self._tmp.take(), result)
+    }
+
+    /// Stops this server and starts another on the same data directory, clock and master key.
+    pub async fn restart(self) -> TestServer {
+        let clock = self.clock.clone();
+        let dir = self.data_dir.clone();
+        let key = self.master_key_hex.clone();
+        let (tmp, result) = self.stop().await;
+        result.expect("clean shutdown");
+        let mut server = TestServer::start_in(&dir, clock, MasterKeySource::Hex(key))
+            .await
+            .expect("restart");
+        server._tmp = tmp;
+        server
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+pub const WORKSPACE: &str = "ws_acme";
+
+/// A request acting as `actor` with `role`.
+pub fn as_role<T>(role: &str, message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request
+        .metadata_mut()
+        .insert("x-kemon-actor", "user_alice".parse().unwrap());
+    request
+        .metadata_mut()
+        .insert("x-kemon-role", role.parse().unwrap());
+    request
+}
+
+/// A request acting as an admin.
+pub fn admin<T>(message: T) -> Request<T> {
+    as_role("admin", message)
+}
+
+/// The (field, reason) pairs of a status's BadRequest details.
+pub fn field_violations(status: &Status) -> Vec<(String, String)> {
+    status
+        .get_details_bad_request()
+        .map(|b| {
+            b.field_violations
+                .into_iter()
+                .map(|v| (v.field, v.description))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Asserts INVALID_ARGUMENT naming `field`, and returns the reasons given for it.
+#[track_caller]
+pub fn assert_invalid(result: Result<impl std::fmt::Debug, Status>, field: &str) -> Vec<String> {
+    let status = result.expect_err("expected INVALID_ARGUMENT");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let reasons: Vec<String> = field_violations(&status)
+        .into_iter()
+        .filter(|(f, _)| f == field)
+        .map(|(_, r)| r)
+        .collect();
+    assert!(!reasons.is_empty(), "no violation for {field}: {status:?}");
+    reasons
+}
+
+/// A CreateKey request for a production private key with the given scopes.
+pub fn private_key(name: &str, scopes: &[&str]) -> pb::CreateKeyRequest {
+    pb::CreateKeyRequest {
+        workspace_id: WORKSPACE.into(),
+        name: name.into(),
+        r#type: pb::KeyType::Private as i32,
+        environment: pb::Environment::Production as i32,
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+/// A CreateKey request for a production public key.
+pub fn public_key(name: &str, scopes: &[&str], domains: &[&str]) -> pb::CreateKeyRequest {
+    pb::CreateKeyRequest {
+        workspace_id: WORKSPACE.into(),
+        name: name.into(),
+        r#type: pb::KeyType::Public as i32,
+        environment: pb::Environment::Production as i32,
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        allowed_domains: domains.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+/// Creates a key and returns it with its secret.
+pub async fn create(
+    client: &mut KeyServiceClient<Channel>,
+    request: pb::CreateKeyRequest,
+) -> (pb::Key, String) {
+    let response = client
+        .create_key(admin(request))
+        .await
+        .expect("create_key")
+        .into_inner();
+    (response.key.expect("key"), response.secret)
+}
+
+/// Verifies a key string with the given required scopes and origin.
+pub async fn verify(
+    client: &mut KeyServiceClient<Channel>,
+    key: &str,
+    required_scopes: &[&str],
+    origin: &str,
+) -> pb::VerifyKeyResponse {
+    client
+        .verify_key(pb::VerifyKeyRequest {
+            key: key.into(),
+            required_scopes: required_scopes.iter().map(|s| s.to_string()).collect(),
+            origin: origin.into(),
+        })
+        .await
+        .expect("verify_key")
+        .into_inner()
+}
+
+pub fn code(response: &pb::VerifyKeyResponse) -> pb::VerifyCode {
+    pb::VerifyCode::try_from(response.code).expect("known code")
+}

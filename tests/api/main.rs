@@ -1,0 +1,12 @@
+//! Integration tests: each starts the real server on a random port with a fresh SQLite file
+//! and talks to it over gRPC. One test binary, one module per feature.
+
+mod auth;
+mod concurrency;
+mod helpers;
+mod lifecycle;
+mod listing;
+mod persistence;
+mod surface;
+mod validation;
+mod verify;
