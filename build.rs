@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/kemon/keys/v1/keys.proto",
         "proto/kemon/keys/v1/events.proto",
+        "proto/kemon/keys/v1/audit.proto",
     ];
     let fds = protox::compile(protos, ["proto"])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);

@@ -14,10 +14,15 @@ CREATE TABLE events (
     actor           TEXT    NOT NULL,
     -- Unix milliseconds.
     recorded_at     INTEGER NOT NULL,
+    -- SHA3-256 chain over the whole log, and over this workspace's events
+    -- (canonical bytes and genesis values: proto/kemon/keys/v1/audit.proto).
+    hash            BLOB    NOT NULL,
+    workspace_hash  BLOB    NOT NULL,
     UNIQUE (key_id, stream_version)
 );
 
 CREATE INDEX events_by_workspace ON events (workspace_id, sequence);
+CREATE INDEX events_by_key ON events (key_id, sequence);
 
 -- The database itself refuses to change history.
 CREATE TRIGGER events_no_update BEFORE UPDATE ON events
@@ -53,9 +58,12 @@ CREATE TABLE keys (
     expires_at      INTEGER,
     revoked_at      INTEGER,
     reveal_later    INTEGER NOT NULL,
+    -- Changes (what expected_version compares with), and all events of the stream.
     version         INTEGER NOT NULL,
+    stream_version  INTEGER NOT NULL,
     created_by      TEXT    NOT NULL,
-    updated_at      INTEGER NOT NULL
+    updated_at      INTEGER NOT NULL,
+    last_revealed_at INTEGER
 );
 
 CREATE INDEX keys_by_workspace ON keys (workspace_id, key_id);

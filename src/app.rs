@@ -19,7 +19,8 @@ use tonic_health::ServingStatus;
 use crate::cache::VerifyCache;
 use crate::clock::Clock;
 use crate::config::{LogFormat, ServeArgs};
-use crate::grpc::KeyApi;
+use crate::grpc::{AuditApi, KeyApi};
+use crate::proto::v1::audit_service_server::AuditServiceServer;
 use crate::proto::v1::key_service_server::KeyServiceServer;
 use crate::store::{self, Store, StoreOptions};
 use crate::vault::MasterKey;
@@ -111,8 +112,12 @@ pub struct Application {
     store: Store,
     cache: Arc<VerifyCache>,
     api: KeyApi,
+    audit: AuditApi,
     ready: Arc<AtomicBool>,
 }
+
+/// How often a live subscriber is sent a checkpoint when the log has moved.
+pub const AUDIT_CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl std::fmt::Debug for Application {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -135,6 +140,7 @@ impl Application {
             cache.clone(),
             StoreOptions {
                 max_batch: settings.write_batch_max,
+                ..StoreOptions::default()
             },
         )
         .await
@@ -144,6 +150,7 @@ impl Application {
             .with_context(|| format!("binding {}", settings.listen))?;
         let local_addr = listener.local_addr()?;
         let ready = Arc::new(AtomicBool::new(false));
+        let audit = AuditApi::new(store.clone(), clock.clone(), AUDIT_CHECKPOINT_EVERY);
         let api = KeyApi::new(
             store.clone(),
             cache.clone(),
@@ -157,6 +164,7 @@ impl Application {
             store,
             cache,
             api,
+            audit,
             ready,
         })
     }
@@ -178,6 +186,7 @@ impl Application {
             store,
             cache,
             api,
+            audit,
             ready,
         } = self;
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -199,6 +208,7 @@ impl Application {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(KeyServiceServer::new(api))
+            .add_service(AuditServiceServer::new(audit))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
         let server = tokio::spawn(server);
         tracing::info!(%local_addr, "listening");
@@ -215,6 +225,7 @@ impl Application {
         ready.store(true, Ordering::Release);
         health.set_service_status("", ServingStatus::Serving).await;
         health.set_serving::<KeyServiceServer<KeyApi>>().await;
+        health.set_serving::<AuditServiceServer<AuditApi>>().await;
         tracing::info!(
             keys = cache.len(),
             elapsed_ms = started.elapsed().as_millis() as u64,

@@ -21,8 +21,92 @@ pub struct Cli {
 pub enum Commands {
     /// Run the gRPC server.
     Serve(ServeArgs),
-    /// Rebuild the `keys` projection from the event log alone. Run it with the server stopped.
+        /// Rebuild the `keys` projection from the event log alone. Run it with the server stopped.
     Rebuild(DataArgs),
+    /// Auditors' tools: verify, export and inspect the event log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check a log: both hash chains, a replay through the service's own fold, and (for a
+    /// database) the stored `keys` table. Prints the first bad sequence and why; exits 1 on
+    /// any failure.
+    Verify(VerifyArgs),
+    /// Write the log as newline-delimited JSON (format in README and src/audit/export.rs).
+    Export(ExportArgs),
+    /// Show a workspace's keys as they were right after a given sequence.
+    Keys(KeysAsOfArgs),
+}
+
+/// Where to read a log from: exactly one.
+#[derive(Debug, Clone, Args)]
+#[group(required = true, multiple = false)]
+pub struct LogSource {
+    /// A kemon-keys SQLite database file (opened read-only).
+    #[arg(long)]
+    pub db: Option<PathBuf>,
+    /// A running server, e.g. http://127.0.0.1:50051 (reads through AuditService).
+    #[arg(long)]
+    pub server: Option<String>,
+    /// An export file written by `kemon-keys audit export`.
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+}
+
+/// Who the audit tools act as when reading from a server.
+#[derive(Debug, Clone, Args)]
+pub struct AuditActor {
+    /// Sent as x-kemon-actor.
+    #[arg(long, env = "KEMON_AUDIT_ACTOR", default_value = "audit-cli")]
+    pub actor: String,
+    /// Sent as x-kemon-role.
+    #[arg(long, env = "KEMON_AUDIT_ROLE", default_value = "auditor")]
+    pub role: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub source: LogSource,
+    /// Check one workspace's chain only (implied by a workspace export).
+    #[arg(long)]
+    pub workspace: Option<String>,
+    /// A head kept elsewhere, `SEQ:HASH` (from GetLogHead, or a previous verify): the log
+    /// must reach SEQ with exactly HASH there. Catches a tail rewritten with recomputed
+    /// hashes. For a workspace, the workspace chain's head.
+    #[arg(long)]
+    pub expect_head: Option<String>,
+    #[command(flatten)]
+    pub actor: AuditActor,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub source: LogSource,
+    /// Export only this workspace's events (verifiable on their own by the workspace chain).
+    #[arg(long)]
+    pub workspace: Option<String>,
+    /// Output file; standard output when absent.
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+    #[command(flatten)]
+    pub actor: AuditActor,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct KeysAsOfArgs {
+    #[command(flatten)]
+    pub source: LogSource,
+    #[arg(long)]
+    pub workspace: String,
+    /// The sequence to stop after; the end of the log when absent.
+    #[arg(long)]
+    pub at: Option<u64>,
+    #[command(flatten)]
+    pub actor: AuditActor,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -8,6 +8,7 @@
 //!   group-committing writer.
 //! - [`cache`]: the in-memory verification state that VerifyKey answers from.
 //! - [`vault`]: the master key and the encrypted copies of revealable private keys.
+//! - [`audit`]: the hash chains over the log, replay, verification and export.
 //! - [`clock`]: injectable time.
 //! - [`app`] and [`config`]: wiring, settings, start-up and shutdown.
 
@@ -15,6 +16,7 @@
 #![warn(rust_2018_idioms)]
 
 pub mod app;
+pub mod audit;
 pub mod cache;
 pub mod clock;
 pub mod config;

@@ -3,7 +3,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use kemon_keys::app::{self, Application, Settings};
 use kemon_keys::clock::SystemClock;
-use kemon_keys::config::{Cli, Commands, LogFormat};
+use kemon_keys::audit;
+use kemon_keys::config::{AuditCommand, Cli, Commands, LogFormat};
 use std::sync::Arc;
 
 #[tokio::main]
@@ -11,12 +12,19 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let format = match &cli.command {
         Commands::Serve(args) => args.log_format,
-        Commands::Rebuild(_) => LogFormat::Text,
+                Commands::Rebuild(_) | Commands::Audit(_) => LogFormat::Text,
     };
     app::init_tracing(format);
     let result = match cli.command {
         Commands::Serve(args) => serve(Settings::from_args(&args)).await,
-        Commands::Rebuild(args) => app::rebuild(&args.data_dir).await,
+                Commands::Rebuild(args) => app::rebuild(&args.data_dir).await,
+        Commands::Audit(AuditCommand::Verify(args)) => match audit::cli::verify(&args).await {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
+        Commands::Audit(AuditCommand::Export(args)) => audit::cli::export(&args).await,
+        Commands::Audit(AuditCommand::Keys(args)) => audit::cli::keys_as_of(&args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

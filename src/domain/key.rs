@@ -28,8 +28,13 @@ pub struct KeyState {
     pub revoked_at_ms: Option<i64>,
     /// An encrypted copy was stored at creation.
     pub reveal_later: bool,
-    /// The stream version: the number of events folded.
+    /// The key's version: 1 at creation, +1 for every change (rename, scope change,
+    /// revocation). What `expected_version` is compared with. Reveals do not change it.
     pub version: u64,
+    /// The stream version of the last event folded (every event counts, reveals too).
+    pub stream_version: u64,
+    /// When the secret was last revealed, if ever.
+    pub last_revealed_at_ms: Option<i64>,
     pub created_by: String,
     pub updated_at_ms: i64,
 }
@@ -191,15 +196,24 @@ pub enum Command {
     Revoke {
         expected_version: Option<u64>,
     },
+    /// Record that the secret is being revealed to the actor. Decided like a change so that
+    /// the audit event is durable before the secret leaves the service.
+    Reveal,
 }
 
 /// What happened to a key. Stored, never changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     KeyCreated(Box<NewKey>),
-    KeyRenamed { name: KeyName },
-    KeyScopesChanged { scopes: ScopeSet },
+    KeyRenamed {
+        name: KeyName,
+    },
+    KeyScopesChanged {
+        scopes: ScopeSet,
+    },
     KeyRevoked,
+    /// The secret was revealed (to the event's actor). Changes nothing but the record.
+    KeyRevealed,
 }
 
 impl Event {
@@ -210,6 +224,7 @@ impl Event {
             Event::KeyRenamed { .. } => "KeyRenamed",
             Event::KeyScopesChanged { .. } => "KeyScopesChanged",
             Event::KeyRevoked => "KeyRevoked",
+            Event::KeyRevealed => "KeyRevealed",
         }
     }
 }
@@ -268,7 +283,7 @@ pub fn decide(state: Option<&KeyState>, command: &Command) -> Result<Vec<Event>,
             expected_version, ..
         }
         | Command::Revoke { expected_version } => *expected_version,
-        Command::Create(_) => None,
+        Command::Create(_) | Command::Reveal => None,
     };
     if let Some(expected) = expected.filter(|&e| e != state.version) {
         return Err(DomainError::VersionConflict {
@@ -293,6 +308,13 @@ pub fn decide(state: Option<&KeyState>, command: &Command) -> Result<Vec<Event>,
             Ok(vec![Event::KeyScopesChanged { scopes: *scopes }])
         }
         Command::Revoke { .. } => Ok(vec![Event::KeyRevoked]),
+        Command::Reveal if state.key_type == KeyType::Private && !state.reveal_later => {
+            Err(DomainError::NotRevealable(
+                "the key was created without reveal_later, so no copy of it is kept; \
+                 revoke it and create a new one if it is lost",
+            ))
+        }
+        Command::Reveal => Ok(vec![Event::KeyRevealed]),
     }
 }
 
@@ -301,7 +323,7 @@ pub fn decide(state: Option<&KeyState>, command: &Command) -> Result<Vec<Event>,
 /// a corrupt log, reported as an error rather than guessed around.
 pub fn apply(state: Option<KeyState>, recorded: &Recorded) -> Result<KeyState, String> {
     let at = recorded.recorded_at_ms;
-    let expected_version = state.as_ref().map_or(1, |s| s.version + 1);
+    let expected_version = state.as_ref().map_or(1, |s| s.stream_version + 1);
     if recorded.stream_version != expected_version {
         return Err(format!(
             "stream version {} where {expected_version} was expected",
@@ -328,6 +350,8 @@ pub fn apply(state: Option<KeyState>, recorded: &Recorded) -> Result<KeyState, S
                 revoked_at_ms: None,
                 reveal_later: new.reveal_later,
                 version: 1,
+                stream_version: 1,
+                last_revealed_at_ms: None,
                 created_by: recorded.actor.clone(),
                 updated_at_ms: at,
             });
@@ -347,8 +371,14 @@ pub fn apply(state: Option<KeyState>, recorded: &Recorded) -> Result<KeyState, S
             state.full_access = false;
         }
         Event::KeyRevoked => state.revoked_at_ms = Some(at),
+        Event::KeyRevealed => {
+            state.stream_version += 1;
+            state.last_revealed_at_ms = Some(at);
+            return Ok(state);
+        }
     }
     state.version += 1;
+    state.stream_version += 1;
     state.updated_at_ms = at;
     Ok(state)
 }
@@ -575,6 +605,40 @@ mod tests {
                 }
             )
             .is_err()
+        );
+    }
+
+    #[test]
+    fn reveals_are_recorded_without_changing_the_version() {
+        let mut new = request(KeyType::Private, Environment::Production);
+        new.reveal_later = true;
+        let created = Event::KeyCreated(Box::new(new.validate(0).unwrap()));
+        let state = given(&[created.clone()]);
+        assert_eq!(
+            decide(state.as_ref(), &Command::Reveal),
+            Ok(vec![Event::KeyRevealed])
+        );
+        let state = given(&[created.clone(), Event::KeyRevealed]).unwrap();
+        assert_eq!((state.version, state.stream_version), (1, 2));
+        assert_eq!(state.last_revealed_at_ms, Some(1_001));
+        let rename = Command::Rename {
+            name: KeyName::parse("n").unwrap(),
+            expected_version: Some(1),
+        };
+        assert!(
+            decide(Some(&state), &rename).is_ok(),
+            "a reveal is not a conflicting change"
+        );
+
+        let no_copy = given(&[self::created()]);
+        assert!(matches!(
+            decide(no_copy.as_ref(), &Command::Reveal),
+            Err(DomainError::NotRevealable(_))
+        ));
+        let revoked = given(&[created, Event::KeyRevoked]);
+        assert_eq!(
+            decide(revoked.as_ref(), &Command::Reveal),
+            Err(DomainError::Revoked)
         );
     }
 

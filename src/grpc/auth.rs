@@ -33,6 +33,8 @@ pub enum Permission {
     /// Create, rename, rescope, revoke, reveal: owners and admins (the product's rule:
     /// managing keys needs the admin or owner role).
     ManageKeys,
+    /// The audit API: owners, admins and auditors.
+    Audit,
 }
 
 impl Actor {
@@ -41,7 +43,7 @@ impl Actor {
         let actor = Actor::from_metadata(metadata)?;
         let allowed = match (permission, actor.role) {
             (_, Role::Owner | Role::Admin) => true,
-            (Permission::ReadKeys, Role::Auditor) => true,
+            (Permission::ReadKeys | Permission::Audit, Role::Auditor) => true,
             (Permission::ManageKeys, Role::Auditor) | (_, Role::Member) => false,
         };
         if allowed {
@@ -49,6 +51,9 @@ impl Actor {
         } else {
             Err(ApiError::PermissionDenied(match actor.role {
                 Role::Auditor => "auditors may read keys but not change or reveal them".into(),
+                _ if permission == Permission::Audit => {
+                    "the audit log needs the owner, admin or auditor role".into()
+                }
                 _ => "managing API keys needs the admin or owner role".into(),
             }))
         }

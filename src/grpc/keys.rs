@@ -66,32 +66,8 @@ impl KeyApi {
     }
 
     fn to_pb(&self, s: &KeyState) -> pb::Key {
-        let now = self.clock.now_ms();
-        pb::Key {
-            key_id: s.key_id.to_string(),
-            workspace_id: s.workspace_id.to_string(),
-            name: s.name.as_str().to_owned(),
-            r#type: key_type_to_pb(s.key_type) as i32,
-            environment: environment_to_pb(s.environment) as i32,
-            masked: s.masked.clone(),
-            scopes: s.scopes.names(),
-            full_access: s.full_access,
-            created_at: Some(timestamp(s.created_at_ms)),
-            expires_at: s.expires_at_ms.map(timestamp),
-            revoked_at: s.revoked_at_ms.map(timestamp),
-            revealable: s.revealable(),
-            version: s.version,
-            created_by: s.created_by.clone(),
-            allowed_domains: s
-                .allowed_domains
-                .iter()
-                .map(|d| d.as_str().to_owned())
-                .collect(),
-            expired: !s.is_revoked() && s.is_expired(now),
-            updated_at: Some(timestamp(s.updated_at_ms)),
-        }
+        key_to_pb(s, self.clock.now_ms())
     }
-
     /// Applies a change to an existing key and returns its new state.
     async fn change(
         &self,
@@ -122,6 +98,33 @@ impl KeyApi {
             })
             .await?;
         Ok(self.to_pb(&state))
+    }
+}
+
+/// A key as the API shows it, with `expired` judged at `now_ms`.
+pub fn key_to_pb(s: &KeyState, now: i64) -> pb::Key {
+    pb::Key {
+        key_id: s.key_id.to_string(),
+        workspace_id: s.workspace_id.to_string(),
+        name: s.name.as_str().to_owned(),
+        r#type: key_type_to_pb(s.key_type) as i32,
+        environment: environment_to_pb(s.environment) as i32,
+        masked: s.masked.clone(),
+        scopes: s.scopes.names(),
+        full_access: s.full_access,
+        created_at: Some(timestamp(s.created_at_ms)),
+        expires_at: s.expires_at_ms.map(timestamp),
+        revoked_at: s.revoked_at_ms.map(timestamp),
+        revealable: s.revealable(),
+        version: s.version,
+        created_by: s.created_by.clone(),
+        allowed_domains: s
+            .allowed_domains
+            .iter()
+            .map(|d| d.as_str().to_owned())
+            .collect(),
+        expired: !s.is_revoked() && s.is_expired(now),
+        updated_at: Some(timestamp(s.updated_at_ms)),
     }
 }
 
@@ -530,29 +533,26 @@ impl KeyService for KeyApi {
             else {
                 return Err(ApiError::Invalid(violations));
             };
+            // The reveal is recorded (durably) before the secret leaves the service; the
+            // domain refuses revoked keys and private keys without a copy.
             let state = self
                 .store
-                .get_key(&workspace_id, key_id)
-                .await?
-                .ok_or(ApiError::NotFound)?;
-            let not_revealable = |why: &str| ApiError::FailedPrecondition(why.to_owned());
-            if state.is_revoked() {
-                return Err(not_revealable(
-                    "the key is revoked; its secret was destroyed",
-                ));
-            }
-            let secret = match (&state.public_key, state.reveal_later) {
-                (Some(public), _) => public.clone(),
-                (None, false) => {
-                    return Err(not_revealable(
-                        "the key was created without reveal_later, so no copy of it is kept; \
-                         revoke it and create a new one if it is lost",
-                    ));
-                }
-                (None, true) => {
-                    // Revoked meanwhile: the copy is gone.
+                .write(Write {
+                    workspace_id,
+                    key_id,
+                    command: Command::Reveal,
+                    actor: actor.id.clone(),
+                    sealed_secret: None,
+                })
+                .await?;
+            let secret = match state.public_key {
+                Some(public) => public,
+                None => {
+                    // Revoked since the reveal was recorded: the copy is gone.
                     let sealed = self.store.sealed_secret(key_id).await?.ok_or_else(|| {
-                        not_revealable("the key is revoked; its secret was destroyed")
+                        ApiError::FailedPrecondition(
+                            "the key is revoked; its secret was destroyed".into(),
+                        )
                     })?;
                     self.master_key.open(key_id, &sealed).ok_or_else(|| {
                         ApiError::Internal(format!("the sealed copy of {key_id} does not open"))

@@ -1,10 +1,12 @@
 //! The gRPC surface: translates requests into domain values and commands, calls the store or
 //! the cache, and maps results back. No business rule lives here beyond parsing.
 
+pub mod audit;
 pub mod auth;
 pub mod error;
-mod keys;
+pub mod keys;
 
+pub use audit::AuditApi;
 pub use keys::KeyApi;
 
 use std::future::Future;
@@ -14,6 +16,8 @@ use tonic::{Response, Status};
 use tracing::Instrument;
 
 use error::ApiError;
+
+pub(crate) use crate::store::codec::timestamp;
 
 /// Runs one call inside a span and logs one structured line for it: method, gRPC code,
 /// latency and, where the handler recorded one, the key id. Secrets are never recorded.
@@ -42,11 +46,4 @@ async fn observe<T>(
 /// Records the key id on the current call's log line.
 fn record_key_id(key_id: impl std::fmt::Display) {
     tracing::Span::current().record("key_id", tracing::field::display(key_id));
-}
-
-fn timestamp(ms: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: ms.div_euclid(1000),
-        nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
-    }
 }

@@ -10,20 +10,46 @@ use crate::domain::{
 };
 use crate::proto::v1 as pb;
 
-/// The schema version written for every event type today.
-pub const SCHEMA_VERSION: u32 = 1;
+/// The schema version written today for each event type. Older versions are upcast on read.
+pub fn schema_version(event_type: &str) -> u32 {
+    match event_type {
+        "KeyCreated" => 2,
+        _ => 1,
+    }
+}
 
 /// An event's stored columns.
+#[derive(Debug)]
 pub struct EncodedEvent {
     pub event_type: &'static str,
     pub schema_version: u32,
     pub payload: Vec<u8>,
 }
 
+/// The typed payload of an event, in the current schema version.
+pub type Payload = pb::log_event::Payload;
+
 pub fn encode_event(event: &Event) -> EncodedEvent {
-    let payload = match event {
-        Event::KeyCreated(new) => pb::KeyCreated {
-            schema_version: SCHEMA_VERSION,
+    let event_type = event.type_name();
+    let schema_version = schema_version(event_type);
+    let payload = match to_payload(event, schema_version) {
+        Payload::KeyCreated(m) => m.encode_to_vec(),
+        Payload::KeyRenamed(m) => m.encode_to_vec(),
+        Payload::KeyScopesChanged(m) => m.encode_to_vec(),
+        Payload::KeyRevoked(m) => m.encode_to_vec(),
+        Payload::KeyRevealed(m) => m.encode_to_vec(),
+    };
+    EncodedEvent {
+        event_type,
+        schema_version,
+        payload,
+    }
+}
+
+fn to_payload(event: &Event, schema_version: u32) -> Payload {
+    match event {
+        Event::KeyCreated(new) => Payload::KeyCreated(pb::KeyCreated {
+            schema_version,
             key_id: new.key_id.to_string(),
             workspace_id: new.workspace_id.to_string(),
             name: new.name.as_str().to_owned(),
@@ -39,30 +65,66 @@ pub fn encode_event(event: &Event) -> EncodedEvent {
                 .iter()
                 .map(|d| d.as_str().to_owned())
                 .collect(),
-            created_at_ms: new.created_at_ms,
-            expires_at_ms: new.expires_at_ms,
             reveal_later: new.reveal_later,
-        }
-        .encode_to_vec(),
-        Event::KeyRenamed { name } => pb::KeyRenamed {
-            schema_version: SCHEMA_VERSION,
+            created_at: Some(timestamp(new.created_at_ms)),
+            expires_at: new.expires_at_ms.map(timestamp),
+        }),
+        Event::KeyRenamed { name } => Payload::KeyRenamed(pb::KeyRenamed {
+            schema_version,
             name: name.as_str().to_owned(),
-        }
-        .encode_to_vec(),
-        Event::KeyScopesChanged { scopes } => pb::KeyScopesChanged {
-            schema_version: SCHEMA_VERSION,
+        }),
+        Event::KeyScopesChanged { scopes } => Payload::KeyScopesChanged(pb::KeyScopesChanged {
+            schema_version,
             scopes: scopes.names(),
+        }),
+        Event::KeyRevoked => Payload::KeyRevoked(pb::KeyRevoked { schema_version }),
+        Event::KeyRevealed => Payload::KeyRevealed(pb::KeyRevealed { schema_version }),
+    }
+}
+
+/// Decodes a stored payload into the current schema version, upcasting older versions.
+pub fn decode_payload(
+    event_type: &str,
+    schema_version: u32,
+    payload: &[u8],
+) -> Result<Payload, String> {
+    let bad = |e: prost::DecodeError| format!("undecodable {event_type} payload: {e}");
+    let current = self::schema_version(event_type);
+    let unknown = || format!("unknown schema version {schema_version} of {event_type}");
+    Ok(match (event_type, schema_version) {
+        ("KeyCreated", 1) => Payload::KeyCreated(upcast_key_created_v1(
+            pb::KeyCreatedV1::decode(payload).map_err(bad)?,
+        )),
+        (_, v) if v != current => return Err(unknown()),
+        ("KeyCreated", _) => Payload::KeyCreated(pb::KeyCreated::decode(payload).map_err(bad)?),
+        ("KeyRenamed", _) => Payload::KeyRenamed(pb::KeyRenamed::decode(payload).map_err(bad)?),
+        ("KeyScopesChanged", _) => {
+            Payload::KeyScopesChanged(pb::KeyScopesChanged::decode(payload).map_err(bad)?)
         }
-        .encode_to_vec(),
-        Event::KeyRevoked => pb::KeyRevoked {
-            schema_version: SCHEMA_VERSION,
-        }
-        .encode_to_vec(),
-    };
-    EncodedEvent {
-        event_type: event.type_name(),
-        schema_version: SCHEMA_VERSION,
-        payload,
+        ("KeyRevoked", _) => Payload::KeyRevoked(pb::KeyRevoked::decode(payload).map_err(bad)?),
+        ("KeyRevealed", _) => Payload::KeyRevealed(pb::KeyRevealed::decode(payload).map_err(bad)?),
+        (other, _) => return Err(format!("unknown event type {other:?}")),
+    })
+}
+
+/// KeyCreated version 1 kept times as Unix milliseconds; version 2 as Timestamps.
+fn upcast_key_created_v1(v1: pb::KeyCreatedV1) -> pb::KeyCreated {
+    pb::KeyCreated {
+        schema_version: 2,
+        key_id: v1.key_id,
+        workspace_id: v1.workspace_id,
+        name: v1.name,
+        r#type: v1.r#type,
+        environment: v1.environment,
+        scopes: v1.scopes,
+        full_access: v1.full_access,
+        secret_hash: v1.secret_hash,
+        masked: v1.masked,
+        public_key: v1.public_key,
+        allowed_domains: v1.allowed_domains,
+        reveal_later: v1.reveal_later,
+        created_at: Some(timestamp(v1.created_at_ms)),
+        expires_at: v1.expires_at_ms.map(timestamp),
     }
 }
 
@@ -71,50 +133,62 @@ pub fn decode_event(
     schema_version: u32,
     payload: &[u8],
 ) -> Result<Event, String> {
-    if schema_version != SCHEMA_VERSION {
-        return Err(format!(
-            "unknown schema version {schema_version} of {event_type}"
-        ));
-    }
-    let bad = |e: prost::DecodeError| format!("undecodable {event_type} payload: {e}");
-    Ok(match event_type {
-        "KeyCreated" => {
-            let e = pb::KeyCreated::decode(payload).map_err(bad)?;
-            Event::KeyCreated(Box::new(NewKey {
-                key_id: KeyId::parse(&e.key_id)?,
-                workspace_id: WorkspaceId::parse(&e.workspace_id)?,
-                name: KeyName::parse(&e.name)?,
-                key_type: key_type_from_pb(e.r#type).ok_or("KeyCreated without a key type")?,
-                environment: environment_from_pb(e.environment)
-                    .ok_or("KeyCreated without an environment")?,
-                scopes: parse_scopes(&e.scopes)?,
-                full_access: e.full_access,
-                secret_hash: SecretHash::from_slice(&e.secret_hash)
-                    .ok_or("secret_hash is not 32 bytes")?,
-                masked: e.masked,
-                public_key: (!e.public_key.is_empty()).then_some(e.public_key),
-                allowed_domains: e
-                    .allowed_domains
-                    .iter()
-                    .map(|d| DomainPattern::parse(d))
-                    .collect::<Result<_, _>>()?,
-                created_at_ms: e.created_at_ms,
-                expires_at_ms: e.expires_at_ms,
-                reveal_later: e.reveal_later,
-            }))
-        }
-        "KeyRenamed" => Event::KeyRenamed {
-            name: KeyName::parse(&pb::KeyRenamed::decode(payload).map_err(bad)?.name)?,
+    event_from_payload(decode_payload(event_type, schema_version, payload)?)
+}
+
+/// The domain event of a decoded payload, re-validating every value.
+pub fn event_from_payload(payload: Payload) -> Result<Event, String> {
+    Ok(match payload {
+        Payload::KeyCreated(e) => Event::KeyCreated(Box::new(NewKey {
+            key_id: KeyId::parse(&e.key_id)?,
+            workspace_id: WorkspaceId::parse(&e.workspace_id)?,
+            name: KeyName::parse(&e.name)?,
+            key_type: key_type_from_pb(e.r#type).ok_or("KeyCreated without a key type")?,
+            environment: environment_from_pb(e.environment)
+                .ok_or("KeyCreated without an environment")?,
+            scopes: parse_scopes(&e.scopes)?,
+            full_access: e.full_access,
+            secret_hash: SecretHash::from_slice(&e.secret_hash)
+                .ok_or("secret_hash is not 32 bytes")?,
+            masked: e.masked,
+            public_key: (!e.public_key.is_empty()).then_some(e.public_key),
+            allowed_domains: e
+                .allowed_domains
+                .iter()
+                .map(|d| DomainPattern::parse(d))
+                .collect::<Result<_, _>>()?,
+            created_at_ms: e
+                .created_at
+                .as_ref()
+                .map(timestamp_ms)
+                .ok_or("KeyCreated without created_at")?,
+            expires_at_ms: e.expires_at.as_ref().map(timestamp_ms),
+            reveal_later: e.reveal_later,
+        })),
+        Payload::KeyRenamed(e) => Event::KeyRenamed {
+            name: KeyName::parse(&e.name)?,
         },
-        "KeyScopesChanged" => Event::KeyScopesChanged {
-            scopes: parse_scopes(&pb::KeyScopesChanged::decode(payload).map_err(bad)?.scopes)?,
+        Payload::KeyScopesChanged(e) => Event::KeyScopesChanged {
+            scopes: parse_scopes(&e.scopes)?,
         },
-        "KeyRevoked" => {
-            pb::KeyRevoked::decode(payload).map_err(bad)?;
-            Event::KeyRevoked
-        }
-        other => return Err(format!("unknown event type {other:?}")),
+        Payload::KeyRevoked(_) => Event::KeyRevoked,
+        Payload::KeyRevealed(_) => Event::KeyRevealed,
     })
+}
+
+/// Unix milliseconds as a protobuf Timestamp.
+pub fn timestamp(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+    }
+}
+
+/// A protobuf Timestamp as Unix milliseconds (sub-millisecond precision dropped).
+pub fn timestamp_ms(t: &prost_types::Timestamp) -> i64 {
+    t.seconds
+        .saturating_mul(1000)
+        .saturating_add(i64::from(t.nanos.div_euclid(1_000_000)))
 }
 
 fn parse_scopes(names: &[String]) -> Result<ScopeSet, String> {
@@ -184,8 +258,10 @@ pub struct KeyRow {
     pub revoked_at: Option<i64>,
     pub reveal_later: bool,
     pub version: i64,
+    pub stream_version: i64,
     pub created_by: String,
     pub updated_at: i64,
+    pub last_revealed_at: Option<i64>,
 }
 
 impl KeyRow {
@@ -220,6 +296,9 @@ impl KeyRow {
             revoked_at_ms: self.revoked_at,
             reveal_later: self.reveal_later,
             version: u64::try_from(self.version).map_err(|_| "negative version")?,
+            stream_version: u64::try_from(self.stream_version)
+                .map_err(|_| "negative stream_version")?,
+            last_revealed_at_ms: self.last_revealed_at,
             created_by: self.created_by,
             updated_at_ms: self.updated_at,
         })
@@ -229,7 +308,7 @@ impl KeyRow {
 /// The column list of `keys`, in [`KeyRow`]'s order.
 pub const KEY_COLUMNS: &str = "key_id, workspace_id, name, key_type, environment, scopes, \
     full_access, secret_hash, masked, public_key, allowed_domains, created_at, expires_at, \
-    revoked_at, reveal_later, version, created_by, updated_at";
+    revoked_at, reveal_later, version, stream_version, created_by, updated_at, last_revealed_at";
 
 /// Values of a `keys` row for a state, bound in [`KEY_COLUMNS`] order.
 pub fn bind_state<'q>(
@@ -258,6 +337,8 @@ pub fn bind_state<'q>(
         .bind(s.revoked_at_ms)
         .bind(s.reveal_later)
         .bind(i64::try_from(s.version).unwrap_or(i64::MAX))
+        .bind(i64::try_from(s.stream_version).unwrap_or(i64::MAX))
         .bind(s.created_by.clone())
         .bind(s.updated_at_ms)
+        .bind(s.last_revealed_at_ms)
 }

@@ -15,8 +15,9 @@ use std::time::Duration;
 use futures::TryStreamExt;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Connection, Row, SqliteConnection, SqlitePool};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 
+use crate::audit::chain::{self, Hash, LogRecord};
 use crate::clock::Clock;
 use crate::domain::{
     self, Command, DomainError, Environment, KeyId, KeyState, KeyType, Recorded, WorkspaceId,
@@ -74,12 +75,43 @@ pub struct ListFilter {
 pub struct StoreOptions {
     /// Most commands committed in one transaction.
     pub max_batch: usize,
+    /// Committed records buffered for live subscribers; one that falls further behind is
+    /// told so and pages instead.
+    pub live_buffer: usize,
 }
 
 impl Default for StoreOptions {
     fn default() -> StoreOptions {
-        StoreOptions { max_batch: 256 }
+        StoreOptions {
+            max_batch: 256,
+            live_buffer: 4096,
+        }
     }
+}
+
+/// Which log records to read; `None` fields match everything.
+#[derive(Debug, Clone, Default)]
+pub struct RecordFilter {
+    pub workspace_id: Option<String>,
+    pub key_id: Option<String>,
+    pub event_types: Vec<String>,
+}
+
+impl RecordFilter {
+    pub fn matches(&self, r: &LogRecord) -> bool {
+        self.workspace_id
+            .as_ref()
+            .is_none_or(|w| *w == r.workspace_id)
+            && self.key_id.as_ref().is_none_or(|k| *k == r.key_id)
+            && (self.event_types.is_empty() || self.event_types.contains(&r.event_type))
+    }
+}
+
+/// The last record of the log: its sequence and hash (genesis for an empty log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    pub sequence: u64,
+    pub hash: Hash,
 }
 
 /// The log and its projection. Cheap to clone.
@@ -87,6 +119,7 @@ impl Default for StoreOptions {
 pub struct Store {
     pool: SqlitePool,
     writes: mpsc::Sender<writer::Request>,
+    committed: broadcast::Sender<Arc<LogRecord>>,
 }
 
 fn connect_options(path: &Path) -> SqliteConnectOptions {
@@ -141,15 +174,65 @@ impl Store {
                  created with (fingerprint {stored}); start with the original master key"
             )));
         }
+        let heads = load_heads(&mut conn).await?;
         let (tx, rx) = mpsc::channel(options.max_batch.max(1) * 4);
-        tokio::spawn(writer::run(
+        let (committed, _) = broadcast::channel(options.live_buffer.max(1));
+        let writer = writer::Writer {
             conn,
-            rx,
+            heads,
             clock,
             listener,
-            options.max_batch.max(1),
-        ));
-        Ok(Store { pool, writes: tx })
+            committed: committed.clone(),
+            max_batch: options.max_batch.max(1),
+        };
+        tokio::spawn(writer::run(writer, rx));
+        Ok(Store {
+            pool,
+            writes: tx,
+            committed,
+        })
+    }
+
+    /// Records as they are committed, in order. Lagging receivers get `RecvError::Lagged`.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<LogRecord>> {
+        self.committed.subscribe()
+    }
+
+    /// Up to `limit` records after `after`, in log order, matching `filter`.
+    pub async fn read_records(
+        &self,
+        after: u64,
+        limit: u32,
+        filter: &RecordFilter,
+    ) -> Result<Vec<LogRecord>, StoreError> {
+        read_records(&self.pool, after, limit, filter).await
+    }
+
+    /// The log's head, and the head of one workspace's chain (sequence 0 and the workspace
+    /// genesis when it has no events).
+    pub async fn head(
+        &self,
+        workspace_id: Option<&str>,
+    ) -> Result<(Head, Option<Head>), StoreError> {
+        let row: Option<(i64, Vec<u8>)> =
+            sqlx::query_as("SELECT sequence, hash FROM events ORDER BY sequence DESC LIMIT 1")
+                .fetch_optional(&self.pool)
+                .await?;
+        let log = head_from(row, chain::log_genesis())?;
+        let workspace = match workspace_id {
+            None => None,
+            Some(w) => {
+                let row: Option<(i64, Vec<u8>)> = sqlx::query_as(
+                    "SELECT sequence, workspace_hash FROM events WHERE workspace_id = ? \
+                     ORDER BY sequence DESC LIMIT 1",
+                )
+                .bind(w)
+                .fetch_optional(&self.pool)
+                .await?;
+                Some(head_from(row, chain::workspace_genesis(w))?)
+            }
+        };
+        Ok((log, workspace))
     }
 
     /// Applies one command durably: answered once the transaction holding its events has
@@ -243,12 +326,113 @@ impl Store {
 
     /// Closes the reader pool and waits for the writer to finish what it was given.
     pub async fn close(self) {
-        let Store { pool, writes } = self;
+        let Store { pool, writes, .. } = self;
         let closed = writes.clone();
         drop(writes);
         closed.closed().await;
         pool.close().await;
     }
+}
+
+fn head_from(row: Option<(i64, Vec<u8>)>, genesis: Hash) -> Result<Head, StoreError> {
+    Ok(match row {
+        None => Head {
+            sequence: 0,
+            hash: genesis,
+        },
+        Some((sequence, hash)) => Head {
+            sequence: u64::try_from(sequence).unwrap_or(0),
+            hash: hash
+                .try_into()
+                .map_err(|_| StoreError::Internal(format!("hash of {sequence} is not 32 bytes")))?,
+        },
+    })
+}
+
+/// The chain heads the writer continues from: the last record's, and each workspace's last.
+async fn load_heads(conn: &mut SqliteConnection) -> Result<writer::Heads, StoreError> {
+    let last: Option<(i64, Vec<u8>)> =
+        sqlx::query_as("SELECT sequence, hash FROM events ORDER BY sequence DESC LIMIT 1")
+            .fetch_optional(&mut *conn)
+            .await?;
+    let last = head_from(last, chain::log_genesis())?;
+    let rows: Vec<(String, Vec<u8>)> = sqlx::query_as(
+        "SELECT workspace_id, workspace_hash FROM events WHERE sequence IN \
+         (SELECT MAX(sequence) FROM events GROUP BY workspace_id)",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut workspaces = std::collections::HashMap::with_capacity(rows.len());
+    for (workspace, hash) in rows {
+        let hash: Hash = hash.try_into().map_err(|_| {
+            StoreError::Internal(format!("workspace hash of {workspace} is not 32 bytes"))
+        })?;
+        workspaces.insert(workspace, hash);
+    }
+    Ok(writer::Heads::new(last.sequence, last.hash, workspaces))
+}
+
+const RECORD_COLUMNS: &str = "sequence, key_id, workspace_id, stream_version, event_type, \
+    schema_version, payload, actor, recorded_at, hash, workspace_hash";
+
+/// Reads records in log order from any connection or pool.
+pub async fn read_records<'c, E>(
+    executor: E,
+    after: u64,
+    limit: u32,
+    filter: &RecordFilter,
+) -> Result<Vec<LogRecord>, StoreError>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Sqlite>,
+{
+    let mut sql = format!("SELECT {RECORD_COLUMNS} FROM events WHERE sequence > ?");
+    if filter.workspace_id.is_some() {
+        sql.push_str(" AND workspace_id = ?");
+    }
+    if filter.key_id.is_some() {
+        sql.push_str(" AND key_id = ?");
+    }
+    if !filter.event_types.is_empty() {
+        sql.push_str(" AND event_type IN (");
+        sql.push_str(&vec!["?"; filter.event_types.len()].join(", "));
+        sql.push(')');
+    }
+    sql.push_str(" ORDER BY sequence LIMIT ?");
+    let mut query =
+        sqlx::query(sqlx::AssertSqlSafe(sql)).bind(i64::try_from(after).unwrap_or(i64::MAX));
+    if let Some(w) = &filter.workspace_id {
+        query = query.bind(w.clone());
+    }
+    if let Some(k) = &filter.key_id {
+        query = query.bind(k.clone());
+    }
+    for t in &filter.event_types {
+        query = query.bind(t.clone());
+    }
+    let rows = query.bind(i64::from(limit)).fetch_all(executor).await?;
+    rows.iter().map(record_from_row).collect()
+}
+
+fn record_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<LogRecord, StoreError> {
+    let hash = |name: &str| -> Result<Hash, StoreError> {
+        let bytes: Vec<u8> = row.try_get(name)?;
+        bytes
+            .try_into()
+            .map_err(|_| StoreError::Internal(format!("{name} is not 32 bytes")))
+    };
+    Ok(LogRecord {
+        sequence: u64::try_from(row.try_get::<i64, _>("sequence")?).unwrap_or(0),
+        key_id: row.try_get("key_id")?,
+        workspace_id: row.try_get("workspace_id")?,
+        stream_version: u64::try_from(row.try_get::<i64, _>("stream_version")?).unwrap_or(0),
+        event_type: row.try_get("event_type")?,
+        schema_version: u32::try_from(row.try_get::<i64, _>("schema_version")?).unwrap_or(u32::MAX),
+        payload: row.try_get("payload")?,
+        actor: row.try_get("actor")?,
+        recorded_at_ms: row.try_get("recorded_at")?,
+        hash: hash("hash")?,
+        workspace_hash: hash("workspace_hash")?,
+    })
 }
 
 /// Reads one key's stream inside a connection or transaction and folds it with [`apply`].
@@ -340,6 +524,36 @@ pub async fn rebuild(path: &Path) -> Result<RebuildReport, StoreError> {
         keys: states.len() as u64,
         last_sequence,
     })
+}
+
+/// Opens an existing database read-only, without migrating it: for auditors' tools.
+pub async fn open_read_only(path: &Path) -> Result<SqliteConnection, StoreError> {
+    if !path.exists() {
+        return Err(StoreError::Internal(format!("no database at {}", path.display())));
+    }
+    let options = SqliteConnectOptions::new().filename(path).read_only(true);
+    Ok(SqliteConnection::connect_with(&options).await?)
+}
+
+/// The stored projection: every `keys` row and the checkpoint.
+pub async fn read_projection(
+    conn: &mut SqliteConnection,
+) -> Result<(Vec<KeyState>, u64), StoreError> {
+    let rows: Vec<KeyRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {KEY_COLUMNS} FROM keys ORDER BY key_id"
+    )))
+    .fetch_all(&mut *conn)
+    .await?;
+    let states = rows
+        .into_iter()
+        .map(KeyRow::into_state)
+        .collect::<Result<_, _>>()
+        .map_err(StoreError::Internal)?;
+    let checkpoint: i64 =
+        sqlx::query_scalar("SELECT last_sequence FROM projection_checkpoint WHERE id = 1")
+            .fetch_one(&mut *conn)
+            .await?;
+    Ok((states, u64::try_from(checkpoint).unwrap_or(0)))
 }
 
 /// Opens a database for tools and tests that inspect it directly.

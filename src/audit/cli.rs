@@ -1,0 +1,255 @@
+//! `kemon-keys audit …`: verify, export and point-in-time views, from a database file, a
+//! running server or an export file.
+
+use std::io::{BufRead, BufReader, Write};
+
+use anyhow::{Context, bail};
+use serde_json::json;
+use sqlx::SqliteConnection;
+use tonic::Streaming;
+
+use super::chain::{self, LogRecord};
+use super::export;
+use super::replay::Replay;
+use super::verify::{Scope, Verifier};
+use crate::config::{AuditActor, ExportArgs, KeysAsOfArgs, LogSource, VerifyArgs};
+use crate::domain::KeyType;
+use crate::grpc::audit::log_record;
+use crate::proto::v1 as pb;
+use crate::proto::v1::audit_service_client::AuditServiceClient;
+use crate::store::{self, RecordFilter};
+
+/// Records per page read from a database.
+const PAGE: u32 = 1000;
+
+/// Reads records in log order from one of the sources.
+enum Reader {
+    Db {
+        conn: SqliteConnection,
+        position: u64,
+        filter: RecordFilter,
+    },
+    Server(Streaming<pb::LogEvent>),
+    File {
+        lines: std::io::Lines<BufReader<std::fs::File>>,
+        workspace: Option<String>,
+        line: u64,
+    },
+}
+
+impl Reader {
+    /// Opens `source`. For an export file, the workspace its header names is returned too.
+    async fn open(
+        source: &LogSource,
+        workspace: Option<&str>,
+        actor: &AuditActor,
+    ) -> anyhow::Result<(Reader, Option<String>)> {
+        let filter = RecordFilter {
+            workspace_id: workspace.map(str::to_owned),
+            ..RecordFilter::default()
+        };
+        if let Some(path) = &source.db {
+            let conn = store::open_read_only(path)
+                .await
+                .with_context(|| format!("opening {}", path.display()))?;
+            return Ok((
+                Reader::Db {
+                    conn,
+                    position: 0,
+                    filter,
+                },
+                None,
+            ));
+        }
+        if let Some(url) = &source.server {
+            let mut client = AuditServiceClient::connect(url.clone())
+                .await
+                .with_context(|| format!("connecting to {url}"))?;
+            let mut request = tonic::Request::new(pb::ReadEventsRequest {
+                after_sequence: 0,
+                limit: 0,
+                filter: Some(pb::EventFilter {
+                    workspace_id: workspace.unwrap_or_default().to_owned(),
+                    ..Default::default()
+                }),
+            });
+            request
+                .metadata_mut()
+                .insert("x-kemon-actor", actor.actor.parse().context("--actor")?);
+            request
+                .metadata_mut()
+                .insert("x-kemon-role", actor.role.parse().context("--role")?);
+            let stream = client.read_events(request).await?.into_inner();
+            return Ok((Reader::Server(stream), None));
+        }
+        let path = source.file.as_ref().context("one of --db, --server, --file")?;
+        let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let mut lines = BufReader::new(file).lines();
+        let header = lines.next().context("the export is empty: no header line")??;
+        let exported = export::parse_header(&header).map_err(anyhow::Error::msg)?;
+        if let (Some(e), Some(w)) = (&exported, workspace) {
+            if e != w {
+                bail!("the export is of workspace {e}, not {w}");
+            }
+        }
+        let keep = workspace.map(str::to_owned).or(exported.clone());
+        Ok((
+            Reader::File {
+                lines,
+                workspace: keep,
+                line: 1,
+            },
+            exported,
+        ))
+    }
+
+    /// The next records; empty at the end.
+    async fn next_batch(&mut self) -> anyhow::Result<Vec<LogRecord>> {
+        match self {
+            Reader::Db {
+                conn,
+                position,
+                filter,
+            } => {
+                let page = store::read_records(&mut *conn, *position, PAGE, filter).await?;
+                if let Some(last) = page.last() {
+                    *position = last.sequence;
+                }
+                Ok(page)
+            }
+            Reader::Server(stream) => match stream.message().await? {
+                Some(event) => Ok(vec![log_record(&event).map_err(anyhow::Error::msg)?]),
+                None => Ok(vec![]),
+            },
+            Reader::File {
+                lines,
+                workspace,
+                line,
+            } => {
+                let mut batch = Vec::new();
+                for text in lines.by_ref() {
+                    let text = text?;
+                    *line += 1;
+                    if text.trim().is_empty() {
+                        continue;
+                    }
+                    let record = export::parse_record(&text)
+                        .map_err(|e| anyhow::anyhow!("line {line}: {e}"))?;
+                    if workspace.as_ref().is_none_or(|w| *w == record.workspace_id) {
+                        batch.push(record);
+                    }
+                    if batch.len() == PAGE as usize {
+                        break;
+                    }
+                }
+                Ok(batch)
+            }
+        }
+    }
+}
+
+/// `audit verify`. Ok(true) when the log verified.
+pub async fn verify(args: &VerifyArgs) -> anyhow::Result<bool> {
+    let expect_head = args
+        .expect_head
+        .as_deref()
+        .map(chain::parse_head)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--expect-head: {e}"))?;
+    let (mut reader, exported) =
+        Reader::open(&args.source, args.workspace.as_deref(), &args.actor).await?;
+    let scope = match args.workspace.clone().or(exported) {
+        Some(w) => Scope::Workspace(w),
+        None => Scope::Log,
+    };
+    let mut verifier = Verifier::new(scope.clone(), expect_head);
+    'read: loop {
+        let batch = reader.next_batch().await?;
+        if batch.is_empty() {
+            break;
+        }
+        for record in &batch {
+            if !verifier.push(record) {
+                break 'read;
+            }
+        }
+    }
+    let projection = match (&mut reader, &scope) {
+        (Reader::Db { conn, .. }, Scope::Log) => Some(store::read_projection(conn).await?),
+        _ => None,
+    };
+    let report = verifier.finish(projection);
+    println!("{report}");
+    Ok(report.ok())
+}
+
+/// `audit export`.
+pub async fn export(args: &ExportArgs) -> anyhow::Result<()> {
+    let (mut reader, exported) =
+        Reader::open(&args.source, args.workspace.as_deref(), &args.actor).await?;
+    let workspace = args.workspace.clone().or(exported);
+    let mut out: Box<dyn Write> = match &args.output {
+        Some(path) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    writeln!(out, "{}", export::header_line(workspace.as_deref()))?;
+    let mut events = 0u64;
+    loop {
+        let batch = reader.next_batch().await?;
+        if batch.is_empty() {
+            break;
+        }
+        for record in &batch {
+            writeln!(out, "{}", export::record_line(record))?;
+            events += 1;
+        }
+    }
+    out.flush()?;
+    eprintln!("exported {events} events");
+    Ok(())
+}
+
+/// `audit keys`: the workspace's keys right after `--at`, one JSON object a line.
+pub async fn keys_as_of(args: &KeysAsOfArgs) -> anyhow::Result<()> {
+    let (mut reader, _) = Reader::open(&args.source, Some(&args.workspace), &args.actor).await?;
+    let at = args.at.unwrap_or(u64::MAX);
+    let mut replay = Replay::default();
+    'read: loop {
+        let batch = reader.next_batch().await?;
+        if batch.is_empty() {
+            break;
+        }
+        for record in &batch {
+            if record.sequence > at {
+                break 'read;
+            }
+            replay
+                .apply(record)
+                .map_err(|e| anyhow::anyhow!("sequence {}: {}", e.sequence, e.reason))?;
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    for state in replay.keys.values() {
+        let line = json!({
+            "key_id": state.key_id.to_string(),
+            "workspace_id": state.workspace_id.as_str(),
+            "name": state.name.as_str(),
+            "type": if state.key_type == KeyType::Private { "private" } else { "public" },
+            "environment": crate::store::codec::environment_str(state.environment),
+            "masked": state.masked,
+            "scopes": state.scopes.names(),
+            "full_access": state.full_access,
+            "allowed_domains": state.allowed_domains.iter().map(|d| d.as_str()).collect::<Vec<_>>(),
+            "created_at_ms": state.created_at_ms,
+            "expires_at_ms": state.expires_at_ms,
+            "revoked_at_ms": state.revoked_at_ms,
+            "version": state.version,
+            "created_by": state.created_by,
+        });
+        writeln!(out, "{line}")?;
+    }
+    eprintln!("as of sequence {}", replay.last_sequence);
+    Ok(())
+}

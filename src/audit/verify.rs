@@ -1,0 +1,257 @@
+//! Verifying a log: the hash chains, the replay, and the projection built from it.
+//!
+//! Records are pushed in log order. The first problem found is kept, with the sequence it is
+//! at; nothing after it is trusted. Checks, per record:
+//! - full log: sequences run 1, 2, 3, … with no gap (a deleted record shows as missing);
+//! - its `hash` equals the chain recomputed from genesis (a changed byte anywhere in the
+//!   record, or a record moved, inserted or swapped, breaks it here);
+//! - its `workspace_hash` equals the workspace's chain recomputed from the workspace genesis;
+//! - it replays: decodes (upcasting old schemas) and folds with the service's own `apply`.
+//!
+//! At the end: the head against one kept elsewhere (`--expect-head`), which catches a tail
+//! rewritten with recomputed hashes, and the stored `keys` table against the replay.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use super::chain::{self, Hash, LogRecord};
+use super::replay::{Replay, ReplayError};
+use crate::domain::KeyState;
+
+/// Which chain a set of records can be checked against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// The whole log: both chains, no gaps allowed.
+    Log,
+    /// One workspace's events only (a workspace export): its chain, gaps in the global
+    /// sequence expected.
+    Workspace(String),
+}
+
+/// The outcome of a verification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub scope: Scope,
+    pub events: u64,
+    pub keys: usize,
+    /// Sequence and hash of the last record (of the workspace chain for a workspace scope).
+    pub head: (u64, Hash),
+    pub failure: Option<ReplayError>,
+}
+
+impl Report {
+    pub fn ok(&self) -> bool {
+        self.failure.is_none()
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match &self.scope {
+            Scope::Log => "log".to_owned(),
+            Scope::Workspace(w) => format!("workspace {w}"),
+        };
+        match &self.failure {
+            None => write!(
+                f,
+                "OK: {what}: {} events, {} keys, head {}:{}",
+                self.events,
+                self.keys,
+                self.head.0,
+                hex::encode(self.head.1)
+            ),
+            Some(e) if e.sequence == 0 => write!(f, "FAILED: {what}: {}", e.reason),
+            Some(e) => write!(
+                f,
+                "FAILED: {what}: first bad sequence {}: {}",
+                e.sequence, e.reason
+            ),
+        }
+    }
+}
+
+pub struct Verifier {
+    scope: Scope,
+    last_sequence: u64,
+    log_hash: Hash,
+    workspace_hashes: HashMap<String, Hash>,
+    replay: Replay,
+    events: u64,
+    failure: Option<ReplayError>,
+    expect_head: Option<(u64, Hash)>,
+}
+
+impl Verifier {
+    /// `expect_head`: a `(sequence, hash)` kept elsewhere (the log chain's, or the workspace
+    /// chain's for a workspace scope); the log must reach it with exactly that hash.
+    pub fn new(scope: Scope, expect_head: Option<(u64, Hash)>) -> Verifier {
+        Verifier {
+            expect_head,
+            scope,
+            last_sequence: 0,
+            log_hash: chain::log_genesis(),
+            workspace_hashes: HashMap::new(),
+            replay: Replay::default(),
+            events: 0,
+            failure: None,
+        }
+    }
+
+    /// Checks the next record. Returns false once a problem has been found.
+    pub fn push(&mut self, record: &LogRecord) -> bool {
+        if self.failure.is_some() {
+            return false;
+        }
+        if let Err(e) = self.check(record) {
+            self.failure = Some(e);
+            return false;
+        }
+        true
+    }
+
+    fn check(&mut self, r: &LogRecord) -> Result<(), ReplayError> {
+        let fail = |sequence: u64, reason: String| ReplayError { sequence, reason };
+        match &self.scope {
+            Scope::Log if r.sequence != self.last_sequence + 1 => {
+                return Err(fail(
+                    self.last_sequence + 1,
+                    format!("missing: the next record is sequence {}", r.sequence),
+                ));
+            }
+            Scope::Workspace(w) if *w != r.workspace_id => {
+                return Err(fail(
+                    r.sequence,
+                    format!("belongs to workspace {}, not {w}", r.workspace_id),
+                ));
+            }
+            _ if r.sequence <= self.last_sequence => {
+                return Err(fail(
+                    r.sequence,
+                    format!("out of order after sequence {}", self.last_sequence),
+                ));
+            }
+            _ => {}
+        }
+        let canonical = chain::canonical_bytes(r);
+        if self.scope == Scope::Log {
+            let expected = chain::chain(&self.log_hash, &canonical);
+            if expected != r.hash {
+                return Err(fail(
+                    r.sequence,
+                    "hash does not match the chain: the record or one before it was altered, \
+                     inserted or removed"
+                        .into(),
+                ));
+            }
+            self.log_hash = expected;
+        }
+        let previous = self
+            .workspace_hashes
+            .get(&r.workspace_id)
+            .copied()
+            .unwrap_or_else(|| chain::workspace_genesis(&r.workspace_id));
+        let expected = chain::chain(&previous, &canonical);
+        if expected != r.workspace_hash {
+            return Err(fail(
+                r.sequence,
+                "workspace_hash does not match the workspace chain: the record or an earlier \
+                 one of its workspace was altered, inserted or removed"
+                    .into(),
+            ));
+        }
+        self.workspace_hashes
+            .insert(r.workspace_id.clone(), expected);
+        if let Some((seq, hash)) = self.expect_head.filter(|(seq, _)| *seq == r.sequence) {
+            let chained = if self.scope == Scope::Log {
+                self.log_hash
+            } else {
+                expected
+            };
+            if chained != hash {
+                return Err(fail(
+                    seq,
+                    "the hash at the expected head differs: the log up to it was rewritten".into(),
+                ));
+            }
+        }
+        self.replay.apply(r)?;
+        self.last_sequence = r.sequence;
+        self.events += 1;
+        Ok(())
+    }
+
+    /// Finishes: checks that the expected head was reached and, when given, the stored
+    /// projection (`keys` rows and checkpoint) against the replay.
+    pub fn finish(mut self, projection: Option<(Vec<KeyState>, u64)>) -> Report {
+        let head = match &self.scope {
+            Scope::Log => (self.last_sequence, self.log_hash),
+            Scope::Workspace(w) => (
+                self.last_sequence,
+                self.workspace_hashes
+                    .get(w)
+                    .copied()
+                    .unwrap_or_else(|| chain::workspace_genesis(w)),
+            ),
+        };
+        if self.failure.is_none() {
+            self.failure = self
+                .expect_head
+                .filter(|(seq, _)| *seq > self.last_sequence)
+                .map(|(seq, _)| ReplayError {
+                    sequence: self.last_sequence + 1,
+                    reason: format!(
+                        "the log ends at {} before the expected head at {seq}: records were removed",
+                        self.last_sequence
+                    ),
+                })
+                .or_else(|| {
+                    projection.and_then(|(keys, checkpoint)| {
+                        check_projection(&self.replay, keys, checkpoint)
+                    })
+                });
+        }
+        Report {
+            scope: self.scope,
+            events: self.events,
+            keys: self.replay.keys.len(),
+            head,
+            failure: self.failure,
+        }
+    }
+}
+
+fn check_projection(
+    replay: &Replay,
+    stored: Vec<KeyState>,
+    checkpoint: u64,
+) -> Option<ReplayError> {
+    let projection_error = |reason: String| ReplayError {
+        sequence: 0,
+        reason: format!("keys table: {reason}"),
+    };
+    if checkpoint != replay.last_sequence {
+        return Some(projection_error(format!(
+            "checkpoint is {checkpoint} but the log ends at {}",
+            replay.last_sequence
+        )));
+    }
+    let mut stored: HashMap<String, KeyState> = stored
+        .into_iter()
+        .map(|s| (s.key_id.to_string(), s))
+        .collect();
+    for (key_id, state) in &replay.keys {
+        match stored.remove(key_id) {
+            None => return Some(projection_error(format!("{key_id} is missing"))),
+            Some(row) if row != *state => {
+                return Some(projection_error(format!(
+                    "{key_id} differs from the replay of its events"
+                )));
+            }
+            Some(_) => {}
+        }
+    }
+    stored
+        .into_keys()
+        .next()
+        .map(|extra| projection_error(format!("{extra} has no events in the log")))
+}

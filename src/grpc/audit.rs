@@ -1,0 +1,405 @@
+//! `kemon.keys.v1.AuditService`: reading, following and checking the event log.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::auth::{Actor, Permission};
+use super::error::ApiError;
+use super::keys::key_to_pb;
+use super::{observe, timestamp};
+use crate::audit::chain::LogRecord;
+use crate::audit::replay::Replay;
+use crate::clock::Clock;
+use crate::domain::{KeyId, Violation, WorkspaceId};
+use crate::proto::v1 as pb;
+use crate::proto::v1::audit_service_server::AuditService;
+use crate::store::codec;
+use crate::store::{RecordFilter, Store};
+
+/// Records read per database round trip when paging.
+const PAGE: u32 = 500;
+/// Event types a filter may name.
+const EVENT_TYPES: [&str; 5] = [
+    "KeyCreated",
+    "KeyRenamed",
+    "KeyScopesChanged",
+    "KeyRevoked",
+    "KeyRevealed",
+];
+
+pub struct AuditApi {
+    store: Store,
+    clock: Arc<dyn Clock>,
+    checkpoint_every: Duration,
+}
+
+impl AuditApi {
+    pub fn new(store: Store, clock: Arc<dyn Clock>, checkpoint_every: Duration) -> AuditApi {
+        AuditApi {
+            store,
+            clock,
+            checkpoint_every,
+        }
+    }
+}
+
+/// A record as the API shows it, its payload decoded into the current schema version. A
+/// payload that no longer decodes (a tampered log) is sent without `payload`, so auditors
+/// still see the record.
+pub fn log_event(r: &LogRecord) -> pb::LogEvent {
+    pb::LogEvent {
+        sequence: r.sequence,
+        key_id: r.key_id.clone(),
+        workspace_id: r.workspace_id.clone(),
+        stream_version: r.stream_version,
+        event_type: r.event_type.clone(),
+        schema_version: r.schema_version,
+        payload: codec::decode_payload(&r.event_type, r.schema_version, &r.payload).ok(),
+        actor: r.actor.clone(),
+        recorded_at: Some(timestamp(r.recorded_at_ms)),
+        hash: r.hash.to_vec(),
+        workspace_hash: r.workspace_hash.to_vec(),
+        stored_payload: r.payload.clone(),
+        recorded_at_ms: r.recorded_at_ms,
+    }
+}
+
+/// The record an API event came from, for verifying what a server sent.
+pub fn log_record(e: &pb::LogEvent) -> Result<LogRecord, String> {
+    let hash = |bytes: &[u8], name: &str| {
+        <[u8; 32]>::try_from(bytes)
+            .map_err(|_| format!("sequence {}: {name} is not 32 bytes", e.sequence))
+    };
+    Ok(LogRecord {
+        sequence: e.sequence,
+        key_id: e.key_id.clone(),
+        workspace_id: e.workspace_id.clone(),
+        stream_version: e.stream_version,
+        event_type: e.event_type.clone(),
+        schema_version: e.schema_version,
+        payload: e.stored_payload.clone(),
+        actor: e.actor.clone(),
+        recorded_at_ms: e.recorded_at_ms,
+        hash: hash(&e.hash, "hash")?,
+        workspace_hash: hash(&e.workspace_hash, "workspace_hash")?,
+    })
+}
+
+fn parse_filter(filter: Option<&pb::EventFilter>) -> Result<RecordFilter, ApiError> {
+    let Some(f) = filter else {
+        return Ok(RecordFilter::default());
+    };
+    let mut violations = Vec::new();
+    if !f.workspace_id.is_empty() {
+        if let Err(r) = WorkspaceId::parse(&f.workspace_id) {
+            violations.push(Violation::new("filter.workspace_id", r));
+        }
+    }
+    if !f.key_id.is_empty() {
+        if let Err(r) = KeyId::parse(&f.key_id) {
+            violations.push(Violation::new("filter.key_id", r));
+        }
+    }
+    for t in &f.event_types {
+        if !EVENT_TYPES.contains(&t.as_str()) {
+            violations.push(Violation::new(
+                "filter.event_types",
+                format!(
+                    "unknown event type `{}`; known: {}",
+                    t.escape_debug(),
+                    EVENT_TYPES.join(", ")
+                ),
+            ));
+        }
+    }
+    if !violations.is_empty() {
+        return Err(ApiError::Invalid(violations));
+    }
+    Ok(RecordFilter {
+        workspace_id: (!f.workspace_id.is_empty()).then(|| f.workspace_id.clone()),
+        key_id: (!f.key_id.is_empty()).then(|| f.key_id.clone()),
+        event_types: f.event_types.clone(),
+    })
+}
+
+type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Sends `item` to the client; false once the client has gone.
+async fn send<T>(tx: &mpsc::Sender<Result<T, Status>>, item: T) -> bool {
+    tx.send(Ok(item)).await.is_ok()
+}
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    Status::from(ApiError::Internal(e.to_string()))
+}
+
+/// One catch-up subscription: see `SubscribeEvents` in `audit.proto`.
+struct Subscription {
+    store: Store,
+    filter: RecordFilter,
+    /// Everything up to here has been sent or skipped.
+    position: u64,
+    tx: mpsc::Sender<Result<pb::SubscribeEventsResponse, Status>>,
+    checkpoint_every: Duration,
+}
+
+impl Subscription {
+    fn message(m: pb::subscribe_events_response::Message) -> pb::SubscribeEventsResponse {
+        pb::SubscribeEventsResponse { message: Some(m) }
+    }
+
+    /// Runs until the client goes away or the store fails.
+    async fn run(mut self) {
+        use pb::subscribe_events_response::Message;
+        loop {
+            // Live first, so nothing committed while paging can be missed.
+            let mut live = self.store.subscribe();
+            match self.catch_up().await {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(status) => {
+                    let _ = self.tx.send(Err(status)).await;
+                    return;
+                }
+            }
+            if !send(
+                &self.tx,
+                Self::message(Message::CaughtUp(pb::CaughtUp {
+                    sequence: self.position,
+                })),
+            )
+            .await
+            {
+                return;
+            }
+            let mut ticker = tokio::time::interval(self.checkpoint_every);
+            ticker.tick().await;
+            let mut checkpointed = self.position;
+            loop {
+                tokio::select! {
+                    received = live.recv() => match received {
+                        Ok(record) => {
+                            if record.sequence <= self.position {
+                                continue;
+                            }
+                            self.position = record.sequence;
+                            if self.filter.matches(&record)
+                                && !send(&self.tx, Self::message(Message::Event(log_event(&record)))).await
+                            {
+                                return;
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Lagged(_)) => {
+                            let behind = Message::FellBehind(pb::FellBehind { sequence: self.position });
+                            if !send(&self.tx, Self::message(behind)).await {
+                                return;
+                            }
+                            break; // page again from `position`
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                    _ = ticker.tick() => {
+                        if self.position > checkpointed {
+                            checkpointed = self.position;
+                            let checkpoint = Message::Checkpoint(pb::Checkpoint { sequence: self.position });
+                            if !send(&self.tx, Self::message(checkpoint)).await {
+                                return;
+                            }
+                        }
+                    }
+                    () = self.tx.closed() => return,
+                }
+            }
+        }
+    }
+
+    /// Pages from `position` to the end of the log. Ok(false): the client went away.
+    async fn catch_up(&mut self) -> Result<bool, Status> {
+        use pb::subscribe_events_response::Message;
+        loop {
+            // The head is read before the page: every record up to it is committed, so an
+            // empty page proves there is nothing matching up to it either.
+            let (head, _) = self.store.head(None).await.map_err(internal)?;
+            let page = self
+                .store
+                .read_records(self.position, PAGE, &self.filter)
+                .await
+                .map_err(internal)?;
+            for record in &page {
+                if !send(&self.tx, Self::message(Message::Event(log_event(record)))).await {
+                    return Ok(false);
+                }
+                self.position = record.sequence;
+            }
+            if page.len() < PAGE as usize {
+                self.position = self.position.max(head.sequence);
+                return Ok(true);
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl AuditService for AuditApi {
+    type ReadEventsStream = EventStream<pb::LogEvent>;
+    type SubscribeEventsStream = EventStream<pb::SubscribeEventsResponse>;
+
+    async fn read_events(
+        &self,
+        request: Request<pb::ReadEventsRequest>,
+    ) -> Result<Response<Self::ReadEventsStream>, Status> {
+        observe("ReadEvents", async {
+            Actor::authorize(request.metadata(), Permission::Audit)?;
+            let req = request.get_ref();
+            let filter = parse_filter(req.filter.as_ref())?;
+            let (head, _) = self.store.head(None).await?;
+            let end = head.sequence;
+            let limit = if req.limit == 0 { u64::MAX } else { req.limit };
+            let store = self.store.clone();
+            let mut position = req.after_sequence;
+            let (tx, rx) = mpsc::channel(64);
+            tokio::spawn(async move {
+                let mut sent = 0u64;
+                while sent < limit && position < end {
+                    let page = match store.read_records(position, PAGE, &filter).await {
+                        Ok(page) => page,
+                        Err(e) => {
+                            let _ = tx.send(Err(internal(e))).await;
+                            return;
+                        }
+                    };
+                    let full = page.len() == PAGE as usize;
+                    for record in page.iter().take_while(|r| r.sequence <= end) {
+                        if sent == limit || !send(&tx, log_event(record)).await {
+                            return;
+                        }
+                        sent += 1;
+                        position = record.sequence;
+                    }
+                    if !full || page.last().is_some_and(|r| r.sequence > end) {
+                        return;
+                    }
+                }
+            });
+            Ok(Box::pin(ReceiverStream::new(rx)) as Self::ReadEventsStream)
+        })
+        .await
+    }
+
+    async fn subscribe_events(
+        &self,
+        request: Request<pb::SubscribeEventsRequest>,
+    ) -> Result<Response<Self::SubscribeEventsStream>, Status> {
+        observe("SubscribeEvents", async {
+            Actor::authorize(request.metadata(), Permission::Audit)?;
+            let req = request.get_ref();
+            let filter = parse_filter(req.filter.as_ref())?;
+            let (tx, rx) = mpsc::channel(256);
+            let subscription = Subscription {
+                store: self.store.clone(),
+                filter,
+                position: req.after_sequence,
+                tx,
+                checkpoint_every: self.checkpoint_every,
+            };
+            tokio::spawn(subscription.run());
+            Ok(Box::pin(ReceiverStream::new(rx)) as Self::SubscribeEventsStream)
+        })
+        .await
+    }
+
+    async fn get_log_head(
+        &self,
+        request: Request<pb::GetLogHeadRequest>,
+    ) -> Result<Response<pb::LogHead>, Status> {
+        observe("GetLogHead", async {
+            Actor::authorize(request.metadata(), Permission::Audit)?;
+            let req = request.get_ref();
+            let workspace = if req.workspace_id.is_empty() {
+                None
+            } else {
+                WorkspaceId::parse(&req.workspace_id)
+                    .map_err(|r| ApiError::invalid("workspace_id", r))?;
+                Some(req.workspace_id.as_str())
+            };
+            let (log, workspace) = self.store.head(workspace).await?;
+            Ok(pb::LogHead {
+                sequence: log.sequence,
+                hash: log.hash.to_vec(),
+                workspace_sequence: workspace.map_or(0, |w| w.sequence),
+                workspace_hash: workspace.map(|w| w.hash.to_vec()).unwrap_or_default(),
+            })
+        })
+        .await
+    }
+
+    async fn get_keys_as_of(
+        &self,
+        request: Request<pb::GetKeysAsOfRequest>,
+    ) -> Result<Response<pb::GetKeysAsOfResponse>, Status> {
+        observe("GetKeysAsOf", async {
+            Actor::authorize(request.metadata(), Permission::Audit)?;
+            let req = request.get_ref();
+            let mut violations = Vec::new();
+            if let Err(r) = WorkspaceId::parse(&req.workspace_id) {
+                violations.push(Violation::new("workspace_id", r));
+            }
+            if !req.key_id.is_empty() {
+                if let Err(r) = KeyId::parse(&req.key_id) {
+                    violations.push(Violation::new("key_id", r));
+                }
+            }
+            if !violations.is_empty() {
+                return Err(ApiError::Invalid(violations));
+            }
+            let (head, _) = self.store.head(None).await?;
+            let at = if req.at_sequence == 0 {
+                head.sequence
+            } else {
+                req.at_sequence
+            };
+            if at > head.sequence {
+                return Err(ApiError::invalid(
+                    "at_sequence",
+                    format!("the log ends at {}", head.sequence),
+                ));
+            }
+            let filter = RecordFilter {
+                workspace_id: Some(req.workspace_id.clone()),
+                key_id: (!req.key_id.is_empty()).then(|| req.key_id.clone()),
+                event_types: vec![],
+            };
+            let mut replay = Replay::default();
+            let mut position = 0;
+            'pages: loop {
+                let page = self.store.read_records(position, PAGE, &filter).await?;
+                for record in &page {
+                    if record.sequence > at {
+                        break 'pages;
+                    }
+                    replay.apply(record).map_err(|e| {
+                        ApiError::Internal(format!("replay failed at {}: {}", e.sequence, e.reason))
+                    })?;
+                    position = record.sequence;
+                }
+                if page.len() < PAGE as usize {
+                    break;
+                }
+            }
+            let now = self.clock.now_ms();
+            let mut keys: Vec<_> = replay.keys.values().map(|s| key_to_pb(s, now)).collect();
+            keys.sort_by(|a, b| a.key_id.cmp(&b.key_id));
+            Ok(pb::GetKeysAsOfResponse {
+                at_sequence: at,
+                keys,
+            })
+        })
+        .await
+    }
+}
