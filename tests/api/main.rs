@@ -10,3 +10,5 @@ mod persistence;
 mod surface;
 mod validation;
 mod verify;
+mod audit;
+mod tamper;
