@@ -214,14 +214,7 @@ impl Application {
         tracing::info!(%local_addr, "listening");
 
         let started = std::time::Instant::now();
-        let states = store
-            .all_keys()
-            .await
-            .context("loading the verification cache")?;
-        for state in &states {
-            cache.upsert(state);
-        }
-        drop(states);
+                load_cache(&store, &cache).await?;
         ready.store(true, Ordering::Release);
         health.set_service_status("", ServingStatus::Serving).await;
         health.set_serving::<KeyServiceServer<KeyApi>>().await;
@@ -237,6 +230,16 @@ impl Application {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Fills the verification cache from the projection.
+pub async fn load_cache(store: &Store, cache: &VerifyCache) -> anyhow::Result<u64> {
+    let expected = store.count_keys().await?;
+    cache.reserve(usize::try_from(expected).unwrap_or(0));
+    store
+        .for_each_key(|state| cache.upsert(&state))
+        .await
+        .context("loading the verification cache")
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -8,9 +8,9 @@
 //! The map is split into shards, each behind its own `RwLock` held only for a map operation
 //! (never across I/O), so writers never stall readers for long and readers never contend.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use crate::clock::Clock;
 use crate::domain::api_key;
@@ -36,10 +36,10 @@ pub struct CachedKey {
 }
 
 impl CachedKey {
-    fn from_state(s: &KeyState) -> CachedKey {
+    fn from_state(s: &KeyState, workspace_id: Arc<str>) -> CachedKey {
         CachedKey {
             key_id: s.key_id,
-            workspace_id: Arc::from(s.workspace_id.as_str()),
+            workspace_id,
             key_type: s.key_type,
             environment: s.environment,
             scopes: s.scopes,
@@ -64,14 +64,17 @@ impl CachedKey {
 /// The outcome of a verification.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    Valid(CachedKey),
+    Valid(Arc<CachedKey>),
     Malformed,
     NotFound,
-    Expired(CachedKey),
-    Revoked(CachedKey),
-    EnvironmentNotAllowed(CachedKey),
-    OriginNotAllowed(CachedKey),
-    InsufficientScope { key: CachedKey, missing: ScopeSet },
+    Expired(Arc<CachedKey>),
+    Revoked(Arc<CachedKey>),
+    EnvironmentNotAllowed(Arc<CachedKey>),
+    OriginNotAllowed(Arc<CachedKey>),
+    InsufficientScope {
+        key: Arc<CachedKey>,
+        missing: ScopeSet,
+    },
 }
 
 /// The hash is SHA3-256 output of server-generated secrets, uniformly distributed, so its
@@ -90,17 +93,20 @@ impl Hasher for DigestHasher {
     }
 }
 
-type Shard = RwLock<HashMap<SecretHash, CachedKey, BuildHasherDefault<DigestHasher>>>;
+type Shard = RwLock<HashMap<SecretHash, Arc<CachedKey>, BuildHasherDefault<DigestHasher>>>;
 
 pub struct VerifyCache {
     shards: Box<[Shard]>,
+    /// One shared copy of each workspace id: most workspaces have several keys.
+    workspaces: Mutex<HashSet<Arc<str>>>,
     clock: Arc<dyn Clock>,
 }
 
 impl VerifyCache {
     pub fn new(clock: Arc<dyn Clock>) -> VerifyCache {
-        VerifyCache {
+                VerifyCache {
             shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+            workspaces: Mutex::default(),
             clock,
         }
     }
@@ -110,8 +116,21 @@ impl VerifyCache {
         &self.shards[usize::from(hash.0[8]) % SHARDS]
     }
 
+        fn intern(&self, workspace_id: &str) -> Arc<str> {
+        let mut workspaces = self.workspaces.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(shared) = workspaces.get(workspace_id) {
+            return shared.clone();
+        }
+        let shared: Arc<str> = Arc::from(workspace_id);
+        workspaces.insert(shared.clone());
+        shared
+    }
+
     /// Inserts or replaces a key's entry, unless the cache already holds a newer version.
+    /// The entry is built before the shard is locked, so the write lock is held only for
+    /// the map operation.
     pub fn upsert(&self, state: &KeyState) {
+        let entry = Arc::new(CachedKey::from_state(state, self.intern(state.workspace_id.as_str())));
         let mut shard = self
             .shard(&state.secret_hash)
             .write()
@@ -119,8 +138,18 @@ impl VerifyCache {
         match shard.get(&state.secret_hash) {
             Some(existing) if existing.version >= state.version => {}
             _ => {
-                shard.insert(state.secret_hash, CachedKey::from_state(state));
+                shard.insert(state.secret_hash, entry);
             }
+        }
+    }
+
+    /// Sizes the shards for `keys` entries before a bulk load.
+    pub fn reserve(&self, keys: usize) {
+        for shard in self.shards.iter() {
+            shard
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .reserve(keys / SHARDS + 1);
         }
     }
 
@@ -163,15 +192,14 @@ impl VerifyCache {
         {
             return Verdict::Expired(entry);
         }
-        let host = origin_host(origin);
-        match entry.environment {
+                match entry.environment {
             Environment::Test => {
-                if !host.as_deref().is_some_and(is_localhost) {
+                if !origin_host(origin).as_deref().is_some_and(is_localhost) {
                     return Verdict::EnvironmentNotAllowed(entry);
                 }
             }
             Environment::Production if entry.key_type == KeyType::Public => {
-                let allowed = host
+                let allowed = origin_host(origin)
                     .as_deref()
                     .is_some_and(|h| entry.allowed_domains.iter().any(|d| d.matches(h)));
                 if !allowed {

@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 
 use super::auth::{Actor, Permission};
 use super::error::ApiError;
-use super::{observe, record_key_id, timestamp};
+use super::{observe, observe_hot, record_key_id, timestamp};
 use crate::cache::{CachedKey, Verdict, VerifyCache};
 use crate::clock::Clock;
 use crate::domain::key::NewKeyRequest;
@@ -569,7 +569,7 @@ impl KeyService for KeyApi {
         &self,
         request: Request<pb::VerifyKeyRequest>,
     ) -> Result<Response<pb::VerifyKeyResponse>, Status> {
-        observe("VerifyKey", async {
+        observe_hot("VerifyKey", async {
             self.ensure_ready()?;
             let req = request.get_ref();
             let mut violations = Vec::new();

@@ -311,17 +311,27 @@ impl Store {
         )
     }
 
-    /// Every key's current state from the projection, for loading the verification cache.
-    pub async fn all_keys(&self) -> Result<Vec<KeyState>, StoreError> {
+        /// Streams every key's current state from the projection to `each` (for loading the
+    /// verification cache without holding all rows at once). Returns how many there were.
+    pub async fn for_each_key(&self, mut each: impl FnMut(KeyState)) -> Result<u64, StoreError> {
         let mut rows = sqlx::query_as::<_, KeyRow>(sqlx::AssertSqlSafe(format!(
             "SELECT {KEY_COLUMNS} FROM keys"
         )))
         .fetch(&self.pool);
-        let mut states = Vec::new();
+        let mut count = 0;
         while let Some(row) = rows.try_next().await? {
-            states.push(row.into_state().map_err(StoreError::Internal)?);
+            each(row.into_state().map_err(StoreError::Internal)?);
+            count += 1;
         }
-        Ok(states)
+        Ok(count)
+    }
+
+    /// How many keys the projection holds.
+    pub async fn count_keys(&self) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM keys")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
     }
 
     /// Closes the reader pool and waits for the writer to finish what it was given.
