@@ -214,7 +214,7 @@ impl Application {
         tracing::info!(%local_addr, "listening");
 
         let started = std::time::Instant::now();
-                load_cache(&store, &cache).await?;
+        load_cache(&store, &cache).await?;
         ready.store(true, Ordering::Release);
         health.set_service_status("", ServingStatus::Serving).await;
         health.set_serving::<KeyServiceServer<KeyApi>>().await;

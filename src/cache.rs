@@ -104,7 +104,7 @@ pub struct VerifyCache {
 
 impl VerifyCache {
     pub fn new(clock: Arc<dyn Clock>) -> VerifyCache {
-                VerifyCache {
+        VerifyCache {
             shards: (0..SHARDS).map(|_| Shard::default()).collect(),
             workspaces: Mutex::default(),
             clock,
@@ -116,7 +116,7 @@ impl VerifyCache {
         &self.shards[usize::from(hash.0[8]) % SHARDS]
     }
 
-        fn intern(&self, workspace_id: &str) -> Arc<str> {
+    fn intern(&self, workspace_id: &str) -> Arc<str> {
         let mut workspaces = self.workspaces.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(shared) = workspaces.get(workspace_id) {
             return shared.clone();
@@ -130,7 +130,10 @@ impl VerifyCache {
     /// The entry is built before the shard is locked, so the write lock is held only for
     /// the map operation.
     pub fn upsert(&self, state: &KeyState) {
-        let entry = Arc::new(CachedKey::from_state(state, self.intern(state.workspace_id.as_str())));
+        let entry = Arc::new(CachedKey::from_state(
+            state,
+            self.intern(state.workspace_id.as_str()),
+        ));
         let mut shard = self
             .shard(&state.secret_hash)
             .write()
@@ -192,7 +195,7 @@ impl VerifyCache {
         {
             return Verdict::Expired(entry);
         }
-                match entry.environment {
+        match entry.environment {
             Environment::Test => {
                 if !origin_host(origin).as_deref().is_some_and(is_localhost) {
                     return Verdict::EnvironmentNotAllowed(entry);

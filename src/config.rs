@@ -21,7 +21,7 @@ pub struct Cli {
 pub enum Commands {
     /// Run the gRPC server.
     Serve(ServeArgs),
-        /// Rebuild the `keys` projection from the event log alone. Run it with the server stopped.
+    /// Rebuild the `keys` projection from the event log alone. Run it with the server stopped.
     Rebuild(DataArgs),
     /// Auditors' tools: verify, export and inspect the event log.
     #[command(subcommand)]

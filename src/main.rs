@@ -2,8 +2,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use kemon_keys::app::{self, Application, Settings};
-use kemon_keys::clock::SystemClock;
 use kemon_keys::audit;
+use kemon_keys::clock::SystemClock;
 use kemon_keys::config::{AuditCommand, Cli, Commands, LogFormat};
 use std::sync::Arc;
 
@@ -12,12 +12,12 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let format = match &cli.command {
         Commands::Serve(args) => args.log_format,
-                Commands::Rebuild(_) | Commands::Audit(_) => LogFormat::Text,
+        Commands::Rebuild(_) | Commands::Audit(_) => LogFormat::Text,
     };
     app::init_tracing(format);
     let result = match cli.command {
         Commands::Serve(args) => serve(Settings::from_args(&args)).await,
-                Commands::Rebuild(args) => app::rebuild(&args.data_dir).await,
+        Commands::Rebuild(args) => app::rebuild(&args.data_dir).await,
         Commands::Audit(AuditCommand::Verify(args)) => match audit::cli::verify(&args).await {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::FAILURE,

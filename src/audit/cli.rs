@@ -82,10 +82,16 @@ impl Reader {
             let stream = client.read_events(request).await?.into_inner();
             return Ok((Reader::Server(stream), None));
         }
-        let path = source.file.as_ref().context("one of --db, --server, --file")?;
-        let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let path = source
+            .file
+            .as_ref()
+            .context("one of --db, --server, --file")?;
+        let file =
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
         let mut lines = BufReader::new(file).lines();
-        let header = lines.next().context("the export is empty: no header line")??;
+        let header = lines
+            .next()
+            .context("the export is empty: no header line")??;
         let exported = export::parse_header(&header).map_err(anyhow::Error::msg)?;
         if let (Some(e), Some(w)) = (&exported, workspace) {
             if e != w {

@@ -311,7 +311,7 @@ impl Store {
         )
     }
 
-        /// Streams every key's current state from the projection to `each` (for loading the
+    /// Streams every key's current state from the projection to `each` (for loading the
     /// verification cache without holding all rows at once). Returns how many there were.
     pub async fn for_each_key(&self, mut each: impl FnMut(KeyState)) -> Result<u64, StoreError> {
         let mut rows = sqlx::query_as::<_, KeyRow>(sqlx::AssertSqlSafe(format!(
@@ -536,10 +536,21 @@ pub async fn rebuild(path: &Path) -> Result<RebuildReport, StoreError> {
     })
 }
 
+/// Creates (or opens) a database and applies the migrations: for tools that fill one
+/// directly, such as the benchmark seeder.
+pub async fn create_database(path: &Path) -> Result<SqliteConnection, StoreError> {
+    let (pool, conn) = open_database(path).await?;
+    pool.close().await;
+    Ok(conn)
+}
+
 /// Opens an existing database read-only, without migrating it: for auditors' tools.
 pub async fn open_read_only(path: &Path) -> Result<SqliteConnection, StoreError> {
     if !path.exists() {
-        return Err(StoreError::Internal(format!("no database at {}", path.display())));
+        return Err(StoreError::Internal(format!(
+            "no database at {}",
+            path.display()
+        )));
     }
     let options = SqliteConnectOptions::new().filename(path).read_only(true);
     Ok(SqliteConnection::connect_with(&options).await?)

@@ -1,0 +1,305 @@
+//! `kemon-keys-bench`: the benchmark harness and load generator. Every target is a ratio
+//! against a baseline measured in the same run by the same client; see BENCHMARKS.md.
+
+mod fixtures;
+mod grpc;
+mod inproc;
+mod load;
+mod replay;
+mod report;
+mod server;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use kemon_keys::proto::v1 as pb;
+use kemon_keys::proto::v1::key_service_client::KeyServiceClient;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+use report::Report;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kemon-keys-bench",
+    about = "Benchmarks and load generator for kemon-keys"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the targets and print the figures as Markdown.
+    Targets(TargetArgs),
+    /// Load a running server: throughput and latency percentiles of one RPC.
+    Load(LoadArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Which {
+    All,
+    /// 1 and 3: VerifyKey over gRPC against Health/Check, and under writes.
+    Verify,
+    /// 2: Verify in process against SHA3-256.
+    Inproc,
+    /// 4: group commit against one transaction per write.
+    Writes,
+    /// 5 and 6: rebuild, cache load, memory per key.
+    Replay,
+}
+
+#[derive(Debug, clap::Args)]
+struct TargetArgs {
+    /// Which targets to run.
+    #[arg(long, value_enum, default_value_t = Which::All)]
+    only: Which,
+    /// Exit non-zero when a target is missed.
+    #[arg(long)]
+    check: bool,
+    /// Seconds per measured load run (after a warm-up of a fifth of it, at most 1 s).
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Keys loaded for the Verify targets.
+    #[arg(long, default_value_t = 100_000)]
+    keys: usize,
+    /// Events (and keys) for the replay and memory targets.
+    #[arg(long, default_value_t = 1_000_000)]
+    events: usize,
+    /// HTTP/2 connections the client spreads its calls over.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Concurrency levels for target 1.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    concurrency: Vec<usize>,
+    /// The server binary; by default the `kemon-keys` next to this program.
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
+    /// Also write the Markdown report to this file.
+    #[arg(long)]
+    output: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Rpc {
+    /// grpc.health.v1.Health/Check
+    Health,
+    /// VerifyKey with --key
+    Verify,
+    /// CreateKey (private production keys in workspace ws_load)
+    Create,
+}
+
+#[derive(Debug, clap::Args)]
+struct LoadArgs {
+    /// Server address.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    addr: String,
+    #[arg(long, value_enum)]
+    rpc: Rpc,
+    /// The key string to verify (for --rpc verify).
+    #[arg(long)]
+    key: Option<String>,
+    /// Origin sent with VerifyKey.
+    #[arg(long, default_value = "")]
+    origin: String,
+    /// Calls in flight.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// HTTP/2 connections.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("kemon-keys-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<bool> {
+    match cli.command {
+        Command::Targets(args) => targets(args).await,
+        Command::Load(args) => load(args).await.map(|()| true),
+    }
+}
+
+async fn targets(args: TargetArgs) -> anyhow::Result<bool> {
+    let server_bin = args
+        .server_bin
+        .clone()
+        .unwrap_or_else(server::default_server_bin);
+    let mut report = Report::default();
+    report.line(format!(
+        "Run on {} logical CPUs, {}, {}.",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        machine(),
+        date()
+    ));
+    let settings = grpc::GrpcSettings {
+        server_bin: &server_bin,
+        keys: args.keys,
+        seconds: args.seconds,
+        concurrency: &args.concurrency,
+        connections: args.connections,
+    };
+    let all = args.only == Which::All;
+    if all || args.only == Which::Inproc {
+        inproc::run(args.keys, 1_000_000, &mut report);
+    }
+    if all || args.only == Which::Verify {
+        grpc::verify_targets(&settings, &mut report).await?;
+    }
+    if all || args.only == Which::Writes {
+        grpc::write_targets(&settings, &mut report).await?;
+    }
+    if all || args.only == Which::Replay {
+        replay::run(args.events, &server_bin, &mut report).await?;
+    }
+    let summary = report.summary();
+    report.line(summary);
+    if let Some(path) = &args.output {
+        std::fs::write(path, &report.markdown)?;
+    }
+    Ok(!args.check || report.all_passed())
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_owned())
+        })
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map_or_else(String::new, |kb| {
+            format!(", {:.0} GiB RAM", kb as f64 / 1048576.0)
+        });
+    format!("{cpu}{mem}")
+}
+
+fn date() -> String {
+    std::process::Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map_or_else(|| "unknown date".into(), |s| s.trim().to_owned())
+}
+
+async fn load(args: LoadArgs) -> anyhow::Result<()> {
+    let channels = load::connect(&args.addr, args.connections).await?;
+    let duration = Duration::from_secs_f64(args.seconds);
+    let warmup = Duration::from_secs_f64((args.seconds / 5.0).min(1.0));
+    let result = match args.rpc {
+        Rpc::Health => {
+            load::run(
+                &channels,
+                args.concurrency,
+                warmup,
+                duration,
+                |channel, _, _| async move {
+                    HealthClient::new(channel)
+                        .check(HealthCheckRequest {
+                            service: String::new(),
+                        })
+                        .await
+                        .map(|_| ())
+                },
+            )
+            .await
+        }
+        Rpc::Verify => {
+            let key: Arc<str> = Arc::from(
+                args.key
+                    .clone()
+                    .ok_or_else(|| anyhow::anyhow!("--rpc verify needs --key"))?,
+            );
+            let origin: Arc<str> = Arc::from(args.origin.as_str());
+            load::run(
+                &channels,
+                args.concurrency,
+                warmup,
+                duration,
+                move |channel, _, _| {
+                    let (key, origin) = (key.clone(), origin.clone());
+                    async move {
+                        KeyServiceClient::new(channel)
+                            .verify_key(pb::VerifyKeyRequest {
+                                key: key.to_string(),
+                                required_scopes: vec![],
+                                origin: origin.to_string(),
+                            })
+                            .await
+                            .map(|_| ())
+                    }
+                },
+            )
+            .await
+        }
+        Rpc::Create => {
+            load::run(
+                &channels,
+                args.concurrency,
+                warmup,
+                duration,
+                |channel, worker, i| async move {
+                    let mut request = tonic::Request::new(pb::CreateKeyRequest {
+                        workspace_id: "ws_load".into(),
+                        name: format!("load {worker}-{i}"),
+                        r#type: pb::KeyType::Private as i32,
+                        environment: pb::Environment::Production as i32,
+                        ..Default::default()
+                    });
+                    request
+                        .metadata_mut()
+                        .insert("x-kemon-actor", "load".parse().expect("ascii"));
+                    request
+                        .metadata_mut()
+                        .insert("x-kemon-role", "admin".parse().expect("ascii"));
+                    KeyServiceClient::new(channel)
+                        .create_key(request)
+                        .await
+                        .map(|_| ())
+                },
+            )
+            .await
+        }
+    };
+    println!(
+        "{:?} at concurrency {} over {} connections for {:.1} s: {}",
+        args.rpc,
+        args.concurrency,
+        args.connections,
+        args.seconds,
+        result.summary()
+    );
+    Ok(())
+}
