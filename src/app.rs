@@ -114,6 +114,8 @@ pub struct Application {
     api: KeyApi,
     audit: AuditApi,
     ready: Arc<AtomicBool>,
+    /// Set when shutdown begins, to end live subscriptions.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 /// How often a live subscriber is sent a checkpoint when the log has moved.
@@ -150,7 +152,13 @@ impl Application {
             .with_context(|| format!("binding {}", settings.listen))?;
         let local_addr = listener.local_addr()?;
         let ready = Arc::new(AtomicBool::new(false));
-        let audit = AuditApi::new(store.clone(), clock.clone(), AUDIT_CHECKPOINT_EVERY);
+        let (stopping, stopping_rx) = tokio::sync::watch::channel(false);
+        let audit = AuditApi::new(
+            store.clone(),
+            clock.clone(),
+            AUDIT_CHECKPOINT_EVERY,
+            stopping_rx,
+        );
         let api = KeyApi::new(
             store.clone(),
             cache.clone(),
@@ -166,6 +174,7 @@ impl Application {
             api,
             audit,
             ready,
+            stopping,
         })
     }
 
@@ -188,7 +197,12 @@ impl Application {
             api,
             audit,
             ready,
+            stopping,
         } = self;
+        let shutdown = async move {
+            shutdown.await;
+            let _ = stopping.send(true);
+        };
         let (health, health_service) = tonic_health::server::health_reporter();
         health
             .set_service_status("", ServingStatus::NotServing)

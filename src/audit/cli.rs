@@ -93,10 +93,10 @@ impl Reader {
             .next()
             .context("the export is empty: no header line")??;
         let exported = export::parse_header(&header).map_err(anyhow::Error::msg)?;
-        if let (Some(e), Some(w)) = (&exported, workspace) {
-            if e != w {
-                bail!("the export is of workspace {e}, not {w}");
-            }
+        if let (Some(e), Some(w)) = (&exported, workspace)
+            && e != w
+        {
+            bail!("the export is of workspace {e}, not {w}");
         }
         let keep = workspace.map(str::to_owned).or(exported.clone());
         Ok((

@@ -613,7 +613,7 @@ mod tests {
         let mut new = request(KeyType::Private, Environment::Production);
         new.reveal_later = true;
         let created = Event::KeyCreated(Box::new(new.validate(0).unwrap()));
-        let state = given(&[created.clone()]);
+        let state = given(std::slice::from_ref(&created));
         assert_eq!(
             decide(state.as_ref(), &Command::Reveal),
             Ok(vec![Event::KeyRevealed])

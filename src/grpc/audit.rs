@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
@@ -37,14 +37,23 @@ pub struct AuditApi {
     store: Store,
     clock: Arc<dyn Clock>,
     checkpoint_every: Duration,
+    stopping: watch::Receiver<bool>,
 }
 
 impl AuditApi {
-    pub fn new(store: Store, clock: Arc<dyn Clock>, checkpoint_every: Duration) -> AuditApi {
+    /// `stopping` turns true when the server begins to shut down: live subscriptions then
+    /// end (UNAVAILABLE, with the position to resume from) so shutdown is not held open.
+    pub fn new(
+        store: Store,
+        clock: Arc<dyn Clock>,
+        checkpoint_every: Duration,
+        stopping: watch::Receiver<bool>,
+    ) -> AuditApi {
         AuditApi {
             store,
             clock,
             checkpoint_every,
+            stopping,
         }
     }
 }
@@ -96,15 +105,15 @@ fn parse_filter(filter: Option<&pb::EventFilter>) -> Result<RecordFilter, ApiErr
         return Ok(RecordFilter::default());
     };
     let mut violations = Vec::new();
-    if !f.workspace_id.is_empty() {
-        if let Err(r) = WorkspaceId::parse(&f.workspace_id) {
-            violations.push(Violation::new("filter.workspace_id", r));
-        }
+    if !f.workspace_id.is_empty()
+        && let Err(r) = WorkspaceId::parse(&f.workspace_id)
+    {
+        violations.push(Violation::new("filter.workspace_id", r));
     }
-    if !f.key_id.is_empty() {
-        if let Err(r) = KeyId::parse(&f.key_id) {
-            violations.push(Violation::new("filter.key_id", r));
-        }
+    if !f.key_id.is_empty()
+        && let Err(r) = KeyId::parse(&f.key_id)
+    {
+        violations.push(Violation::new("filter.key_id", r));
     }
     for t in &f.event_types {
         if !EVENT_TYPES.contains(&t.as_str()) {
@@ -147,6 +156,7 @@ struct Subscription {
     position: u64,
     tx: mpsc::Sender<Result<pb::SubscribeEventsResponse, Status>>,
     checkpoint_every: Duration,
+    stopping: watch::Receiver<bool>,
 }
 
 impl Subscription {
@@ -213,7 +223,15 @@ impl Subscription {
                             }
                         }
                     }
-                    () = self.tx.closed() => return,
+                                        () = self.tx.closed() => return,
+                    _ = self.stopping.changed() => {
+                        let status = Status::unavailable(format!(
+                            "the server is shutting down; resume after sequence {}",
+                            self.position
+                        ));
+                        let _ = self.tx.send(Err(status)).await;
+                        return;
+                    }
                 }
             }
         }
@@ -307,6 +325,7 @@ impl AuditService for AuditApi {
                 position: req.after_sequence,
                 tx,
                 checkpoint_every: self.checkpoint_every,
+                stopping: self.stopping.clone(),
             };
             tokio::spawn(subscription.run());
             Ok(Box::pin(ReceiverStream::new(rx)) as Self::SubscribeEventsStream)
@@ -350,10 +369,10 @@ impl AuditService for AuditApi {
             if let Err(r) = WorkspaceId::parse(&req.workspace_id) {
                 violations.push(Violation::new("workspace_id", r));
             }
-            if !req.key_id.is_empty() {
-                if let Err(r) = KeyId::parse(&req.key_id) {
-                    violations.push(Violation::new("key_id", r));
-                }
+            if !req.key_id.is_empty()
+                && let Err(r) = KeyId::parse(&req.key_id)
+            {
+                violations.push(Violation::new("key_id", r));
             }
             if !violations.is_empty() {
                 return Err(ApiError::Invalid(violations));

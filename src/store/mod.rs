@@ -15,7 +15,7 @@ use std::time::Duration;
 use futures::TryStreamExt;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Connection, Row, SqliteConnection, SqlitePool};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::audit::chain::{self, Hash, LogRecord};
 use crate::clock::Clock;
@@ -120,6 +120,13 @@ pub struct Store {
     pool: SqlitePool,
     writes: mpsc::Sender<writer::Request>,
     committed: broadcast::Sender<Arc<LogRecord>>,
+    writer: Arc<WriterHandle>,
+}
+
+/// Stopping and joining the writer task.
+struct WriterHandle {
+    stop: watch::Sender<bool>,
+    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 fn connect_options(path: &Path) -> SqliteConnectOptions {
@@ -185,11 +192,16 @@ impl Store {
             committed: committed.clone(),
             max_batch: options.max_batch.max(1),
         };
-        tokio::spawn(writer::run(writer, rx));
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(writer::run(writer, rx, stopped));
         Ok(Store {
             pool,
             writes: tx,
             committed,
+            writer: Arc::new(WriterHandle {
+                stop,
+                task: std::sync::Mutex::new(Some(task)),
+            }),
         })
     }
 
@@ -334,13 +346,22 @@ impl Store {
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
-    /// Closes the reader pool and waits for the writer to finish what it was given.
+    /// Stops the writer once it has committed every write already queued (later writes are
+    /// refused), waits for it, and closes the reader pool.
     pub async fn close(self) {
-        let Store { pool, writes, .. } = self;
-        let closed = writes.clone();
-        drop(writes);
-        closed.closed().await;
-        pool.close().await;
+        let _ = self.writer.stop.send(true);
+        let task = self
+            .writer
+            .task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(task) = task
+            && let Err(e) = task.await
+        {
+            tracing::error!(error = %e, "the writer task failed");
+        }
+        self.pool.close().await;
     }
 }
 
@@ -520,9 +541,9 @@ pub async fn rebuild(path: &Path) -> Result<RebuildReport, StoreError> {
         }
     }
     sqlx::query("DELETE FROM keys").execute(&mut *tx).await?;
-    for state in states.values() {
-        writer::project(&mut tx, state).await?;
-    }
+    let mut states: Vec<KeyState> = states.into_values().collect();
+    states.sort_by_key(|s| s.key_id);
+    writer::project_many(&mut tx, &states).await?;
     sqlx::query("UPDATE projection_checkpoint SET last_sequence = ? WHERE id = 1")
         .bind(last_sequence)
         .execute(&mut *tx)

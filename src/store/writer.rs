@@ -1,19 +1,25 @@
 //! The single writer: group commit.
 //!
 //! Commands queue on a channel. The writer takes the first, then every other already waiting
-//! (up to `max_batch`), and runs them all in one transaction: for each, it folds the key's
-//! stream, asks the domain to decide, appends the events and updates the projection, inside a
-//! savepoint so that one failing command leaves the others intact. After the single COMMIT
-//! (one fsync for the whole batch under synchronous=FULL) it hands the new states to the
-//! commit listener (the verification cache) in commit order, and only then answers each
-//! caller. A caller is therefore never told "done" before its event is durable, and Verify
-//! on this server reflects the change before the caller hears back.
+//! (up to `max_batch`), and decides them all inside one transaction: each command sees the
+//! key's state as the commands before it in the batch left it (loaded by folding its stream
+//! only when the batch has not touched the key yet; never for a create, whose key id is new).
+//! The domain's decisions are pure, so a refused command simply contributes nothing. The
+//! batch's events are then appended, and the touched keys' rows written, with a few
+//! multi-row statements, and the whole batch is committed at once: one fsync under
+//! synchronous=FULL. Only after the commit does the writer hand the new states to the commit
+//! listener (the verification cache), in commit order, and then answer each caller. A caller
+//! is therefore never told "done" before its event is durable, and Verify on this server
+//! reflects the change before the caller hears back.
+//!
+//! If the database fails during a batch, nothing of it is kept, and its commands are retried
+//! one per transaction, so that a command the database refuses fails alone.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use sqlx::{Connection, SqliteConnection};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use super::codec::{self, KEY_COLUMNS};
 use super::{StoreError, Write, load_stream};
@@ -111,10 +117,25 @@ pub(super) struct Writer {
     pub max_batch: usize,
 }
 
-pub(super) async fn run(mut writer: Writer, mut requests: mpsc::Receiver<Request>) {
+/// Commits batches until `stop` turns true; then refuses new writes, commits those already
+/// queued, and returns.
+pub(super) async fn run(
+    mut writer: Writer,
+    mut requests: mpsc::Receiver<Request>,
+    mut stop: watch::Receiver<bool>,
+) {
     let max_batch = writer.max_batch;
     let mut batch = Vec::with_capacity(max_batch);
-    while let Some(first) = requests.recv().await {
+    loop {
+        let first = tokio::select! {
+            biased;
+            first = requests.recv() => first,
+            _ = stop.changed() => {
+                requests.close();
+                requests.recv().await
+            }
+        };
+        let Some(first) = first else { break };
         batch.push(first);
         while batch.len() < max_batch {
             match requests.try_recv() {
@@ -129,184 +150,272 @@ pub(super) async fn run(mut writer: Writer, mut requests: mpsc::Receiver<Request
     }
 }
 
+/// The outcome of one command: its key's new state and whether anything was appended.
+type Outcome = Result<(KeyState, bool), StoreError>;
+
+/// What a decided batch writes.
+#[derive(Default)]
+struct Effects {
+    records: Vec<LogRecord>,
+    /// Final state of every key the batch changed, in first-touched order.
+    changed: Vec<KeyState>,
+    sealed_inserts: Vec<(String, super::SealedSecret)>,
+    sealed_deletes: Vec<String>,
+}
+
 async fn commit_batch(writer: &mut Writer, batch: &mut Vec<Request>) {
-    let mut outcomes: Vec<Result<(KeyState, bool), StoreError>> = Vec::with_capacity(batch.len());
-    let mut records: Vec<LogRecord> = Vec::new();
-    let batch_mark = writer.heads.mark();
-    let committed = async {
-        let mut tx = writer.conn.begin().await?;
-        for request in batch.iter_mut() {
-            let mark = writer.heads.mark();
-            let appended = records.len();
-            let mut savepoint = tx.begin().await?;
-            let now = writer.clock.now_ms();
-            match apply_one(
-                &mut savepoint,
-                &mut request.write,
-                now,
-                &mut writer.heads,
-                &mut records,
-            )
-            .await
-            {
-                Ok((state, changed)) => {
-                    savepoint.commit().await?;
-                    outcomes.push(Ok((state, changed)));
-                }
-                Err(e) => {
-                    savepoint.rollback().await?;
-                    writer.heads.rollback(mark);
-                    records.truncate(appended);
-                    outcomes.push(Err(e));
+    let outcome = match try_commit(writer, batch).await {
+        Ok(outcomes) => Ok(outcomes),
+        Err(e) if batch.len() > 1 => {
+            tracing::warn!(error = %e, commands = batch.len(), "group commit failed; retrying its commands one by one");
+            let mut outcomes = Vec::with_capacity(batch.len());
+            for request in batch.iter_mut() {
+                match try_commit(writer, std::slice::from_mut(request)).await {
+                    Ok(mut one) => outcomes.push(one.pop().expect("one outcome")),
+                    Err(e) => outcomes.push(Err(StoreError::from(e))),
                 }
             }
+            Ok(outcomes)
         }
-        if !records.is_empty() {
-            sqlx::query("UPDATE projection_checkpoint SET last_sequence = ? WHERE id = 1")
-                .bind(i64::try_from(writer.heads.last_sequence).unwrap_or(i64::MAX))
-                .execute(&mut *tx)
-                .await?;
+        Err(e) => Err(e),
+    };
+    match outcome {
+        Ok(outcomes) => {
+            for (request, outcome) in batch.drain(..).zip(outcomes) {
+                let _ = request.reply.send(outcome.map(|(state, _)| state));
+            }
         }
-        tx.commit().await?;
-        Ok::<(), sqlx::Error>(())
-    }
-    .await;
-
-    if let Err(e) = committed {
-        writer.heads.rollback(batch_mark);
-        tracing::error!(error = %e, commands = batch.len(), "group commit failed; nothing of it was written");
-        for request in batch.drain(..) {
-            let _ = request
-                .reply
-                .send(Err(StoreError::Internal(format!("commit failed: {e}"))));
+        Err(e) => {
+            tracing::error!(error = %e, "commit failed; nothing of it was written");
+            for request in batch.drain(..) {
+                let _ = request
+                    .reply
+                    .send(Err(StoreError::Internal(format!("commit failed: {e}"))));
+            }
         }
-        return;
-    }
-    let changed: Vec<KeyState> = outcomes
-        .iter()
-        .filter_map(|o| match o {
-            Ok((state, true)) => Some(state.clone()),
-            _ => None,
-        })
-        .collect();
-    writer.heads.settle();
-    if !changed.is_empty() {
-        writer.listener.committed(&changed);
-    }
-    for record in records {
-        // No subscriber is not an error.
-        let _ = writer.committed.send(Arc::new(record));
-    }
-    for (request, outcome) in batch.drain(..).zip(outcomes) {
-        let _ = request.reply.send(outcome.map(|(state, _)| state));
     }
 }
 
-/// Decides and records one command. Returns the new state and whether anything was appended;
-/// the appended records are pushed onto `records`.
-async fn apply_one(
-    conn: &mut SqliteConnection,
-    write: &mut Write,
-    now: i64,
-    heads: &mut Heads,
-    records: &mut Vec<LogRecord>,
-) -> Result<(KeyState, bool), StoreError> {
-    let current = load_stream(conn, write.key_id)
-        .await?
+/// Decides, writes and commits `batch` in one transaction. On success the listener and the
+/// live subscribers have been told; on error nothing was written and the chain heads are as
+/// before.
+async fn try_commit(
+    writer: &mut Writer,
+    batch: &mut [Request],
+) -> Result<Vec<Outcome>, sqlx::Error> {
+    let mark = writer.heads.mark();
+    let result = decide_and_write(writer, batch).await;
+    match result {
+        Ok((outcomes, effects)) => {
+            writer.heads.settle();
+            if !effects.changed.is_empty() {
+                writer.listener.committed(&effects.changed);
+            }
+            for record in effects.records {
+                // No subscriber is not an error.
+                let _ = writer.committed.send(Arc::new(record));
+            }
+            Ok(outcomes)
+        }
+        Err(e) => {
+            writer.heads.rollback(mark);
+            Err(e)
+        }
+    }
+}
+
+async fn decide_and_write(
+    writer: &mut Writer,
+    batch: &mut [Request],
+) -> Result<(Vec<Outcome>, Effects), sqlx::Error> {
+    let mut tx = writer.conn.begin().await?;
+    let now = writer.clock.now_ms();
+    let mut touched: HashMap<String, Option<KeyState>> = HashMap::new();
+    let mut order: Vec<String> = Vec::new();
+    let mut effects = Effects::default();
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for request in batch.iter_mut() {
+        let write = &mut request.write;
+        let key = write.key_id.to_string();
+        let current = match touched.get(&key) {
+            Some(state) => state.clone(),
+            None if matches!(write.command, Command::Create(_)) => None,
+            None => match load_stream(&mut tx, write.key_id).await {
+                Ok(state) => state,
+                Err(StoreError::Internal(e)) => {
+                    outcomes.push(Err(StoreError::Internal(e)));
+                    continue;
+                }
+                Err(StoreError::Domain(e)) => {
+                    outcomes.push(Err(StoreError::Domain(e)));
+                    continue;
+                }
+            },
+        };
         // A key of another workspace does not exist for this caller.
-        .filter(|s| {
-            s.workspace_id == write.workspace_id || matches!(write.command, Command::Create(_))
-        });
-    let events = domain::decide(current.as_ref(), &write.command)?;
-    let changed = !events.is_empty();
-    let mut state = current;
-    for event in events {
-        let stream_version = state.as_ref().map_or(1, |s| s.stream_version + 1);
-        let encoded = codec::encode_event(&event);
-        let mut record = LogRecord {
-            sequence: 0,
-            key_id: write.key_id.to_string(),
-            workspace_id: write.workspace_id.to_string(),
-            stream_version,
-            event_type: encoded.event_type.to_owned(),
-            schema_version: encoded.schema_version,
-            payload: encoded.payload,
-            actor: write.actor.clone(),
-            recorded_at_ms: now,
-            hash: [0; 32],
-            workspace_hash: [0; 32],
+        let visible = current
+            .clone()
+            .filter(|s| s.workspace_id == write.workspace_id);
+        let events = match domain::decide(visible.as_ref(), &write.command) {
+            Ok(events) => events,
+            Err(e) => {
+                outcomes.push(Err(e.into()));
+                continue;
+            }
         };
-        heads.append(&mut record);
-        insert_record(conn, &record).await?;
-        records.push(record);
-        match &event {
-            Event::KeyCreated(_) => {
-                if let Some(sealed) = write.sealed_secret.take() {
-                    sqlx::query(
-                        "INSERT INTO sealed_secrets (key_id, sealed, master_key_id) VALUES (?, ?, ?)",
-                    )
-                    .bind(write.key_id.to_string())
-                    .bind(sealed.sealed)
-                    .bind(sealed.master_key_id)
-                    .execute(&mut *conn)
-                    .await?;
+        let mut state = visible;
+        let changed = !events.is_empty();
+        let mut failed = None;
+        for event in events {
+            let stream_version = state.as_ref().map_or(1, |s| s.stream_version + 1);
+            match &event {
+                Event::KeyCreated(_) => {
+                    if let Some(sealed) = write.sealed_secret.take() {
+                        effects.sealed_inserts.push((key.clone(), sealed));
+                    }
+                }
+                Event::KeyRevoked => effects.sealed_deletes.push(key.clone()),
+                _ => {}
+            }
+            let encoded = codec::encode_event(&event);
+            let mut record = LogRecord {
+                sequence: 0,
+                key_id: key.clone(),
+                workspace_id: write.workspace_id.to_string(),
+                stream_version,
+                event_type: encoded.event_type.to_owned(),
+                schema_version: encoded.schema_version,
+                payload: encoded.payload,
+                actor: write.actor.clone(),
+                recorded_at_ms: now,
+                hash: [0; 32],
+                workspace_hash: [0; 32],
+            };
+            writer.heads.append(&mut record);
+            effects.records.push(record);
+            let recorded = Recorded {
+                event,
+                actor: write.actor.clone(),
+                recorded_at_ms: now,
+                stream_version,
+            };
+            match domain::apply(state.take(), &recorded) {
+                Ok(next) => state = Some(next),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
                 }
             }
-            Event::KeyRevoked => {
-                sqlx::query("DELETE FROM sealed_secrets WHERE key_id = ?")
-                    .bind(write.key_id.to_string())
-                    .execute(&mut *conn)
-                    .await?;
-            }
-            Event::KeyRenamed { .. } | Event::KeyScopesChanged { .. } | Event::KeyRevealed => {}
         }
-        let recorded = Recorded {
-            event,
-            actor: write.actor.clone(),
-            recorded_at_ms: now,
-            stream_version,
+        if let Some(e) = failed {
+            // decide and apply disagree: a bug, never a partial write. The whole batch is
+            // abandoned so no record of this command is kept.
+            return Err(sqlx::Error::Protocol(format!(
+                "apply refused a decided event: {e}"
+            )));
+        }
+        let Some(state) = state else {
+            outcomes.push(Err(StoreError::Domain(domain::DomainError::NotFound)));
+            continue;
         };
-        state = Some(domain::apply(state, &recorded).map_err(StoreError::Internal)?);
+        if changed {
+            if !touched.contains_key(&key) {
+                order.push(key.clone());
+            }
+            touched.insert(key, Some(state.clone()));
+        }
+        outcomes.push(Ok((state, changed)));
     }
-    let state = state.ok_or(StoreError::Domain(domain::DomainError::NotFound))?;
-    if changed {
-        project(conn, &state).await?;
+
+    effects.changed = order
+        .iter()
+        .filter_map(|k| touched.get(k).cloned().flatten())
+        .collect();
+    insert_records(&mut tx, &effects.records).await?;
+    project_many(&mut tx, &effects.changed).await?;
+    for (key_id, sealed) in &effects.sealed_inserts {
+        sqlx::query("INSERT INTO sealed_secrets (key_id, sealed, master_key_id) VALUES (?, ?, ?)")
+            .bind(key_id)
+            .bind(&sealed.sealed)
+            .bind(&sealed.master_key_id)
+            .execute(&mut *tx)
+            .await?;
     }
-    Ok((state, changed))
+    for key_id in &effects.sealed_deletes {
+        sqlx::query("DELETE FROM sealed_secrets WHERE key_id = ?")
+            .bind(key_id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    if !effects.records.is_empty() {
+        sqlx::query("UPDATE projection_checkpoint SET last_sequence = ? WHERE id = 1")
+            .bind(i64::try_from(writer.heads.last_sequence).unwrap_or(i64::MAX))
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok((outcomes, effects))
 }
 
-async fn insert_record(conn: &mut SqliteConnection, r: &LogRecord) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO events (sequence, key_id, workspace_id, stream_version, event_type, \
-         schema_version, payload, actor, recorded_at, hash, workspace_hash) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(i64::try_from(r.sequence).unwrap_or(i64::MAX))
-    .bind(&r.key_id)
-    .bind(&r.workspace_id)
-    .bind(i64::try_from(r.stream_version).unwrap_or(i64::MAX))
-    .bind(&r.event_type)
-    .bind(i64::from(r.schema_version))
-    .bind(&r.payload)
-    .bind(&r.actor)
-    .bind(r.recorded_at_ms)
-    .bind(&r.hash[..])
-    .bind(&r.workspace_hash[..])
-    .execute(conn)
-    .await?;
+/// Rows per multi-row statement: well under SQLite's limit on bound variables.
+const ROWS_PER_STATEMENT: usize = 200;
+
+async fn insert_records(
+    conn: &mut SqliteConnection,
+    records: &[LogRecord],
+) -> Result<(), sqlx::Error> {
+    for chunk in records.chunks(ROWS_PER_STATEMENT) {
+        let values = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ");
+        let sql = format!(
+            "INSERT INTO events (sequence, key_id, workspace_id, stream_version, event_type, \
+             schema_version, payload, actor, recorded_at, hash, workspace_hash) VALUES {values}"
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for r in chunk {
+            query = query
+                .bind(i64::try_from(r.sequence).unwrap_or(i64::MAX))
+                .bind(&r.key_id)
+                .bind(&r.workspace_id)
+                .bind(i64::try_from(r.stream_version).unwrap_or(i64::MAX))
+                .bind(&r.event_type)
+                .bind(i64::from(r.schema_version))
+                .bind(&r.payload)
+                .bind(&r.actor)
+                .bind(r.recorded_at_ms)
+                .bind(&r.hash[..])
+                .bind(&r.workspace_hash[..]);
+        }
+        query.execute(&mut *conn).await?;
+    }
     Ok(())
 }
 
-/// Writes a key's state into the projection. The one row encoding, shared by the live path
-/// and [`super::rebuild`].
-pub(super) async fn project(
+/// Writes keys' states into the projection, a few hundred rows per statement. The one row
+/// encoding, shared by the live path and [`super::rebuild`].
+pub(super) async fn project_many(
     conn: &mut SqliteConnection,
-    state: &KeyState,
+    states: &[KeyState],
 ) -> Result<(), sqlx::Error> {
-    let placeholders = vec!["?"; KEY_COLUMNS.split(',').count()].join(", ");
-    let sql = format!("INSERT OR REPLACE INTO keys ({KEY_COLUMNS}) VALUES ({placeholders})");
-    codec::bind_state(sqlx::query(sqlx::AssertSqlSafe(sql)), state)
-        .execute(conn)
-        .await?;
+    let columns = KEY_COLUMNS.split(',').count();
+    let row = format!("({})", vec!["?"; columns].join(", "));
+    let updates = KEY_COLUMNS
+        .split(',')
+        .map(str::trim)
+        .filter(|c| *c != "key_id")
+        .map(|c| format!("{c} = excluded.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    for chunk in states.chunks(ROWS_PER_STATEMENT) {
+        let values = vec![row.as_str(); chunk.len()].join(", ");
+        let sql = format!(
+            "INSERT INTO keys ({KEY_COLUMNS}) VALUES {values} \
+             ON CONFLICT (key_id) DO UPDATE SET {updates}"
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for state in chunk {
+            query = codec::bind_state(query, state);
+        }
+        query.execute(&mut *conn).await?;
+    }
     Ok(())
 }

@@ -1,1 +1,444 @@
-//! (being written)
+//! Who may call what: actor and role metadata, role permissions, recorded actors, workspace isolation.
+
+use kemon_keys::proto::v1 as pb;
+use kemon_keys::proto::v1::key_service_client::KeyServiceClient;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+
+use crate::helpers::*;
+
+/// The metadata a call carries: `None` leaves a header out.
+#[derive(Clone, Copy, Debug)]
+struct Caller<'a> {
+    actor: Option<&'a str>,
+    role: Option<&'a str>,
+}
+
+impl<'a> Caller<'a> {
+    fn new(actor: Option<&'a str>, role: Option<&'a str>) -> Caller<'a> {
+        Caller { actor, role }
+    }
+
+    fn role(role: &'a str) -> Caller<'a> {
+        Caller::new(Some("user_bob"), Some(role))
+    }
+
+    fn request<T>(self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        if let Some(actor) = self.actor {
+            request
+                .metadata_mut()
+                .insert("x-kemon-actor", actor.parse().unwrap());
+        }
+        if let Some(role) = self.role {
+            request
+                .metadata_mut()
+                .insert("x-kemon-role", role.parse().unwrap());
+        }
+        request
+    }
+}
+
+/// The RPCs that act for a user.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Rpc {
+    Create,
+    Get,
+    List,
+    Rename,
+    UpdateScopes,
+    Revoke,
+    Reveal,
+}
+
+const MANAGEMENT: [Rpc; 7] = [
+    Rpc::Create,
+    Rpc::Get,
+    Rpc::List,
+    Rpc::Rename,
+    Rpc::UpdateScopes,
+    Rpc::Revoke,
+    Rpc::Reveal,
+];
+
+/// Calls `rpc` as `caller` with an otherwise valid request about `key_id` in `workspace_id`.
+async fn call(
+    client: &mut KeyServiceClient<Channel>,
+    caller: Caller<'_>,
+    rpc: Rpc,
+    workspace_id: &str,
+    key_id: &str,
+) -> Result<(), Status> {
+    let ws = workspace_id.to_owned();
+    let id = key_id.to_owned();
+    match rpc {
+        Rpc::Create => {
+            let mut request = private_key("made by caller", &["tickets:read"]);
+            request.workspace_id = ws;
+            client.create_key(caller.request(request)).await.map(drop)
+        }
+        Rpc::Get => client
+            .get_key(caller.request(pb::GetKeyRequest {
+                workspace_id: ws,
+                key_id: id,
+            }))
+            .await
+            .map(drop),
+        Rpc::List => client
+            .list_keys(caller.request(pb::ListKeysRequest {
+                workspace_id: ws,
+                include_revoked: true,
+                ..Default::default()
+            }))
+            .await
+            .map(drop),
+        Rpc::Rename => client
+            .rename_key(caller.request(pb::RenameKeyRequest {
+                workspace_id: ws,
+                key_id: id,
+                name: "renamed by caller".into(),
+                expected_version: None,
+            }))
+            .await
+            .map(drop),
+        Rpc::UpdateScopes => client
+            .update_key_scopes(caller.request(pb::UpdateKeyScopesRequest {
+                workspace_id: ws,
+                key_id: id,
+                scopes: vec!["labels:read".into()],
+                expected_version: None,
+            }))
+            .await
+            .map(drop),
+        Rpc::Revoke => client
+            .revoke_key(caller.request(pb::RevokeKeyRequest {
+                workspace_id: ws,
+                key_id: id,
+                expected_version: None,
+            }))
+            .await
+            .map(drop),
+        Rpc::Reveal => client
+            .reveal_key(caller.request(pb::RevealKeyRequest {
+                workspace_id: ws,
+                key_id: id,
+            }))
+            .await
+            .map(drop),
+    }
+}
+
+async fn get(client: &mut KeyServiceClient<Channel>, key_id: &str) -> pb::Key {
+    client
+        .get_key(admin(pb::GetKeyRequest {
+            workspace_id: WORKSPACE.into(),
+            key_id: key_id.into(),
+        }))
+        .await
+        .expect("get_key")
+        .into_inner()
+}
+
+async fn list(client: &mut KeyServiceClient<Channel>, workspace_id: &str) -> Vec<pb::Key> {
+    client
+        .list_keys(admin(pb::ListKeysRequest {
+            workspace_id: workspace_id.into(),
+            page_size: 200,
+            include_revoked: true,
+            ..Default::default()
+        }))
+        .await
+        .expect("list_keys")
+        .into_inner()
+        .keys
+}
+
+/// A server with one revealable private key in [`WORKSPACE`].
+async fn server_with_key() -> (TestServer, KeyServiceClient<Channel>, pb::Key, String) {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let mut request = private_key("target", &["tickets:read"]);
+    request.reveal_later = true;
+    let (key, secret) = create(&mut client, request).await;
+    (server, client, key, secret)
+}
+
+/// Asserts every management RPC is refused with `expected` for `caller`, and that nothing
+/// changed: the key is as it was and no key was added.
+async fn assert_all_refused(caller: Caller<'_>, expected: Code) {
+    let (_server, mut client, key, secret) = server_with_key().await;
+    for rpc in MANAGEMENT {
+        let status = call(&mut client, caller, rpc, WORKSPACE, &key.key_id)
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), expected, "{rpc:?} as {caller:?}: {status:?}");
+    }
+    assert_eq!(get(&mut client, &key.key_id).await, key, "{caller:?}");
+    assert_eq!(list(&mut client, WORKSPACE).await, [key], "{caller:?}");
+    let verified = verify(&mut client, &secret, &["tickets:read"], "").await;
+    assert_eq!(code(&verified), pb::VerifyCode::Valid, "{caller:?}");
+}
+
+#[tokio::test]
+async fn missing_actor_is_unauthenticated() {
+    assert_all_refused(Caller::new(None, Some("admin")), Code::Unauthenticated).await;
+}
+
+#[tokio::test]
+async fn missing_role_is_unauthenticated() {
+    assert_all_refused(Caller::new(Some("user_bob"), None), Code::Unauthenticated).await;
+}
+
+#[tokio::test]
+async fn no_metadata_is_unauthenticated() {
+    assert_all_refused(Caller::new(None, None), Code::Unauthenticated).await;
+}
+
+#[tokio::test]
+async fn empty_actor_or_role_is_unauthenticated() {
+    assert_all_refused(Caller::new(Some(""), Some("owner")), Code::Unauthenticated).await;
+    assert_all_refused(
+        Caller::new(Some("user_bob"), Some("")),
+        Code::Unauthenticated,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn unknown_role_is_unauthenticated() {
+    for role in ["superuser", "root", "viewer"] {
+        assert_all_refused(Caller::role(role), Code::Unauthenticated).await;
+    }
+}
+
+#[tokio::test]
+async fn actor_longer_than_128_characters_is_unauthenticated() {
+    let long = "u".repeat(129);
+    assert_all_refused(
+        Caller::new(Some(&long), Some("owner")),
+        Code::Unauthenticated,
+    )
+    .await;
+
+    let (_server, mut client, _, _) = server_with_key().await;
+    let longest = "u".repeat(128);
+    let created = client
+        .create_key(Caller::new(Some(&longest), Some("owner")).request(private_key("x", &[])))
+        .await
+        .expect("a 128-character actor is fine")
+        .into_inner()
+        .key
+        .unwrap();
+    assert_eq!(created.created_by, longest);
+}
+
+#[tokio::test]
+async fn members_may_do_nothing() {
+    assert_all_refused(Caller::role("member"), Code::PermissionDenied).await;
+}
+
+#[tokio::test]
+async fn auditors_may_read_but_not_change_or_reveal() {
+    let (_server, mut client, key, secret) = server_with_key().await;
+    let auditor = Caller::role("auditor");
+    for rpc in MANAGEMENT {
+        let result = call(&mut client, auditor, rpc, WORKSPACE, &key.key_id).await;
+        match rpc {
+            Rpc::Get | Rpc::List => {
+                result.unwrap_or_else(|s| panic!("{rpc:?} as auditor: {s:?}"));
+            }
+            _ => assert_eq!(
+                result.expect_err("refused").code(),
+                Code::PermissionDenied,
+                "{rpc:?} as auditor"
+            ),
+        }
+    }
+
+    let seen = client
+        .get_key(auditor.request(pb::GetKeyRequest {
+            workspace_id: WORKSPACE.into(),
+            key_id: key.key_id.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(seen, key);
+    let listed = client
+        .list_keys(auditor.request(pb::ListKeysRequest {
+            workspace_id: WORKSPACE.into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.keys, std::slice::from_ref(&key));
+
+    assert_eq!(get(&mut client, &key.key_id).await, key, "unchanged");
+    let verified = verify(&mut client, &secret, &["tickets:read"], "").await;
+    assert_eq!(code(&verified), pb::VerifyCode::Valid, "not revoked");
+}
+
+#[tokio::test]
+async fn owners_and_admins_may_do_everything() {
+    for role in ["owner", "admin"] {
+        let (_server, mut client, key, secret) = server_with_key().await;
+        let caller = Caller::role(role);
+        // Revoke last: after it, the others would be refused for a revoked key.
+        for rpc in [
+            Rpc::Create,
+            Rpc::Get,
+            Rpc::List,
+            Rpc::Rename,
+            Rpc::UpdateScopes,
+            Rpc::Reveal,
+            Rpc::Revoke,
+        ] {
+            call(&mut client, caller, rpc, WORKSPACE, &key.key_id)
+                .await
+                .unwrap_or_else(|s| panic!("{rpc:?} as {role}: {s:?}"));
+        }
+        let after = get(&mut client, &key.key_id).await;
+        assert_eq!(after.name, "renamed by caller", "{role}");
+        assert_eq!(after.scopes, ["labels:read"], "{role}");
+        assert!(after.revoked_at.is_some(), "{role}");
+        assert_eq!(after.version, 4, "{role}");
+        assert_eq!(list(&mut client, WORKSPACE).await.len(), 2, "{role}");
+        let verified = verify(&mut client, &secret, &[], "").await;
+        assert_eq!(code(&verified), pb::VerifyCode::Revoked, "{role}");
+    }
+}
+
+#[tokio::test]
+async fn created_by_is_the_creating_actor() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    for (actor, role) in [("user_bob", "owner"), ("user_carol", "admin")] {
+        let key = client
+            .create_key(Caller::new(Some(actor), Some(role)).request(private_key("mine", &[])))
+            .await
+            .unwrap()
+            .into_inner()
+            .key
+            .unwrap();
+        assert_eq!(key.created_by, actor);
+        // Later changes by someone else do not change the creator.
+        let renamed = client
+            .rename_key(as_role(
+                "admin",
+                pb::RenameKeyRequest {
+                    workspace_id: WORKSPACE.into(),
+                    key_id: key.key_id.clone(),
+                    name: "renamed".into(),
+                    expected_version: None,
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(renamed.created_by, actor);
+        assert_eq!(get(&mut client, &key.key_id).await.created_by, actor);
+    }
+}
+
+#[tokio::test]
+async fn verify_and_list_scopes_need_no_metadata() {
+    let (_server, mut client, key, secret) = server_with_key().await;
+    // `verify` sends no metadata at all.
+    let verified = verify(&mut client, &secret, &["tickets:read"], "").await;
+    assert_eq!(code(&verified), pb::VerifyCode::Valid);
+    assert_eq!(verified.key_id, key.key_id);
+
+    let scopes = client
+        .list_scopes(pb::ListScopesRequest {})
+        .await
+        .expect("list_scopes with no metadata")
+        .into_inner()
+        .scopes;
+    assert_eq!(scopes.len(), 8);
+
+    // A member's metadata does not get in the way either.
+    let member = Caller::role("member");
+    let verified = client
+        .verify_key(member.request(pb::VerifyKeyRequest {
+            key: secret.clone(),
+            required_scopes: vec![],
+            origin: String::new(),
+        }))
+        .await
+        .expect("verify_key as member")
+        .into_inner();
+    assert_eq!(code(&verified), pb::VerifyCode::Valid);
+    let scopes = client
+        .list_scopes(member.request(pb::ListScopesRequest {}))
+        .await
+        .expect("list_scopes as member")
+        .into_inner()
+        .scopes;
+    assert_eq!(scopes.len(), 8);
+}
+
+#[tokio::test]
+async fn another_workspace_cannot_see_or_touch_a_key() {
+    let (_server, mut client, key, secret) = server_with_key().await;
+    let other = "ws_other";
+    let mut request = private_key("theirs", &[]);
+    request.workspace_id = other.into();
+    let (theirs, _) = create(&mut client, request).await;
+
+    for role in ["owner", "admin"] {
+        for rpc in [
+            Rpc::Get,
+            Rpc::Rename,
+            Rpc::UpdateScopes,
+            Rpc::Revoke,
+            Rpc::Reveal,
+        ] {
+            let status = call(&mut client, Caller::role(role), rpc, other, &key.key_id)
+                .await
+                .expect_err("refused");
+            assert_eq!(
+                status.code(),
+                Code::NotFound,
+                "{rpc:?} as {role}: {status:?}"
+            );
+        }
+    }
+    // The auditor's read is scoped the same way.
+    let status = call(
+        &mut client,
+        Caller::role("auditor"),
+        Rpc::Get,
+        other,
+        &key.key_id,
+    )
+    .await
+    .expect_err("refused");
+    assert_eq!(status.code(), Code::NotFound);
+
+    assert_eq!(get(&mut client, &key.key_id).await, key, "unchanged");
+    let verified = verify(&mut client, &secret, &["tickets:read"], "").await;
+    assert_eq!(code(&verified), pb::VerifyCode::Valid);
+    assert_eq!(verified.workspace_id, WORKSPACE);
+
+    assert_eq!(
+        list(&mut client, other).await,
+        std::slice::from_ref(&theirs)
+    );
+    assert_eq!(
+        list(&mut client, WORKSPACE).await,
+        std::slice::from_ref(&key)
+    );
+
+    // And the other way round.
+    let status = call(
+        &mut client,
+        Caller::role("admin"),
+        Rpc::Get,
+        WORKSPACE,
+        &theirs.key_id,
+    )
+    .await
+    .expect_err("refused");
+    assert_eq!(status.code(), Code::NotFound);
+}

@@ -1,1 +1,574 @@
-//! (being written)
+//! Reading and changing keys: ListKeys paging and filters, GetKey, RevealKey, and the preconditions of rename, rescope and revoke.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use kemon_keys::proto::v1 as pb;
+use kemon_keys::proto::v1::key_service_client::KeyServiceClient;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+use crate::helpers::*;
+
+async fn list(
+    client: &mut KeyServiceClient<Channel>,
+    request: pb::ListKeysRequest,
+) -> Result<pb::ListKeysResponse, Status> {
+    client
+        .list_keys(admin(request))
+        .await
+        .map(|r| r.into_inner())
+}
+
+fn list_request(page_size: u32, page_token: &str) -> pb::ListKeysRequest {
+    pb::ListKeysRequest {
+        workspace_id: WORKSPACE.into(),
+        page_size,
+        page_token: page_token.into(),
+        ..Default::default()
+    }
+}
+
+/// Every page of a listing, following next_page_token until it is empty.
+async fn all_pages(
+    client: &mut KeyServiceClient<Channel>,
+    request: pb::ListKeysRequest,
+) -> Vec<Vec<pb::Key>> {
+    let mut pages = Vec::new();
+    let mut token = String::new();
+    loop {
+        let response = list(
+            client,
+            pb::ListKeysRequest {
+                page_token: token.clone(),
+                ..request.clone()
+            },
+        )
+        .await
+        .expect("list_keys");
+        pages.push(response.keys);
+        if response.next_page_token.is_empty() {
+            return pages;
+        }
+        assert!(pages.len() <= 100, "paging does not end");
+        token = response.next_page_token;
+    }
+}
+
+fn ids(keys: &[pb::Key]) -> Vec<String> {
+    keys.iter().map(|k| k.key_id.clone()).collect()
+}
+
+/// Creates `n` private keys one millisecond apart, oldest first.
+async fn create_many(
+    server: &TestServer,
+    client: &mut KeyServiceClient<Channel>,
+    n: usize,
+) -> Vec<pb::Key> {
+    let mut keys = Vec::new();
+    for i in 0..n {
+        let (key, _) = create(client, private_key(&format!("key {i}"), &[])).await;
+        keys.push(key);
+        server.clock.advance(Duration::from_millis(1));
+    }
+    keys
+}
+
+async fn get(client: &mut KeyServiceClient<Channel>, key_id: &str) -> pb::Key {
+    client
+        .get_key(admin(pb::GetKeyRequest {
+            workspace_id: WORKSPACE.into(),
+            key_id: key_id.into(),
+        }))
+        .await
+        .expect("get_key")
+        .into_inner()
+}
+
+async fn revoke(
+    client: &mut KeyServiceClient<Channel>,
+    key_id: &str,
+    expected_version: Option<u64>,
+) -> Result<pb::Key, Status> {
+    client
+        .revoke_key(admin(pb::RevokeKeyRequest {
+            workspace_id: WORKSPACE.into(),
+            key_id: key_id.into(),
+            expected_version,
+        }))
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn rename(
+    client: &mut KeyServiceClient<Channel>,
+    key_id: &str,
+    name: &str,
+    expected_version: Option<u64>,
+) -> Result<pb::Key, Status> {
+    client
+        .rename_key(admin(pb::RenameKeyRequest {
+            workspace_id: WORKSPACE.into(),
+            key_id: key_id.into(),
+            name: name.into(),
+            expected_version,
+        }))
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn update_scopes(
+    client: &mut KeyServiceClient<Channel>,
+    key_id: &str,
+    scopes: &[&str],
+) -> Result<pb::Key, Status> {
+    client
+        .update_key_scopes(admin(pb::UpdateKeyScopesRequest {
+            workspace_id: WORKSPACE.into(),
+            key_id: key_id.into(),
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            expected_version: None,
+        }))
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn reveal(client: &mut KeyServiceClient<Channel>, key_id: &str) -> Result<String, Status> {
+    client
+        .reveal_key(admin(pb::RevealKeyRequest {
+            workspace_id: WORKSPACE.into(),
+            key_id: key_id.into(),
+        }))
+        .await
+        .map(|r| r.into_inner().secret)
+}
+
+#[tokio::test]
+async fn pages_of_three_walk_seven_keys_oldest_first() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let created = create_many(&server, &mut client, 7).await;
+
+    let pages = all_pages(&mut client, list_request(3, "")).await;
+    let sizes: Vec<usize> = pages.iter().map(Vec::len).collect();
+    assert_eq!(sizes, [3, 3, 1]);
+    let listed: Vec<pb::Key> = pages.into_iter().flatten().collect();
+    let listed_ids = ids(&listed);
+    assert_eq!(
+        listed_ids.iter().collect::<HashSet<_>>().len(),
+        7,
+        "ids are distinct: {listed_ids:?}"
+    );
+    assert_eq!(listed_ids, ids(&created), "oldest first");
+    assert_eq!(listed, created, "listed keys are the created ones");
+}
+
+#[tokio::test]
+async fn the_last_page_has_no_token_even_when_it_is_full() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let created = create_many(&server, &mut client, 6).await;
+
+    let first = list(&mut client, list_request(3, "")).await.unwrap();
+    assert_eq!(ids(&first.keys), ids(&created[..3]));
+    assert!(!first.next_page_token.is_empty());
+    let second = list(&mut client, list_request(3, &first.next_page_token))
+        .await
+        .unwrap();
+    assert_eq!(ids(&second.keys), ids(&created[3..]));
+    assert_eq!(second.next_page_token, "", "empty on the last page");
+
+    let whole = list(&mut client, list_request(6, "")).await.unwrap();
+    assert_eq!(whole.keys.len(), 6);
+    assert_eq!(whole.next_page_token, "");
+}
+
+#[tokio::test]
+async fn page_size_zero_means_fifty() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let created = create_many(&server, &mut client, 51).await;
+
+    let first = list(&mut client, list_request(0, "")).await.unwrap();
+    assert_eq!(first.keys.len(), 50);
+    assert_eq!(ids(&first.keys), ids(&created[..50]));
+    assert!(!first.next_page_token.is_empty());
+    let second = list(&mut client, list_request(0, &first.next_page_token))
+        .await
+        .unwrap();
+    assert_eq!(ids(&second.keys), ids(&created[50..]));
+    assert_eq!(second.next_page_token, "");
+}
+
+#[tokio::test]
+async fn page_size_above_200_is_refused() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    create_many(&server, &mut client, 2).await;
+    for size in [201, 1000, u32::MAX] {
+        assert_invalid(list(&mut client, list_request(size, "")).await, "page_size");
+    }
+    let largest = list(&mut client, list_request(200, "")).await.unwrap();
+    assert_eq!(largest.keys.len(), 2);
+    assert_eq!(largest.next_page_token, "");
+    let smallest = list(&mut client, list_request(1, "")).await.unwrap();
+    assert_eq!(smallest.keys.len(), 1);
+    assert!(!smallest.next_page_token.is_empty());
+}
+
+#[tokio::test]
+async fn a_garbage_page_token_is_refused() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    create_many(&server, &mut client, 2).await;
+    for token in ["garbage", "!!!", "key_", "01HZXAAAAAAAAAAAAAAAAAAAAA", " "] {
+        assert_invalid(
+            list(&mut client, list_request(1, token)).await,
+            "page_token",
+        );
+    }
+}
+
+#[tokio::test]
+async fn listing_filters_by_type_and_environment() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let test = |mut r: pb::CreateKeyRequest| {
+        r.environment = pb::Environment::Test as i32;
+        r
+    };
+    let requests = [
+        private_key("private prod", &[]),
+        test(private_key("private test", &[])),
+        public_key("public prod", &["tickets:read"], &["app.example.com"]),
+        test(public_key("public test", &["tickets:read"], &[])),
+        private_key("private prod 2", &["teams:read"]),
+    ];
+    let mut created = Vec::new();
+    for request in requests {
+        created.push(create(&mut client, request).await.0);
+        server.clock.advance(Duration::from_millis(1));
+    }
+    let names = |keys: &[pb::Key]| keys.iter().map(|k| k.name.clone()).collect::<Vec<_>>();
+
+    let cases = [
+        (
+            pb::KeyType::Unspecified,
+            pb::Environment::Unspecified,
+            vec![
+                "private prod",
+                "private test",
+                "public prod",
+                "public test",
+                "private prod 2",
+            ],
+        ),
+        (
+            pb::KeyType::Public,
+            pb::Environment::Unspecified,
+            vec!["public prod", "public test"],
+        ),
+        (
+            pb::KeyType::Private,
+            pb::Environment::Unspecified,
+            vec!["private prod", "private test", "private prod 2"],
+        ),
+        (
+            pb::KeyType::Unspecified,
+            pb::Environment::Test,
+            vec!["private test", "public test"],
+        ),
+        (
+            pb::KeyType::Unspecified,
+            pb::Environment::Production,
+            vec!["private prod", "public prod", "private prod 2"],
+        ),
+        (
+            pb::KeyType::Private,
+            pb::Environment::Production,
+            vec!["private prod", "private prod 2"],
+        ),
+        (
+            pb::KeyType::Public,
+            pb::Environment::Test,
+            vec!["public test"],
+        ),
+    ];
+    for (key_type, environment, expected) in cases {
+        let request = pb::ListKeysRequest {
+            workspace_id: WORKSPACE.into(),
+            r#type: key_type as i32,
+            environment: environment as i32,
+            ..Default::default()
+        };
+        let whole = list(&mut client, request.clone()).await.unwrap();
+        assert_eq!(names(&whole.keys), expected, "{key_type:?} {environment:?}");
+        assert_eq!(whole.next_page_token, "");
+        // Paging one at a time with the same filter gives the same keys.
+        let paged: Vec<pb::Key> = all_pages(
+            &mut client,
+            pb::ListKeysRequest {
+                page_size: 1,
+                ..request
+            },
+        )
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+        assert_eq!(paged, whole.keys, "{key_type:?} {environment:?}");
+    }
+    let all = list(&mut client, list_request(0, "")).await.unwrap();
+    assert_eq!(all.keys, created);
+}
+
+#[tokio::test]
+async fn revoked_keys_are_listed_only_on_request() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let created = create_many(&server, &mut client, 3).await;
+    let revoked = revoke(&mut client, &created[1].key_id, None).await.unwrap();
+    assert!(revoked.revoked_at.is_some());
+
+    let default = list(&mut client, list_request(0, "")).await.unwrap();
+    assert_eq!(
+        ids(&default.keys),
+        [created[0].key_id.clone(), created[2].key_id.clone()]
+    );
+
+    let with_revoked = list(
+        &mut client,
+        pb::ListKeysRequest {
+            include_revoked: true,
+            ..list_request(0, "")
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(ids(&with_revoked.keys), ids(&created));
+    assert_eq!(with_revoked.keys[1], revoked);
+
+    // Paging over revoked keys skips them too.
+    let paged: Vec<pb::Key> = all_pages(&mut client, list_request(1, ""))
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    assert_eq!(ids(&paged), ids(&default.keys));
+}
+
+#[tokio::test]
+async fn get_key_returns_the_created_key() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let mut private = private_key("private", &["tickets:read", "members:read"]);
+    private.reveal_later = true;
+    for request in [
+        private,
+        private_key("full", &[]),
+        public_key(
+            "public",
+            &["labels:read"],
+            &["app.example.com", "*.example.org"],
+        ),
+    ] {
+        let (key, _) = create(&mut client, request).await;
+        assert_eq!(get(&mut client, &key.key_id).await, key);
+    }
+
+    let missing = kemon_keys::domain::KeyId::generate(T0_MS).to_string();
+    let status = client
+        .get_key(admin(pb::GetKeyRequest {
+            workspace_id: WORKSPACE.into(),
+            key_id: missing,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn reveal_returns_public_keys_and_opted_in_private_keys() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+
+    let (public, pk) = create(
+        &mut client,
+        public_key("public", &["tickets:read"], &["app.example.com"]),
+    )
+    .await;
+    assert!(public.revealable);
+    let revealed = reveal(&mut client, &public.key_id).await.unwrap();
+    assert!(revealed.starts_with("pk_"), "{revealed}");
+    assert_eq!(revealed, pk);
+
+    let mut request = public_key("public test", &["tickets:read"], &[]);
+    request.environment = pb::Environment::Test as i32;
+    let (public_test, pk_test) = create(&mut client, request).await;
+    assert!(public_test.revealable);
+    assert_eq!(
+        reveal(&mut client, &public_test.key_id).await.unwrap(),
+        pk_test
+    );
+
+    let (hidden, _) = create(&mut client, private_key("no copy", &[])).await;
+    assert!(!hidden.revealable);
+    let status = reveal(&mut client, &hidden.key_id).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+
+    let mut request = private_key("copy", &["tickets:read"]);
+    request.reveal_later = true;
+    let (kept, sk) = create(&mut client, request).await;
+    assert!(kept.revealable);
+    assert_eq!(reveal(&mut client, &kept.key_id).await.unwrap(), sk);
+    assert_eq!(
+        reveal(&mut client, &kept.key_id).await.unwrap(),
+        sk,
+        "again"
+    );
+
+    // Revealing records nothing.
+    assert_eq!(get(&mut client, &kept.key_id).await, kept);
+    assert_eq!(get(&mut client, &public.key_id).await, public);
+
+    // Revoked keys are not revealable, public ones included.
+    for key in [&public, &kept] {
+        let revoked = revoke(&mut client, &key.key_id, None).await.unwrap();
+        assert!(!revoked.revealable);
+        let status = reveal(&mut client, &key.key_id).await.unwrap_err();
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    }
+}
+
+#[tokio::test]
+async fn revoked_keys_cannot_be_renamed_or_rescoped() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let (key, _) = create(&mut client, private_key("doomed", &["tickets:read"])).await;
+    let revoked = revoke(&mut client, &key.key_id, None).await.unwrap();
+
+    let status = rename(&mut client, &key.key_id, "new name", None)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    let status = rename(&mut client, &key.key_id, "new name", Some(revoked.version))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    let status = update_scopes(&mut client, &key.key_id, &["labels:read"])
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+
+    assert_eq!(get(&mut client, &key.key_id).await, revoked);
+}
+
+#[tokio::test]
+async fn public_key_scopes_cannot_be_edited() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let (key, _) = create(
+        &mut client,
+        public_key("public", &["tickets:read"], &["app.example.com"]),
+    )
+    .await;
+    for scopes in [
+        &["labels:read"][..],
+        &["tickets:read"],
+        &["tickets:read", "teams:read"],
+    ] {
+        let status = update_scopes(&mut client, &key.key_id, scopes)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            status.code(),
+            Code::FailedPrecondition,
+            "{scopes:?}: {status:?}"
+        );
+    }
+    assert_eq!(get(&mut client, &key.key_id).await, key);
+}
+
+#[tokio::test]
+async fn rescoping_a_full_access_key_makes_it_scoped() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let (key, secret) = create(&mut client, private_key("everything", &[])).await;
+    assert!(key.full_access);
+    assert_eq!(
+        code(&verify(&mut client, &secret, &["members:read"], "").await),
+        pb::VerifyCode::Valid
+    );
+
+    let rescoped = update_scopes(&mut client, &key.key_id, &["tickets:read"])
+        .await
+        .unwrap();
+    assert!(!rescoped.full_access);
+    assert_eq!(rescoped.scopes, ["tickets:read"]);
+    assert_eq!(rescoped.version, 2);
+    assert_eq!(get(&mut client, &key.key_id).await, rescoped);
+
+    let response = verify(&mut client, &secret, &["members:read"], "").await;
+    assert_eq!(code(&response), pb::VerifyCode::InsufficientScope);
+    assert!(!response.full_access);
+    assert_eq!(response.missing_scopes, ["members:read"]);
+    assert_eq!(
+        code(&verify(&mut client, &secret, &["tickets:read"], "").await),
+        pb::VerifyCode::Valid
+    );
+}
+
+#[tokio::test]
+async fn a_second_revoke_returns_the_key_unchanged() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let (key, _) = create(&mut client, private_key("twice", &[])).await;
+    let first = revoke(&mut client, &key.key_id, Some(1)).await.unwrap();
+    assert_eq!(first.version, 2);
+    assert!(first.revoked_at.is_some());
+
+    server.clock.advance(Duration::from_secs(60));
+    let again = revoke(&mut client, &key.key_id, Some(1))
+        .await
+        .expect("a stale expected_version on a revoked key is still fine");
+    assert_eq!(again.version, first.version);
+    assert_eq!(again.revoked_at, first.revoked_at);
+    assert_eq!(again.updated_at, first.updated_at);
+    let unconditional = revoke(&mut client, &key.key_id, None).await.unwrap();
+    assert_eq!(unconditional.version, first.version);
+    assert_eq!(unconditional.revoked_at, first.revoked_at);
+    assert_eq!(get(&mut client, &key.key_id).await, unconditional);
+}
+
+#[tokio::test]
+async fn a_stale_expected_version_is_aborted() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let (key, _) = create(&mut client, private_key("original", &[])).await;
+    let renamed = rename(&mut client, &key.key_id, "first rename", Some(1))
+        .await
+        .unwrap();
+    assert_eq!(renamed.version, 2);
+
+    let status = rename(&mut client, &key.key_id, "second rename", Some(1))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Aborted, "{status:?}");
+    let status = rename(&mut client, &key.key_id, "second rename", Some(3))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Aborted, "{status:?}");
+    let after = get(&mut client, &key.key_id).await;
+    assert_eq!(after.name, "first rename");
+    assert_eq!(after, renamed);
+
+    let status = revoke(&mut client, &key.key_id, Some(1)).await.unwrap_err();
+    assert_eq!(status.code(), Code::Aborted, "{status:?}");
+    assert!(get(&mut client, &key.key_id).await.revoked_at.is_none());
+
+    let current = rename(&mut client, &key.key_id, "second rename", Some(2))
+        .await
+        .unwrap();
+    assert_eq!(current.name, "second rename");
+    assert_eq!(current.version, 3);
+}

@@ -1,6 +1,7 @@
 //! Integration tests: each starts the real server on a random port with a fresh SQLite file
 //! and talks to it over gRPC. One test binary, one module per feature.
 
+mod audit;
 mod auth;
 mod concurrency;
 mod helpers;
@@ -8,7 +9,6 @@ mod lifecycle;
 mod listing;
 mod persistence;
 mod surface;
+mod tamper;
 mod validation;
 mod verify;
-mod audit;
-mod tamper;

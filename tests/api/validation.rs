@@ -1,1 +1,607 @@
-//! (being written)
+//! Input rules over gRPC: field violations for bad requests (nothing written), defaults, and the scope catalog.
+
+use kemon_keys::proto::v1 as pb;
+use kemon_keys::proto::v1::key_service_client::KeyServiceClient;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::helpers::*;
+
+/// Every key of [`WORKSPACE`], revoked ones included.
+async fn all_keys(client: &mut KeyServiceClient<Channel>) -> Vec<pb::Key> {
+    client
+        .list_keys(admin(pb::ListKeysRequest {
+            workspace_id: WORKSPACE.into(),
+            page_size: 200,
+            include_revoked: true,
+            ..Default::default()
+        }))
+        .await
+        .expect("list_keys")
+        .into_inner()
+        .keys
+}
+
+/// Asserts that CreateKey refuses `request` with INVALID_ARGUMENT naming `field`, and that no
+/// key was written. Returns the reasons given for `field`.
+async fn refused(
+    client: &mut KeyServiceClient<Channel>,
+    request: pb::CreateKeyRequest,
+    field: &str,
+) -> Vec<String> {
+    let before = all_keys(client).await;
+    let shown = format!("{request:?}");
+    let result = client.create_key(admin(request)).await;
+    let status = result.as_ref().err().cloned();
+    let reasons = assert_invalid(result, field);
+    assert_eq!(
+        all_keys(client).await,
+        before,
+        "a refused create wrote something: {shown} -> {status:?}"
+    );
+    reasons
+}
+
+/// The violated field names of a status, in order.
+fn fields(status: &tonic::Status) -> Vec<String> {
+    field_violations(status)
+        .into_iter()
+        .map(|(field, _)| field)
+        .collect()
+}
+
+fn ms(ts: Option<prost_types::Timestamp>) -> Option<i64> {
+    ts.map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
+}
+
+async fn get(client: &mut KeyServiceClient<Channel>, key_id: &str) -> pb::Key {
+    client
+        .get_key(admin(pb::GetKeyRequest {
+            workspace_id: WORKSPACE.into(),
+            key_id: key_id.into(),
+        }))
+        .await
+        .expect("get_key")
+        .into_inner()
+}
+
+#[tokio::test]
+async fn bad_names_are_refused_naming_name() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let too_long = "a".repeat(101);
+    let too_long_multibyte = "é".repeat(101);
+    for name in [
+        "",
+        "   ",
+        "\t \n",
+        too_long.as_str(),
+        too_long_multibyte.as_str(),
+        "CI\u{0}deploy",
+        "CI\ndeploy",
+        "CI\u{7f}deploy",
+        "CI\u{1b}[31mdeploy",
+    ] {
+        let reasons = refused(&mut client, private_key(name, &[]), "name").await;
+        assert_eq!(reasons.len(), 1, "{name:?}: {reasons:?}");
+    }
+    assert!(all_keys(&mut client).await.is_empty());
+}
+
+#[tokio::test]
+async fn names_of_up_to_100_characters_are_accepted_after_trimming() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+
+    let hundred = "a".repeat(100);
+    let (key, _) = create(&mut client, private_key(&hundred, &[])).await;
+    assert_eq!(key.name, hundred);
+
+    let hundred_multibyte = "é".repeat(100);
+    let (key, _) = create(&mut client, private_key(&hundred_multibyte, &[])).await;
+    assert_eq!(key.name, hundred_multibyte);
+
+    let (key, _) = create(&mut client, private_key("  CI deploy \t", &[])).await;
+    assert_eq!(key.name, "CI deploy", "surrounding whitespace is trimmed");
+
+    let padded = format!("   {hundred}   ");
+    let (key, _) = create(&mut client, private_key(&padded, &[])).await;
+    assert_eq!(key.name, hundred, "the limit applies after trimming");
+
+    assert_eq!(all_keys(&mut client).await.len(), 4);
+}
+
+#[tokio::test]
+async fn type_and_environment_are_required() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+
+    let mut request = private_key("no type", &[]);
+    request.r#type = pb::KeyType::Unspecified as i32;
+    refused(&mut client, request, "type").await;
+
+    let mut request = private_key("unknown type", &[]);
+    request.r#type = 7;
+    refused(&mut client, request, "type").await;
+
+    let mut request = private_key("no environment", &[]);
+    request.environment = pb::Environment::Unspecified as i32;
+    refused(&mut client, request, "environment").await;
+
+    let mut request = private_key("unknown environment", &[]);
+    request.environment = 42;
+    refused(&mut client, request, "environment").await;
+}
+
+#[tokio::test]
+async fn an_unknown_expiration_value_is_refused() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    for value in [7, 99, -1] {
+        let mut request = private_key("odd expiry", &[]);
+        request.expiration = value;
+        refused(&mut client, request, "expiration").await;
+    }
+}
+
+#[tokio::test]
+async fn each_unknown_scope_gets_its_own_violation() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+
+    let reasons = refused(
+        &mut client,
+        private_key(
+            "bad scopes",
+            &["tickets:read", "tickets:delete", "Tickets:read"],
+        ),
+        "scopes",
+    )
+    .await;
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(reasons[0].contains("tickets:delete"), "{reasons:?}");
+    assert!(reasons[1].contains("Tickets:read"), "{reasons:?}");
+
+    let reasons = refused(
+        &mut client,
+        private_key("write teams", &["teams:write"]),
+        "scopes",
+    )
+    .await;
+    assert_eq!(reasons.len(), 1, "{reasons:?}");
+    assert!(reasons[0].contains("teams:write"), "{reasons:?}");
+}
+
+#[tokio::test]
+async fn at_most_16_scope_entries() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+
+    let seventeen = vec!["tickets:read"; 17];
+    refused(&mut client, private_key("too many", &seventeen), "scopes").await;
+
+    // Sixteen entries are fine, and duplicates collapse.
+    let sixteen = vec!["tickets:read"; 16];
+    let (key, _) = create(&mut client, private_key("sixteen", &sixteen)).await;
+    assert_eq!(key.scopes, ["tickets:read"]);
+    assert!(!key.full_access);
+}
+
+#[tokio::test]
+async fn bad_workspace_ids_are_refused() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let long = "a".repeat(65);
+    for workspace_id in [
+        "",
+        "ws acme",
+        " ws_acme",
+        "ws/acme",
+        "ws.acme",
+        "wś",
+        long.as_str(),
+    ] {
+        let mut request = private_key("ws", &[]);
+        request.workspace_id = workspace_id.into();
+        refused(&mut client, request, "workspace_id").await;
+
+        let status = client
+            .list_keys(admin(pb::ListKeysRequest {
+                workspace_id: workspace_id.into(),
+                ..Default::default()
+            }))
+            .await
+            .map(|_| ());
+        assert_invalid(status, "workspace_id");
+    }
+
+    let longest = "a".repeat(64);
+    let mut request = private_key("ws", &[]);
+    request.workspace_id = longest.clone();
+    let (key, _) = create(&mut client, request).await;
+    assert_eq!(key.workspace_id, longest);
+}
+
+#[tokio::test]
+async fn bad_key_ids_are_refused_on_get_and_rename() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let (key, _) = create(&mut client, private_key("target", &[])).await;
+    let lower = key.key_id.to_lowercase();
+    let bare = key.key_id.trim_start_matches("key_").to_owned();
+    let longer = format!("{}0", key.key_id);
+    for key_id in [
+        "",
+        "nope",
+        "key_",
+        "key_123",
+        lower.as_str(),
+        bare.as_str(),
+        longer.as_str(),
+    ] {
+        let result = client
+            .get_key(admin(pb::GetKeyRequest {
+                workspace_id: WORKSPACE.into(),
+                key_id: key_id.into(),
+            }))
+            .await;
+        assert_invalid(result, "key_id");
+
+        let result = client
+            .rename_key(admin(pb::RenameKeyRequest {
+                workspace_id: WORKSPACE.into(),
+                key_id: key_id.into(),
+                name: "renamed".into(),
+                expected_version: None,
+            }))
+            .await;
+        assert_invalid(result, "key_id");
+    }
+    assert_eq!(get(&mut client, &key.key_id).await, key, "nothing changed");
+}
+
+#[tokio::test]
+async fn bad_names_are_refused_on_rename_and_change_nothing() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let (key, _) = create(&mut client, private_key("original", &[])).await;
+    let too_long = "x".repeat(101);
+    for name in ["", "   ", too_long.as_str(), "a\u{0}b"] {
+        let result = client
+            .rename_key(admin(pb::RenameKeyRequest {
+                workspace_id: WORKSPACE.into(),
+                key_id: key.key_id.clone(),
+                name: name.into(),
+                expected_version: None,
+            }))
+            .await;
+        assert_invalid(result, "name");
+    }
+    assert_eq!(get(&mut client, &key.key_id).await, key);
+}
+
+#[tokio::test]
+async fn public_key_rules() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+
+    let reasons = refused(
+        &mut client,
+        public_key(
+            "writer",
+            &["tickets:read", "tickets:write"],
+            &["app.example.com"],
+        ),
+        "scopes",
+    )
+    .await;
+    assert!(
+        reasons.iter().any(|r| r.contains("tickets:write")),
+        "{reasons:?}"
+    );
+
+    refused(
+        &mut client,
+        public_key("reserved writer", &["labels:write"], &["app.example.com"]),
+        "scopes",
+    )
+    .await;
+
+    refused(
+        &mut client,
+        public_key("no scopes", &[], &["app.example.com"]),
+        "scopes",
+    )
+    .await;
+
+    let mut request = public_key("reveal", &["tickets:read"], &["app.example.com"]);
+    request.reveal_later = true;
+    refused(&mut client, request, "reveal_later").await;
+
+    refused(
+        &mut client,
+        public_key("no domains", &["tickets:read"], &[]),
+        "allowed_domains",
+    )
+    .await;
+
+    let mut request = public_key("test with domains", &["tickets:read"], &["app.example.com"]);
+    request.environment = pb::Environment::Test as i32;
+    refused(&mut client, request, "allowed_domains").await;
+
+    // The valid forms, for contrast.
+    let (prod, _) = create(
+        &mut client,
+        public_key("ok", &["tickets:read"], &["app.example.com"]),
+    )
+    .await;
+    assert_eq!(prod.allowed_domains, ["app.example.com"]);
+    let mut request = public_key("ok test", &["tickets:read"], &[]);
+    request.environment = pb::Environment::Test as i32;
+    let (test, _) = create(&mut client, request).await;
+    assert!(test.allowed_domains.is_empty());
+    assert_eq!(all_keys(&mut client).await.len(), 2);
+}
+
+#[tokio::test]
+async fn private_keys_take_no_allowed_domains() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+
+    let mut request = private_key("prod", &[]);
+    request.allowed_domains = vec!["app.example.com".into()];
+    refused(&mut client, request, "allowed_domains").await;
+
+    let mut request = private_key("test", &["tickets:read"]);
+    request.environment = pb::Environment::Test as i32;
+    request.allowed_domains = vec!["app.example.com".into()];
+    refused(&mut client, request, "allowed_domains").await;
+}
+
+#[tokio::test]
+async fn malformed_and_too_many_domains_are_refused() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+
+    for domain in [
+        "https://a.com",
+        "a.com:443",
+        "*.com",
+        "a.com/path",
+        "a.*.com",
+        "*",
+        "",
+    ] {
+        let reasons = refused(
+            &mut client,
+            public_key("bad domain", &["tickets:read"], &["ok.example.com", domain]),
+            "allowed_domains",
+        )
+        .await;
+        assert_eq!(reasons.len(), 1, "{domain:?}: {reasons:?}");
+    }
+
+    let hosts: Vec<String> = (0..21).map(|i| format!("h{i}.example.com")).collect();
+    let too_many: Vec<&str> = hosts.iter().map(String::as_str).collect();
+    refused(
+        &mut client,
+        public_key("many", &["tickets:read"], &too_many),
+        "allowed_domains",
+    )
+    .await;
+
+    let (key, _) = create(
+        &mut client,
+        public_key("twenty", &["tickets:read"], &too_many[..20]),
+    )
+    .await;
+    assert_eq!(key.allowed_domains.len(), 20);
+
+    let (key, _) = create(
+        &mut client,
+        public_key(
+            "case",
+            &["tickets:read"],
+            &["App.Example.COM", "*.Example.Org"],
+        ),
+    )
+    .await;
+    assert_eq!(
+        key.allowed_domains,
+        ["app.example.com", "*.example.org"],
+        "lower-cased on the way in"
+    );
+}
+
+#[tokio::test]
+async fn update_scopes_needs_at_least_one_known_scope() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let (key, _) = create(&mut client, private_key("full", &[])).await;
+    assert!(key.full_access);
+
+    for scopes in [vec![], vec!["tickets:read", "nope:read"]] {
+        let result = client
+            .update_key_scopes(admin(pb::UpdateKeyScopesRequest {
+                workspace_id: WORKSPACE.into(),
+                key_id: key.key_id.clone(),
+                scopes: scopes.iter().map(|s| s.to_string()).collect(),
+                expected_version: None,
+            }))
+            .await;
+        assert_invalid(result, "scopes");
+    }
+    let after = get(&mut client, &key.key_id).await;
+    assert_eq!(after, key, "still full access, version 1");
+}
+
+#[tokio::test]
+async fn several_bad_fields_give_several_violations() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let request = pb::CreateKeyRequest {
+        workspace_id: "bad workspace".into(),
+        name: "   ".into(),
+        r#type: 0,
+        environment: 0,
+        expiration: 99,
+        scopes: vec!["bogus".into()],
+        reveal_later: false,
+        allowed_domains: vec!["https://a.com".into()],
+    };
+    let status = client.create_key(admin(request)).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let mut got = fields(&status);
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            "allowed_domains",
+            "environment",
+            "expiration",
+            "name",
+            "scopes",
+            "type",
+            "workspace_id"
+        ],
+        "{status:?}"
+    );
+    assert!(all_keys(&mut client).await.is_empty());
+
+    let mut request = public_key("public", &["tickets:write"], &[]);
+    request.reveal_later = true;
+    let status = client.create_key(admin(request)).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let mut got = fields(&status);
+    got.sort();
+    assert_eq!(
+        got,
+        ["allowed_domains", "reveal_later", "scopes"],
+        "{status:?}"
+    );
+
+    let status = client
+        .rename_key(admin(pb::RenameKeyRequest {
+            workspace_id: "".into(),
+            key_id: "nope".into(),
+            name: "".into(),
+            expected_version: None,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let mut got = fields(&status);
+    got.sort();
+    assert_eq!(got, ["key_id", "name", "workspace_id"], "{status:?}");
+    assert!(all_keys(&mut client).await.is_empty());
+}
+
+#[tokio::test]
+async fn expiration_options_set_exact_expiry_instants() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let now = T0_MS + 1_234;
+    server.clock.set_ms(now);
+    let cases = [
+        (pb::Expiration::Unspecified, Some(90)),
+        (pb::Expiration::Expiration30Days, Some(30)),
+        (pb::Expiration::Expiration60Days, Some(60)),
+        (pb::Expiration::Expiration90Days, Some(90)),
+        (pb::Expiration::Expiration180Days, Some(180)),
+        (pb::Expiration::Expiration365Days, Some(365)),
+        (pb::Expiration::Never, None),
+    ];
+    for (expiration, days) in cases {
+        let mut request = private_key("expiring", &[]);
+        request.expiration = expiration as i32;
+        let (key, secret) = create(&mut client, request).await;
+        assert_eq!(ms(key.created_at), Some(now), "{expiration:?}");
+        assert_eq!(
+            ms(key.expires_at),
+            days.map(|d| now + d * DAY_MS),
+            "{expiration:?}"
+        );
+        assert!(!key.expired);
+        let verified = verify(&mut client, &secret, &[], "").await;
+        assert_eq!(code(&verified), pb::VerifyCode::Valid);
+        assert_eq!(
+            ms(verified.expires_at),
+            ms(key.expires_at),
+            "{expiration:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_private_key_without_scopes_has_full_access() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let (key, _) = create(&mut client, private_key("everything", &[])).await;
+    assert!(key.full_access);
+    assert!(key.scopes.is_empty());
+    assert!(get(&mut client, &key.key_id).await.full_access);
+
+    let (scoped, _) = create(&mut client, private_key("scoped", &["teams:read"])).await;
+    assert!(!scoped.full_access);
+    assert_eq!(scoped.scopes, ["teams:read"]);
+}
+
+#[tokio::test]
+async fn reserved_scopes_are_accepted_on_private_keys() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let (key, secret) = create(
+        &mut client,
+        private_key("reserved", &["projects:write", "labels:write"]),
+    )
+    .await;
+    assert!(!key.full_access);
+    let mut scopes = key.scopes.clone();
+    scopes.sort();
+    assert_eq!(scopes, ["labels:write", "projects:write"]);
+    let verified = verify(
+        &mut client,
+        &secret,
+        &["projects:write", "labels:write"],
+        "",
+    )
+    .await;
+    assert_eq!(code(&verified), pb::VerifyCode::Valid);
+}
+
+#[tokio::test]
+async fn list_scopes_returns_the_catalog_without_metadata() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let scopes = client
+        .list_scopes(pb::ListScopesRequest {})
+        .await
+        .expect("list_scopes needs no actor")
+        .into_inner()
+        .scopes;
+    use pb::scope::Access::{Read, Write};
+    let mut got: Vec<(String, String, pb::scope::Access, bool)> = scopes
+        .iter()
+        .map(|s| {
+            (
+                s.name.clone(),
+                s.resource.clone(),
+                pb::scope::Access::try_from(s.access).expect("known access"),
+                s.reserved,
+            )
+        })
+        .collect();
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    let expected = [
+        ("labels:read", "labels", Read, false),
+        ("labels:write", "labels", Write, true),
+        ("members:read", "members", Read, false),
+        ("projects:read", "projects", Read, false),
+        ("projects:write", "projects", Write, true),
+        ("teams:read", "teams", Read, false),
+        ("tickets:read", "tickets", Read, false),
+        ("tickets:write", "tickets", Write, false),
+    ]
+    .map(|(n, r, a, res)| (n.to_owned(), r.to_owned(), a, res));
+    assert_eq!(got, expected);
+}

@@ -40,9 +40,9 @@ pub fn run(keys: usize, iterations: usize, report: &mut Report) {
     let n = secrets.len();
     let rounds = 7;
     // Warm up caches and branch predictors on all three paths.
-    for i in 0..n.min(iterations) {
-        black_box(cache.verify(&secrets[i], required, ""));
-        black_box(SecretHash::of(&secrets[i]));
+    for secret in secrets.iter().take(iterations) {
+        black_box(cache.verify(secret, required, ""));
+        black_box(SecretHash::of(secret));
     }
     let sha3 = ns_per_op(rounds, iterations, |i| {
         black_box(SecretHash::of(black_box(&secrets[i % n])));
