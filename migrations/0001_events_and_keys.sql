@@ -22,7 +22,6 @@ CREATE TABLE events (
 );
 
 CREATE INDEX events_by_workspace ON events (workspace_id, sequence);
-CREATE INDEX events_by_key ON events (key_id, sequence);
 
 -- The database itself refuses to change history.
 CREATE TRIGGER events_no_update BEFORE UPDATE ON events
