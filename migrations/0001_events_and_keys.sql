@@ -47,7 +47,11 @@ CREATE TABLE keys (
     -- Scope names separated by spaces, in catalog order; '' for full access.
     scopes          TEXT    NOT NULL,
     full_access     INTEGER NOT NULL,
-    secret_hash     BLOB    NOT NULL UNIQUE,
+        -- SHA3-256 of the key string. Deliberately not indexed: nothing looks a key up by its
+    -- hash in SQL (Verify uses the in-memory cache), and an index on uniformly random values
+    -- would cost a random page write per created key. Uniqueness follows from the 190 random
+    -- bits of every key string.
+    secret_hash     BLOB    NOT NULL,
     masked          TEXT    NOT NULL,
     -- The key string of a public key (not secret); NULL for private keys.
     public_key      TEXT,

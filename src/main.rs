@@ -7,6 +7,11 @@ use kemon_keys::clock::SystemClock;
 use kemon_keys::config::{AuditCommand, Cli, Commands, LogFormat};
 use std::sync::Arc;
 
+/// mimalloc instead of glibc's allocator: a rebuild of 1M events spent 30% of its time in
+/// glibc's malloc (bin consolidation under many small frees); see BENCHMARKS.md.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();

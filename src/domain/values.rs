@@ -19,8 +19,12 @@ impl KeyId {
 
     pub fn parse(s: &str) -> Result<KeyId, String> {
         s.strip_prefix("key_")
+            // The canonical (upper case) spelling only, so one id has one string.
+            .filter(|u| {
+                u.bytes()
+                    .all(|b| b.is_ascii_digit() || b.is_ascii_uppercase())
+            })
             .and_then(|u| ulid::Ulid::from_string(u).ok())
-            .filter(|u| u.to_string() == s[4..])
             .map(KeyId)
             .ok_or_else(|| "must be `key_` followed by a 26-character ULID".to_owned())
     }

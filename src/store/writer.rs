@@ -357,14 +357,23 @@ async fn decide_and_write(
     Ok((outcomes, effects))
 }
 
-/// Rows per multi-row statement: well under SQLite's limit on bound variables.
-const ROWS_PER_STATEMENT: usize = 200;
+/// Splits `rows` into chunks of 64, 16, 4 and 1 rows. Multi-row statements save a round trip
+/// to SQLite's thread per row; keeping to four shapes keeps every statement in sqlx's
+/// prepared-statement cache instead of preparing a new text for every batch size.
+fn chunks<T>(mut rows: &[T]) -> impl Iterator<Item = &[T]> {
+    std::iter::from_fn(move || {
+        let size = [64, 16, 4, 1].into_iter().find(|&s| rows.len() >= s)?;
+        let (chunk, rest) = rows.split_at(size);
+        rows = rest;
+        Some(chunk)
+    })
+}
 
 async fn insert_records(
     conn: &mut SqliteConnection,
     records: &[LogRecord],
 ) -> Result<(), sqlx::Error> {
-    for chunk in records.chunks(ROWS_PER_STATEMENT) {
+    for chunk in chunks(records) {
         let values = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ");
         let sql = format!(
             "INSERT INTO events (sequence, key_id, workspace_id, stream_version, event_type, \
@@ -405,7 +414,7 @@ pub(super) async fn project_many(
         .map(|c| format!("{c} = excluded.{c}"))
         .collect::<Vec<_>>()
         .join(", ");
-    for chunk in states.chunks(ROWS_PER_STATEMENT) {
+    for chunk in chunks(states) {
         let values = vec![row.as_str(); chunk.len()].join(", ");
         let sql = format!(
             "INSERT INTO keys ({KEY_COLUMNS}) VALUES {values} \
@@ -418,4 +427,19 @@ pub(super) async fn project_many(
         query.execute(&mut *conn).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunks;
+
+    #[test]
+    fn chunks_use_four_shapes_and_cover_every_row() {
+        let rows: Vec<usize> = (0..151).collect();
+        let sizes: Vec<usize> = chunks(&rows).map(<[usize]>::len).collect();
+        assert_eq!(sizes, [64, 64, 16, 4, 1, 1, 1]);
+        let flat: Vec<usize> = chunks(&rows).flatten().copied().collect();
+        assert_eq!(flat, rows);
+        assert_eq!(chunks::<u8>(&[]).count(), 0);
+    }
 }

@@ -38,6 +38,15 @@ enum Command {
     Targets(TargetArgs),
     /// Load a running server: throughput and latency percentiles of one RPC.
     Load(LoadArgs),
+    /// Write a database of N KeyCreated events (no projection: run `kemon-keys rebuild`),
+    /// for measurements of your own.
+    Seed {
+        #[arg(long, default_value_t = 1_000_000)]
+        events: usize,
+        /// Data directory to create the database in (must not hold one yet).
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -137,6 +146,14 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     match cli.command {
         Command::Targets(args) => targets(args).await,
         Command::Load(args) => load(args).await.map(|()| true),
+        Command::Seed { events, data_dir } => {
+            let path = data_dir.join(kemon_keys::store::DATABASE_FILE);
+            anyhow::ensure!(!path.exists(), "{} exists already", path.display());
+            std::fs::create_dir_all(&data_dir)?;
+            replay::seed_events(&path, events).await?;
+            println!("seeded {events} events into {}", path.display());
+            Ok(true)
+        }
     }
 }
 
