@@ -573,10 +573,21 @@ pub async fn rebuild(path: &Path) -> Result<RebuildReport, StoreError> {
     }
     let folded = started.elapsed();
     sqlx::query("DELETE FROM keys").execute(&mut *tx).await?;
+    // Building the secondary index once, by sorting, is cheaper than maintaining it for
+    // every row inserted; the migration's definition is repeated here.
+    sqlx::query("DROP INDEX keys_by_workspace")
+        .execute(&mut *tx)
+        .await?;
+    let mut keys = Vec::with_capacity(index.len());
     drop(index);
-    let mut states: Vec<KeyState> = states.into_iter().flatten().collect();
-    states.sort_by_key(|s| s.key_id);
+    keys.extend(states.into_iter().flatten());
+    // In key id order the primary key index fills sequentially. In place: no second copy.
+    keys.sort_unstable_by_key(|s| s.key_id);
+    let states = keys;
     writer::project_many(&mut tx, &states).await?;
+    sqlx::query("CREATE INDEX keys_by_workspace ON keys (workspace_id, key_id)")
+        .execute(&mut *tx)
+        .await?;
     sqlx::query("UPDATE projection_checkpoint SET last_sequence = ? WHERE id = 1")
         .bind(last_sequence)
         .execute(&mut *tx)
