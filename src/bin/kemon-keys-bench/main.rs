@@ -82,6 +82,9 @@ struct TargetArgs {
     /// HTTP/2 connections the client spreads its calls over.
     #[arg(long, default_value_t = 4)]
     connections: usize,
+    /// Writes per second (CreateKey and RevokeKey in turn) alongside Verify for target 3.
+    #[arg(long, default_value_t = 100.0)]
+    write_rate: f64,
     /// Concurrency levels for target 1.
     #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
     concurrency: Vec<usize>,
@@ -175,6 +178,7 @@ async fn targets(args: TargetArgs) -> anyhow::Result<bool> {
         seconds: args.seconds,
         concurrency: &args.concurrency,
         connections: args.connections,
+        write_rate: args.write_rate,
     };
     let all = args.only == Which::All;
     if all || args.only == Which::Inproc {
