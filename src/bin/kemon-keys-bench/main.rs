@@ -113,7 +113,8 @@ struct LoadArgs {
     addr: String,
     #[arg(long, value_enum)]
     rpc: Rpc,
-    /// The key string to verify (for --rpc verify).
+        /// The key string to verify (for --rpc verify); without it, one production private key
+    /// with `tickets:read` is created first (as an admin) and verified.
     #[arg(long)]
     key: Option<String>,
     /// Origin sent with VerifyKey.
@@ -258,11 +259,14 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
             .await
         }
         Rpc::Verify => {
-            let key: Arc<str> = Arc::from(
-                args.key
-                    .clone()
-                    .ok_or_else(|| anyhow::anyhow!("--rpc verify needs --key"))?,
-            );
+                        let key = match args.key.clone() {
+                Some(key) => key,
+                None => {
+                    let seeded = grpc::seed_keys(&channels[..1], 1).await?;
+                    seeded.into_iter().next().map(|(secret, _)| secret).unwrap_or_default()
+                }
+            };
+            let key: Arc<str> = Arc::from(key);
             let origin: Arc<str> = Arc::from(args.origin.as_str());
             load::run(
                 &channels,
