@@ -78,10 +78,10 @@ impl MasterKey {
         XChaCha20Poly1305::new((&self.0).into())
     }
 
-    /// Encrypts a secret for the key `key_id`.
-    pub fn seal(&self, key_id: KeyId, secret: &str) -> Vec<u8> {
+    /// Encrypts a secret for the key `key_id`. Fails only if the random source does.
+    pub fn seal(&self, key_id: KeyId, secret: &str) -> Result<Vec<u8>, getrandom::Error> {
         let mut nonce = [0u8; NONCE_LEN];
-        getrandom::fill(&mut nonce).expect("the operating system's random source failed");
+        getrandom::fill(&mut nonce)?;
         let aad = key_id.to_bytes();
         let ciphertext = self
             .cipher()
@@ -92,10 +92,11 @@ impl MasterKey {
                     aad: &aad,
                 },
             )
+            // Only a message longer than 256 GiB could fail to encrypt.
             .expect("encryption of a short message cannot fail");
         let mut sealed = nonce.to_vec();
         sealed.extend_from_slice(&ciphertext);
-        sealed
+        Ok(sealed)
     }
 
     /// Decrypts a copy sealed for `key_id`. `None` if it was not sealed under this master key
@@ -129,7 +130,7 @@ mod tests {
     fn sealed_copies_open_only_for_their_key_and_master() {
         let master = MasterKey::generate();
         let id = KeyId::generate(1);
-        let sealed = master.seal(id, "sk_secret");
+        let sealed = master.seal(id, "sk_secret").unwrap();
         assert!(!sealed.windows(9).any(|w| w == b"sk_secret"));
         assert_eq!(master.open(id, &sealed).as_deref(), Some("sk_secret"));
         assert_eq!(master.open(KeyId::generate(2), &sealed), None);

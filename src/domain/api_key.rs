@@ -32,14 +32,24 @@ pub const MAX_KEY_LEN: usize = 8 + BODY_LEN;
 pub struct ApiKey(String);
 
 impl ApiKey {
-    /// A new key from the operating system's random source.
+    /// A new key from the operating system's random source. Panics if that fails; request
+    /// paths use [`ApiKey::try_generate`].
     pub fn generate(key_type: KeyType, environment: Environment) -> ApiKey {
+        ApiKey::try_generate(key_type, environment)
+            .expect("the operating system's random source failed")
+    }
+
+    /// A new key from the operating system's random source.
+    pub fn try_generate(
+        key_type: KeyType,
+        environment: Environment,
+    ) -> Result<ApiKey, getrandom::Error> {
         let mut s = String::with_capacity(MAX_KEY_LEN);
         s.push_str(prefix(key_type, environment));
         let mut pool = [0u8; 64];
         let mut filled = 0;
         while filled < RANDOM_LEN {
-            getrandom::fill(&mut pool).expect("the operating system's random source failed");
+            getrandom::fill(&mut pool)?;
             // Rejection sampling: 248 = 4 × 62, so `b % 62` is uniform for b < 248.
             for &b in pool.iter().filter(|&&b| b < 248) {
                 if filled == RANDOM_LEN {
@@ -51,7 +61,7 @@ impl ApiKey {
         }
         let crc = crc32fast::hash(s.as_bytes());
         push_checksum(&mut s, crc);
-        ApiKey(s)
+        Ok(ApiKey(s))
     }
 
     /// The key string. Call only to hand it to its owner.

@@ -10,11 +10,19 @@ pub struct KeyId(ulid::Ulid);
 
 impl KeyId {
     /// A new id: the creation time in milliseconds and 80 random bits, so ids sort by age.
+    /// Panics if the random source fails; request paths use [`KeyId::try_generate`].
     pub fn generate(now_ms: i64) -> KeyId {
+        KeyId::try_generate(now_ms).expect("the operating system's random source failed")
+    }
+
+    pub fn try_generate(now_ms: i64) -> Result<KeyId, getrandom::Error> {
         let mut random = [0u8; 16];
-        getrandom::fill(&mut random).expect("the operating system's random source failed");
+        getrandom::fill(&mut random)?;
         let ms = u64::try_from(now_ms).unwrap_or(0);
-        KeyId(ulid::Ulid::from_parts(ms, u128::from_be_bytes(random)))
+        Ok(KeyId(ulid::Ulid::from_parts(
+            ms,
+            u128::from_be_bytes(random),
+        )))
     }
 
     pub fn parse(s: &str) -> Result<KeyId, String> {

@@ -295,9 +295,11 @@ impl KeyService for KeyApi {
             };
 
             let now = self.clock.now_ms();
-            let key_id = KeyId::generate(now);
+            let random_failed =
+                |e: getrandom::Error| ApiError::Internal(format!("random source failed: {e}"));
+            let key_id = KeyId::try_generate(now).map_err(random_failed)?;
             record_key_id(key_id);
-            let secret = ApiKey::generate(key_type, environment);
+            let secret = ApiKey::try_generate(key_type, environment).map_err(random_failed)?;
             let new_key = NewKeyRequest {
                 key_id,
                 workspace_id: workspace_id.clone(),
@@ -313,11 +315,17 @@ impl KeyService for KeyApi {
                 public_key: (key_type == KeyType::Public).then(|| secret.expose().to_owned()),
             }
             .validate(now)?;
-            let sealed_secret =
-                (key_type == KeyType::Private && req.reveal_later).then(|| SealedSecret {
-                    sealed: self.master_key.seal(key_id, secret.expose()),
+            let sealed_secret = if key_type == KeyType::Private && req.reveal_later {
+                Some(SealedSecret {
+                    sealed: self
+                        .master_key
+                        .seal(key_id, secret.expose())
+                        .map_err(random_failed)?,
                     master_key_id: self.master_key.fingerprint(),
-                });
+                })
+            } else {
+                None
+            };
             let state = self
                 .store
                 .write(Write {

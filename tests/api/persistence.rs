@@ -523,13 +523,43 @@ async fn rebuild_recreates_the_projection_exactly() {
         "the log is untouched"
     );
 
+    // The schema is as the migrations left it: the rebuild recreates the index it drops,
+    // and returns the database to WAL.
+    let mut conn = db(&db_path).await;
+    let indexes: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'keys' \
+         AND name NOT LIKE 'sqlite_autoindex%' ORDER BY name",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(indexes, ["keys_by_workspace"]);
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(mode, "wal");
+    conn.close().await.unwrap();
+
     // The server starts on the rebuilt projection.
     let server = TestServer::start_in(&data_dir, clock, MasterKeySource::Hex(master_key))
         .await
         .expect("start after rebuild");
     let mut client = server.client().await;
     assert_eq!(list_all(&mut client).await.len(), keys);
+
+    // A rebuild beside the live server is refused and changes nothing.
+    let error = kemon_keys::store::rebuild(&db_path)
+        .await
+        .expect_err("rebuild must refuse a database in use");
+    assert!(
+        error.to_string().contains("stop the server"),
+        "unexpected error: {error}"
+    );
+    assert_eq!(list_all(&mut client).await.len(), keys);
+    drop(client);
     stop(server).await;
+    assert_eq!(snapshot(&db_path).await, original);
     drop(tmp);
 }
 

@@ -154,7 +154,7 @@ pub async fn verify_targets(s: &GrpcSettings<'_>, report: &mut Report) -> anyhow
     report.line("| Concurrency | RPC | Throughput | p50 | p99 | p99.9 |");
     report.line("|---|---|---|---|---|---|");
     for &c in s.concurrency {
-                // Alternate three rounds of each so drift on a shared machine hits both alike.
+        // Alternate three rounds of each so drift on a shared machine hits both alike.
         let mut health = health_load(&channels, c, warmup, duration).await;
         let mut verify = verify_load(&channels, secrets.clone(), c, warmup, duration).await;
         for _ in 1..3 {

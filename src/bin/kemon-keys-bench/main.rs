@@ -113,7 +113,7 @@ struct LoadArgs {
     addr: String,
     #[arg(long, value_enum)]
     rpc: Rpc,
-        /// The key string to verify (for --rpc verify); without it, one production private key
+    /// The key string to verify (for --rpc verify); without it, one production private key
     /// with `tickets:read` is created first (as an admin) and verified.
     #[arg(long)]
     key: Option<String>,
@@ -259,11 +259,15 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
             .await
         }
         Rpc::Verify => {
-                        let key = match args.key.clone() {
+            let key = match args.key.clone() {
                 Some(key) => key,
                 None => {
                     let seeded = grpc::seed_keys(&channels[..1], 1).await?;
-                    seeded.into_iter().next().map(|(secret, _)| secret).unwrap_or_default()
+                    seeded
+                        .into_iter()
+                        .next()
+                        .map(|(secret, _)| secret)
+                        .unwrap_or_default()
                 }
             };
             let key: Arc<str> = Arc::from(key);
