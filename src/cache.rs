@@ -77,8 +77,10 @@ pub enum Verdict {
     },
 }
 
-/// The hash is SHA3-256 output of server-generated secrets, uniformly distributed, so its
-/// first eight bytes are already a perfect hash: no need to hash it again.
+/// Map keys are SHA3-256 outputs, uniformly distributed, so their first eight bytes are
+/// already a good hash ([`SecretHash`] hashes as exactly those bytes): no need to hash again.
+/// Lookups use attacker-chosen strings, but only their SHA3 reaches the map, so collisions
+/// cannot be steered.
 #[derive(Default)]
 struct DigestHasher(u64);
 
@@ -86,9 +88,13 @@ impl Hasher for DigestHasher {
     fn finish(&self) -> u64 {
         self.0
     }
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value;
+    }
     fn write(&mut self, bytes: &[u8]) {
-        for (i, b) in bytes.iter().take(8).enumerate() {
-            self.0 |= u64::from(*b) << (8 * i);
+        // Not reached through SecretHash; a plain fold keeps the hasher correct regardless.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
         }
     }
 }
@@ -226,6 +232,23 @@ impl CommitListener for VerifyCache {
     fn committed(&self, states: &[KeyState]) {
         for state in states {
             self.upsert(state);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::hash::BuildHasher;
+
+    #[test]
+    fn the_map_hash_is_the_digest_prefix() {
+        let build = BuildHasherDefault::<DigestHasher>::default();
+        for key in ["sk_a", "sk_b", "pk_c"] {
+            let digest = SecretHash::of(key);
+            let mut prefix = [0u8; 8];
+            prefix.copy_from_slice(&digest.0[..8]);
+            assert_eq!(build.hash_one(digest), u64::from_le_bytes(prefix));
         }
     }
 }

@@ -13,7 +13,7 @@ use super::export;
 use super::replay::Replay;
 use super::verify::{Scope, Verifier};
 use crate::config::{AuditActor, ExportArgs, KeysAsOfArgs, LogSource, VerifyArgs};
-use crate::domain::KeyType;
+
 use crate::grpc::audit::log_record;
 use crate::proto::v1 as pb;
 use crate::proto::v1::audit_service_client::AuditServiceClient;
@@ -49,9 +49,12 @@ impl Reader {
             ..RecordFilter::default()
         };
         if let Some(path) = &source.db {
-            let conn = store::open_read_only(path)
+            let mut conn = store::open_read_only(path)
                 .await
                 .with_context(|| format!("opening {}", path.display()))?;
+            // One read transaction for the whole run: the log and the projection are read
+            // from the same snapshot even while a server keeps writing.
+            sqlx::query("BEGIN").execute(&mut conn).await?;
             return Ok((
                 Reader::Db {
                     conn,
@@ -242,7 +245,7 @@ pub async fn keys_as_of(args: &KeysAsOfArgs) -> anyhow::Result<()> {
             "key_id": state.key_id.to_string(),
             "workspace_id": state.workspace_id.as_str(),
             "name": state.name.as_str(),
-            "type": if state.key_type == KeyType::Private { "private" } else { "public" },
+                        "type": crate::store::codec::key_type_str(state.key_type),
             "environment": crate::store::codec::environment_str(state.environment),
             "masked": state.masked,
             "scopes": state.scopes.names(),

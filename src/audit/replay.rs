@@ -19,6 +19,8 @@ pub struct ReplayError {
 pub struct Replay {
     pub keys: BTreeMap<String, KeyState>,
     pub last_sequence: u64,
+    /// When the last folded record was recorded.
+    pub last_recorded_at_ms: i64,
 }
 
 impl Replay {
@@ -52,6 +54,7 @@ impl Replay {
         }
         self.keys.insert(record.key_id.clone(), state);
         self.last_sequence = record.sequence;
+        self.last_recorded_at_ms = record.recorded_at_ms;
         Ok(())
     }
 }

@@ -161,6 +161,17 @@ impl Verifier {
         }
         self.workspace_hashes
             .insert(r.workspace_id.clone(), expected);
+        if let Some((seq, _)) = self
+            .expect_head
+            .filter(|(seq, _)| *seq > self.last_sequence && *seq < r.sequence)
+        {
+            // In a workspace export sequences have gaps, but the expected head is one of
+            // this workspace's records: stepping over it means it was removed.
+            return Err(fail(
+                seq,
+                "the record at the expected head is missing: records were removed".into(),
+            ));
+        }
         if let Some((seq, hash)) = self.expect_head.filter(|(seq, _)| *seq == r.sequence) {
             let chained = if self.scope == Scope::Log {
                 self.log_hash
@@ -254,4 +265,89 @@ fn check_projection(
         .into_keys()
         .next()
         .map(|extra| projection_error(format!("{extra} has no events in the log")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::key::NewKeyRequest;
+    use crate::domain::{
+        ApiKey, Environment, Event, Expiration, KeyId, KeyName, KeyType, ScopeSet, WorkspaceId,
+    };
+    use crate::store::codec::encode_event;
+
+    /// One key created per sequence, all in workspace `ws`, chained as the writer chains them.
+    fn workspace_records(sequences: &[u64]) -> Vec<LogRecord> {
+        let mut previous = chain::workspace_genesis("ws");
+        sequences
+            .iter()
+            .map(|&sequence| {
+                let key = ApiKey::generate(KeyType::Private, Environment::Production);
+                let key_id = KeyId::generate(1);
+                let new = NewKeyRequest {
+                    key_id,
+                    workspace_id: WorkspaceId::parse("ws").unwrap(),
+                    name: KeyName::parse("k").unwrap(),
+                    key_type: KeyType::Private,
+                    environment: Environment::Production,
+                    expiration: Expiration::Never,
+                    scopes: ScopeSet::EMPTY,
+                    reveal_later: false,
+                    allowed_domains: vec![],
+                    secret_hash: key.hash(),
+                    masked: key.masked(),
+                    public_key: None,
+                }
+                .validate(1)
+                .unwrap();
+                let encoded = encode_event(&Event::KeyCreated(Box::new(new)));
+                let mut r = LogRecord {
+                    sequence,
+                    key_id: key_id.to_string(),
+                    workspace_id: "ws".into(),
+                    stream_version: 1,
+                    event_type: encoded.event_type.into(),
+                    schema_version: encoded.schema_version,
+                    payload: encoded.payload,
+                    actor: "a".into(),
+                    recorded_at_ms: 1,
+                    hash: [0; 32],
+                    workspace_hash: [0; 32],
+                };
+                r.workspace_hash = chain::chain(&previous, &chain::canonical_bytes(&r));
+                previous = r.workspace_hash;
+                r
+            })
+            .collect()
+    }
+
+    fn verify(records: &[LogRecord], head: (u64, Hash)) -> Report {
+        let mut verifier = Verifier::new(Scope::Workspace("ws".into()), Some(head));
+        for r in records {
+            if !verifier.push(r) {
+                break;
+            }
+        }
+        verifier.finish(None)
+    }
+
+    #[test]
+    fn a_removed_expected_head_is_caught_even_when_later_records_rechain() {
+        let original = workspace_records(&[2, 5, 9]);
+        let head = (5, original[1].workspace_hash);
+        assert!(verify(&original, head).ok(), "{}", verify(&original, head));
+        // Record 5 removed and 9 chained straight after 2: a consistent chain without it.
+        let tampered = workspace_records(&[2, 9]);
+        let report = verify(&tampered, head);
+        let failure = report.failure.expect("caught");
+        assert_eq!(failure.sequence, 5);
+        assert!(failure.reason.contains("missing"), "{failure:?}");
+    }
+
+    #[test]
+    fn a_different_hash_at_the_expected_head_is_caught() {
+        let original = workspace_records(&[3, 4]);
+        let report = verify(&original, (4, [7; 32]));
+        assert_eq!(report.failure.map(|f| f.sequence), Some(4));
+    }
 }

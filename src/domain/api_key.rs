@@ -158,8 +158,18 @@ fn decode_checksum(digits: &[u8]) -> Option<u32> {
 }
 
 /// SHA3-256 of a key string: the only form in which a private key is stored.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct SecretHash(pub [u8; 32]);
+
+impl std::hash::Hash for SecretHash {
+    /// The first eight bytes of the digest, as one `u64`: the digest is already uniformly
+    /// distributed, and the verification cache's hasher uses this value as it is.
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&self.0[..8]);
+        state.write_u64(u64::from_le_bytes(first));
+    }
+}
 
 impl SecretHash {
     pub fn of(key: &str) -> SecretHash {

@@ -217,6 +217,15 @@ pub enum Event {
 }
 
 impl Event {
+    /// Every event type name, as stored in `event_type`.
+    pub const TYPE_NAMES: [&'static str; 5] = [
+        "KeyCreated",
+        "KeyRenamed",
+        "KeyScopesChanged",
+        "KeyRevoked",
+        "KeyRevealed",
+    ];
+
     /// The name stored in the log's `event_type` column.
     pub fn type_name(&self) -> &'static str {
         match self {
@@ -353,7 +362,8 @@ pub fn apply(state: Option<KeyState>, recorded: &Recorded) -> Result<KeyState, S
                 stream_version: 1,
                 last_revealed_at_ms: None,
                 created_by: recorded.actor.clone(),
-                updated_at_ms: at,
+                // The creation instant the key's expiry was computed from.
+                updated_at_ms: new.created_at_ms,
             });
         }
         (Some(_), Event::KeyCreated(_)) => return Err("KeyCreated on an existing key".into()),
@@ -640,6 +650,22 @@ mod tests {
             decide(revoked.as_ref(), &Command::Reveal),
             Err(DomainError::Revoked)
         );
+    }
+
+    #[test]
+    fn type_names_list_every_event() {
+        let name = KeyName::parse("n").unwrap();
+        let events = [
+            created(),
+            Event::KeyRenamed { name },
+            Event::KeyScopesChanged {
+                scopes: ScopeSet::EMPTY,
+            },
+            Event::KeyRevoked,
+            Event::KeyRevealed,
+        ];
+        let names: Vec<_> = events.iter().map(Event::type_name).collect();
+        assert_eq!(names, Event::TYPE_NAMES);
     }
 
     #[test]

@@ -10,13 +10,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::auth::{Actor, Permission};
-use super::error::ApiError;
+use super::error::{ApiError, quote};
 use super::keys::key_to_pb;
 use super::{observe, timestamp};
 use crate::audit::chain::LogRecord;
 use crate::audit::replay::Replay;
 use crate::clock::Clock;
-use crate::domain::{KeyId, Violation, WorkspaceId};
+use crate::domain::{Event, KeyId, Violation, WorkspaceId};
 use crate::proto::v1 as pb;
 use crate::proto::v1::audit_service_server::AuditService;
 use crate::store::codec;
@@ -24,15 +24,6 @@ use crate::store::{RecordFilter, Store};
 
 /// Records read per database round trip when paging.
 const PAGE: u32 = 500;
-/// Event types a filter may name.
-const EVENT_TYPES: [&str; 5] = [
-    "KeyCreated",
-    "KeyRenamed",
-    "KeyScopesChanged",
-    "KeyRevoked",
-    "KeyRevealed",
-];
-
 pub struct AuditApi {
     store: Store,
     clock: Arc<dyn Clock>,
@@ -116,13 +107,13 @@ fn parse_filter(filter: Option<&pb::EventFilter>) -> Result<RecordFilter, ApiErr
         violations.push(Violation::new("filter.key_id", r));
     }
     for t in &f.event_types {
-        if !EVENT_TYPES.contains(&t.as_str()) {
+        if !Event::TYPE_NAMES.contains(&t.as_str()) {
             violations.push(Violation::new(
                 "filter.event_types",
                 format!(
-                    "unknown event type `{}`; known: {}",
-                    t.escape_debug(),
-                    EVENT_TYPES.join(", ")
+                    "unknown event type {}; known: {}",
+                    quote(t),
+                    Event::TYPE_NAMES.join(", ")
                 ),
             ));
         }
@@ -318,6 +309,15 @@ impl AuditService for AuditApi {
             Actor::authorize(request.metadata(), Permission::Audit)?;
             let req = request.get_ref();
             let filter = parse_filter(req.filter.as_ref())?;
+            // A position past the head (a log restored from a backup, a position from another
+            // log) would silently skip the events that later take those sequences.
+            let (head, _) = self.store.head(None).await?;
+            if req.after_sequence > head.sequence {
+                return Err(ApiError::OutOfRange(format!(
+                    "after_sequence {} is past the end of the log ({})",
+                    req.after_sequence, head.sequence
+                )));
+            }
             let (tx, rx) = mpsc::channel(256);
             let subscription = Subscription {
                 store: self.store.clone(),
@@ -411,7 +411,13 @@ impl AuditService for AuditApi {
                     break;
                 }
             }
-            let now = self.clock.now_ms();
+            // `expired` as of the answer's moment: now for the head, else the time of the last
+            // event replayed.
+            let now = if req.at_sequence == 0 {
+                self.clock.now_ms()
+            } else {
+                replay.last_recorded_at_ms
+            };
             let mut keys: Vec<_> = replay.keys.values().map(|s| key_to_pb(s, now)).collect();
             keys.sort_by(|a, b| a.key_id.cmp(&b.key_id));
             Ok(pb::GetKeysAsOfResponse {

@@ -69,7 +69,7 @@ impl Actor {
                 .ok_or_else(|| ApiError::Unauthenticated(format!("metadata `{name}` is required")))
         };
         let id = header(ACTOR_HEADER)?;
-        if id.len() > MAX_ACTOR_LEN || id.chars().any(char::is_control) {
+        if id.chars().count() > MAX_ACTOR_LEN || id.chars().any(char::is_control) {
             return Err(ApiError::Unauthenticated(format!(
                 "metadata `{ACTOR_HEADER}` must be at most {MAX_ACTOR_LEN} printable characters"
             )));

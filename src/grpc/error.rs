@@ -19,6 +19,7 @@ pub enum ApiError {
     NotFound,
     FailedPrecondition(String),
     VersionConflict { expected: u64, actual: u64 },
+    OutOfRange(String),
     Unavailable(&'static str),
     Internal(String),
 }
@@ -27,6 +28,23 @@ impl ApiError {
     pub fn invalid(field: &str, reason: impl Into<String>) -> ApiError {
         ApiError::Invalid(vec![Violation::new(field, reason)])
     }
+}
+
+/// A caller's value quoted in an error, so they see which entry was refused. Error messages
+/// are logged, so a value shaped like an API key (a secret pasted into the wrong field) is
+/// not repeated, and long values are cut.
+pub fn quote(value: &str) -> String {
+    const MAX: usize = 64;
+    if value.contains("sk_") || value.contains("pk_") {
+        return "(a value that looks like an API key; not repeated)".to_owned();
+    }
+    let cut: String = value.chars().take(MAX).collect();
+    let more = if value.chars().count() > MAX {
+        "…"
+    } else {
+        ""
+    };
+    format!("`{}`{more}", cut.escape_debug())
 }
 
 impl From<DomainError> for ApiError {
@@ -94,11 +112,26 @@ impl From<ApiError> for Status {
                     details,
                 )
             }
+            ApiError::OutOfRange(m) => Status::out_of_range(m),
             ApiError::Unavailable(m) => Status::unavailable(m),
             ApiError::Internal(m) => {
                 tracing::error!(error = %m, "internal error");
                 Status::internal("internal error")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quote;
+
+    #[test]
+    fn quotes_never_repeat_key_shaped_values() {
+        assert_eq!(quote("tickets:reed"), "`tickets:reed`");
+        assert!(!quote("x sk_live_abc").contains("abc"));
+        assert!(!quote("pk_test_abc").contains("abc"));
+        assert_eq!(quote(&"a".repeat(100)).chars().count(), 64 + 3);
+        assert_eq!(quote("a\nb"), "`a\\nb`");
     }
 }

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tonic::{Request, Response, Status};
 
 use super::auth::{Actor, Permission};
-use super::error::ApiError;
+use super::error::{ApiError, quote};
 use super::{observe, observe_hot, record_key_id, timestamp};
 use crate::cache::{CachedKey, Verdict, VerifyCache};
 use crate::clock::Clock;
@@ -68,20 +68,19 @@ impl KeyApi {
     fn to_pb(&self, s: &KeyState) -> pb::Key {
         key_to_pb(s, self.clock.now_ms())
     }
-    /// Applies a change to an existing key and returns its new state.
+    /// Applies a change to an existing key and returns its new state. `command` is `None`
+    /// when parsing its fields failed, with the reasons in `violations`.
     async fn change(
         &self,
         metadata: &tonic::metadata::MetadataMap,
         workspace_id: &str,
         key_id: &str,
-        extra: Vec<Violation>,
-        command: impl FnOnce() -> Option<Command>,
+        mut violations: Vec<Violation>,
+        command: Option<Command>,
     ) -> Result<pb::Key, ApiError> {
         self.ensure_ready()?;
         let actor = Actor::authorize(metadata, Permission::ManageKeys)?;
-        let mut violations = extra;
         let ids = key_ref(workspace_id, key_id, &mut violations);
-        let command = command();
         let (Some((workspace_id, key_id)), Some(command), true) =
             (ids, command, violations.is_empty())
         else {
@@ -159,8 +158,8 @@ fn parse_scopes(field: &str, names: &[String], violations: &mut Vec<Violation>) 
             violations.push(Violation::new(
                 field,
                 format!(
-                    "unknown scope `{}`; ListScopes gives the catalog",
-                    name.escape_debug()
+                    "unknown scope {}; ListScopes gives the catalog",
+                    quote(&name)
                 ),
             ));
         }
@@ -270,7 +269,7 @@ impl KeyService for KeyApi {
                         Ok(_) => {}
                         Err(r) => violations.push(Violation::new(
                             "allowed_domains",
-                            format!("`{}` {r}", domain.escape_debug()),
+                            format!("{} {r}", quote(domain)),
                         )),
                     }
                 }
@@ -460,17 +459,16 @@ impl KeyService for KeyApi {
             let req = request.get_ref();
             let mut violations = Vec::new();
             let name = parse_name(&req.name, &mut violations);
+            let command = name.map(|name| Command::Rename {
+                name,
+                expected_version: req.expected_version,
+            });
             self.change(
                 request.metadata(),
                 &req.workspace_id,
                 &req.key_id,
                 violations,
-                || {
-                    Some(Command::Rename {
-                        name: name?,
-                        expected_version: req.expected_version,
-                    })
-                },
+                command,
             )
             .await
         })
@@ -488,17 +486,16 @@ impl KeyService for KeyApi {
             if req.scopes.is_empty() {
                 violations.push(Violation::new("scopes", "at least one scope is required"));
             }
+            let command = Command::UpdateScopes {
+                scopes,
+                expected_version: req.expected_version,
+            };
             self.change(
                 request.metadata(),
                 &req.workspace_id,
                 &req.key_id,
                 violations,
-                || {
-                    Some(Command::UpdateScopes {
-                        scopes,
-                        expected_version: req.expected_version,
-                    })
-                },
+                Some(command),
             )
             .await
         })
@@ -511,16 +508,15 @@ impl KeyService for KeyApi {
     ) -> Result<Response<pb::Key>, Status> {
         observe("RevokeKey", async {
             let req = request.get_ref();
+            let command = Command::Revoke {
+                expected_version: req.expected_version,
+            };
             self.change(
                 request.metadata(),
                 &req.workspace_id,
                 &req.key_id,
                 vec![],
-                || {
-                    Some(Command::Revoke {
-                        expected_version: req.expected_version,
-                    })
-                },
+                Some(command),
             )
             .await
         })

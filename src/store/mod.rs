@@ -57,6 +57,7 @@ pub struct Write {
     pub sealed_secret: Option<SealedSecret>,
 }
 
+#[derive(Clone)]
 pub struct SealedSecret {
     pub sealed: Vec<u8>,
     pub master_key_id: String,
@@ -231,11 +232,9 @@ impl Store {
         &self,
         workspace_id: Option<&str>,
     ) -> Result<(Head, Option<Head>), StoreError> {
-        let row: Option<(i64, Vec<u8>)> =
-            sqlx::query_as("SELECT sequence, hash FROM events ORDER BY sequence DESC LIMIT 1")
-                .fetch_optional(&self.pool)
-                .await?;
-        let log = head_from(row, chain::log_genesis())?;
+        // One read transaction: both heads from the same snapshot of the log.
+        let mut tx = self.pool.begin().await?;
+        let log = log_head(&mut tx).await?;
         let workspace = match workspace_id {
             None => None,
             Some(w) => {
@@ -244,11 +243,12 @@ impl Store {
                      ORDER BY sequence DESC LIMIT 1",
                 )
                 .bind(w)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&mut *tx)
                 .await?;
                 Some(head_from(row, chain::workspace_genesis(w))?)
             }
         };
+        tx.commit().await?;
         Ok((log, workspace))
     }
 
@@ -370,6 +370,15 @@ impl Store {
     }
 }
 
+/// The last record's sequence and hash (genesis for an empty log).
+async fn log_head(conn: &mut SqliteConnection) -> Result<Head, StoreError> {
+    let row: Option<(i64, Vec<u8>)> =
+        sqlx::query_as("SELECT sequence, hash FROM events ORDER BY sequence DESC LIMIT 1")
+            .fetch_optional(&mut *conn)
+            .await?;
+    head_from(row, chain::log_genesis())
+}
+
 fn head_from(row: Option<(i64, Vec<u8>)>, genesis: Hash) -> Result<Head, StoreError> {
     Ok(match row {
         None => Head {
@@ -387,11 +396,7 @@ fn head_from(row: Option<(i64, Vec<u8>)>, genesis: Hash) -> Result<Head, StoreEr
 
 /// The chain heads the writer continues from: the last record's, and each workspace's last.
 async fn load_heads(conn: &mut SqliteConnection) -> Result<writer::Heads, StoreError> {
-    let last: Option<(i64, Vec<u8>)> =
-        sqlx::query_as("SELECT sequence, hash FROM events ORDER BY sequence DESC LIMIT 1")
-            .fetch_optional(&mut *conn)
-            .await?;
-    let last = head_from(last, chain::log_genesis())?;
+    let last = log_head(conn).await?;
     let rows: Vec<(String, Vec<u8>)> = sqlx::query_as(
         "SELECT workspace_id, workspace_hash FROM events WHERE sequence IN \
          (SELECT MAX(sequence) FROM events GROUP BY workspace_id)",

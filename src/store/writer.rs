@@ -150,8 +150,8 @@ pub(super) async fn run(
     }
 }
 
-/// The outcome of one command: its key's new state and whether anything was appended.
-type Outcome = Result<(KeyState, bool), StoreError>;
+/// The outcome of one command: its key's new state.
+type Outcome = Result<KeyState, StoreError>;
 
 /// What a decided batch writes.
 #[derive(Default)]
@@ -182,7 +182,7 @@ async fn commit_batch(writer: &mut Writer, batch: &mut Vec<Request>) {
     match outcome {
         Ok(outcomes) => {
             for (request, outcome) in batch.drain(..).zip(outcomes) {
-                let _ = request.reply.send(outcome.map(|(state, _)| state));
+                let _ = request.reply.send(outcome);
             }
         }
         Err(e) => {
@@ -242,12 +242,8 @@ async fn decide_and_write(
             None if matches!(write.command, Command::Create(_)) => None,
             None => match load_stream(&mut tx, write.key_id).await {
                 Ok(state) => state,
-                Err(StoreError::Internal(e)) => {
-                    outcomes.push(Err(StoreError::Internal(e)));
-                    continue;
-                }
-                Err(StoreError::Domain(e)) => {
-                    outcomes.push(Err(StoreError::Domain(e)));
+                Err(e) => {
+                    outcomes.push(Err(e));
                     continue;
                 }
             },
@@ -270,8 +266,10 @@ async fn decide_and_write(
             let stream_version = state.as_ref().map_or(1, |s| s.stream_version + 1);
             match &event {
                 Event::KeyCreated(_) => {
-                    if let Some(sealed) = write.sealed_secret.take() {
-                        effects.sealed_inserts.push((key.clone(), sealed));
+                    // Cloned, not taken: if this batch fails, the command is retried alone
+                    // and must still carry its copy.
+                    if let Some(sealed) = &write.sealed_secret {
+                        effects.sealed_inserts.push((key.clone(), sealed.clone()));
                     }
                 }
                 Event::KeyRevoked => effects.sealed_deletes.push(key.clone()),
@@ -324,7 +322,7 @@ async fn decide_and_write(
             }
             touched.insert(key, Some(state.clone()));
         }
-        outcomes.push(Ok((state, changed)));
+        outcomes.push(Ok(state));
     }
 
     effects.changed = order

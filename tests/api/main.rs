@@ -4,6 +4,7 @@
 mod audit;
 mod auth;
 mod concurrency;
+mod group_commit;
 mod helpers;
 mod lifecycle;
 mod listing;

@@ -130,6 +130,11 @@ struct LoadArgs {
     seconds: f64,
 }
 
+/// The same allocator as the `kemon-keys` binary, so in-process measurements (rebuild,
+/// cache load, Verify) run as they do in the server.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
