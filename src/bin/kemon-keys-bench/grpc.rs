@@ -154,12 +154,14 @@ pub async fn verify_targets(s: &GrpcSettings<'_>, report: &mut Report) -> anyhow
     report.line("| Concurrency | RPC | Throughput | p50 | p99 | p99.9 |");
     report.line("|---|---|---|---|---|---|");
     for &c in s.concurrency {
-        // Alternate three rounds of each so drift on a shared machine hits both alike.
-        let mut health = health_load(&channels, c, warmup, duration).await;
-        let mut verify = verify_load(&channels, secrets.clone(), c, warmup, duration).await;
-        for _ in 1..3 {
-            health.merge(&health_load(&channels, c, warmup, duration).await);
-            verify.merge(&verify_load(&channels, secrets.clone(), c, warmup, duration).await);
+        // Alternate six short rounds of each, so that drift on a shared machine (other
+        // processes, CPU frequency, the page cache) hits both alike.
+        let round = duration / 2;
+        let mut health = health_load(&channels, c, warmup, round).await;
+        let mut verify = verify_load(&channels, secrets.clone(), c, warmup, round).await;
+        for _ in 1..6 {
+            health.merge(&health_load(&channels, c, warmup, round).await);
+            verify.merge(&verify_load(&channels, secrets.clone(), c, warmup, round).await);
         }
         for (name, r) in [("Health/Check", &health), ("VerifyKey", &verify)] {
             report.line(format!(
