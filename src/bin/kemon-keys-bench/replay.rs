@@ -107,6 +107,11 @@ pub async fn seed_events(path: &Path, n: usize) -> anyhow::Result<()> {
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
+    // Move the seeded rows from the WAL into the database file, as a server's normal
+    // checkpoints would have, so the scans below read what a long-running log looks like.
+    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+        .execute(&mut conn)
+        .await?;
     conn.close().await?;
     Ok(())
 }
