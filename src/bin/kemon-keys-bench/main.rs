@@ -104,6 +104,8 @@ enum Rpc {
     Verify,
     /// CreateKey (private production keys in workspace ws_load)
     Create,
+    /// ListScopes: a handler that touches no key, with a response larger than Verify's
+    Scopes,
 }
 
 #[derive(Debug, clap::Args)]
@@ -294,6 +296,21 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
                             .await
                             .map(|_| ())
                     }
+                },
+            )
+            .await
+        }
+        Rpc::Scopes => {
+            load::run(
+                &channels,
+                args.concurrency,
+                warmup,
+                duration,
+                |channel, _, _| async move {
+                    KeyServiceClient::new(channel)
+                        .list_scopes(pb::ListScopesRequest {})
+                        .await
+                        .map(|_| ())
                 },
             )
             .await
