@@ -88,6 +88,11 @@ struct TargetArgs {
     /// Concurrency levels for target 1.
     #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
     concurrency: Vec<usize>,
+    /// Pin the servers this harness starts to these CPUs (`taskset -c` syntax, e.g. `1`),
+    /// and run the harness itself elsewhere (`taskset -c 0 kemon-keys-bench …`), so client
+    /// and server do not preempt each other. Needs `taskset` (util-linux).
+    #[arg(long)]
+    server_cpus: Option<String>,
     /// The server binary; by default the `kemon-keys` next to this program.
     #[arg(long)]
     server_bin: Option<PathBuf>,
@@ -173,12 +178,18 @@ async fn targets(args: TargetArgs) -> anyhow::Result<bool> {
         .server_bin
         .clone()
         .unwrap_or_else(server::default_server_bin);
+    if let Some(cpus) = &args.server_cpus {
+        let _ = server::SERVER_CPUS.set(cpus.clone());
+    }
     let mut report = Report::default();
     report.line(format!(
-        "Run on {} logical CPUs, {}, {}.",
+        "Run on {} logical CPUs, {}, {}{}.",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         machine(),
-        date()
+        date(),
+        args.server_cpus
+            .as_ref()
+            .map_or_else(String::new, |c| format!("; servers pinned to CPU {c}"))
     ));
     let settings = grpc::GrpcSettings {
         server_bin: &server_bin,

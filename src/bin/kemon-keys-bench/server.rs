@@ -10,6 +10,9 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
+/// CPUs the server processes are pinned to (`taskset -c` syntax), when set.
+pub static SERVER_CPUS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 /// A running server process; killed on drop.
 pub struct ServerProcess {
     child: Child,
@@ -30,7 +33,17 @@ impl ServerProcess {
         };
         let listen = format!("127.0.0.1:{port}");
         let started = Instant::now();
-        let child = Command::new(bin)
+        // With --server-cpus, `taskset` pins the server (it execs the server, so the pid is
+        // the server's own).
+        let mut command = match SERVER_CPUS.get() {
+            Some(cpus) => {
+                let mut c = Command::new("taskset");
+                c.arg("-c").arg(cpus).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = command
             .arg("serve")
             .arg("--listen")
             .arg(&listen)
