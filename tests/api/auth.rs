@@ -128,17 +128,6 @@ async fn call(
     }
 }
 
-async fn get(client: &mut KeyServiceClient<Channel>, key_id: &str) -> pb::Key {
-    client
-        .get_key(admin(pb::GetKeyRequest {
-            workspace_id: WORKSPACE.into(),
-            key_id: key_id.into(),
-        }))
-        .await
-        .expect("get_key")
-        .into_inner()
-}
-
 async fn list(client: &mut KeyServiceClient<Channel>, workspace_id: &str) -> Vec<pb::Key> {
     client
         .list_keys(admin(pb::ListKeysRequest {
@@ -173,7 +162,7 @@ async fn assert_all_refused(caller: Caller<'_>, expected: Code) {
             .expect_err("refused");
         assert_eq!(status.code(), expected, "{rpc:?} as {caller:?}: {status:?}");
     }
-    assert_eq!(get(&mut client, &key.key_id).await, key, "{caller:?}");
+    assert_eq!(get_key(&mut client, &key.key_id).await, key, "{caller:?}");
     assert_eq!(list(&mut client, WORKSPACE).await, [key], "{caller:?}");
     let verified = verify(&mut client, &secret, &["tickets:read"], "").await;
     assert_eq!(code(&verified), pb::VerifyCode::Valid, "{caller:?}");
@@ -274,7 +263,7 @@ async fn auditors_may_read_but_not_change_or_reveal() {
         .into_inner();
     assert_eq!(listed.keys, std::slice::from_ref(&key));
 
-    assert_eq!(get(&mut client, &key.key_id).await, key, "unchanged");
+    assert_eq!(get_key(&mut client, &key.key_id).await, key, "unchanged");
     let verified = verify(&mut client, &secret, &["tickets:read"], "").await;
     assert_eq!(code(&verified), pb::VerifyCode::Valid, "not revoked");
 }
@@ -298,7 +287,7 @@ async fn owners_and_admins_may_do_everything() {
                 .await
                 .unwrap_or_else(|s| panic!("{rpc:?} as {role}: {s:?}"));
         }
-        let after = get(&mut client, &key.key_id).await;
+        let after = get_key(&mut client, &key.key_id).await;
         assert_eq!(after.name, "renamed by caller", "{role}");
         assert_eq!(after.scopes, ["labels:read"], "{role}");
         assert!(after.revoked_at.is_some(), "{role}");
@@ -337,7 +326,7 @@ async fn created_by_is_the_creating_actor() {
             .unwrap()
             .into_inner();
         assert_eq!(renamed.created_by, actor);
-        assert_eq!(get(&mut client, &key.key_id).await.created_by, actor);
+        assert_eq!(get_key(&mut client, &key.key_id).await.created_by, actor);
     }
 }
 
@@ -416,7 +405,7 @@ async fn another_workspace_cannot_see_or_touch_a_key() {
     .expect_err("refused");
     assert_eq!(status.code(), Code::NotFound);
 
-    assert_eq!(get(&mut client, &key.key_id).await, key, "unchanged");
+    assert_eq!(get_key(&mut client, &key.key_id).await, key, "unchanged");
     let verified = verify(&mut client, &secret, &["tickets:read"], "").await;
     assert_eq!(code(&verified), pb::VerifyCode::Valid);
     assert_eq!(verified.workspace_id, WORKSPACE);

@@ -21,17 +21,6 @@ async fn clients(server: &TestServer, n: usize) -> Vec<KeyServiceClient<Channel>
     clients
 }
 
-async fn get(client: &mut KeyServiceClient<Channel>, key_id: &str) -> pb::Key {
-    client
-        .get_key(admin(pb::GetKeyRequest {
-            workspace_id: WORKSPACE.into(),
-            key_id: key_id.into(),
-        }))
-        .await
-        .expect("get_key")
-        .into_inner()
-}
-
 async fn rename(
     client: &mut KeyServiceClient<Channel>,
     key_id: &str,
@@ -109,7 +98,7 @@ async fn unconditional_concurrent_renames_are_all_recorded() {
         "versions are distinct"
     );
 
-    let last = get(&mut client, &key.key_id).await;
+    let last = get_key(&mut client, &key.key_id).await;
     assert_eq!(last.version, 21);
     assert_eq!(last.name, names_by_version[&21], "the last rename wins");
     assert_eq!(
@@ -148,7 +137,7 @@ async fn conditional_concurrent_renames_admit_exactly_one() {
     assert_eq!(aborted, 9);
     assert_eq!(winners[0].version, 2);
 
-    let last = get(&mut client, &key.key_id).await;
+    let last = get_key(&mut client, &key.key_id).await;
     assert_eq!(last.version, 2);
     assert_eq!(last.name, winners[0].name);
     assert_eq!(stream_versions(&server, &key.key_id).await, [1, 2]);

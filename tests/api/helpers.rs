@@ -240,6 +240,18 @@ pub async fn create(
     (response.key.expect("key"), response.secret)
 }
 
+/// GetKey as an admin of [`WORKSPACE`].
+pub async fn get_key(client: &mut KeyServiceClient<Channel>, key_id: &str) -> pb::Key {
+    client
+        .get_key(admin(pb::GetKeyRequest {
+            workspace_id: WORKSPACE.into(),
+            key_id: key_id.into(),
+        }))
+        .await
+        .expect("get_key")
+        .into_inner()
+}
+
 /// Verifies a key string with the given required scopes and origin.
 pub async fn verify(
     client: &mut KeyServiceClient<Channel>,

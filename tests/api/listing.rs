@@ -74,17 +74,6 @@ async fn create_many(
     keys
 }
 
-async fn get(client: &mut KeyServiceClient<Channel>, key_id: &str) -> pb::Key {
-    client
-        .get_key(admin(pb::GetKeyRequest {
-            workspace_id: WORKSPACE.into(),
-            key_id: key_id.into(),
-        }))
-        .await
-        .expect("get_key")
-        .into_inner()
-}
-
 async fn revoke(
     client: &mut KeyServiceClient<Channel>,
     key_id: &str,
@@ -373,7 +362,7 @@ async fn get_key_returns_the_created_key() {
         ),
     ] {
         let (key, _) = create(&mut client, request).await;
-        assert_eq!(get(&mut client, &key.key_id).await, key);
+        assert_eq!(get_key(&mut client, &key.key_id).await, key);
     }
 
     let missing = kemon_keys::domain::KeyId::generate(T0_MS).to_string();
@@ -428,8 +417,8 @@ async fn reveal_returns_public_keys_and_opted_in_private_keys() {
     );
 
     // Revealing records nothing.
-    assert_eq!(get(&mut client, &kept.key_id).await, kept);
-    assert_eq!(get(&mut client, &public.key_id).await, public);
+    assert_eq!(get_key(&mut client, &kept.key_id).await, kept);
+    assert_eq!(get_key(&mut client, &public.key_id).await, public);
 
     // Revoked keys are not revealable, public ones included.
     for key in [&public, &kept] {
@@ -460,7 +449,7 @@ async fn revoked_keys_cannot_be_renamed_or_rescoped() {
         .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
 
-    assert_eq!(get(&mut client, &key.key_id).await, revoked);
+    assert_eq!(get_key(&mut client, &key.key_id).await, revoked);
 }
 
 #[tokio::test]
@@ -486,7 +475,7 @@ async fn public_key_scopes_cannot_be_edited() {
             "{scopes:?}: {status:?}"
         );
     }
-    assert_eq!(get(&mut client, &key.key_id).await, key);
+    assert_eq!(get_key(&mut client, &key.key_id).await, key);
 }
 
 #[tokio::test]
@@ -506,7 +495,7 @@ async fn rescoping_a_full_access_key_makes_it_scoped() {
     assert!(!rescoped.full_access);
     assert_eq!(rescoped.scopes, ["tickets:read"]);
     assert_eq!(rescoped.version, 2);
-    assert_eq!(get(&mut client, &key.key_id).await, rescoped);
+    assert_eq!(get_key(&mut client, &key.key_id).await, rescoped);
 
     let response = verify(&mut client, &secret, &["members:read"], "").await;
     assert_eq!(code(&response), pb::VerifyCode::InsufficientScope);
@@ -537,7 +526,7 @@ async fn a_second_revoke_returns_the_key_unchanged() {
     let unconditional = revoke(&mut client, &key.key_id, None).await.unwrap();
     assert_eq!(unconditional.version, first.version);
     assert_eq!(unconditional.revoked_at, first.revoked_at);
-    assert_eq!(get(&mut client, &key.key_id).await, unconditional);
+    assert_eq!(get_key(&mut client, &key.key_id).await, unconditional);
 }
 
 #[tokio::test]
@@ -558,13 +547,13 @@ async fn a_stale_expected_version_is_aborted() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Aborted, "{status:?}");
-    let after = get(&mut client, &key.key_id).await;
+    let after = get_key(&mut client, &key.key_id).await;
     assert_eq!(after.name, "first rename");
     assert_eq!(after, renamed);
 
     let status = revoke(&mut client, &key.key_id, Some(1)).await.unwrap_err();
     assert_eq!(status.code(), Code::Aborted, "{status:?}");
-    assert!(get(&mut client, &key.key_id).await.revoked_at.is_none());
+    assert!(get_key(&mut client, &key.key_id).await.revoked_at.is_none());
 
     let current = rename(&mut client, &key.key_id, "second rename", Some(2))
         .await

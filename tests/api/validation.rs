@@ -54,17 +54,6 @@ fn ms(ts: Option<prost_types::Timestamp>) -> Option<i64> {
     ts.map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
 }
 
-async fn get(client: &mut KeyServiceClient<Channel>, key_id: &str) -> pb::Key {
-    client
-        .get_key(admin(pb::GetKeyRequest {
-            workspace_id: WORKSPACE.into(),
-            key_id: key_id.into(),
-        }))
-        .await
-        .expect("get_key")
-        .into_inner()
-}
-
 #[tokio::test]
 async fn bad_names_are_refused_naming_name() {
     let server = TestServer::start().await;
@@ -257,7 +246,11 @@ async fn bad_key_ids_are_refused_on_get_and_rename() {
             .await;
         assert_invalid(result, "key_id");
     }
-    assert_eq!(get(&mut client, &key.key_id).await, key, "nothing changed");
+    assert_eq!(
+        get_key(&mut client, &key.key_id).await,
+        key,
+        "nothing changed"
+    );
 }
 
 #[tokio::test]
@@ -277,7 +270,7 @@ async fn bad_names_are_refused_on_rename_and_change_nothing() {
             .await;
         assert_invalid(result, "name");
     }
-    assert_eq!(get(&mut client, &key.key_id).await, key);
+    assert_eq!(get_key(&mut client, &key.key_id).await, key);
 }
 
 #[tokio::test]
@@ -431,7 +424,7 @@ async fn update_scopes_needs_at_least_one_known_scope() {
             .await;
         assert_invalid(result, "scopes");
     }
-    let after = get(&mut client, &key.key_id).await;
+    let after = get_key(&mut client, &key.key_id).await;
     assert_eq!(after, key, "still full access, version 1");
 }
 
@@ -539,7 +532,7 @@ async fn a_private_key_without_scopes_has_full_access() {
     let (key, _) = create(&mut client, private_key("everything", &[])).await;
     assert!(key.full_access);
     assert!(key.scopes.is_empty());
-    assert!(get(&mut client, &key.key_id).await.full_access);
+    assert!(get_key(&mut client, &key.key_id).await.full_access);
 
     let (scoped, _) = create(&mut client, private_key("scoped", &["teams:read"])).await;
     assert!(!scoped.full_access);
