@@ -43,6 +43,8 @@ pub struct Settings {
     pub data_dir: PathBuf,
     pub master_key: MasterKeySource,
     pub write_batch_max: usize,
+    /// Committed events buffered for live audit subscribers (see `SubscribeEvents`).
+    pub audit_live_buffer: usize,
 }
 
 impl Settings {
@@ -57,6 +59,7 @@ impl Settings {
             data_dir: args.data.data_dir.clone(),
             master_key,
             write_batch_max: usize::from(args.write_batch_max),
+            audit_live_buffer: args.audit_live_buffer as usize,
         }
     }
 
@@ -142,7 +145,7 @@ impl Application {
             cache.clone(),
             StoreOptions {
                 max_batch: settings.write_batch_max,
-                ..StoreOptions::default()
+                live_buffer: settings.audit_live_buffer,
             },
         )
         .await

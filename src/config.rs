@@ -144,6 +144,11 @@ pub struct ServeArgs {
     #[arg(long, env = "KEMON_WRITE_BATCH_MAX", default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..))]
     pub write_batch_max: u16,
 
+    /// Committed events buffered for live audit subscribers. A subscriber that falls further
+    /// behind is told so (`fell_behind`) and catches up by paging from the database.
+    #[arg(long, env = "KEMON_AUDIT_LIVE_BUFFER", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub audit_live_buffer: u32,
+
     /// Log line format.
     #[arg(long, env = "KEMON_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

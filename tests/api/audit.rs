@@ -1526,3 +1526,55 @@ async fn the_schema_v1_fixture_replays_with_upcast_payloads() {
     assert!(at1[0]["revoked_at_ms"].is_null(), "{}", at1[0]);
     assert_eq!(at1[0]["created_at_ms"], 1_735_689_600_000_i64);
 }
+
+/// A subscriber whose live buffer overflows is told it fell behind, and the server pages the
+/// rest from the database: every event still arrives once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_falls_behind_is_told_and_misses_nothing() {
+    use pb::subscribe_events_response::Message;
+    // One live slot. Sixteen concurrent writers make group commits of several events, each
+    // batch published in one go after its commit: more than the buffer holds.
+    let server = TestServer::start_with_live_buffer(1).await;
+    let mut audit = audit_client(&server).await;
+    let mut stream = audit
+        .subscribe_events(auditor(pb::SubscribeEventsRequest {
+            after_sequence: 0,
+            filter: None,
+        }))
+        .await
+        .expect("subscribe")
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap().message;
+    assert!(matches!(first, Some(Message::CaughtUp(_))), "{first:?}");
+
+    let mut writers = Vec::new();
+    for t in 0..16 {
+        let mut client = server.client().await;
+        writers.push(tokio::spawn(async move {
+            for i in 0..100 {
+                create(&mut client, private_key(&format!("lag {t}-{i}"), &[])).await;
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+
+    let (mut sequences, mut fell_behind) = (Vec::new(), 0);
+    tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while sequences.len() < 1600 {
+            match stream.message().await.unwrap().unwrap().message {
+                Some(Message::Event(e)) => sequences.push(e.sequence),
+                Some(Message::FellBehind(_)) => fell_behind += 1,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("all 1600 events within 30 s");
+    assert!(
+        fell_behind >= 1,
+        "the subscriber was not told it fell behind"
+    );
+    assert_eq!(sequences, (1..=1600).collect::<Vec<u64>>());
+}

@@ -39,12 +39,18 @@ pub struct TestServer {
 impl TestServer {
     /// A fresh server: new data directory, clock at [`T0_MS`], a random master key.
     pub async fn start() -> TestServer {
+        TestServer::start_with_live_buffer(4096).await
+    }
+
+    /// [`TestServer::start`] with a given buffer for live audit subscribers.
+    pub async fn start_with_live_buffer(live_buffer: usize) -> TestServer {
         let tmp = Arc::new(tempfile::tempdir().expect("temp dir"));
         let master_key_hex = MasterKey::generate().to_hex();
-        let mut server = TestServer::start_in(
+        let mut server = TestServer::start_with(
             tmp.path(),
             ManualClock::new(T0_MS),
             MasterKeySource::Hex(master_key_hex.clone()),
+            live_buffer,
         )
         .await
         .expect("server starts");
@@ -59,11 +65,21 @@ impl TestServer {
         clock: ManualClock,
         master_key: MasterKeySource,
     ) -> anyhow::Result<TestServer> {
+        TestServer::start_with(data_dir, clock, master_key, 4096).await
+    }
+
+    async fn start_with(
+        data_dir: &Path,
+        clock: ManualClock,
+        master_key: MasterKeySource,
+        live_buffer: usize,
+    ) -> anyhow::Result<TestServer> {
         let settings = Settings {
             listen: "127.0.0.1:0".parse().unwrap(),
             data_dir: data_dir.to_owned(),
             master_key: master_key.clone(),
             write_batch_max: 64,
+            audit_live_buffer: live_buffer,
         };
         let app = Application::build(settings, Arc::new(clock.clone())).await?;
         let addr = app.local_addr();

@@ -228,6 +228,7 @@ fn settings(dir: &Path, master_key: MasterKeySource) -> Settings {
         data_dir: dir.to_owned(),
         master_key,
         write_batch_max: 64,
+        audit_live_buffer: 4096,
     }
 }
 
