@@ -355,12 +355,13 @@ async fn decide_and_write(
     Ok((outcomes, effects))
 }
 
-/// Splits `rows` into chunks of 64, 16, 4 and 1 rows. Multi-row statements save a round trip
-/// to SQLite's thread per row; keeping to four shapes keeps every statement in sqlx's
-/// prepared-statement cache instead of preparing a new text for every batch size.
+/// Splits `rows` into chunks of 256, 64, 16, 4 and 1 rows. Multi-row statements save a round
+/// trip to SQLite's thread per row (256 rows of the projection bind 5120 values, well under
+/// SQLite's limit); keeping to five shapes keeps every statement in sqlx's prepared-statement
+/// cache instead of preparing a new text for every batch size.
 fn chunks<T>(mut rows: &[T]) -> impl Iterator<Item = &[T]> {
     std::iter::from_fn(move || {
-        let size = [64, 16, 4, 1].into_iter().find(|&s| rows.len() >= s)?;
+        let size = [256, 64, 16, 4, 1].into_iter().find(|&s| rows.len() >= s)?;
         let (chunk, rest) = rows.split_at(size);
         rows = rest;
         Some(chunk)
@@ -432,10 +433,10 @@ mod tests {
     use super::chunks;
 
     #[test]
-    fn chunks_use_four_shapes_and_cover_every_row() {
-        let rows: Vec<usize> = (0..151).collect();
+    fn chunks_use_five_shapes_and_cover_every_row() {
+        let rows: Vec<usize> = (0..407).collect();
         let sizes: Vec<usize> = chunks(&rows).map(<[usize]>::len).collect();
-        assert_eq!(sizes, [64, 64, 16, 4, 1, 1, 1]);
+        assert_eq!(sizes, [256, 64, 64, 16, 4, 1, 1, 1]);
         let flat: Vec<usize> = chunks(&rows).flatten().copied().collect();
         assert_eq!(flat, rows);
         assert_eq!(chunks::<u8>(&[]).count(), 0);
