@@ -65,7 +65,8 @@ pub async fn seed_keys(channels: &[Channel], n: usize) -> anyhow::Result<Vec<(St
     Ok(all)
 }
 
-async fn health_load(
+/// Health/Check as fast as `concurrency` callers can go.
+pub async fn health_load(
     channels: &[Channel],
     concurrency: usize,
     warmup: Duration,
@@ -301,7 +302,8 @@ async fn verify_under_writes(
     Ok((verify, writes.load(Ordering::Relaxed) as f64 / elapsed))
 }
 
-async fn create_load(
+/// CreateKey as fast as `concurrency` callers can go.
+pub async fn create_load(
     channels: &[Channel],
     concurrency: usize,
     warmup: Duration,

@@ -17,8 +17,6 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use kemon_keys::proto::v1 as pb;
 use kemon_keys::proto::v1::key_service_client::KeyServiceClient;
-use tonic_health::pb::HealthCheckRequest;
-use tonic_health::pb::health_client::HealthClient;
 
 use report::Report;
 
@@ -107,7 +105,8 @@ enum Rpc {
     Health,
     /// VerifyKey with --key
     Verify,
-    /// CreateKey (private production keys in workspace ws_load)
+    /// CreateKey (private production keys with tickets:read and tickets:write, across 100
+    /// workspaces)
     Create,
     /// ListScopes: a handler that touches no key, with a response larger than Verify's
     Scopes,
@@ -259,23 +258,7 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
     let duration = Duration::from_secs_f64(args.seconds);
     let warmup = Duration::from_secs_f64((args.seconds / 5.0).min(1.0));
     let result = match args.rpc {
-        Rpc::Health => {
-            load::run(
-                &channels,
-                args.concurrency,
-                warmup,
-                duration,
-                |channel, _, _| async move {
-                    HealthClient::new(channel)
-                        .check(HealthCheckRequest {
-                            service: String::new(),
-                        })
-                        .await
-                        .map(|_| ())
-                },
-            )
-            .await
-        }
+        Rpc::Health => grpc::health_load(&channels, args.concurrency, warmup, duration).await,
         Rpc::Verify => {
             let key = match args.key.clone() {
                 Some(key) => key,
@@ -326,34 +309,7 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
             )
             .await
         }
-        Rpc::Create => {
-            load::run(
-                &channels,
-                args.concurrency,
-                warmup,
-                duration,
-                |channel, worker, i| async move {
-                    let mut request = tonic::Request::new(pb::CreateKeyRequest {
-                        workspace_id: "ws_load".into(),
-                        name: format!("load {worker}-{i}"),
-                        r#type: pb::KeyType::Private as i32,
-                        environment: pb::Environment::Production as i32,
-                        ..Default::default()
-                    });
-                    request
-                        .metadata_mut()
-                        .insert("x-kemon-actor", "load".parse().expect("ascii"));
-                    request
-                        .metadata_mut()
-                        .insert("x-kemon-role", "admin".parse().expect("ascii"));
-                    KeyServiceClient::new(channel)
-                        .create_key(request)
-                        .await
-                        .map(|_| ())
-                },
-            )
-            .await
-        }
+        Rpc::Create => grpc::create_load(&channels, args.concurrency, warmup, duration).await,
     };
     println!(
         "{:?} at concurrency {} over {} connections for {:.1} s: {}",
