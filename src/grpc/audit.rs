@@ -125,6 +125,7 @@ fn parse_filter(filter: Option<&pb::EventFilter>) -> Result<RecordFilter, ApiErr
         workspace_id: (!f.workspace_id.is_empty()).then(|| f.workspace_id.clone()),
         key_id: (!f.key_id.is_empty()).then(|| f.key_id.clone()),
         event_types: f.event_types.clone(),
+        up_to: None,
     })
 }
 
@@ -266,16 +267,16 @@ impl AuditService for AuditApi {
         observe("ReadEvents", async {
             Actor::authorize(request.metadata(), Permission::Audit)?;
             let req = request.get_ref();
-            let filter = parse_filter(req.filter.as_ref())?;
-            let (head, _) = self.store.head(None).await?;
-            let end = head.sequence;
+            let mut filter = parse_filter(req.filter.as_ref())?;
+            // The log as it is when the call starts.
+            filter.up_to = Some(self.store.head(None).await?.0.sequence);
             let limit = if req.limit == 0 { u64::MAX } else { req.limit };
             let store = self.store.clone();
             let mut position = req.after_sequence;
             let (tx, rx) = mpsc::channel(64);
             tokio::spawn(async move {
                 let mut sent = 0u64;
-                while sent < limit && position < end {
+                loop {
                     let page = match store.read_records(position, PAGE, &filter).await {
                         Ok(page) => page,
                         Err(e) => {
@@ -283,15 +284,14 @@ impl AuditService for AuditApi {
                             return;
                         }
                     };
-                    let full = page.len() == PAGE as usize;
-                    for record in page.iter().take_while(|r| r.sequence <= end) {
+                    for record in &page {
                         if sent == limit || !send(&tx, log_event(record)).await {
                             return;
                         }
                         sent += 1;
                         position = record.sequence;
                     }
-                    if !full || page.last().is_some_and(|r| r.sequence > end) {
+                    if page.len() < PAGE as usize {
                         return;
                     }
                 }
@@ -393,15 +393,13 @@ impl AuditService for AuditApi {
                 workspace_id: Some(req.workspace_id.clone()),
                 key_id: (!req.key_id.is_empty()).then(|| req.key_id.clone()),
                 event_types: vec![],
+                up_to: Some(at),
             };
             let mut replay = Replay::default();
             let mut position = 0;
-            'pages: loop {
+            loop {
                 let page = self.store.read_records(position, PAGE, &filter).await?;
                 for record in &page {
-                    if record.sequence > at {
-                        break 'pages;
-                    }
                     replay.apply(record).map_err(|e| {
                         ApiError::Internal(format!("replay failed at {}: {}", e.sequence, e.reason))
                     })?;

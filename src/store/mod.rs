@@ -96,6 +96,8 @@ pub struct RecordFilter {
     pub workspace_id: Option<String>,
     pub key_id: Option<String>,
     pub event_types: Vec<String>,
+    /// Only records at or before this sequence.
+    pub up_to: Option<u64>,
 }
 
 impl RecordFilter {
@@ -104,6 +106,7 @@ impl RecordFilter {
             .as_ref()
             .is_none_or(|w| *w == r.workspace_id)
             && self.key_id.as_ref().is_none_or(|k| *k == r.key_id)
+            && self.up_to.is_none_or(|last| r.sequence <= last)
             && (self.event_types.is_empty() || self.event_types.contains(&r.event_type))
     }
 }
@@ -433,6 +436,9 @@ where
     if filter.key_id.is_some() {
         sql.push_str(" AND key_id = ?");
     }
+    if filter.up_to.is_some() {
+        sql.push_str(" AND sequence <= ?");
+    }
     if !filter.event_types.is_empty() {
         sql.push_str(" AND event_type IN (");
         sql.push_str(&vec!["?"; filter.event_types.len()].join(", "));
@@ -446,6 +452,9 @@ where
     }
     if let Some(k) = &filter.key_id {
         query = query.bind(k.clone());
+    }
+    if let Some(last) = filter.up_to {
+        query = query.bind(i64::try_from(last).unwrap_or(i64::MAX));
     }
     for t in &filter.event_types {
         query = query.bind(t.clone());
