@@ -240,6 +240,7 @@ impl Application {
         health.set_service_status("", ServingStatus::Serving).await;
         health.set_serving::<KeyServiceServer<KeyApi>>().await;
         health.set_serving::<AuditServiceServer<AuditApi>>().await;
+        tokio::spawn(report_writes(store.writable(), health.clone()));
         tracing::info!(
             keys = cache.len(),
             elapsed_ms = started.elapsed().as_millis() as u64,
@@ -250,6 +251,32 @@ impl Application {
         store.close().await;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// The health service name that reports whether writes reach storage.
+pub const WRITES_HEALTH_SERVICE: &str = "kemon-keys.writes";
+
+/// Mirrors the writer's storage state into the health service under
+/// [`WRITES_HEALTH_SERVICE`]. The overall status ("") and KeyService stay SERVING while
+/// writes fail, because VerifyKey still answers from the cache: taking the replica out of
+/// rotation would turn a storage problem into an outage of every API call.
+async fn report_writes(
+    mut writable: tokio::sync::watch::Receiver<bool>,
+    health: tonic_health::server::HealthReporter,
+) {
+    loop {
+        let status = if *writable.borrow_and_update() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        health
+            .set_service_status(WRITES_HEALTH_SERVICE, status)
+            .await;
+        if writable.changed().await.is_err() {
+            return;
+        }
     }
 }
 

@@ -18,10 +18,47 @@ pub enum ApiError {
     PermissionDenied(String),
     NotFound,
     FailedPrecondition(String),
-    VersionConflict { expected: u64, actual: u64 },
+    VersionConflict {
+        expected: u64,
+        actual: u64,
+    },
     OutOfRange(String),
     Unavailable(&'static str),
+    /// The storage failed; nothing was written (or, for `STORAGE_OUTCOME_UNKNOWN`, maybe).
+    Storage(StorageFailure),
     Internal(String),
+}
+
+/// How the storage failed, as told to a client: a code to retry on and a stable reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StorageFailure {
+    Full,
+    Unavailable,
+    OutcomeUnknown,
+}
+
+impl StorageFailure {
+    fn status(self) -> (Code, &'static str, &'static str) {
+        match self {
+            StorageFailure::Full => (
+                Code::ResourceExhausted,
+                "STORAGE_FULL",
+                "the storage is full: nothing was written. Keys still verify; retry once \
+                 space is freed",
+            ),
+            StorageFailure::Unavailable => (
+                Code::Unavailable,
+                "STORAGE_UNAVAILABLE",
+                "the storage failed: nothing was written. Keys still verify; retry with backoff",
+            ),
+            StorageFailure::OutcomeUnknown => (
+                Code::Unavailable,
+                "STORAGE_OUTCOME_UNKNOWN",
+                "the storage failed while committing and could not be read back: the change \
+                 may or may not have been recorded. Read the key before retrying",
+            ),
+        }
+    }
 }
 
 impl ApiError {
@@ -69,6 +106,17 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
         match e {
             StoreError::Domain(d) => d.into(),
+            StoreError::Full(ref m)
+            | StoreError::Unavailable(ref m)
+            | StoreError::OutcomeUnknown(ref m) => {
+                // The cause (a path, an errno) is for operators, not callers.
+                tracing::warn!(cause = %m, "storage failure");
+                ApiError::Storage(match e {
+                    StoreError::Full(_) => StorageFailure::Full,
+                    StoreError::Unavailable(_) => StorageFailure::Unavailable,
+                    _ => StorageFailure::OutcomeUnknown,
+                })
+            }
             StoreError::Internal(m) => ApiError::Internal(m),
         }
     }
@@ -114,6 +162,15 @@ impl From<ApiError> for Status {
             }
             ApiError::OutOfRange(m) => Status::out_of_range(m),
             ApiError::Unavailable(m) => Status::unavailable(m),
+            ApiError::Storage(failure) => {
+                let (code, reason, message) = failure.status();
+                let details = ErrorDetails::with_error_info(
+                    reason,
+                    ERROR_DOMAIN,
+                    std::collections::HashMap::new(),
+                );
+                Status::with_error_details(code, message, details)
+            }
             ApiError::Internal(m) => {
                 tracing::error!(error = %m, "internal error");
                 Status::internal("internal error")

@@ -4,6 +4,10 @@
 //! (group commit); reads use a small pool. The seam a PostgreSQL backend will fill is this
 //! module's public surface: [`Store::open`], [`Store::write`], the read methods and
 //! [`rebuild`]. Nothing outside `store` sees SQL.
+//!
+//! One process owns a database: [`Store::open`], [`rebuild`] and [`create_database`] hold an
+//! OS lock on `<database>.lock` for as long as they write, and refuse to start while another
+//! process holds it. Readers (the audit tools) need no lock.
 
 pub mod codec;
 mod writer;
@@ -30,20 +34,121 @@ pub const DATABASE_FILE: &str = "kemon-keys.db";
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-/// Why a store call failed.
-#[derive(Debug, thiserror::Error)]
+/// The lock file beside a database: held by the one process that writes it.
+pub fn lock_path(database: &Path) -> std::path::PathBuf {
+    let mut name = database.as_os_str().to_owned();
+    name.push(".lock");
+    name.into()
+}
+
+/// Why a store call failed. Cheap to clone: a failed batch answers every caller in it.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The domain refused the command; nothing was written.
     #[error(transparent)]
     Domain(#[from] DomainError),
-    /// The database failed or holds something it should not; logged, hidden from callers.
+    /// The storage is full (SQLITE_FULL, a file size limit); nothing was written.
+    #[error("storage full: {0}")]
+    Full(String),
+    /// The storage failed (an I/O error, files read-only or locked, the database
+    /// unreachable); nothing was written. Worth retrying later.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    /// The commit itself failed and the writer could not read back whether it landed. The
+    /// writer finds out when storage works again and brings the cache up to date then.
+    #[error("storage failed while committing; outcome unknown: {0}")]
+    OutcomeUnknown(String),
+    /// The database holds something it should not, or refused a statement for a reason
+    /// other than its storage; logged, hidden from callers.
     #[error("storage failure: {0}")]
     Internal(String),
 }
 
+impl StoreError {
+    /// Whether the storage itself failed (as opposed to a refused command or a bug).
+    pub fn is_storage_fault(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Full(_) | StoreError::Unavailable(_) | StoreError::OutcomeUnknown(_)
+        )
+    }
+}
+
+/// SQLite's primary result codes that mean the storage, not the statement, failed
+/// (<https://www.sqlite.org/rescode.html>).
+const SQLITE_PERM: i64 = 3;
+const SQLITE_BUSY: i64 = 5;
+const SQLITE_LOCKED: i64 = 6;
+const SQLITE_NOMEM: i64 = 7;
+const SQLITE_READONLY: i64 = 8;
+const SQLITE_IOERR: i64 = 10;
+const SQLITE_CORRUPT: i64 = 11;
+const SQLITE_FULL: i64 = 13;
+const SQLITE_CANTOPEN: i64 = 14;
+const SQLITE_PROTOCOL: i64 = 15;
+const SQLITE_NOTADB: i64 = 26;
+
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> StoreError {
-        StoreError::Internal(e.to_string())
+        let primary = match &e {
+            sqlx::Error::Database(db) => db
+                .code()
+                .and_then(|c| c.parse::<i64>().ok())
+                .map(|c| c & 0xff),
+            _ => None,
+        };
+        match (&e, primary) {
+            (_, Some(SQLITE_FULL)) => StoreError::Full(e.to_string()),
+            (
+                _,
+                Some(
+                    SQLITE_PERM | SQLITE_BUSY | SQLITE_LOCKED | SQLITE_NOMEM | SQLITE_READONLY
+                    | SQLITE_IOERR | SQLITE_CORRUPT | SQLITE_CANTOPEN | SQLITE_PROTOCOL
+                    | SQLITE_NOTADB,
+                ),
+            )
+            | (
+                sqlx::Error::Io(_)
+                | sqlx::Error::WorkerCrashed
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed,
+                _,
+            ) => StoreError::Unavailable(e.to_string()),
+            _ => StoreError::Internal(e.to_string()),
+        }
+    }
+}
+
+/// The exclusive right to write one database, held until dropped (an OS file lock, released
+/// by the kernel if the process dies).
+#[derive(Debug)]
+pub struct DatabaseLock {
+    _file: std::fs::File,
+}
+
+impl DatabaseLock {
+    /// Takes the lock beside `database`, or says which process to stop.
+    pub fn acquire(database: &Path) -> Result<DatabaseLock, StoreError> {
+        let path = lock_path(database);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| StoreError::Unavailable(format!("opening {}: {e}", path.display())))?;
+        match file.try_lock() {
+            Ok(()) => Ok(DatabaseLock { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Internal(format!(
+                "{} is in use by another kemon-keys process (it holds the lock {}); stop the \
+                 server using it first, or give this one another data directory",
+                database.display(),
+                path.display()
+            ))),
+            Err(std::fs::TryLockError::Error(e)) => Err(StoreError::Unavailable(format!(
+                "locking {}: {e}",
+                path.display()
+            ))),
+        }
     }
 }
 
@@ -124,6 +229,8 @@ pub struct Store {
     pool: SqlitePool,
     writes: mpsc::Sender<writer::Request>,
     committed: broadcast::Sender<Arc<LogRecord>>,
+    /// Whether the last commit succeeded; see [`Store::writable`].
+    writable: watch::Sender<bool>,
     writer: Arc<WriterHandle>,
 }
 
@@ -133,6 +240,9 @@ struct WriterHandle {
     task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
+/// How long a statement waits for a lock held by another connection.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
 fn connect_options(path: &Path) -> SqliteConnectOptions {
     SqliteConnectOptions::new()
         .filename(path)
@@ -140,28 +250,42 @@ fn connect_options(path: &Path) -> SqliteConnectOptions {
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Full)
         .foreign_keys(true)
-        .busy_timeout(Duration::from_secs(10))
+        .busy_timeout(BUSY_TIMEOUT)
+        // Deleted content is overwritten with zeros, so a revoked key's encrypted copy does
+        // not linger in free space (the writer also checkpoints the WAL after a revoke).
+        .pragma("secure_delete", "ON")
         // Statement journals (one per multi-row statement inside a transaction) stay in
         // memory instead of going through a temporary file.
         .pragma("temp_store", "MEMORY")
 }
 
-/// Opens (creating if needed) the database, applies the embedded migrations, and returns
-/// the reader pool and a dedicated writer connection.
-async fn open_database(path: &Path) -> Result<(SqlitePool, SqliteConnection), StoreError> {
-    let options = connect_options(path);
-    // The writer keeps the hot index pages of the log and the projection in memory.
-    let mut conn =
-        SqliteConnection::connect_with(&options.clone().pragma("cache_size", "-65536")).await?;
-    MIGRATOR
-        .run(&mut conn)
-        .await
-        .map_err(|e| StoreError::Internal(format!("migrations failed: {e}")))?;
+/// The writer's connection options: it keeps the hot index pages of the log and the
+/// projection in memory.
+fn writer_options(path: &Path) -> SqliteConnectOptions {
+    connect_options(path).pragma("cache_size", "-65536")
+}
+
+/// A database opened for writing: its lock, a reader pool, and the writer's connection.
+struct Opened {
+    lock: DatabaseLock,
+    pool: SqlitePool,
+    conn: SqliteConnection,
+}
+
+/// Takes the database's lock, opens (creating if needed) the database and applies the
+/// embedded migrations.
+async fn open_database(path: &Path) -> Result<Opened, StoreError> {
+    let lock = DatabaseLock::acquire(path)?;
+    let mut conn = SqliteConnection::connect_with(&writer_options(path)).await?;
+    MIGRATOR.run(&mut conn).await.map_err(|e| match e {
+        sqlx::migrate::MigrateError::Execute(e) => StoreError::from(e),
+        e => StoreError::Internal(format!("migrations failed: {e}")),
+    })?;
     let pool = SqlitePoolOptions::new()
         .max_connections(4)
-        .connect_with(options.read_only(true))
+        .connect_with(connect_options(path).read_only(true))
         .await?;
-    Ok((pool, conn))
+    Ok(Opened { lock, pool, conn })
 }
 
 impl Store {
@@ -175,7 +299,11 @@ impl Store {
         listener: Arc<dyn CommitListener>,
         options: StoreOptions,
     ) -> Result<Store, StoreError> {
-        let (pool, mut conn) = open_database(path).await?;
+        let Opened {
+            lock,
+            pool,
+            mut conn,
+        } = open_database(path).await?;
         sqlx::query("INSERT OR IGNORE INTO meta (name, value) VALUES ('master_key_id', ?)")
             .bind(master_key_id)
             .execute(&mut conn)
@@ -193,9 +321,14 @@ impl Store {
         let heads = load_heads(&mut conn).await?;
         let (tx, rx) = mpsc::channel(options.max_batch.max(1) * 4);
         let (committed, _) = broadcast::channel(options.live_buffer.max(1));
+        let (writable, _) = watch::channel(true);
         let writer = writer::Writer {
-            conn,
+            conn: Some(conn),
+            connect: writer_options(path),
+            _lock: lock,
             heads,
+            writable: writable.clone(),
+            scrub_pending: false,
             clock,
             listener,
             committed: committed.clone(),
@@ -207,11 +340,18 @@ impl Store {
             pool,
             writes: tx,
             committed,
+            writable,
             writer: Arc::new(WriterHandle {
                 stop,
                 task: std::sync::Mutex::new(Some(task)),
             }),
         })
+    }
+
+    /// False from the first commit that storage failed until the next one that succeeds.
+    /// Reads and VerifyKey go on regardless; the writer retries on every write.
+    pub fn writable(&self) -> watch::Receiver<bool> {
+        self.writable.subscribe()
     }
 
     /// Records as they are committed, in order. Lagging receivers get `RecvError::Lagged`.
@@ -354,9 +494,12 @@ impl Store {
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
-    /// Stops the writer once it has committed every write already queued (later writes are
-    /// refused), waits for it, and closes the reader pool.
+    /// Closes the reader pool, then stops the writer once it has committed every write
+    /// already queued (later writes are refused) and waits for it. The writer is the last
+    /// connection: it checkpoints the WAL into the database file and SQLite removes the
+    /// WAL, so a clean stop leaves one self-contained file.
     pub async fn close(self) {
+        self.pool.close().await;
         let _ = self.writer.stop.send(true);
         let task = self
             .writer
@@ -369,7 +512,6 @@ impl Store {
         {
             tracing::error!(error = %e, "the writer task failed");
         }
-        self.pool.close().await;
     }
 }
 
@@ -535,7 +677,11 @@ pub struct RebuildReport {
 /// emptied, every event is folded with the service's own `apply`, and each key's final state
 /// is written with the same row encoding the live path uses. Run it with the server stopped.
 pub async fn rebuild(path: &Path) -> Result<RebuildReport, StoreError> {
-    let (pool, mut conn) = open_database(path).await?;
+    let Opened {
+        lock: _lock,
+        pool,
+        mut conn,
+    } = open_database(path).await?;
     pool.close().await;
     let started = std::time::Instant::now();
     // A rebuild rewrites the whole table in one transaction. Through the WAL every page
@@ -628,11 +774,11 @@ pub async fn rebuild(path: &Path) -> Result<RebuildReport, StoreError> {
 }
 
 /// Creates (or opens) a database and applies the migrations: for tools that fill one
-/// directly, such as the benchmark seeder.
-pub async fn create_database(path: &Path) -> Result<SqliteConnection, StoreError> {
-    let (pool, conn) = open_database(path).await?;
+/// directly, such as the benchmark seeder. The lock must be held while writing.
+pub async fn create_database(path: &Path) -> Result<(SqliteConnection, DatabaseLock), StoreError> {
+    let Opened { lock, pool, conn } = open_database(path).await?;
     pool.close().await;
-    Ok(conn)
+    Ok((conn, lock))
 }
 
 /// Opens an existing database read-only, without migrating it: for auditors' tools.

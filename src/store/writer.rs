@@ -12,12 +12,20 @@
 //! is therefore never told "done" before its event is durable, and Verify on this server
 //! reflects the change before the caller hears back.
 //!
-//! If the database fails during a batch, nothing of it is kept, and its commands are retried
-//! one per transaction, so that a command the database refuses fails alone.
+//! Failures. A connection whose transaction failed is closed, never reused: when COMMIT fails
+//! with SQLITE_FULL or an I/O error SQLite rolls back by itself, and a driver that believes
+//! it is still inside the transaction would nest every later write in one that is never
+//! committed. The next attempt opens a new connection and reads the log back first, so a
+//! commit that reported failure but landed is caught up with, never lost from the cache.
+//! When the storage fails (full, I/O errors, read-only files) every caller of the batch gets
+//! that error and nothing of the batch is kept; the writer recovers by itself on the next
+//! write once storage works again. When the database refuses a batch for another reason,
+//! its commands are retried one per transaction, so that the one it refuses fails alone.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{Connection, SqliteConnection};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
@@ -109,16 +117,28 @@ impl Heads {
 
 /// The writer's surroundings.
 pub(super) struct Writer {
-    pub conn: SqliteConnection,
+    /// `None` after a failure: a connection whose transaction failed is never reused (SQLite
+    /// may have rolled back by itself while the driver still thinks it is inside one), so the
+    /// next attempt opens a new connection.
+    pub conn: Option<SqliteConnection>,
+    pub connect: SqliteConnectOptions,
+    /// Held for as long as this writer may write.
+    pub _lock: super::DatabaseLock,
     pub heads: Heads,
     pub clock: Arc<dyn Clock>,
     pub listener: Arc<dyn CommitListener>,
     pub committed: broadcast::Sender<Arc<LogRecord>>,
+    pub writable: watch::Sender<bool>,
+    /// A revoke destroyed an encrypted copy and the WAL still holds old frames with it.
+    pub scrub_pending: bool,
     pub max_batch: usize,
 }
 
+/// How often a pending scrub of the WAL is retried while no writes come.
+const SCRUB_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Commits batches until `stop` turns true; then refuses new writes, commits those already
-/// queued, and returns.
+/// queued, checkpoints the WAL into the database file, and returns.
 pub(super) async fn run(
     mut writer: Writer,
     mut requests: mpsc::Receiver<Request>,
@@ -127,12 +147,21 @@ pub(super) async fn run(
     let max_batch = writer.max_batch;
     let mut batch = Vec::with_capacity(max_batch);
     loop {
+        let scrub_retry = tokio::time::sleep(if writer.scrub_pending {
+            SCRUB_RETRY
+        } else {
+            std::time::Duration::MAX / 4
+        });
         let first = tokio::select! {
             biased;
             first = requests.recv() => first,
             _ = stop.changed() => {
                 requests.close();
                 requests.recv().await
+            }
+            () = scrub_retry => {
+                writer.scrub(SCRUB_BUSY_TIMEOUT).await;
+                continue;
             }
         };
         let Some(first) = first else { break };
@@ -144,11 +173,23 @@ pub(super) async fn run(
             }
         }
         commit_batch(&mut writer, &mut batch).await;
+        if writer.scrub_pending {
+            writer.scrub(SCRUB_BUSY_TIMEOUT).await;
+        }
     }
-    if let Err(e) = writer.conn.close().await {
+    if writer.conn.is_some() {
+        writer.scrub(super::BUSY_TIMEOUT).await;
+    }
+    if let Some(conn) = writer.conn.take()
+        && let Err(e) = conn.close().await
+    {
         tracing::warn!(error = %e, "closing the writer connection failed");
     }
 }
+
+/// How long a scrub between batches waits for readers of an older snapshot before it gives
+/// up and tries again later: writes wait behind it.
+const SCRUB_BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// The outcome of one command: its key's new state.
 type Outcome = Result<KeyState, StoreError>;
@@ -163,73 +204,213 @@ struct Effects {
     sealed_deletes: Vec<String>,
 }
 
+/// Why [`write_batch`] failed.
+enum Failure {
+    /// Before COMMIT: nothing of the batch can have been written.
+    Before(StoreError),
+    /// COMMIT itself failed. Whether it landed is found out by reading the log back; if it
+    /// did, the decided outcomes stand.
+    AtCommit(StoreError, Vec<Outcome>),
+}
+
 async fn commit_batch(writer: &mut Writer, batch: &mut Vec<Request>) {
-    let outcome = match try_commit(writer, batch).await {
-        Ok(outcomes) => Ok(outcomes),
-        Err(e) if batch.len() > 1 => {
+    let outcomes = match writer.attempt(batch).await {
+        Ok(outcomes) => outcomes,
+        Err(e) if batch.len() > 1 && !e.is_storage_fault() => {
+            // The database refused the batch for a reason other than its storage: retry its
+            // commands one per transaction, so that the one it refuses fails alone.
             tracing::warn!(error = %e, commands = batch.len(), "group commit failed; retrying its commands one by one");
             let mut outcomes = Vec::with_capacity(batch.len());
             for request in batch.iter_mut() {
-                match try_commit(writer, std::slice::from_mut(request)).await {
+                match writer.attempt(std::slice::from_mut(request)).await {
                     Ok(mut one) => outcomes.push(one.pop().expect("one outcome")),
-                    Err(e) => outcomes.push(Err(StoreError::from(e))),
+                    Err(e) => outcomes.push(Err(e)),
                 }
             }
-            Ok(outcomes)
+            outcomes
         }
-        Err(e) => Err(e),
+        Err(e) => {
+            tracing::error!(error = %e, commands = batch.len(), "commit failed");
+            vec![Err(e); batch.len()]
+        }
     };
-    match outcome {
-        Ok(outcomes) => {
-            for (request, outcome) in batch.drain(..).zip(outcomes) {
-                let _ = request.reply.send(outcome);
+    for (request, outcome) in batch.drain(..).zip(outcomes) {
+        let _ = request.reply.send(outcome);
+    }
+}
+
+impl Writer {
+    /// Decides, writes and commits `batch` in one transaction. On success the listener and
+    /// the live subscribers have been told; on error nothing of the batch is in the log, or
+    /// (only for [`StoreError::OutcomeUnknown`]) it could not be told whether it is.
+    async fn attempt(&mut self, batch: &mut [Request]) -> Result<Vec<Outcome>, StoreError> {
+        let result = self.attempt_once(batch).await;
+        let storage_failed = result.as_ref().is_err_and(StoreError::is_storage_fault);
+        self.writable.send_if_modified(|writable| {
+            let was = *writable;
+            *writable = !storage_failed;
+            was != *writable
+        });
+        result
+    }
+
+    async fn attempt_once(&mut self, batch: &mut [Request]) -> Result<Vec<Outcome>, StoreError> {
+        if self.conn.is_none() {
+            self.reconnect().await?;
+        }
+        let conn = self.conn.as_mut().expect("connected above");
+        let before = self.heads.mark();
+        let now = self.clock.now_ms();
+        match write_batch(conn, &mut self.heads, now, batch).await {
+            Ok((outcomes, effects)) => {
+                self.heads.settle();
+                self.publish(&effects.changed, effects.records);
+                self.scrub_pending |= !effects.sealed_deletes.is_empty();
+                Ok(outcomes)
+            }
+            Err(Failure::Before(e)) => {
+                self.heads.rollback(before);
+                self.drop_connection().await;
+                Err(e)
+            }
+            Err(Failure::AtCommit(e, outcomes)) => {
+                let landed = (self.heads.last_sequence, self.heads.last_hash);
+                self.heads.rollback(before);
+                self.drop_connection().await;
+                // Reconnecting reads the log back and catches up with whatever is in it, so
+                // if the commit landed after all, the cache and subscribers now have it.
+                if let Err(again) = self.reconnect().await {
+                    tracing::error!(error = %again, "cannot read the log back after a failed commit");
+                    return Err(StoreError::OutcomeUnknown(e.to_string()));
+                }
+                if (self.heads.last_sequence, self.heads.last_hash) == landed {
+                    tracing::warn!(error = %e, "the commit reported an error but is in the log");
+                    self.scrub_pending = true;
+                    Ok(outcomes)
+                } else {
+                    Err(e)
+                }
             }
         }
-        Err(e) => {
-            tracing::error!(error = %e, "commit failed; nothing of it was written");
-            for request in batch.drain(..) {
-                let _ = request
-                    .reply
-                    .send(Err(StoreError::Internal(format!("commit failed: {e}"))));
+    }
+
+    /// Hands committed states to the listener and records to live subscribers.
+    fn publish(&self, changed: &[KeyState], records: Vec<LogRecord>) {
+        if !changed.is_empty() {
+            self.listener.committed(changed);
+        }
+        for record in records {
+            // No subscriber is not an error.
+            let _ = self.committed.send(Arc::new(record));
+        }
+    }
+
+    async fn drop_connection(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            // Closing rolls back whatever SQLite still holds open.
+            let _ = conn.close().await;
+        }
+    }
+
+    /// Opens a new connection and catches up with the log: anything committed beyond the
+    /// heads this writer knows (a commit that reported failure but landed) is folded into
+    /// the listener's state and sent to subscribers, and the heads are read from the log.
+    async fn reconnect(&mut self) -> Result<(), StoreError> {
+        let mut conn = SqliteConnection::connect_with(&self.connect).await?;
+        let known = self.heads.last_sequence;
+        let mut after = known;
+        loop {
+            let records =
+                super::read_records(&mut conn, after, 1024, &super::RecordFilter::default())
+                    .await?;
+            let Some(last) = records.last() else { break };
+            after = last.sequence;
+            let mut keys: Vec<&str> = records.iter().map(|r| r.key_id.as_str()).collect();
+            keys.sort_unstable();
+            keys.dedup();
+            let mut states = Vec::with_capacity(keys.len());
+            for key in keys {
+                let key_id = crate::domain::KeyId::parse(key)
+                    .map_err(|e| StoreError::Internal(format!("key_id {key} in the log: {e}")))?;
+                if let Some(state) = load_stream(&mut conn, key_id).await? {
+                    states.push(state);
+                }
             }
+            self.publish(&states, records);
+        }
+        if after != known {
+            tracing::warn!(
+                from = known + 1,
+                to = after,
+                "caught up with records committed by a commit that reported failure"
+            );
+        }
+        self.heads = super::load_heads(&mut conn).await?;
+        self.conn = Some(conn);
+        Ok(())
+    }
+
+    /// Checkpoints the WAL into the database file and truncates it, so that frames holding
+    /// a destroyed encrypted copy are gone from disk. Readers of an older snapshot make the
+    /// checkpoint incomplete; it is then retried.
+    async fn scrub(&mut self, wait: std::time::Duration) {
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        let result: Result<(i64, i64, i64), sqlx::Error> = async {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "PRAGMA busy_timeout = {}",
+                wait.as_millis()
+            )))
+            .execute(&mut *conn)
+            .await?;
+            let row = sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
+                .fetch_one(&mut *conn)
+                .await;
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "PRAGMA busy_timeout = {}",
+                super::BUSY_TIMEOUT.as_millis()
+            )))
+            .execute(&mut *conn)
+            .await?;
+            row
+        }
+        .await;
+        match result {
+            Ok((0, _, _)) => self.scrub_pending = false,
+            Ok(_) => tracing::debug!("WAL checkpoint incomplete (readers); retrying"),
+            Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed; retrying"),
         }
     }
 }
 
-/// Decides, writes and commits `batch` in one transaction. On success the listener and the
-/// live subscribers have been told; on error nothing was written and the chain heads are as
-/// before.
-async fn try_commit(
-    writer: &mut Writer,
+/// Decides every command of `batch` against the state the commands before it left, then
+/// appends the events, writes the touched rows and commits, all in one transaction.
+async fn write_batch(
+    conn: &mut SqliteConnection,
+    heads: &mut Heads,
+    now: i64,
     batch: &mut [Request],
-) -> Result<Vec<Outcome>, sqlx::Error> {
-    let mark = writer.heads.mark();
-    let result = decide_and_write(writer, batch).await;
-    match result {
-        Ok((outcomes, effects)) => {
-            writer.heads.settle();
-            if !effects.changed.is_empty() {
-                writer.listener.committed(&effects.changed);
-            }
-            for record in effects.records {
-                // No subscriber is not an error.
-                let _ = writer.committed.send(Arc::new(record));
-            }
-            Ok(outcomes)
-        }
-        Err(e) => {
-            writer.heads.rollback(mark);
-            Err(e)
-        }
+) -> Result<(Vec<Outcome>, Effects), Failure> {
+    let mut tx = conn.begin().await.map_err(|e| Failure::Before(e.into()))?;
+    let (outcomes, effects) = decide_batch(&mut tx, heads, now, batch)
+        .await
+        .map_err(Failure::Before)?;
+    write_effects(&mut tx, heads, &effects)
+        .await
+        .map_err(|e| Failure::Before(e.into()))?;
+    match tx.commit().await {
+        Ok(()) => Ok((outcomes, effects)),
+        Err(e) => Err(Failure::AtCommit(e.into(), outcomes)),
     }
 }
 
-async fn decide_and_write(
-    writer: &mut Writer,
+async fn decide_batch(
+    tx: &mut SqliteConnection,
+    heads: &mut Heads,
+    now: i64,
     batch: &mut [Request],
-) -> Result<(Vec<Outcome>, Effects), sqlx::Error> {
-    let mut tx = writer.conn.begin().await?;
-    let now = writer.clock.now_ms();
+) -> Result<(Vec<Outcome>, Effects), StoreError> {
     let mut touched: HashMap<String, Option<KeyState>> = HashMap::new();
     let mut order: Vec<String> = Vec::new();
     let mut effects = Effects::default();
@@ -240,8 +421,10 @@ async fn decide_and_write(
         let current = match touched.get(&key) {
             Some(state) => state.clone(),
             None if matches!(write.command, Command::Create(_)) => None,
-            None => match load_stream(&mut tx, write.key_id).await {
+            None => match load_stream(tx, write.key_id).await {
                 Ok(state) => state,
+                // The storage failing fails the batch; anything else fails this command.
+                Err(e) if e.is_storage_fault() => return Err(e),
                 Err(e) => {
                     outcomes.push(Err(e));
                     continue;
@@ -261,7 +444,6 @@ async fn decide_and_write(
         };
         let mut state = visible;
         let changed = !events.is_empty();
-        let mut failed = None;
         for event in events {
             let stream_version = state.as_ref().map_or(1, |s| s.stream_version + 1);
             match &event {
@@ -289,7 +471,7 @@ async fn decide_and_write(
                 hash: [0; 32],
                 workspace_hash: [0; 32],
             };
-            writer.heads.append(&mut record);
+            heads.append(&mut record);
             effects.records.push(record);
             let recorded = Recorded {
                 event,
@@ -297,20 +479,11 @@ async fn decide_and_write(
                 recorded_at_ms: now,
                 stream_version,
             };
-            match domain::apply(state.take(), &recorded) {
-                Ok(next) => state = Some(next),
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
-            }
-        }
-        if let Some(e) = failed {
-            // decide and apply disagree: a bug, never a partial write. The whole batch is
-            // abandoned so no record of this command is kept.
-            return Err(sqlx::Error::Protocol(format!(
-                "apply refused a decided event: {e}"
-            )));
+            // decide and apply disagreeing is a bug, never a partial write: the whole batch
+            // is abandoned so no record of this command is kept.
+            state = Some(domain::apply(state.take(), &recorded).map_err(|e| {
+                StoreError::Internal(format!("apply refused a decided event: {e}"))
+            })?);
         }
         let Some(state) = state else {
             outcomes.push(Err(StoreError::Domain(domain::DomainError::NotFound)));
@@ -324,13 +497,20 @@ async fn decide_and_write(
         }
         outcomes.push(Ok(state));
     }
-
     effects.changed = order
         .iter()
         .filter_map(|k| touched.get(k).cloned().flatten())
         .collect();
-    insert_records(&mut tx, &effects.records).await?;
-    project_many(&mut tx, &effects.changed).await?;
+    Ok((outcomes, effects))
+}
+
+async fn write_effects(
+    tx: &mut SqliteConnection,
+    heads: &Heads,
+    effects: &Effects,
+) -> Result<(), sqlx::Error> {
+    insert_records(tx, &effects.records).await?;
+    project_many(tx, &effects.changed).await?;
     for (key_id, sealed) in &effects.sealed_inserts {
         sqlx::query("INSERT INTO sealed_secrets (key_id, sealed, master_key_id) VALUES (?, ?, ?)")
             .bind(key_id)
@@ -347,12 +527,11 @@ async fn decide_and_write(
     }
     if !effects.records.is_empty() {
         sqlx::query("UPDATE projection_checkpoint SET last_sequence = ? WHERE id = 1")
-            .bind(i64::try_from(writer.heads.last_sequence).unwrap_or(i64::MAX))
+            .bind(i64::try_from(heads.last_sequence).unwrap_or(i64::MAX))
             .execute(&mut *tx)
             .await?;
     }
-    tx.commit().await?;
-    Ok((outcomes, effects))
+    Ok(())
 }
 
 /// Splits `rows` into chunks of 256, 64, 16, 4 and 1 rows. Multi-row statements save a round

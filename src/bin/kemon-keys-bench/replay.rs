@@ -28,7 +28,7 @@ pub fn bench_master_key() -> MasterKey {
 /// `path`, hash-chained exactly as the service chains them. The projection is left empty:
 /// building it is what the rebuild measures.
 pub async fn seed_events(path: &Path, n: usize) -> anyhow::Result<()> {
-    let mut conn = store::create_database(path).await?;
+    let (mut conn, _lock) = store::create_database(path).await?;
     let mut heads: std::collections::HashMap<String, chain::Hash> = Default::default();
     let mut last_hash = chain::log_genesis();
     let now = 1_767_225_600_000i64;
