@@ -173,9 +173,6 @@ pub(super) async fn run(
             }
         }
         commit_batch(&mut writer, &mut batch).await;
-        if writer.scrub_pending {
-            writer.scrub(SCRUB_BUSY_TIMEOUT).await;
-        }
     }
     if writer.conn.is_some() {
         writer.scrub(super::BUSY_TIMEOUT).await;
@@ -234,6 +231,11 @@ async fn commit_batch(writer: &mut Writer, batch: &mut Vec<Request>) {
             vec![Err(e); batch.len()]
         }
     };
+    // A revoke is answered once its encrypted copy is gone from the files too (unless
+    // readers of an older snapshot hold the WAL; then within SCRUB_RETRY of their end).
+    if writer.scrub_pending {
+        writer.scrub(SCRUB_BUSY_TIMEOUT).await;
+    }
     for (request, outcome) in batch.drain(..).zip(outcomes) {
         let _ = request.reply.send(outcome);
     }

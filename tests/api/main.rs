@@ -9,6 +9,7 @@ mod helpers;
 mod lifecycle;
 mod listing;
 mod persistence;
+mod storage;
 mod surface;
 mod tamper;
 mod validation;

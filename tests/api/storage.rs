@@ -1,0 +1,480 @@
+//! Storage faults: the real binary, its files made unwritable for a while by a file size limit
+//! (RLIMIT_FSIZE set with `prlimit` on the running process: no root needed), and a crash.
+//! Every write the server acknowledged must be in the log afterwards; every write it refused
+//! must have left nothing; and the writer must recover without a restart.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use kemon_keys::proto::v1 as pb;
+use kemon_keys::proto::v1::key_service_client::KeyServiceClient;
+use kemon_keys::vault::MasterKey;
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_types::StatusExt;
+
+use crate::helpers::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_kemon-keys");
+
+/// The real server binary, serving on a random port.
+pub struct ServerProcess {
+    pub child: Child,
+    pub addr: SocketAddr,
+    /// Log lines (JSON) as they arrive on stderr.
+    pub log: mpsc::Receiver<String>,
+}
+
+impl ServerProcess {
+    /// Starts `kemon-keys serve` on `data_dir` with SIGXFSZ ignored (so that a file size limit
+    /// makes writes fail with EFBIG instead of killing the process) and waits for SERVING.
+    pub async fn start(data_dir: &Path, master_key_hex: &str, extra: &[&str]) -> ServerProcess {
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(r#"trap '' XFSZ; exec "$@""#)
+            .arg("sh")
+            .arg(BIN)
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra)
+            .env("KEMON_MASTER_KEY", master_key_hex)
+            .env("RUST_LOG", "info")
+            .env_remove("KEMON_MASTER_KEY_FILE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("spawn kemon-keys");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, log) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let addr = loop {
+            let line = log
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("the server logs `listening` within 20 s");
+            let value: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
+            if value["message"] == "listening" {
+                break value["local_addr"]
+                    .as_str()
+                    .expect("local_addr")
+                    .parse()
+                    .expect("socket address");
+            }
+        };
+        let server = ServerProcess { child, addr, log };
+        server.wait_for_health("", ServingStatus::Serving).await;
+        server
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    pub async fn client(&self) -> KeyServiceClient<Channel> {
+        KeyServiceClient::new(self.channel().await)
+    }
+
+    pub async fn health(&self, service: &str) -> Option<ServingStatus> {
+        let mut health = HealthClient::new(self.channel().await);
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .ok()?
+            .into_inner()
+            .status;
+        ServingStatus::try_from(status).ok()
+    }
+
+    pub async fn wait_for_health(&self, service: &str, want: ServingStatus) {
+        for _ in 0..1000 {
+            if self.health(service).await == Some(want) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("health of {service:?} did not become {want:?}");
+    }
+
+    /// Sets the process's file size limit (bytes; `None` for unlimited).
+    pub fn limit_file_size(&self, bytes: Option<u64>) {
+        let value = bytes.map_or("unlimited".to_owned(), |b| b.to_string());
+        let status = Command::new("prlimit")
+            .arg("--pid")
+            .arg(self.pid().to_string())
+            .arg(format!("--fsize={value}:unlimited"))
+            .status()
+            .expect("run prlimit (util-linux)");
+        assert!(status.success(), "prlimit failed: {status}");
+    }
+
+    /// SIGKILL: no shutdown, no checkpoint.
+    pub fn kill(mut self) {
+        self.child.kill().expect("kill");
+        self.child.wait().expect("wait");
+    }
+
+    /// SIGTERM, then waits for a clean exit. Async: the runtime must go on closing this
+    /// test's own connections, which the server waits for.
+    pub async fn stop(mut self) {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill -TERM");
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                assert!(status.success(), "unclean exit: {status}");
+                return;
+            }
+            assert!(Instant::now() < deadline, "no exit within 20 s of SIGTERM");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What the test believes about one key, from acknowledged writes only.
+#[derive(Debug, Clone, PartialEq)]
+struct Expected {
+    name: String,
+    revoked: bool,
+    secret: String,
+}
+
+/// A refused write must say the storage failed, with a stable reason, and nothing else.
+#[track_caller]
+fn assert_storage_refusal(status: &tonic::Status) {
+    assert!(
+        matches!(status.code(), Code::Unavailable | Code::ResourceExhausted),
+        "a storage failure must be UNAVAILABLE or RESOURCE_EXHAUSTED: {status:?}"
+    );
+    let reason = status.get_details_error_info().map(|i| i.reason);
+    assert!(
+        matches!(
+            reason.as_deref(),
+            Some("STORAGE_UNAVAILABLE" | "STORAGE_FULL")
+        ),
+        "reason: {reason:?}"
+    );
+    assert!(
+        status.message().contains("nothing was written"),
+        "{status:?}"
+    );
+}
+
+fn data_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    files
+}
+
+async fn create_named(
+    client: &mut KeyServiceClient<Channel>,
+    name: &str,
+) -> Result<(pb::Key, String), tonic::Status> {
+    let mut request = private_key(name, &["tickets:read"]);
+    request.reveal_later = true;
+    client.create_key(admin(request)).await.map(|r| {
+        let r = r.into_inner();
+        (r.key.expect("key"), r.secret)
+    })
+}
+
+async fn rename_key(
+    client: &mut KeyServiceClient<Channel>,
+    key_id: &str,
+    name: &str,
+) -> Result<pb::Key, tonic::Status> {
+    client
+        .rename_key(admin(pb::RenameKeyRequest {
+            workspace_id: WORKSPACE.into(),
+            key_id: key_id.into(),
+            name: name.into(),
+            ..Default::default()
+        }))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn revoke_key(
+    client: &mut KeyServiceClient<Channel>,
+    key_id: &str,
+) -> Result<pb::Key, tonic::Status> {
+    client
+        .revoke_key(admin(pb::RevokeKeyRequest {
+            workspace_id: WORKSPACE.into(),
+            key_id: key_id.into(),
+            ..Default::default()
+        }))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// One round of writes: a create, a rename and a revoke of earlier keys. Updates `expected`
+/// from acknowledged writes only; returns how many writes the server refused.
+async fn write_round(
+    client: &mut KeyServiceClient<Channel>,
+    round: usize,
+    expected: &mut BTreeMap<String, Expected>,
+    refused_names: &mut Vec<String>,
+) -> usize {
+    let mut refused = 0;
+    let name = format!("key {round}");
+    match create_named(client, &name).await {
+        Ok((key, secret)) => {
+            expected.insert(
+                key.key_id,
+                Expected {
+                    name,
+                    revoked: false,
+                    secret,
+                },
+            );
+        }
+        Err(status) => {
+            assert_storage_refusal(&status);
+            refused_names.push(name);
+            refused += 1;
+        }
+    }
+    let live: Vec<String> = expected
+        .iter()
+        .filter(|(_, e)| !e.revoked)
+        .map(|(id, _)| id.clone())
+        .collect();
+    if let Some(id) = live.first() {
+        let new_name = format!("renamed in round {round}");
+        match rename_key(client, id, &new_name).await {
+            Ok(key) => {
+                assert_eq!(key.name, new_name);
+                expected.get_mut(id).unwrap().name = new_name;
+            }
+            Err(status) => {
+                assert_storage_refusal(&status);
+                refused += 1;
+            }
+        }
+    }
+    if round % 2 == 0
+        && let Some(id) = live.last()
+    {
+        match revoke_key(client, id).await {
+            Ok(key) => {
+                assert!(key.revoked_at.is_some());
+                expected.get_mut(id).unwrap().revoked = true;
+            }
+            Err(status) => {
+                assert_storage_refusal(&status);
+                refused += 1;
+            }
+        }
+    }
+    refused
+}
+
+/// Verify answers what the acknowledged writes say, from the cache.
+async fn assert_verify_agrees(
+    client: &mut KeyServiceClient<Channel>,
+    expected: &BTreeMap<String, Expected>,
+) {
+    for (id, e) in expected {
+        let response = verify(client, &e.secret, &["tickets:read"], "").await;
+        let want = if e.revoked {
+            pb::VerifyCode::Revoked
+        } else {
+            pb::VerifyCode::Valid
+        };
+        assert_eq!(code(&response), want, "key {id}");
+    }
+}
+
+/// Everything in the workspace, revoked keys included, by key id.
+async fn all_keys(client: &mut KeyServiceClient<Channel>) -> BTreeMap<String, pb::Key> {
+    let mut keys = BTreeMap::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_keys(admin(pb::ListKeysRequest {
+                workspace_id: WORKSPACE.into(),
+                include_revoked: true,
+                page_size: 200,
+                page_token: page_token.clone(),
+                ..Default::default()
+            }))
+            .await
+            .expect("list_keys")
+            .into_inner();
+        keys.extend(page.keys.into_iter().map(|k| (k.key_id.clone(), k)));
+        if page.next_page_token.is_empty() {
+            return keys;
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+#[tokio::test]
+async fn no_acknowledged_write_is_lost_when_storage_fails_and_recovers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let master_key = MasterKey::generate().to_hex();
+    let server = ServerProcess::start(tmp.path(), &master_key, &[]).await;
+    let mut client = server.client().await;
+    let mut expected = BTreeMap::new();
+    let mut refused_names = Vec::new();
+    for round in 0..6 {
+        assert_eq!(
+            write_round(&mut client, round, &mut expected, &mut refused_names).await,
+            0
+        );
+    }
+
+    // Files stop growing: every write past their current size fails (EFBIG, an I/O error).
+    server.limit_file_size(Some(1));
+    let mut refused = 0;
+    for round in 6..30 {
+        refused += write_round(&mut client, round, &mut expected, &mut refused_names).await;
+        // Verify goes on from the cache, and agrees with what was acknowledged.
+        assert_verify_agrees(&mut client, &expected).await;
+    }
+    assert!(
+        refused >= 24,
+        "the file size limit refused only {refused} writes"
+    );
+    server
+        .wait_for_health(
+            kemon_keys::app::WRITES_HEALTH_SERVICE,
+            ServingStatus::NotServing,
+        )
+        .await;
+    assert_eq!(server.health("").await, Some(ServingStatus::Serving));
+
+    // Storage works again: the writer recovers by itself, no restart.
+    server.limit_file_size(None);
+    for round in 30..40 {
+        assert_eq!(
+            write_round(&mut client, round, &mut expected, &mut refused_names).await,
+            0,
+            "writes must succeed once storage works again (round {round})"
+        );
+    }
+    server
+        .wait_for_health(
+            kemon_keys::app::WRITES_HEALTH_SERVICE,
+            ServingStatus::Serving,
+        )
+        .await;
+    assert_verify_agrees(&mut client, &expected).await;
+
+    // A crash, then a new server on the same files: exactly the acknowledged writes.
+    drop(client);
+    server.kill();
+    let server = ServerProcess::start(tmp.path(), &master_key, &[]).await;
+    let mut client = server.client().await;
+    let keys = all_keys(&mut client).await;
+    assert_eq!(
+        keys.keys().collect::<Vec<_>>(),
+        expected.keys().collect::<Vec<_>>(),
+        "the keys after the crash are exactly the acknowledged creates"
+    );
+    for (id, e) in &expected {
+        let key = &keys[id];
+        assert_eq!(key.name, e.name, "key {id}");
+        assert_eq!(key.revoked_at.is_some(), e.revoked, "key {id}");
+    }
+    for name in &refused_names {
+        assert!(
+            keys.values().all(|k| &k.name != name),
+            "a refused create left {name}"
+        );
+    }
+    assert_verify_agrees(&mut client, &expected).await;
+    drop(client);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_second_server_on_the_same_data_directory_refuses_to_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let master_key = MasterKey::generate().to_hex();
+    let first = ServerProcess::start(tmp.path(), &master_key, &[]).await;
+
+    let output = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(tmp.path())
+        .env("KEMON_MASTER_KEY", &master_key)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run a second server");
+    assert!(!output.status.success(), "a second server started");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("in use by another kemon-keys process"),
+        "{stderr}"
+    );
+
+    // rebuild writes too: refused while the server runs.
+    let output = Command::new(BIN)
+        .args(["rebuild", "--data-dir"])
+        .arg(tmp.path())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run rebuild");
+    assert!(!output.status.success(), "rebuild ran beside a server");
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("in use by another kemon-keys process")
+    );
+
+    // The first server is unaffected, and once it stops the directory is free again.
+    let mut client = first.client().await;
+    create(&mut client, private_key("still writable", &[])).await;
+    drop(client);
+    first.stop().await;
+    let files = data_files(tmp.path());
+    assert!(
+        files.iter().all(|f| !f.to_string_lossy().ends_with("-wal")),
+        "a clean stop leaves no WAL: {files:?}"
+    );
+    let second = ServerProcess::start(tmp.path(), &master_key, &[]).await;
+    let mut client = second.client().await;
+    create(&mut client, private_key("second", &[])).await;
+    drop(client);
+    second.stop().await;
+}
