@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 use super::auth::{Actor, Permission};
 use super::error::{ApiError, quote};
 use super::keys::key_to_pb;
-use super::{observe, timestamp};
+use super::{observe, timestamp, within_cap};
 use crate::audit::chain::LogRecord;
 use crate::audit::replay::Replay;
 use crate::clock::Clock;
@@ -24,6 +24,11 @@ use crate::store::{RecordFilter, Store};
 
 /// Records read per database round trip when paging.
 const PAGE: u32 = 500;
+/// Most entries accepted in `filter.event_types`: room for every type and a few repeats, and
+/// a bound on the SQL variables a read binds (one per distinct type).
+pub const MAX_EVENT_TYPES_LISTED: usize = 16;
+const _: () = assert!(Event::TYPE_NAMES.len() <= MAX_EVENT_TYPES_LISTED);
+
 pub struct AuditApi {
     store: Store,
     clock: Arc<dyn Clock>,
@@ -106,16 +111,27 @@ fn parse_filter(filter: Option<&pb::EventFilter>) -> Result<RecordFilter, ApiErr
     {
         violations.push(Violation::new("filter.key_id", r));
     }
-    for t in &f.event_types {
-        if !Event::TYPE_NAMES.contains(&t.as_str()) {
-            violations.push(Violation::new(
-                "filter.event_types",
-                format!(
-                    "unknown event type {}; known: {}",
-                    quote(t),
-                    Event::TYPE_NAMES.join(", ")
-                ),
-            ));
+    // Distinct names only: each is one SQL variable of every read.
+    let mut event_types: Vec<String> = Vec::new();
+    if within_cap(
+        "filter.event_types",
+        &f.event_types,
+        MAX_EVENT_TYPES_LISTED,
+        &mut violations,
+    ) {
+        for t in &f.event_types {
+            if !Event::TYPE_NAMES.contains(&t.as_str()) {
+                violations.push(Violation::new(
+                    "filter.event_types",
+                    format!(
+                        "unknown event type {}; known: {}",
+                        quote(t),
+                        Event::TYPE_NAMES.join(", ")
+                    ),
+                ));
+            } else if !event_types.contains(t) {
+                event_types.push(t.clone());
+            }
         }
     }
     if !violations.is_empty() {
@@ -124,7 +140,7 @@ fn parse_filter(filter: Option<&pb::EventFilter>) -> Result<RecordFilter, ApiErr
     Ok(RecordFilter {
         workspace_id: (!f.workspace_id.is_empty()).then(|| f.workspace_id.clone()),
         key_id: (!f.key_id.is_empty()).then(|| f.key_id.clone()),
-        event_types: f.event_types.clone(),
+        event_types,
         up_to: None,
     })
 }

@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 
 use super::auth::{Actor, Permission};
 use super::error::{ApiError, quote};
-use super::{observe, observe_hot, record_key_id, timestamp};
+use super::{observe, observe_hot, record_key_id, timestamp, within_cap};
 use crate::cache::{CachedKey, Verdict, VerifyCache};
 use crate::clock::Clock;
 use crate::domain::key::NewKeyRequest;
@@ -146,11 +146,7 @@ fn key_ref(
 }
 
 fn parse_scopes(field: &str, names: &[String], violations: &mut Vec<Violation>) -> ScopeSet {
-    if names.len() > MAX_SCOPES_LISTED {
-        violations.push(Violation::new(
-            field,
-            format!("at most {MAX_SCOPES_LISTED} entries"),
-        ));
+    if !within_cap(field, names, MAX_SCOPES_LISTED, violations) {
         return ScopeSet::EMPTY;
     }
     ScopeSet::parse(names).unwrap_or_else(|unknown| {
@@ -257,12 +253,12 @@ impl KeyService for KeyApi {
             }
             let scopes = parse_scopes("scopes", &req.scopes, &mut violations);
             let mut allowed_domains: Vec<DomainPattern> = Vec::new();
-            if req.allowed_domains.len() > DomainPattern::MAX_PER_KEY {
-                violations.push(Violation::new(
-                    "allowed_domains",
-                    format!("at most {} domains", DomainPattern::MAX_PER_KEY),
-                ));
-            } else {
+            if within_cap(
+                "allowed_domains",
+                &req.allowed_domains,
+                DomainPattern::MAX_PER_KEY,
+                &mut violations,
+            ) {
                 for domain in &req.allowed_domains {
                     match DomainPattern::parse(domain) {
                         Ok(d) if !allowed_domains.contains(&d) => allowed_domains.push(d),

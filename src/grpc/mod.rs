@@ -15,6 +15,7 @@ use std::time::Instant;
 use tonic::{Response, Status};
 use tracing::Instrument;
 
+use crate::domain::Violation;
 use error::ApiError;
 
 pub(crate) use crate::store::codec::timestamp;
@@ -40,6 +41,9 @@ async fn observe_hot<T>(
     observe_in(span, true, call).await
 }
 
+/// The call's line names its outcome; for a refused call, `reason` is the status message. That
+/// message is built from violations whose values went through [`error::quote`], so a secret
+/// pasted into a request field reaches neither the caller's error nor this log.
 async fn observe_in<T>(
     span: tracing::Span,
     hot: bool,
@@ -67,4 +71,18 @@ async fn observe_in<T>(
 /// Records the key id on the current call's log line.
 fn record_key_id(key_id: impl std::fmt::Display) {
     tracing::Span::current().record("key_id", tracing::field::display(key_id));
+}
+
+/// Whether a repeated request field is within its cap; if not, records a violation naming the
+/// cap. Checked before any entry is looked at, so neither the work done for a request nor the
+/// error it gets grows with the number of entries sent.
+fn within_cap<T>(field: &str, entries: &[T], cap: usize, violations: &mut Vec<Violation>) -> bool {
+    if entries.len() <= cap {
+        return true;
+    }
+    violations.push(Violation::new(
+        field,
+        format!("at most {cap} entries (got {})", entries.len()),
+    ));
+    false
 }

@@ -200,6 +200,8 @@ impl Default for StoreOptions {
 pub struct RecordFilter {
     pub workspace_id: Option<String>,
     pub key_id: Option<String>,
+    /// Each is one SQL variable of the read, so callers keep the list short (the API refuses
+    /// long ones and drops repeats) and far under SQLite's limit on variables.
     pub event_types: Vec<String>,
     /// Only records at or before this sequence.
     pub up_to: Option<u64>,

@@ -1,9 +1,11 @@
-//! Input rules over gRPC: field violations for bad requests (nothing written), defaults, and the scope catalog.
+//! Input rules over gRPC: field violations for bad requests (nothing written), caps on repeated fields and the size of errors, values never repeated in errors, defaults, and the scope catalog.
 
+use kemon_keys::domain::Event;
 use kemon_keys::proto::v1 as pb;
+use kemon_keys::proto::v1::audit_service_client::AuditServiceClient;
 use kemon_keys::proto::v1::key_service_client::KeyServiceClient;
-use tonic::Code;
 use tonic::transport::Channel;
+use tonic::{Code, Status};
 
 use crate::helpers::*;
 
@@ -597,4 +599,203 @@ async fn list_scopes_returns_the_catalog_without_metadata() {
     ]
     .map(|(n, r, a, res)| (n.to_owned(), r.to_owned(), a, res));
     assert_eq!(got, expected);
+}
+
+// ----------------------------------------------------------------------------------------------
+// Caps on repeated fields, bounded errors, and values that are never repeated
+
+/// ReadEvents and SubscribeEvents, as an auditor, filtered to `event_types`: the status of
+/// each, or `None` for a call that was accepted.
+async fn filter_by_types(server: &TestServer, event_types: &[String]) -> [Option<Status>; 2] {
+    let mut audit = AuditServiceClient::new(server.channel().await);
+    let filter = pb::EventFilter {
+        event_types: event_types.to_vec(),
+        ..Default::default()
+    };
+    let read = audit
+        .read_events(as_role(
+            "auditor",
+            pb::ReadEventsRequest {
+                after_sequence: 0,
+                limit: 0,
+                filter: Some(filter.clone()),
+            },
+        ))
+        .await
+        .err();
+    let subscribe = audit
+        .subscribe_events(as_role(
+            "auditor",
+            pb::SubscribeEventsRequest {
+                after_sequence: 0,
+                filter: Some(filter),
+            },
+        ))
+        .await
+        .err();
+    [read, subscribe]
+}
+
+/// The reasons an INVALID_ARGUMENT gives for `field`, after checking that the whole error (its
+/// message and its encoded details) is small.
+#[track_caller]
+fn small_invalid(status: &Status, field: &str) -> Vec<String> {
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().len() < 1024, "{}", status.message().len());
+    assert!(status.details().len() < 2048, "{}", status.details().len());
+    assert_invalid(Err::<(), _>(status.clone()), field)
+}
+
+#[tokio::test]
+async fn event_type_lists_are_capped_before_any_entry_is_checked() {
+    let server = TestServer::start().await;
+
+    // Far more entries than SQLite has variables: refused as a list, not INTERNAL.
+    let many = vec!["KeyCreated".to_owned(); 40_000];
+    for status in filter_by_types(&server, &many).await {
+        let status = status.expect("40,000 event types are refused");
+        assert_eq!(
+            field_violations(&status),
+            [(
+                "filter.event_types".to_owned(),
+                "at most 16 entries (got 40000)".to_owned()
+            )],
+        );
+        assert!(status.message().len() < 100, "{}", status.message());
+    }
+
+    // Unknown names are not each reported: the list is refused before they are looked at.
+    let unknown: Vec<String> = (0..10_000).map(|i| format!("KeyDeleted{i}")).collect();
+    for status in filter_by_types(&server, &unknown).await {
+        let status = status.expect("10,000 unknown event types are refused");
+        let reasons = small_invalid(&status, "filter.event_types");
+        assert_eq!(reasons, ["at most 16 entries (got 10000)"]);
+    }
+
+    // Within the cap, each unknown name is a violation, but only a few are listed.
+    let unknown: Vec<String> = (0..16).map(|i| format!("Key{i}")).collect();
+    for status in filter_by_types(&server, &unknown).await {
+        let status = status.expect("unknown event types are refused");
+        let reasons = small_invalid(&status, "filter.event_types");
+        assert_eq!(reasons.len(), 4, "{reasons:?}");
+        assert!(reasons[0].contains("`Key0`"), "{reasons:?}");
+        assert!(reasons[2].contains("`Key2`"), "{reasons:?}");
+        assert!(reasons[3].contains("13 more"), "{reasons:?}");
+    }
+
+    // Sixteen entries, repeats included, are a filter; seventeen are not.
+    let mut sixteen: Vec<String> = vec!["KeyRenamed".to_owned(); 11];
+    sixteen.extend(Event::TYPE_NAMES.iter().map(|t| t.to_string()));
+    for status in filter_by_types(&server, &sixteen).await {
+        assert!(status.is_none(), "{status:?}");
+    }
+    sixteen.push("KeyRevoked".to_owned());
+    for status in filter_by_types(&server, &sixteen).await {
+        let reasons = small_invalid(&status.expect("refused"), "filter.event_types");
+        assert_eq!(reasons, ["at most 16 entries (got 17)"]);
+    }
+}
+
+#[tokio::test]
+async fn many_bad_entries_are_listed_a_few_at_a_time() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+
+    let hosts: Vec<String> = (0..20)
+        .map(|i| format!("https://h{i}.example.com"))
+        .collect();
+    let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
+    let request = public_key("bad hosts", &["tickets:read"], &hosts);
+    let status = client.create_key(admin(request)).await.unwrap_err();
+    let reasons = small_invalid(&status, "allowed_domains");
+    assert_eq!(reasons.len(), 4, "{reasons:?}");
+    assert!(
+        reasons[0].contains("`https://h0.example.com`"),
+        "{reasons:?}"
+    );
+    assert!(reasons[3].contains("17 more"), "{reasons:?}");
+
+    let status = client
+        .verify_key(pb::VerifyKeyRequest {
+            key: String::new(),
+            required_scopes: (0..16).map(|i| format!("tickets:{i}")).collect(),
+            origin: String::new(),
+        })
+        .await
+        .unwrap_err();
+    let reasons = small_invalid(&status, "required_scopes");
+    assert_eq!(reasons.len(), 4, "{reasons:?}");
+    assert!(reasons[3].contains("13 more"), "{reasons:?}");
+    assert!(all_keys(&mut client).await.is_empty());
+}
+
+/// Asserts that no 8 characters in a row of `body` (a key's random part and checksum) appear
+/// in the status message or its encoded details.
+#[track_caller]
+fn assert_not_repeated(status: &Status, body: &str) {
+    for part in body.as_bytes().windows(8) {
+        let shown = |bytes: &[u8]| bytes.windows(8).any(|w| w == part);
+        assert!(
+            !shown(status.message().as_bytes()),
+            "message repeats part of the key: {status:?}"
+        );
+        assert!(
+            !shown(status.details()),
+            "details repeat part of the key: {status:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_key_pasted_into_a_scope_list_is_never_repeated() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let (key, secret) = create(&mut client, private_key("pasted", &[])).await;
+    // What follows `sk_`: 32 random characters, then the 6 of the checksum.
+    let body = secret.rsplit('_').next().unwrap().to_owned();
+    assert_eq!(body.len(), 38, "{secret}");
+    let random = &body[..32];
+
+    for pasted in [
+        random.to_owned(),
+        format!("{random}:read"),
+        format!("tickets:{random}"),
+        body.clone(),
+        secret.clone(),
+    ] {
+        // The typo next to it is still shown, so the caller can fix it.
+        let scopes = ["tickets:reed", pasted.as_str()];
+        let status = client
+            .create_key(admin(private_key("pasted", &scopes)))
+            .await
+            .unwrap_err();
+        let reasons = small_invalid(&status, "scopes");
+        assert!(reasons[0].contains("`tickets:reed`"), "{reasons:?}");
+        assert_not_repeated(&status, &body);
+
+        let status = client
+            .update_key_scopes(admin(pb::UpdateKeyScopesRequest {
+                workspace_id: WORKSPACE.into(),
+                key_id: key.key_id.clone(),
+                scopes: scopes.iter().map(|s| s.to_string()).collect(),
+                expected_version: None,
+            }))
+            .await
+            .unwrap_err();
+        small_invalid(&status, "scopes");
+        assert_not_repeated(&status, &body);
+
+        let status = client
+            .verify_key(pb::VerifyKeyRequest {
+                key: secret.clone(),
+                required_scopes: vec!["tickets:writee".into(), pasted.clone()],
+                origin: String::new(),
+            })
+            .await
+            .unwrap_err();
+        let reasons = small_invalid(&status, "required_scopes");
+        assert!(reasons[0].contains("`tickets:writee`"), "{reasons:?}");
+        assert_not_repeated(&status, &body);
+    }
+    assert_eq!(all_keys(&mut client).await, [key]);
 }
