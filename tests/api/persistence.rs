@@ -821,6 +821,23 @@ async fn revoking_destroys_the_encrypted_copy() {
     assert_eq!(sealed_count(&server.db_path(), &plain.key_id).await, 0);
     assert_eq!(reveal(&mut client, &key.key_id).await.unwrap(), secret);
 
+    let sealed_of = |key_id: String| {
+        let path = server.db_path();
+        async move {
+            let mut conn = db(&path).await;
+            let bytes: Vec<u8> =
+                sqlx::query_scalar("SELECT sealed FROM sealed_secrets WHERE key_id = ?")
+                    .bind(key_id)
+                    .fetch_one(&mut conn)
+                    .await
+                    .unwrap();
+            conn.close().await.unwrap();
+            bytes
+        }
+    };
+    let destroyed = sealed_of(key.key_id.clone()).await;
+    let still_kept = sealed_of(kept.key_id.clone()).await;
+
     revoke(&mut client, &key.key_id).await;
     assert_eq!(sealed_count(&server.db_path(), &key.key_id).await, 0);
     assert_eq!(sealed_count(&server.db_path(), &kept.key_id).await, 1);
@@ -828,6 +845,41 @@ async fn revoking_destroys_the_encrypted_copy() {
         reveal(&mut client, &key.key_id).await.unwrap_err().code(),
         Code::FailedPrecondition
     );
+    // Gone from every file once RevokeKey has answered, WAL included; the kept copy is
+    // found, so the scan can see a copy where there is one.
+    let files = all_files(&server.data_dir);
+    assert!(files.iter().any(|(_, bytes)| contains(bytes, &still_kept)));
+    for (path, bytes) in &files {
+        assert!(
+            !contains(bytes, &destroyed),
+            "the revoked key's encrypted copy is still in {}",
+            path.display()
+        );
+    }
+
+    // A clean stop leaves one self-contained database file: no WAL to copy along.
+    drop(client);
+    let data_dir = server.data_dir.clone();
+    let tmp = stop(server).await;
+    let names: Vec<String> = all_files(&data_dir)
+        .iter()
+        .map(|(p, _)| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.ends_with("-wal") || n.ends_with("-shm")),
+        "{names:?}"
+    );
+    let copy = tempfile::tempdir().unwrap();
+    let copied = copy.path().join("copy.db");
+    std::fs::copy(data_dir.join(kemon_keys::store::DATABASE_FILE), &copied).unwrap();
+    assert_eq!(sealed_count(&copied, &kept.key_id).await, 1);
+    assert_eq!(sealed_count(&copied, &key.key_id).await, 0);
+    for (path, bytes) in all_files(&data_dir) {
+        assert!(!contains(&bytes, &destroyed), "{}", path.display());
+    }
+    drop(tmp);
 }
 
 #[tokio::test]
