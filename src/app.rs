@@ -19,6 +19,7 @@ use tonic_health::ServingStatus;
 use crate::cache::VerifyCache;
 use crate::clock::Clock;
 use crate::config::{LogFormat, ServeArgs};
+use crate::grpc::connections::{ConnectionLimits, MAX_REQUEST_BYTES, TrackCallsLayer};
 use crate::grpc::{AuditApi, KeyApi};
 use crate::proto::v1::audit_service_server::AuditServiceServer;
 use crate::proto::v1::key_service_server::KeyServiceServer;
@@ -39,12 +40,15 @@ pub enum MasterKeySource {
 /// Everything the server needs to start.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub listen: SocketAddr,
+    /// `host:port`; a host name is resolved and the first address bound.
+    pub listen: String,
     pub data_dir: PathBuf,
     pub master_key: MasterKeySource,
     pub write_batch_max: usize,
     /// Committed events buffered for live audit subscribers (see `SubscribeEvents`).
     pub audit_live_buffer: usize,
+    /// What one client may hold of the server.
+    pub connection_limits: ConnectionLimits,
 }
 
 impl Settings {
@@ -55,11 +59,18 @@ impl Settings {
             (None, None) => MasterKeySource::Development,
         };
         Settings {
-            listen: args.listen,
+            listen: args.listen.clone(),
             data_dir: args.data.data_dir.clone(),
             master_key,
             write_batch_max: usize::from(args.write_batch_max),
             audit_live_buffer: args.audit_live_buffer as usize,
+            connection_limits: ConnectionLimits {
+                max_connections: args.max_connections as usize,
+                max_streams: args.max_streams_per_connection,
+                idle_timeout: std::time::Duration::from_secs(args.idle_timeout_secs),
+                request_timeout: std::time::Duration::from_secs(args.request_timeout_secs),
+                ..ConnectionLimits::default()
+            },
         }
     }
 
@@ -112,6 +123,7 @@ fn write_private_file(path: &Path, contents: &str) -> std::io::Result<()> {
 pub struct Application {
     listener: TcpListener,
     local_addr: SocketAddr,
+    limits: ConnectionLimits,
     store: Store,
     cache: Arc<VerifyCache>,
     api: KeyApi,
@@ -150,7 +162,7 @@ impl Application {
         )
         .await
         .with_context(|| format!("opening {}", settings.database_path().display()))?;
-        let listener = TcpListener::bind(settings.listen)
+        let listener = TcpListener::bind(settings.listen.as_str())
             .await
             .with_context(|| format!("binding {}", settings.listen))?;
         let local_addr = listener.local_addr()?;
@@ -172,6 +184,7 @@ impl Application {
         Ok(Application {
             listener,
             local_addr,
+            limits: settings.connection_limits,
             store,
             cache,
             api,
@@ -195,6 +208,7 @@ impl Application {
         let Application {
             listener,
             local_addr,
+            limits,
             store,
             cache,
             api,
@@ -220,17 +234,17 @@ impl Application {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?;
 
-        // TCP_NODELAY: without it, small responses wait on Nagle's algorithm and the peer's
-        // delayed ACK (tens of milliseconds at the tail).
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-        let server = tonic::transport::Server::builder()
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(KeyServiceServer::new(api))
-            .add_service(AuditServiceServer::new(audit))
-            .serve_with_incoming_shutdown(incoming, shutdown);
+        let server = limits
+            .apply(tonic::transport::Server::builder())
+            .layer(TrackCallsLayer)
+            .add_service(health_service.max_decoding_message_size(MAX_REQUEST_BYTES))
+            .add_service(reflection_v1.max_decoding_message_size(MAX_REQUEST_BYTES))
+            .add_service(reflection_v1alpha.max_decoding_message_size(MAX_REQUEST_BYTES))
+            .add_service(KeyServiceServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES))
+            .add_service(
+                AuditServiceServer::new(audit).max_decoding_message_size(MAX_REQUEST_BYTES),
+            )
+            .serve_with_incoming_shutdown(limits.incoming(listener), shutdown);
         let server = tokio::spawn(server);
         tracing::info!(%local_addr, "listening");
 

@@ -1,7 +1,6 @@
 //! Command line and environment settings. Every flag is also an environment variable; the
 //! doc comments are the `--help` text.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -118,9 +117,10 @@ pub struct DataArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// Address to listen on for gRPC (plaintext HTTP/2). Port 0 picks a free port.
+    /// Address to listen on for gRPC (plaintext HTTP/2), `host:port`: an IP address or a
+    /// host name such as `localhost:50051`. Port 0 picks a free port.
     #[arg(long, env = "KEMON_LISTEN", default_value = "127.0.0.1:50051")]
-    pub listen: SocketAddr,
+    pub listen: String,
 
     #[command(flatten)]
     pub data: DataArgs,
@@ -148,6 +148,24 @@ pub struct ServeArgs {
     /// behind is told so (`fell_behind`) and catches up by paging from the database.
     #[arg(long, env = "KEMON_AUDIT_LIVE_BUFFER", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     pub audit_live_buffer: u32,
+
+    /// Most client connections open at once; further clients wait in the kernel's accept
+    /// queue until one closes.
+    #[arg(long, env = "KEMON_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// Most concurrent calls on one connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).
+    #[arg(long, env = "KEMON_MAX_STREAMS_PER_CONNECTION", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_streams_per_connection: u32,
+
+    /// Seconds a connection may stay open with no call in flight before it is closed.
+    #[arg(long, env = "KEMON_IDLE_TIMEOUT_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub idle_timeout_secs: u64,
+
+    /// Seconds a call may take, receiving its request included, before it is cancelled
+    /// (streams the server sends, such as SubscribeEvents, are not cut).
+    #[arg(long, env = "KEMON_REQUEST_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub request_timeout_secs: u64,
 
     /// Log line format.
     #[arg(long, env = "KEMON_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]

@@ -3,6 +3,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod connections;
 pub mod error;
 pub mod keys;
 

@@ -80,6 +80,7 @@ impl TestServer {
             master_key: master_key.clone(),
             write_batch_max: 64,
             audit_live_buffer: live_buffer,
+            connection_limits: Default::default(),
         };
         let app = Application::build(settings, Arc::new(clock.clone())).await?;
         let addr = app.local_addr();

@@ -229,6 +229,7 @@ fn settings(dir: &Path, master_key: MasterKeySource) -> Settings {
         master_key,
         write_batch_max: 64,
         audit_live_buffer: 4096,
+        connection_limits: Default::default(),
     }
 }
 
