@@ -68,6 +68,7 @@ impl Settings {
                 max_connections: args.max_connections as usize,
                 max_streams: args.max_streams_per_connection,
                 idle_timeout: std::time::Duration::from_secs(args.idle_timeout_secs),
+                handshake_timeout: std::time::Duration::from_secs(args.handshake_timeout_secs),
                 request_timeout: std::time::Duration::from_secs(args.request_timeout_secs),
                 ..ConnectionLimits::default()
             },

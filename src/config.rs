@@ -162,6 +162,10 @@ pub struct ServeArgs {
     #[arg(long, env = "KEMON_IDLE_TIMEOUT_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     pub idle_timeout_secs: u64,
 
+    /// Seconds a new connection may take to send its first bytes before it is closed.
+    #[arg(long, env = "KEMON_HANDSHAKE_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub handshake_timeout_secs: u64,
+
     /// Seconds a call may take, receiving its request included, before it is cancelled
     /// (streams the server sends, such as SubscribeEvents, are not cut).
     #[arg(long, env = "KEMON_REQUEST_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]

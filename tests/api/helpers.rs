@@ -2,10 +2,14 @@
 
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::sync::mpsc;
 use std::time::Duration;
+use std::time::Instant;
 
 use kemon_keys::app::{Application, MasterKeySource, Settings};
 use kemon_keys::clock::ManualClock;
@@ -16,6 +20,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
+use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_types::StatusExt;
@@ -289,4 +294,150 @@ pub async fn verify(
 
 pub fn code(response: &pb::VerifyKeyResponse) -> pb::VerifyCode {
     pb::VerifyCode::try_from(response.code).expect("known code")
+}
+
+/// The server binary, for tests that need a process of its own (signals, limits, RSS).
+pub const SERVER_BIN: &str = env!("CARGO_BIN_EXE_kemon-keys");
+
+/// The real server binary, serving on a random port.
+pub struct ServerProcess {
+    pub child: Child,
+    pub addr: SocketAddr,
+    /// Log lines (JSON) as they arrive on stderr.
+    pub log: mpsc::Receiver<String>,
+}
+
+impl ServerProcess {
+    /// Starts `kemon-keys serve` on `data_dir` with SIGXFSZ ignored (so that a file size limit
+    /// makes writes fail with EFBIG instead of killing the process) and waits for SERVING.
+    pub async fn start(data_dir: &Path, master_key_hex: &str, extra: &[&str]) -> ServerProcess {
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(r#"trap '' XFSZ; exec "$@""#)
+            .arg("sh")
+            .arg(SERVER_BIN)
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra)
+            .env("KEMON_MASTER_KEY", master_key_hex)
+            .env("RUST_LOG", "info")
+            .env_remove("KEMON_MASTER_KEY_FILE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("spawn kemon-keys");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, log) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let addr = loop {
+            let line = log
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("the server logs `listening` within 20 s");
+            let value: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
+            if value["message"] == "listening" {
+                break value["local_addr"]
+                    .as_str()
+                    .expect("local_addr")
+                    .parse()
+                    .expect("socket address");
+            }
+        };
+        let server = ServerProcess { child, addr, log };
+        server.wait_for_health("", ServingStatus::Serving).await;
+        server
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    pub async fn client(&self) -> KeyServiceClient<Channel> {
+        KeyServiceClient::new(self.channel().await)
+    }
+
+    pub async fn health(&self, service: &str) -> Option<ServingStatus> {
+        let mut health = HealthClient::new(self.channel().await);
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .ok()?
+            .into_inner()
+            .status;
+        ServingStatus::try_from(status).ok()
+    }
+
+    pub async fn wait_for_health(&self, service: &str, want: ServingStatus) {
+        for _ in 0..1000 {
+            if self.health(service).await == Some(want) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("health of {service:?} did not become {want:?}");
+    }
+
+    /// Sets the process's file size limit (bytes; `None` for unlimited).
+    pub fn limit_file_size(&self, bytes: Option<u64>) {
+        let value = bytes.map_or("unlimited".to_owned(), |b| b.to_string());
+        let status = Command::new("prlimit")
+            .arg("--pid")
+            .arg(self.pid().to_string())
+            .arg(format!("--fsize={value}:unlimited"))
+            .status()
+            .expect("run prlimit (util-linux)");
+        assert!(status.success(), "prlimit failed: {status}");
+    }
+
+    /// SIGKILL: no shutdown, no checkpoint.
+    pub fn kill(mut self) {
+        self.child.kill().expect("kill");
+        self.child.wait().expect("wait");
+    }
+
+    /// SIGTERM, then waits for a clean exit. Async: the runtime must go on closing this
+    /// test's own connections, which the server waits for.
+    pub async fn stop(mut self) {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill -TERM");
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                assert!(status.success(), "unclean exit: {status}");
+                return;
+            }
+            assert!(Instant::now() < deadline, "no exit within 20 s of SIGTERM");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -6,6 +6,7 @@ mod auth;
 mod concurrency;
 mod group_commit;
 mod helpers;
+mod hostile;
 mod lifecycle;
 mod listing;
 mod persistence;
