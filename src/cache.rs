@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use crate::clock::Clock;
 use crate::domain::api_key;
-use crate::domain::values::{is_localhost, origin_host};
+use crate::domain::values::{Origin, Scheme};
 use crate::domain::{DomainPattern, Environment, KeyId, KeyState, KeyType, ScopeSet, SecretHash};
 use crate::store::CommitListener;
 
@@ -201,16 +201,25 @@ impl VerifyCache {
         {
             return Verdict::Expired(entry);
         }
+        // An origin that does not parse is refused, never guessed at: a lenient reading can
+        // be steered into seeing localhost or an allowed domain in `http://evil.com\@localhost`.
         match entry.environment {
             Environment::Test => {
-                if !origin_host(origin).as_deref().is_some_and(is_localhost) {
+                // http or https, any port, or a bare host: local development servers run on
+                // plain http and on every port.
+                if !Origin::parse(origin).is_some_and(|o| o.host().is_localhost()) {
                     return Verdict::EnvironmentNotAllowed(entry);
                 }
             }
             Environment::Production if entry.key_type == KeyType::Public => {
-                let allowed = origin_host(origin)
-                    .as_deref()
-                    .is_some_and(|h| entry.allowed_domains.iter().any(|d| d.matches(h)));
+                // Allowed domains name hosts only, so any port passes. A production key works
+                // on the customer's secured domains, so a page served over plain http is
+                // refused; a bare host (a sidecar's Host header) carries no scheme and is
+                // judged on its host alone.
+                let allowed = Origin::parse(origin).is_some_and(|o| {
+                    o.scheme() != Some(Scheme::Http)
+                        && entry.allowed_domains.iter().any(|d| d.allows(o.host()))
+                });
                 if !allowed {
                     return Verdict::OriginNotAllowed(entry);
                 }

@@ -2,7 +2,7 @@
 //! A parse error is the reason, in words a caller can act on; the gRPC layer adds the field.
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// `key_` followed by a ULID (26 characters of Crockford base32, upper case).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -141,8 +141,20 @@ impl DomainPattern {
         &self.0
     }
 
-    /// Whether a lower-case host is allowed by this pattern.
-    pub fn matches(&self, host: &str) -> bool {
+    /// Whether an origin's host is allowed by this pattern. A pattern spelled as an IPv4
+    /// address allows that address; a wildcard never matches an address (`*.0.0.1` is not a
+    /// family of hosts), and no pattern can name an IPv6 address.
+    pub fn allows(&self, host: &Host) -> bool {
+        match host {
+            Host::Domain(name) => self.matches(name),
+            Host::Ip(IpAddr::V4(v4)) => self.0.parse::<Ipv4Addr>() == Ok(*v4),
+            Host::Ip(IpAddr::V6(_)) => false,
+        }
+    }
+
+    /// Whether a lower-case host name is allowed by this pattern. Private: callers go through
+    /// [`DomainPattern::allows`], whose host has been parsed and normalized.
+    fn matches(&self, host: &str) -> bool {
         match self.0.strip_prefix("*.") {
             Some(domain) => host
                 .strip_suffix(domain)
@@ -166,37 +178,148 @@ fn is_host_name(s: &str) -> bool {
         })
 }
 
-/// The host of a request's origin, lower case, from a URL (`https://app.example.com:8443/x`),
-/// a host and port (`localhost:3000`, `[::1]:8080`) or a bare host. `None` when empty or
-/// unparseable.
-pub fn origin_host(origin: &str) -> Option<String> {
-    let rest = origin.trim();
-    let rest = rest.split_once("://").map_or(rest, |(_, r)| r);
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
-    let host = if let Some(bracketed) = authority.strip_prefix('[') {
-        bracketed.split_once(']')?.0
-    } else if authority.matches(':').count() > 1 {
-        authority // a bare IPv6 address
-    } else {
-        authority.split(':').next().unwrap_or("")
-    };
-    let host = host.trim_end_matches('.');
-    (!host.is_empty()).then(|| host.to_ascii_lowercase())
+/// Where a VerifyKey request came from, as the browser's `Origin` header or a sidecar's `Host`
+/// header names it. Built only through [`Origin::parse`], so the host of one that exists is a
+/// real host and nothing else: no userinfo, path, query, escapes or stray characters that
+/// some other parser might read differently.
+///
+/// Accepted forms, exactly as sent (no whitespace is trimmed: HTTP libraries hand header
+/// values over trimmed, and a padded value is a caller bug better seen than hidden):
+/// - the RFC 6454 serialization `scheme "://" host [ ":" port ]`, scheme `http` or `https` in
+///   any case, with at most one trailing `/` (some callers build the origin from a root URL,
+///   and an empty path names nothing else; any longer path is refused);
+/// - a bare `host [ ":" port ]`, as in a `Host` header, with no scheme and no `/`.
+///
+/// The host is a DNS name in ASCII (internationalized names in their `xn--` form, as
+/// browsers send them), an IPv4 dotted quad, or an IPv6 literal in brackets (`[::1]`).
+/// An unbracketed IPv6 address (`::1`) is also accepted in the bare form when it is the whole
+/// value, without a port, because sidecars that pass a peer address send it that way; it must
+/// then parse as an address in full, so it can hide nothing. A port is 1 to 65535, in digits.
+/// `null`, the serialization of an opaque origin (sandboxed frames, `file:` pages), is not an
+/// origin of any host and is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    scheme: Option<Scheme>,
+    host: Host,
+    port: Option<u16>,
 }
 
-/// `localhost`, `*.localhost`, any 127.0.0.0/8 address or `::1`: where test keys work.
-pub fn is_localhost(host: &str) -> bool {
-    if host == "localhost" || host.ends_with(".localhost") {
-        return true;
-    }
-    match host.parse::<IpAddr>() {
-        Ok(IpAddr::V4(v4)) => v4.is_loopback(),
-        Ok(IpAddr::V6(v6)) => {
-            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+/// The scheme of an [`Origin`], when one was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+/// The host of an [`Origin`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Host {
+    /// Lower case, without a trailing dot; never ends in a numeric label, so never an address
+    /// in disguise (`127.1`, `0x7f.1`).
+    Domain(String),
+    Ip(IpAddr),
+}
+
+impl Origin {
+    /// `None` when `s` is not one of the forms above. No reason is given: VerifyKey answers
+    /// with a code only, and this runs on every call, so it builds nothing it would discard.
+    pub fn parse(s: &str) -> Option<Origin> {
+        if s.eq_ignore_ascii_case("null") {
+            return None;
         }
-        Err(_) => false,
+        let (scheme, authority) = match s.split_once("://") {
+            Some((scheme, rest)) => {
+                let scheme = if scheme.eq_ignore_ascii_case("https") {
+                    Scheme::Https
+                } else if scheme.eq_ignore_ascii_case("http") {
+                    Scheme::Http
+                } else {
+                    return None;
+                };
+                (Some(scheme), rest.strip_suffix('/').unwrap_or(rest))
+            }
+            None => (None, s),
+        };
+        let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
+            let (literal, after) = bracketed.split_once(']')?;
+            let port = match after {
+                "" => None,
+                _ => Some(parse_port(after.strip_prefix(':')?)?),
+            };
+            (
+                Host::Ip(IpAddr::V6(literal.parse::<Ipv6Addr>().ok()?)),
+                port,
+            )
+        } else if scheme.is_none() && authority.bytes().filter(|&b| b == b':').count() > 1 {
+            (
+                Host::Ip(IpAddr::V6(authority.parse::<Ipv6Addr>().ok()?)),
+                None,
+            )
+        } else {
+            let (host, port) = match authority.split_once(':') {
+                Some((host, port)) => (host, Some(parse_port(port)?)),
+                None => (authority, None),
+            };
+            (parse_host(host)?, port)
+        };
+        Some(Origin { scheme, host, port })
     }
+
+    pub fn scheme(&self) -> Option<Scheme> {
+        self.scheme
+    }
+
+    pub fn host(&self) -> &Host {
+        &self.host
+    }
+
+    /// The port as given; a default port (`:443`) is kept, not dropped.
+    pub fn port(&self) -> Option<u16> {
+        self.port
+    }
+}
+
+impl Host {
+    /// `localhost`, `*.localhost`, any 127.0.0.0/8 address, `::1` or an IPv4-mapped loopback
+    /// address: where test keys work.
+    pub fn is_localhost(&self) -> bool {
+        match self {
+            Host::Domain(name) => name == "localhost" || name.ends_with(".localhost"),
+            Host::Ip(IpAddr::V4(v4)) => v4.is_loopback(),
+            Host::Ip(IpAddr::V6(v6)) => {
+                v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+            }
+        }
+    }
+}
+
+/// 1 to 65535 in at most five digits: no sign, no spaces, not empty.
+fn parse_port(s: &str) -> Option<u16> {
+    if s.is_empty() || s.len() > 5 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse::<u16>().ok().filter(|&port| port != 0)
+}
+
+/// A DNS name or an IPv4 dotted quad, with one optional trailing dot.
+fn parse_host(s: &str) -> Option<Host> {
+    let s = s.strip_suffix('.').unwrap_or(s);
+    // A browser reads a host whose last label is a number as an IPv4 address in any of its
+    // old spellings (`127.1`, `0x7f.0.0.1`, `2130706433`) and serializes it as a dotted quad.
+    // Only that serialization is taken, so one address has one spelling here.
+    let last = s.rsplit('.').next().unwrap_or(s);
+    let numeric = (!last.is_empty() && last.bytes().all(|b| b.is_ascii_digit()))
+        || last
+            .strip_prefix("0x")
+            .or_else(|| last.strip_prefix("0X"))
+            .is_some_and(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit()));
+    if numeric {
+        return s
+            .parse::<Ipv4Addr>()
+            .ok()
+            .map(|v4| Host::Ip(IpAddr::V4(v4)));
+    }
+    is_host_name(s).then(|| Host::Domain(s.to_ascii_lowercase()))
 }
 
 /// How long a new key lives: the product's options only.
@@ -296,50 +419,247 @@ mod tests {
         }
     }
 
+    fn domain(name: &str) -> Host {
+        Host::Domain(name.to_owned())
+    }
+
+    fn ip(address: &str) -> Host {
+        Host::Ip(address.parse().unwrap())
+    }
+
     #[test]
-    fn origin_hosts_are_extracted_from_urls_and_host_ports() {
+    fn origins_parse_serializations_and_host_headers() {
+        use Scheme::{Http, Https};
         let cases = [
             (
-                "https://App.Example.com:8443/path?q",
-                Some("app.example.com"),
+                "https://app.example.com",
+                Some(Https),
+                domain("app.example.com"),
+                None,
             ),
-            ("app.example.com", Some("app.example.com")),
-            ("localhost:3000", Some("localhost")),
-            ("http://user@localhost", Some("localhost")),
-            ("[::1]:8080", Some("::1")),
-            ("http://[::1]/", Some("::1")),
-            ("::1", Some("::1")),
-            ("127.0.0.2", Some("127.0.0.2")),
-            ("example.com.", Some("example.com")),
-            ("", None),
-            ("https://", None),
+            (
+                "http://localhost:3000",
+                Some(Http),
+                domain("localhost"),
+                Some(3000),
+            ),
+            (
+                "HTTPS://App.Example.COM:8443",
+                Some(Https),
+                domain("app.example.com"),
+                Some(8443),
+            ),
+            ("HtTp://LOCALHOST", Some(Http), domain("localhost"), None),
+            (
+                "https://app.example.com/",
+                Some(Https),
+                domain("app.example.com"),
+                None,
+            ),
+            (
+                "https://example.com.",
+                Some(Https),
+                domain("example.com"),
+                None,
+            ),
+            (
+                "https://example.com.:443/",
+                Some(Https),
+                domain("example.com"),
+                Some(443),
+            ),
+            (
+                "https://xn--bcher-kva.example",
+                Some(Https),
+                domain("xn--bcher-kva.example"),
+                None,
+            ),
+            (
+                "http://127.0.0.1:8080",
+                Some(Http),
+                ip("127.0.0.1"),
+                Some(8080),
+            ),
+            ("http://[::1]", Some(Http), ip("::1"), None),
+            ("http://[::1]:8080/", Some(Http), ip("::1"), Some(8080)),
+            (
+                "https://[2001:DB8::1]",
+                Some(Https),
+                ip("2001:db8::1"),
+                None,
+            ),
+            ("app.example.com", None, domain("app.example.com"), None),
+            (
+                "App.Example.com:443",
+                None,
+                domain("app.example.com"),
+                Some(443),
+            ),
+            ("localhost:65535", None, domain("localhost"), Some(65535)),
+            ("a-b.localhost", None, domain("a-b.localhost"), None),
+            ("127.0.0.2", None, ip("127.0.0.2"), None),
+            ("127.0.0.1.", None, ip("127.0.0.1"), None),
+            ("[::1]:8080", None, ip("::1"), Some(8080)),
+            ("[::ffff:127.0.0.1]", None, ip("::ffff:127.0.0.1"), None),
+            ("::1", None, ip("::1"), None),
+            (
+                "127.0.0.1.evil.com",
+                None,
+                domain("127.0.0.1.evil.com"),
+                None,
+            ),
         ];
-        for (origin, host) in cases {
-            assert_eq!(origin_host(origin).as_deref(), host, "{origin}");
+        for (s, scheme, host, port) in cases {
+            let origin = Origin::parse(s).unwrap_or_else(|| panic!("{s} refused"));
+            assert_eq!(origin.scheme(), scheme, "{s}");
+            assert_eq!(origin.host(), &host, "{s}");
+            assert_eq!(origin.port(), port, "{s}");
+        }
+        let longest = format!("{}.com", vec!["a".repeat(63); 3].join("."));
+        assert_eq!(longest.len(), 195);
+        let at_limit = format!("{}.{}", "b".repeat(57), longest);
+        assert_eq!(at_limit.len(), 253);
+        assert!(Origin::parse(&at_limit).is_some());
+        assert!(Origin::parse(&format!("https://{at_limit}.")).is_some());
+    }
+
+    #[test]
+    fn origins_that_are_not_hosts_are_refused() {
+        let label_64 = format!("{}.com", "a".repeat(64));
+        let name_254 = format!(
+            "{}.{}.com",
+            "b".repeat(58),
+            vec!["a".repeat(63); 3].join(".")
+        );
+        assert_eq!(name_254.len(), 254);
+        for s in [
+            // From the review: each passed for localhost or for example.com.
+            "http://evil.com\\@localhost",
+            "http://evil.com;.localhost",
+            "http://evil.com%2f.localhost",
+            "http://[::1].evil.com",
+            "https://evil.com .example.com",
+            // Userinfo, paths, queries, fragments.
+            "http://localhost@evil.com",
+            "http://evil.com@localhost",
+            "http://user:pass@localhost",
+            "https://evil.com/localhost",
+            "http://[::1]/x",
+            "https://app.example.com//",
+            "https://app.example.com?x",
+            "https://app.example.com#x",
+            "localhost/",
+            "localhost:3000/",
+            "//localhost",
+            // Not hosts.
+            "",
+            "null",
+            "NULL",
+            "http://",
+            "https:///",
+            "http://:80",
+            "localhost:",
+            ":3000",
+            ".",
+            "example..com",
+            "example.com..",
+            ".example.com",
+            "-a.example.com",
+            "a-.example.com",
+            "a_b.example.com",
+            "ex ample.com",
+            " localhost",
+            "localhost ",
+            "localhost\n",
+            "bücher.example",
+            "*.example.com",
+            label_64.as_str(),
+            name_254.as_str(),
+            // Numbers that a browser would read as addresses in another spelling.
+            "127.1",
+            "0x7f.0.0.1",
+            "127.0.0.0x1",
+            "2130706433",
+            "127.000.0.1",
+            "256.0.0.1",
+            "1.2.3.4.5",
+            "evil.127",
+            // IPv6 outside brackets with a scheme or port, or not an address.
+            "http://::1",
+            "::1:8080:",
+            "[::1]x",
+            "[::1]:",
+            "[127.0.0.1]",
+            "[::1%25eth0]",
+            "fe80::1%eth0",
+            "[v1.x]",
+            "[::1",
+            // Ports.
+            "localhost:0",
+            "localhost:65536",
+            "localhost:123456",
+            "localhost:+80",
+            "localhost:8O",
+            "localhost:80:80",
+            // Other schemes and malformed scheme separators.
+            "ftp://localhost",
+            "file://localhost",
+            "ws://localhost",
+            "javascript://localhost",
+            "https:/app.example.com",
+            "https:app.example.com",
+            "https://https://app.example.com",
+        ] {
+            assert_eq!(Origin::parse(s), None, "{s:?} accepted");
         }
     }
 
     #[test]
     fn localhost_is_loopback_only() {
-        for host in [
+        for s in [
             "localhost",
             "app.localhost",
+            "a.b.localhost",
             "127.0.0.1",
             "127.8.9.10",
+            "[::1]",
             "::1",
-            "::ffff:127.0.0.1",
+            "[::ffff:127.0.0.1]",
+            "http://localhost.:3000",
         ] {
-            assert!(is_localhost(host), "{host}");
+            let origin = Origin::parse(s).unwrap_or_else(|| panic!("{s} refused"));
+            assert!(origin.host().is_localhost(), "{s}");
         }
-        for host in [
+        for s in [
             "example.com",
             "localhost.example.com",
+            "localhost.evil.com",
+            "notlocalhost",
             "10.0.0.1",
             "128.0.0.1",
-            "::2",
+            "[::2]",
+            "::",
         ] {
-            assert!(!is_localhost(host), "{host}");
+            let origin = Origin::parse(s).unwrap_or_else(|| panic!("{s} refused"));
+            assert!(!origin.host().is_localhost(), "{s}");
         }
+    }
+
+    #[test]
+    fn domain_patterns_allow_names_and_exact_ipv4_addresses() {
+        let host = |s: &str| Origin::parse(s).unwrap().host().clone();
+        let exact = DomainPattern::parse("app.example.com").unwrap();
+        assert!(exact.allows(&host("https://App.Example.com.:8443")));
+        assert!(!exact.allows(&host("https://example.com")));
+        let wild = DomainPattern::parse("*.example.com").unwrap();
+        assert!(wild.allows(&host("a.b.example.com")));
+        assert!(!wild.allows(&host("example.com")));
+        let address = DomainPattern::parse("10.0.0.5").unwrap();
+        assert!(address.allows(&host("https://10.0.0.5")));
+        assert!(!address.allows(&host("https://10.0.0.6")));
+        let wild_address = DomainPattern::parse("*.0.0.5").unwrap();
+        assert!(!wild_address.allows(&host("10.0.0.5")));
+        assert!(!exact.allows(&host("[::1]")));
     }
 
     #[test]

@@ -295,7 +295,10 @@ async fn test_keys_verify_only_from_localhost() {
             "127.0.0.1",
             "127.5.5.5:80",
             "[::1]:8080",
-            "http://[::1]/x",
+            "http://[::1]/",
+            "::1",
+            "https://app.localhost",
+            "HTTP://LocalHost:5173",
         ] {
             let response =
                 assert_code(&mut client, secret, &[], origin, pb::VerifyCode::Valid).await;
@@ -311,6 +314,9 @@ async fn test_keys_verify_only_from_localhost() {
             "127.0.0.1.evil.com",
             "http://localhost@evil.com",
             "https://evil.com/localhost",
+            "http://[::1]/x",
+            "ftp://localhost",
+            "null",
         ] {
             let response = assert_code(
                 &mut client,
@@ -346,6 +352,10 @@ async fn production_public_keys_verify_only_from_allowed_domains() {
         "https://a.example.org",
         "https://a.b.example.org",
         "HTTPS://App.Example.COM",
+        "https://app.example.com:8443",
+        "https://app.example.com/",
+        "https://app.example.com.",
+        "app.example.com",
     ] {
         let response = assert_code(
             &mut client,
@@ -366,6 +376,9 @@ async fn production_public_keys_verify_only_from_allowed_domains() {
         "https://x.app.example.com",
         "https://badexample.org",
         "localhost",
+        // Allowed domains name hosts only, but a production key needs a secured page.
+        "http://app.example.com",
+        "https://app.example.com/login",
     ] {
         let response = assert_code(
             &mut client,
@@ -376,6 +389,120 @@ async fn production_public_keys_verify_only_from_allowed_domains() {
         )
         .await;
         assert_identifies(&response, &key);
+    }
+}
+
+/// Origins that a lenient parser once read as localhost or as an allowed domain: each
+/// hides a different host behind an escape, a separator or a bracket.
+fn hostile_origins(scheme: &str, host: &str) -> Vec<String> {
+    let mut origins: Vec<String> = [
+        "{s}://evil.com\\@{h}",
+        "{s}://evil.com;.{h}",
+        "{s}://evil.com%2f.{h}",
+        "{s}://evil.com .{h}",
+        "{s}://evil.com\\.{h}",
+        "{s}://evil.com/.{h}",
+        "{s}://evil.com?.{h}",
+        "{s}://evil.com#.{h}",
+        "{s}://evil.com@{h}",
+        "{s}://{h}@evil.com",
+        "{s}://{h}:pass@evil.com",
+        "{s}://{h}/evil",
+        "{s}://{h}:0",
+        "{s}://{h}:65536",
+        "{s}://{h}:",
+        "ftp://{h}",
+        "{h} ",
+        "{h}/",
+    ]
+    .iter()
+    .map(|t| t.replace("{s}", scheme).replace("{h}", host))
+    .collect();
+    // The review's findings, verbatim.
+    origins.extend(
+        [
+            "http://evil.com\\@localhost",
+            "http://evil.com;.localhost",
+            "http://evil.com%2f.localhost",
+            "http://[::1].evil.com",
+            "https://evil.com .example.com",
+            "https://[::1].example.com",
+            "null",
+        ]
+        .map(String::from),
+    );
+    origins
+}
+
+#[tokio::test]
+async fn origins_that_are_not_hosts_are_refused_for_test_keys() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let (private, sk) = create(&mut client, test_env(private_key("local", &[]))).await;
+    let (public, pk) = create(
+        &mut client,
+        test_env(public_key("local public", &["tickets:read"], &[])),
+    )
+    .await;
+    for (key, secret) in [(&private, &sk), (&public, &pk)] {
+        for scheme in ["http", "https"] {
+            for origin in hostile_origins(scheme, "localhost") {
+                let response = assert_code(
+                    &mut client,
+                    secret,
+                    &[],
+                    &origin,
+                    pb::VerifyCode::EnvironmentNotAllowed,
+                )
+                .await;
+                assert_identifies(&response, key);
+            }
+            // The same key still verifies from the host each hostile origin dressed up as.
+            let origin = format!("{scheme}://localhost:3000");
+            assert_code(&mut client, secret, &[], &origin, pb::VerifyCode::Valid).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn origins_that_are_not_hosts_are_refused_for_production_public_keys() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let (key, secret) = create(
+        &mut client,
+        public_key(
+            "browser",
+            &["tickets:read"],
+            &["example.com", "*.example.com", "localhost"],
+        ),
+    )
+    .await;
+    for host in ["example.com", "app.example.com", "localhost"] {
+        for origin in hostile_origins("https", host) {
+            let response = assert_code(
+                &mut client,
+                &secret,
+                &["tickets:read"],
+                &origin,
+                pb::VerifyCode::OriginNotAllowed,
+            )
+            .await;
+            assert_identifies(&response, &key);
+        }
+        for origin in [
+            format!("https://{host}"),
+            format!("https://{host}:8443/"),
+            host.to_owned(),
+        ] {
+            assert_code(
+                &mut client,
+                &secret,
+                &["tickets:read"],
+                &origin,
+                pb::VerifyCode::Valid,
+            )
+            .await;
+        }
     }
 }
 
@@ -391,6 +518,8 @@ async fn production_private_keys_verify_from_any_origin() {
         "10.0.0.1",
         "[::1]:8080",
         "not a url at all",
+        "http://evil.com\\@localhost",
+        "null",
     ] {
         let response = assert_code(&mut client, &secret, &[], origin, pb::VerifyCode::Valid).await;
         assert_identifies(&response, &key);
