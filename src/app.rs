@@ -120,6 +120,33 @@ fn write_private_file(path: &Path, contents: &str) -> std::io::Result<()> {
     file.sync_all()
 }
 
+/// Loads the master key and opens the store, creating the data directory if needed.
+async fn open_data(
+    settings: &Settings,
+    clock: Arc<dyn Clock>,
+) -> anyhow::Result<(MasterKey, Arc<VerifyCache>, Store)> {
+    if !matches!(settings.master_key, MasterKeySource::Development) {
+        load_master_key(settings)?;
+    }
+    std::fs::create_dir_all(&settings.data_dir)
+        .with_context(|| format!("creating data directory {}", settings.data_dir.display()))?;
+    let master_key = load_master_key(settings)?;
+    let cache = Arc::new(VerifyCache::new(clock.clone()));
+    let store = Store::open(
+        &settings.database_path(),
+        &master_key.fingerprint(),
+        clock,
+        cache.clone(),
+        StoreOptions {
+            max_batch: settings.write_batch_max,
+            live_buffer: settings.audit_live_buffer,
+        },
+    )
+    .await
+    .with_context(|| format!("opening {}", settings.database_path().display()))?;
+    Ok((master_key, cache, store))
+}
+
 /// A built server: store open, listener bound, not yet serving.
 pub struct Application {
     listener: TcpListener,
@@ -147,25 +174,17 @@ impl std::fmt::Debug for Application {
 
 impl Application {
     pub async fn build(settings: Settings, clock: Arc<dyn Clock>) -> anyhow::Result<Application> {
-        std::fs::create_dir_all(&settings.data_dir)
-            .with_context(|| format!("creating data directory {}", settings.data_dir.display()))?;
-        let master_key = load_master_key(&settings)?;
-        let cache = Arc::new(VerifyCache::new(clock.clone()));
-        let store = Store::open(
-            &settings.database_path(),
-            &master_key.fingerprint(),
-            clock.clone(),
-            cache.clone(),
-            StoreOptions {
-                max_batch: settings.write_batch_max,
-                live_buffer: settings.audit_live_buffer,
-            },
-        )
-        .await
-        .with_context(|| format!("opening {}", settings.database_path().display()))?;
+        // Everything that can fail without touching the disk comes first, so that a start
+        // that fails (port taken, malformed master key) leaves nothing behind.
         let listener = TcpListener::bind(settings.listen.as_str())
             .await
             .with_context(|| format!("binding {}", settings.listen))?;
+        let created_dir = !settings.data_dir.exists();
+        let opened = open_data(&settings, clock.clone()).await;
+        if opened.is_err() && created_dir {
+            let _ = std::fs::remove_dir_all(&settings.data_dir);
+        }
+        let (master_key, cache, store) = opened?;
         let local_addr = listener.local_addr()?;
         let ready = Arc::new(AtomicBool::new(false));
         let (stopping, stopping_rx) = tokio::sync::watch::channel(false);
@@ -352,8 +371,12 @@ pub async fn rebuild(data_dir: &Path) -> anyhow::Result<()> {
 pub fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only where a person reads it: a pipe or a file gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

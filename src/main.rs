@@ -20,6 +20,7 @@ async fn main() -> ExitCode {
         Commands::Rebuild(_) | Commands::Audit(_) => LogFormat::Text,
     };
     app::init_tracing(format);
+    let serving = matches!(cli.command, Commands::Serve(_));
     let result = match cli.command {
         Commands::Serve(args) => serve(Settings::from_args(&args)).await,
         Commands::Rebuild(args) => app::rebuild(&args.data_dir).await,
@@ -34,8 +35,13 @@ async fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("kemon-keys: {e:#}");
+            // Once: a server's failure as a log line (JSON where logs are JSON), a command's
+            // as one line for the person who ran it.
+            if serving {
+                tracing::error!(error = format!("{e:#}"), "kemon-keys failed");
+            } else {
+                eprintln!("kemon-keys: {e:#}");
+            }
             ExitCode::FAILURE
         }
     }

@@ -198,6 +198,8 @@ fn verify_response(verdict: Verdict) -> pb::VerifyKeyResponse {
         missing_scopes: missing.names(),
         ..Default::default()
     };
+    // The call's log line says what Verify decided, not only that the RPC succeeded.
+    tracing::Span::current().record("verify_code", code.as_str_name());
     if let Some(k) = key {
         record_key_id(k.key_id);
         fill_key(&mut response, &k);

@@ -38,7 +38,12 @@ async fn observe_hot<T>(
     method: &'static str,
     call: impl Future<Output = Result<T, ApiError>>,
 ) -> Result<Response<T>, Status> {
-    let span = tracing::debug_span!("rpc", method, key_id = tracing::field::Empty);
+    let span = tracing::debug_span!(
+        "rpc",
+        method,
+        key_id = tracing::field::Empty,
+        verify_code = tracing::field::Empty
+    );
     observe_in(span, true, call).await
 }
 

@@ -311,6 +311,21 @@ impl ServerProcess {
     /// Starts `kemon-keys serve` on `data_dir` with SIGXFSZ ignored (so that a file size limit
     /// makes writes fail with EFBIG instead of killing the process) and waits for SERVING.
     pub async fn start(data_dir: &Path, master_key_hex: &str, extra: &[&str]) -> ServerProcess {
+        let mut args = vec!["--listen", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        ServerProcess::start_with(data_dir, master_key_hex, &args).await
+    }
+
+    /// [`ServerProcess::start`] listening on `listen` (`host:port`).
+    pub async fn start_listening(
+        data_dir: &Path,
+        master_key_hex: &str,
+        listen: &str,
+    ) -> ServerProcess {
+        ServerProcess::start_with(data_dir, master_key_hex, &["--listen", listen]).await
+    }
+
+    async fn start_with(data_dir: &Path, master_key_hex: &str, extra: &[&str]) -> ServerProcess {
         let mut command = Command::new("sh");
         command
             .arg("-c")
@@ -318,7 +333,7 @@ impl ServerProcess {
             .arg("sh")
             .arg(SERVER_BIN)
             .arg("serve")
-            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(["--log-format", "json"])
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)

@@ -985,3 +985,54 @@ async fn a_development_master_key_is_generated_and_reused() {
     );
     stop(server).await;
 }
+
+#[tokio::test]
+async fn a_start_that_fails_leaves_nothing_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data_dir = tmp.path().join("data");
+
+    // A malformed master key.
+    let output = run_binary(|c| {
+        c.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data_dir)
+            .env("KEMON_MASTER_KEY", "nothex");
+    });
+    assert!(!output.status.success());
+    assert!(!data_dir.exists(), "the data directory was created");
+
+    // A port that is taken (by a listener of this test), with a development master key.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let output = run_binary(|c| {
+        c.args([
+            "serve",
+            "--listen",
+            &format!("localhost:{port}"),
+            "--data-dir",
+        ])
+        .arg(&data_dir);
+    });
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        stderr.matches("binding localhost:").count(),
+        1,
+        "the error is printed once: {stderr}"
+    );
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "no colour codes in a pipe: {stderr}"
+    );
+    assert!(!data_dir.exists(), "the data directory was created");
+}
+
+#[tokio::test]
+async fn the_listen_address_may_be_a_host_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let master_key = MasterKey::generate().to_hex();
+    let server = ServerProcess::start_listening(tmp.path(), &master_key, "localhost:0").await;
+    let mut client = server.client().await;
+    create(&mut client, private_key("over a host name", &[])).await;
+    drop(client);
+    server.stop().await;
+}
