@@ -144,7 +144,7 @@ async fn write_round(
             }
         }
     }
-    if round % 2 == 0
+    if round.is_multiple_of(2)
         && let Some(id) = live.last()
     {
         match revoke_key(client, id).await {
