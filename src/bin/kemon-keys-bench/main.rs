@@ -288,7 +288,17 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
                                 origin: origin.to_string(),
                             })
                             .await
-                            .map(|_| ())
+                            .and_then(|r| {
+                                // A MALFORMED or NOT_FOUND answer is fast and measures
+                                // nothing: count it as a failure, not a success.
+                                let r = r.into_inner();
+                                r.valid.then_some(()).ok_or_else(|| {
+                                    tonic::Status::failed_precondition(format!(
+                                        "verdict {} is not VALID",
+                                        r.code
+                                    ))
+                                })
+                            })
                     }
                 },
             )
@@ -318,6 +328,14 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
         args.connections,
         args.seconds,
         result.summary()
+    );
+    // A run whose calls failed (the server died, or Verify did not say VALID) measured
+    // something else than it claims: fail it.
+    anyhow::ensure!(
+        result.errors == 0 && result.calls > 0,
+        "{} of {} calls failed",
+        result.errors,
+        result.calls + result.errors
     );
     Ok(())
 }
