@@ -27,7 +27,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -128,17 +128,20 @@ impl ConnectionLimits {
 #[derive(Debug)]
 struct ConnectionState {
     in_flight: AtomicUsize,
-    /// When the last call ended (or the connection began).
-    last_active: std::sync::Mutex<Instant>,
+    accepted: Instant,
+    /// When the last call ended (or the connection began), in milliseconds since `accepted`:
+    /// an atomic, not a lock, since every call (VerifyKey included) ends by setting it.
+    last_active_ms: AtomicU64,
 }
 
 impl ConnectionState {
     fn touch(&self) {
-        *self.last_active.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        let ms = u64::try_from(self.accepted.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_active_ms.store(ms, Ordering::Release);
     }
 
     fn last_active(&self) -> Instant {
-        *self.last_active.lock().unwrap_or_else(|p| p.into_inner())
+        self.accepted + Duration::from_millis(self.last_active_ms.load(Ordering::Acquire))
     }
 }
 
@@ -174,7 +177,8 @@ impl LimitedConnection {
                 remote_addr,
                 state: Arc::new(ConnectionState {
                     in_flight: AtomicUsize::new(0),
-                    last_active: std::sync::Mutex::new(Instant::now()),
+                    accepted: Instant::now(),
+                    last_active_ms: AtomicU64::new(0),
                 }),
             },
             limits,

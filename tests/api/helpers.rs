@@ -114,11 +114,7 @@ impl TestServer {
     }
 
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.endpoint())
-            .unwrap()
-            .connect()
-            .await
-            .expect("connect")
+        connect(self.addr).await
     }
 
     pub async fn client(&self) -> KeyServiceClient<Channel> {
@@ -130,20 +126,7 @@ impl TestServer {
     }
 
     async fn wait_until_serving(&self) {
-        let mut health = HealthClient::new(self.channel().await);
-        for _ in 0..500 {
-            let status = health
-                .check(tonic_health::pb::HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await
-                .map(|r| r.into_inner().status);
-            if status.is_ok_and(|s| s == ServingStatus::Serving as i32) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("server did not report SERVING");
+        wait_for_health(&self.channel().await, "", ServingStatus::Serving).await;
     }
 
     /// Graceful shutdown; returns what the server's run returned. Keeps the data directory.
@@ -176,6 +159,39 @@ impl Drop for TestServer {
             let _ = tx.send(());
         }
     }
+}
+
+/// A plaintext HTTP/2 channel to a test server.
+pub async fn connect(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect")
+}
+
+/// What the health service says of `service` ("" for the server as a whole).
+pub async fn health_of(channel: &Channel, service: &str) -> Option<ServingStatus> {
+    let status = HealthClient::new(channel.clone())
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .ok()?
+        .into_inner()
+        .status;
+    ServingStatus::try_from(status).ok()
+}
+
+/// Polls the health service until `service` reports `want` (10 s at most).
+pub async fn wait_for_health(channel: &Channel, service: &str, want: ServingStatus) {
+    for _ in 0..1000 {
+        if health_of(channel, service).await == Some(want) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("health of {service:?} did not become {want:?}");
 }
 
 pub const WORKSPACE: &str = "ws_acme";
@@ -377,11 +393,7 @@ impl ServerProcess {
     }
 
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.addr))
-            .unwrap()
-            .connect()
-            .await
-            .expect("connect")
+        connect(self.addr).await
     }
 
     pub async fn client(&self) -> KeyServiceClient<Channel> {
@@ -389,26 +401,11 @@ impl ServerProcess {
     }
 
     pub async fn health(&self, service: &str) -> Option<ServingStatus> {
-        let mut health = HealthClient::new(self.channel().await);
-        let status = health
-            .check(HealthCheckRequest {
-                service: service.into(),
-            })
-            .await
-            .ok()?
-            .into_inner()
-            .status;
-        ServingStatus::try_from(status).ok()
+        health_of(&self.channel().await, service).await
     }
 
     pub async fn wait_for_health(&self, service: &str, want: ServingStatus) {
-        for _ in 0..1000 {
-            if self.health(service).await == Some(want) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("health of {service:?} did not become {want:?}");
+        wait_for_health(&self.channel().await, service, want).await;
     }
 
     /// Sets the process's file size limit (bytes; `None` for unlimited).

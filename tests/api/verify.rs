@@ -275,16 +275,23 @@ async fn a_revoked_key_is_revoked_at_once() {
     );
 }
 
+/// A private and a public test key, with their secrets.
+async fn create_test_keys(client: &mut KeyServiceClient<Channel>) -> [(pb::Key, String); 2] {
+    [
+        create(client, test_env(private_key("local", &[]))).await,
+        create(
+            client,
+            test_env(public_key("local public", &["tickets:read"], &[])),
+        )
+        .await,
+    ]
+}
+
 #[tokio::test]
 async fn test_keys_verify_only_from_localhost() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
-    let (private, sk) = create(&mut client, test_env(private_key("local", &[]))).await;
-    let (public, pk) = create(
-        &mut client,
-        test_env(public_key("local public", &["tickets:read"], &[])),
-    )
-    .await;
+    let [(private, sk), (public, pk)] = create_test_keys(&mut client).await;
     assert!(sk.starts_with("sk_test_"), "{sk}");
     assert!(pk.starts_with("pk_test_"), "{pk}");
 
@@ -438,12 +445,7 @@ fn hostile_origins(scheme: &str, host: &str) -> Vec<String> {
 async fn origins_that_are_not_hosts_are_refused_for_test_keys() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
-    let (private, sk) = create(&mut client, test_env(private_key("local", &[]))).await;
-    let (public, pk) = create(
-        &mut client,
-        test_env(public_key("local public", &["tickets:read"], &[])),
-    )
-    .await;
+    let [(private, sk), (public, pk)] = create_test_keys(&mut client).await;
     for (key, secret) in [(&private, &sk), (&public, &pk)] {
         for scheme in ["http", "https"] {
             for origin in hostile_origins(scheme, "localhost") {
