@@ -180,9 +180,16 @@ impl Application {
             .await
             .with_context(|| format!("binding {}", settings.listen))?;
         let created_dir = !settings.data_dir.exists();
+        let dev_key = settings.data_dir.join(DEV_MASTER_KEY_FILE);
+        let created_key =
+            matches!(settings.master_key, MasterKeySource::Development) && !dev_key.exists();
         let opened = open_data(&settings, clock.clone()).await;
-        if opened.is_err() && created_dir {
-            let _ = std::fs::remove_dir_all(&settings.data_dir);
+        if opened.is_err() {
+            if created_dir {
+                let _ = std::fs::remove_dir_all(&settings.data_dir);
+            } else if created_key {
+                let _ = std::fs::remove_file(&dev_key);
+            }
         }
         let (master_key, cache, store) = opened?;
         let local_addr = listener.local_addr()?;

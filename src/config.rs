@@ -101,7 +101,8 @@ pub struct KeysAsOfArgs {
     pub source: LogSource,
     #[arg(long)]
     pub workspace: String,
-    /// The sequence to stop after; the end of the log when absent.
+    /// The sequence to stop after, as GetKeysAsOf's `at_sequence`: absent or 0 means the end
+    /// of the log; a sequence past the end is refused.
     #[arg(long)]
     pub at: Option<u64>,
     #[command(flatten)]

@@ -37,14 +37,28 @@ async fn main() -> ExitCode {
         Err(e) => {
             // Once: a server's failure as a log line (JSON where logs are JSON), a command's
             // as one line for the person who ran it.
+            let error = describe(&e);
             if serving {
-                tracing::error!(error = format!("{e:#}"), "kemon-keys failed");
+                tracing::error!(error, "kemon-keys failed");
             } else {
-                eprintln!("kemon-keys: {e:#}");
+                eprintln!("kemon-keys: {error}");
             }
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes, each once: some errors (tonic's transport errors among them)
+/// repeat their source in their own message, and `{:#}` would print it twice.
+fn describe(error: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if !parts.last().is_some_and(|last| last.contains(&text)) {
+            parts.push(text);
+        }
+    }
+    parts.join(": ")
 }
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {

@@ -75,15 +75,54 @@ pub fn parse_head(s: &str) -> Result<(u64, Hash), String> {
         .split_once(':')
         .ok_or_else(|| "expected SEQ:HASH, e.g. 42:3fa1…".to_owned())?;
     let seq = seq.parse().map_err(|_| format!("bad sequence {seq:?}"))?;
+    Ok((seq, parse_hash(hash)?))
+}
+
+/// A hash as 64 hex characters (what `audit verify` prints) or base64 (what GetLogHead's
+/// `bytes` look like through grpcurl or any protobuf JSON mapping), standard or URL-safe.
+fn parse_hash(text: &str) -> Result<Hash, String> {
+    use base64::Engine;
     let mut h = [0u8; 32];
-    hex::decode_to_slice(hash, &mut h)
-        .map_err(|_| "the hash must be 64 hex characters".to_owned())?;
-    Ok((seq, h))
+    if text.len() == 64 && hex::decode_to_slice(text, &mut h).is_ok() {
+        return Ok(h);
+    }
+    let engines = [
+        base64::engine::general_purpose::STANDARD,
+        base64::engine::general_purpose::URL_SAFE,
+        base64::engine::general_purpose::STANDARD_NO_PAD,
+        base64::engine::general_purpose::URL_SAFE_NO_PAD,
+    ];
+    engines
+        .iter()
+        .find_map(|engine| engine.decode(text).ok())
+        .and_then(|bytes| Hash::try_from(bytes).ok())
+        .ok_or_else(|| "the hash must be 64 hex characters or the base64 of 32 bytes".to_owned())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn heads_parse_from_hex_and_base64() {
+        use base64::Engine;
+        let hash: Hash = std::array::from_fn(|i| (i * 7) as u8);
+        let hex = hex::encode(hash);
+        let b64 = base64::engine::general_purpose::STANDARD.encode(hash);
+        let url = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(hash);
+        for text in [&hex, &b64, &url] {
+            assert_eq!(
+                parse_head(&format!("118:{text}")),
+                Ok((118, hash)),
+                "{text}"
+            );
+        }
+        assert!(parse_head("118").is_err());
+        assert!(parse_head("x:00").is_err());
+        assert!(parse_head(&format!("1:{}", &hex[..62])).is_err());
+        let short = base64::engine::general_purpose::STANDARD.encode([1u8; 31]);
+        assert!(parse_head(&format!("1:{short}")).is_err());
+    }
 
     fn record() -> LogRecord {
         LogRecord {

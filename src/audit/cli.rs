@@ -220,10 +220,43 @@ pub async fn export(args: &ExportArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `audit keys`: the workspace's keys right after `--at`, one JSON object a line.
+/// The sequence of the last record of the whole log at `source` (not only a workspace's),
+/// as GetKeysAsOf compares `at_sequence` with. For an export file, the last record it holds.
+async fn log_end(source: &LogSource, actor: &AuditActor) -> anyhow::Result<Option<u64>> {
+    if let Some(path) = &source.db {
+        let mut conn = store::open_read_only(path)
+            .await
+            .with_context(|| format!("opening {}", path.display()))?;
+        let end: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(sequence), 0) FROM events")
+            .fetch_one(&mut conn)
+            .await?;
+        return Ok(Some(u64::try_from(end).unwrap_or(0)));
+    }
+    if let Some(url) = &source.server {
+        let mut client = AuditServiceClient::connect(url.clone())
+            .await
+            .with_context(|| format!("connecting to {url}"))?;
+        let mut request = tonic::Request::new(pb::GetLogHeadRequest::default());
+        request
+            .metadata_mut()
+            .insert("x-kemon-actor", actor.actor.parse().context("--actor")?);
+        request
+            .metadata_mut()
+            .insert("x-kemon-role", actor.role.parse().context("--role")?);
+        let head = client.get_log_head(request).await?.into_inner();
+        return Ok(Some(head.sequence));
+    }
+    Ok(None)
+}
+
+/// `audit keys`: the workspace's keys right after `--at`, one JSON object a line. `--at`
+/// means what GetKeysAsOf's `at_sequence` means: absent or 0 is the end of the log, and a
+/// sequence past the end is refused.
 pub async fn keys_as_of(args: &KeysAsOfArgs) -> anyhow::Result<()> {
+    let end = log_end(&args.source, &args.actor).await?;
     let (mut reader, _) = Reader::open(&args.source, Some(&args.workspace), &args.actor).await?;
-    let at = args.at.unwrap_or(u64::MAX);
+    let at = args.at.filter(|&at| at > 0).unwrap_or(u64::MAX);
+    let mut last_read = 0;
     let mut replay = Replay::default();
     'read: loop {
         let batch = reader.next_batch().await?;
@@ -234,10 +267,15 @@ pub async fn keys_as_of(args: &KeysAsOfArgs) -> anyhow::Result<()> {
             if record.sequence > at {
                 break 'read;
             }
+            last_read = record.sequence;
             replay
                 .apply(record)
                 .map_err(|e| anyhow::anyhow!("sequence {}: {}", e.sequence, e.reason))?;
         }
+    }
+    let end = end.unwrap_or(last_read);
+    if at != u64::MAX && at > end {
+        bail!("--at {at}: the log ends at {end}");
     }
     let mut out = std::io::stdout().lock();
     for state in replay.keys.values() {

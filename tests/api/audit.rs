@@ -1578,3 +1578,98 @@ async fn a_subscriber_that_falls_behind_is_told_and_misses_nothing() {
     );
     assert_eq!(sequences, (1..=1600).collect::<Vec<u64>>());
 }
+
+#[tokio::test]
+async fn cli_at_and_expect_head_mean_what_the_rpcs_mean() {
+    let server = TestServer::start().await;
+    story(&server).await;
+    let mut audit = audit_client(&server).await;
+    let head = log_head(&mut audit, "").await;
+    let workspace = server.data_dir.join(kemon_keys::store::DATABASE_FILE);
+    let cli_keys = |at: Option<String>| {
+        let db = workspace.clone();
+        async move {
+            let mut args = vec![
+                "audit".to_owned(),
+                "keys".to_owned(),
+                "--db".to_owned(),
+                db.to_string_lossy().into_owned(),
+                "--workspace".to_owned(),
+                WORKSPACE.to_owned(),
+            ];
+            if let Some(at) = at {
+                args.extend(["--at".to_owned(), at]);
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            cli(&args).await
+        }
+    };
+    let ids = |output: &Output| -> Vec<String> {
+        let mut ids: Vec<String> = assert_success(output)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["key_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        ids.sort();
+        ids
+    };
+    let rpc_ids = |response: pb::GetKeysAsOfResponse| -> Vec<String> {
+        let mut ids: Vec<String> = response.keys.into_iter().map(|k| k.key_id).collect();
+        ids.sort();
+        ids
+    };
+
+    // 0 is the end of the log, in both.
+    let now = rpc_ids(keys_as_of(&mut audit, WORKSPACE, "", 0).await);
+    assert!(!now.is_empty());
+    assert_eq!(ids(&cli_keys(Some("0".into())).await), now);
+    assert_eq!(ids(&cli_keys(None).await), now);
+    // A sequence inside the log: the same keys.
+    assert_eq!(
+        ids(&cli_keys(Some("2".into())).await),
+        rpc_ids(keys_as_of(&mut audit, WORKSPACE, "", 2).await)
+    );
+    // Past the end: refused by both.
+    let past = head.sequence + 1;
+    let status = audit
+        .get_keys_as_of(auditor(pb::GetKeysAsOfRequest {
+            workspace_id: WORKSPACE.into(),
+            key_id: String::new(),
+            at_sequence: past,
+        }))
+        .await
+        .expect_err("past the end");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    let out = cli_keys(Some(past.to_string())).await;
+    assert_failure(&out);
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains(&format!("the log ends at {}", head.sequence)),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // --expect-head takes the hash as GetLogHead's JSON prints it (base64), as well as hex.
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&head.hash);
+    for expected in [
+        format!("{}:{b64}", head.sequence),
+        head_arg(head.sequence, &head.hash),
+    ] {
+        let out = cli(&[
+            "audit",
+            "verify",
+            "--db",
+            path_str(&workspace),
+            "--expect-head",
+            &expected,
+        ])
+        .await;
+        assert!(assert_success(&out).starts_with("OK"), "{expected}");
+    }
+}

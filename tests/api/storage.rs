@@ -301,6 +301,23 @@ async fn a_second_server_on_the_same_data_directory_refuses_to_start() {
         "{stderr}"
     );
 
+    // The same with a development master key: the refused start leaves no key behind.
+    let output = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(tmp.path())
+        .env_remove("KEMON_MASTER_KEY")
+        .env_remove("KEMON_MASTER_KEY_FILE")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run a second server");
+    assert!(!output.status.success(), "a second server started");
+    assert!(
+        !tmp.path()
+            .join(kemon_keys::app::DEV_MASTER_KEY_FILE)
+            .exists(),
+        "a refused start left a development master key"
+    );
+
     // rebuild writes too: refused while the server runs.
     let output = Command::new(BIN)
         .args(["rebuild", "--data-dir"])
