@@ -10,6 +10,7 @@ mod hostile;
 mod lifecycle;
 mod listing;
 mod persistence;
+mod readme;
 mod storage;
 mod surface;
 mod tamper;
