@@ -24,6 +24,8 @@ pub enum ApiError {
     },
     OutOfRange(String),
     Unavailable(&'static str),
+    /// A CreateKey request id came back with a different request.
+    RequestIdReused,
     /// The storage failed; nothing was written (or, for `STORAGE_OUTCOME_UNKNOWN`, maybe).
     Storage(StorageFailure),
     Internal(String),
@@ -169,6 +171,7 @@ impl From<StoreError> for ApiError {
                     _ => StorageFailure::OutcomeUnknown,
                 })
             }
+            StoreError::RequestIdReused => ApiError::RequestIdReused,
             StoreError::Internal(m) => ApiError::Internal(m),
         }
     }
@@ -215,6 +218,16 @@ impl From<ApiError> for Status {
             }
             ApiError::OutOfRange(m) => Status::out_of_range(m),
             ApiError::Unavailable(m) => Status::unavailable(m),
+            ApiError::RequestIdReused => Status::with_error_details(
+                Code::AlreadyExists,
+                "request_id was used for a different CreateKey request in this workspace; \
+                 use a new request_id for a new key",
+                ErrorDetails::with_error_info(
+                    "REQUEST_ID_REUSED",
+                    ERROR_DOMAIN,
+                    std::collections::HashMap::new(),
+                ),
+            ),
             ApiError::Storage(failure) => {
                 let (code, reason, message) = failure.status();
                 let details = ErrorDetails::with_error_info(

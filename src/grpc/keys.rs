@@ -21,7 +21,7 @@ use crate::proto::v1::key_service_server::KeyService;
 use crate::store::codec::{
     environment_from_pb, environment_to_pb, key_type_from_pb, key_type_to_pb,
 };
-use crate::store::{ListFilter, SealedSecret, Store, Write};
+use crate::store::{CreateRequest, ListFilter, SealedSecret, Store, Write};
 use crate::vault::MasterKey;
 
 /// Most entries accepted in a `scopes` or `required_scopes` list.
@@ -94,6 +94,7 @@ impl KeyApi {
                 command,
                 actor: actor.id,
                 sealed_secret: None,
+                create_request: None,
             })
             .await?;
         Ok(self.to_pb(&state))
@@ -254,6 +255,7 @@ impl KeyService for KeyApi {
                 ));
             }
             let scopes = parse_scopes("scopes", &req.scopes, &mut violations);
+            let request_id = parse_request_id(&req.request_id, &mut violations);
             let mut allowed_domains: Vec<DomainPattern> = Vec::new();
             if within_cap(
                 "allowed_domains",
@@ -323,19 +325,43 @@ impl KeyService for KeyApi {
             } else {
                 None
             };
-            let state = self
+            let create_request = match request_id {
+                None => None,
+                Some(request_id) => Some(CreateRequest {
+                    request_id,
+                    digest: create_digest(req),
+                    sealed_secret: self
+                        .master_key
+                        .seal(key_id, secret.expose())
+                        .map_err(random_failed)?,
+                }),
+            };
+            let written = self
                 .store
-                .write(Write {
+                .create(Write {
                     workspace_id,
                     key_id,
                     command: Command::Create(Box::new(new_key)),
                     actor: actor.id,
                     sealed_secret,
+                    create_request,
                 })
                 .await?;
+            let secret = match &written.replayed {
+                None => secret.expose().to_owned(),
+                Some(replayed) => replayed
+                    .sealed_secret
+                    .as_ref()
+                    .and_then(|sealed| self.master_key.open(written.state.key_id, sealed))
+                    .unwrap_or_default(),
+            };
+            if written.replayed.is_some() {
+                record_key_id(written.state.key_id);
+            }
             Ok(pb::CreateKeyResponse {
-                key: Some(self.to_pb(&state)),
-                secret: secret.expose().to_owned(),
+                key: Some(self.to_pb(&written.state)),
+                secret,
+                replayed: written.replayed.is_some(),
             })
         })
         .await
@@ -545,6 +571,7 @@ impl KeyService for KeyApi {
                     command: Command::Reveal,
                     actor: actor.id.clone(),
                     sealed_secret: None,
+                    create_request: None,
                 })
                 .await?;
             let secret = match state.public_key {
@@ -610,4 +637,39 @@ impl KeyService for KeyApi {
         })
         .await
     }
+}
+
+/// Longest CreateKey request id.
+const MAX_REQUEST_ID_CHARS: usize = 64;
+
+/// A CreateKey request id: `None` when absent. Request ids are the caller's, not secrets,
+/// but are not echoed anyway: an error names the rule.
+fn parse_request_id(request_id: &str, violations: &mut Vec<Violation>) -> Option<String> {
+    if request_id.is_empty() {
+        return None;
+    }
+    let valid = request_id.len() <= MAX_REQUEST_ID_CHARS
+        && request_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+    if !valid {
+        violations.push(Violation::new(
+            "request_id",
+            format!("must be 1 to {MAX_REQUEST_ID_CHARS} of [A-Za-z0-9._:-], e.g. a UUID"),
+        ));
+        return None;
+    }
+    Some(request_id.to_owned())
+}
+
+/// What makes two CreateKey calls "the same request": every field but the request id, in
+/// their protobuf encoding.
+fn create_digest(request: &pb::CreateKeyRequest) -> [u8; 32] {
+    use prost::Message;
+    use sha3::Digest;
+    let without_id = pb::CreateKeyRequest {
+        request_id: String::new(),
+        ..request.clone()
+    };
+    sha3::Sha3_256::digest(without_id.encode_to_vec()).into()
 }

@@ -54,6 +54,9 @@ pub enum StoreError {
     /// unreachable); nothing was written. Worth retrying later.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
+    /// A CreateKey request id was used before, within the window, for a different request.
+    #[error("the request id was used for a different request")]
+    RequestIdReused,
     /// The commit itself failed and the writer could not read back whether it landed. The
     /// writer finds out when storage works again and brings the cache up to date then.
     #[error("storage failed while committing; outcome unknown: {0}")]
@@ -160,6 +163,37 @@ pub struct Write {
     pub actor: String,
     /// For a create with reveal_later: the encrypted copy to keep beside the log.
     pub sealed_secret: Option<SealedSecret>,
+    /// For a create with a request id: what a retry needs to be answered like this call.
+    pub create_request: Option<CreateRequest>,
+}
+
+/// How long a CreateKey request id is remembered: a retry within this window gets the first
+/// call's answer.
+pub const CREATE_REQUEST_WINDOW_MS: i64 = 24 * 60 * 60 * 1000;
+
+/// An idempotent create (AIP-155).
+#[derive(Debug, Clone)]
+pub struct CreateRequest {
+    pub request_id: String,
+    /// Digest of the request without its request id.
+    pub digest: [u8; 32],
+    /// The secret, sealed as revealable copies are, so that a retry can return it.
+    pub sealed_secret: Vec<u8>,
+}
+
+/// What a write left: the key's state, and for a create answered from an earlier call with
+/// the same request id, that call's sealed secret.
+#[derive(Debug, Clone)]
+pub struct Written {
+    pub state: KeyState,
+    pub replayed: Option<Replayed>,
+}
+
+/// A create that an earlier call with the same request id already made.
+#[derive(Debug, Clone)]
+pub struct Replayed {
+    /// The first call's secret, sealed; `None` once the key was revoked.
+    pub sealed_secret: Option<Vec<u8>>,
 }
 
 #[derive(Clone)]
@@ -400,6 +434,12 @@ impl Store {
     /// Applies one command durably: answered once the transaction holding its events has
     /// committed and the commit listener has seen the new state.
     pub async fn write(&self, write: Write) -> Result<KeyState, StoreError> {
+        Ok(self.create(write).await?.state)
+    }
+
+    /// [`Store::write`], telling also whether a create was answered from an earlier call with
+    /// the same request id.
+    pub async fn create(&self, write: Write) -> Result<Written, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.writes
             .send(writer::Request { write, reply })

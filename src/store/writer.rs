@@ -30,7 +30,7 @@ use sqlx::{Connection, SqliteConnection};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use super::codec::{self, KEY_COLUMNS};
-use super::{StoreError, Write, load_stream};
+use super::{CREATE_REQUEST_WINDOW_MS, Replayed, StoreError, Write, Written, load_stream};
 use crate::audit::chain::{self, Hash, LogRecord};
 use crate::clock::Clock;
 use crate::domain::{self, Command, Event, KeyState, Recorded};
@@ -43,7 +43,7 @@ pub trait CommitListener: Send + Sync + 'static {
 
 pub(super) struct Request {
     pub write: Write,
-    pub reply: oneshot::Sender<Result<KeyState, StoreError>>,
+    pub reply: oneshot::Sender<Result<Written, StoreError>>,
 }
 
 /// The heads of the hash chains, as of the last appended record (committed or, inside a
@@ -189,7 +189,7 @@ pub(super) async fn run(
 const SCRUB_BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// The outcome of one command: its key's new state.
-type Outcome = Result<KeyState, StoreError>;
+type Outcome = Result<Written, StoreError>;
 
 /// What a decided batch writes.
 #[derive(Default)]
@@ -199,6 +199,39 @@ struct Effects {
     changed: Vec<KeyState>,
     sealed_inserts: Vec<(String, super::SealedSecret)>,
     sealed_deletes: Vec<String>,
+    /// (workspace id, key id, request) of creates made with a request id.
+    create_requests: Vec<(String, String, super::CreateRequest)>,
+}
+
+/// A create request id already answered, in the log or earlier in the batch.
+#[derive(Clone)]
+struct Answered {
+    digest: Vec<u8>,
+    key_id: String,
+    sealed_secret: Option<Vec<u8>>,
+}
+
+/// The create request `request_id` of `workspace_id` made within the window, if any.
+async fn answered_create(
+    tx: &mut SqliteConnection,
+    workspace_id: &str,
+    request_id: &str,
+    now: i64,
+) -> Result<Option<Answered>, StoreError> {
+    let row: Option<(Vec<u8>, String, Option<Vec<u8>>)> = sqlx::query_as(
+        "SELECT request_digest, key_id, sealed_secret FROM create_requests \
+         WHERE workspace_id = ? AND request_id = ? AND created_at >= ?",
+    )
+    .bind(workspace_id)
+    .bind(request_id)
+    .bind(now - CREATE_REQUEST_WINDOW_MS)
+    .fetch_optional(&mut *tx)
+    .await?;
+    Ok(row.map(|(digest, key_id, sealed_secret)| Answered {
+        digest,
+        key_id,
+        sealed_secret,
+    }))
 }
 
 /// Why [`write_batch`] failed.
@@ -417,8 +450,21 @@ async fn decide_batch(
     let mut order: Vec<String> = Vec::new();
     let mut effects = Effects::default();
     let mut outcomes = Vec::with_capacity(batch.len());
+    // Create request ids answered earlier in this batch.
+    let mut answered: HashMap<(String, String), Answered> = HashMap::new();
     for request in batch.iter_mut() {
         let write = &mut request.write;
+        if let Some(create) = &write.create_request {
+            let slot = (write.workspace_id.to_string(), create.request_id.clone());
+            let earlier = match answered.get(&slot) {
+                Some(earlier) => Some(earlier.clone()),
+                None => answered_create(tx, &slot.0, &slot.1, now).await?,
+            };
+            if let Some(earlier) = earlier {
+                outcomes.push(replay(tx, &touched, earlier, &create.digest).await?);
+                continue;
+            }
+        }
         let key = write.key_id.to_string();
         let current = match touched.get(&key) {
             Some(state) => state.clone(),
@@ -491,19 +537,71 @@ async fn decide_batch(
             outcomes.push(Err(StoreError::Domain(domain::DomainError::NotFound)));
             continue;
         };
+        if let Some(create) = write.create_request.as_ref().filter(|_| changed) {
+            answered.insert(
+                (write.workspace_id.to_string(), create.request_id.clone()),
+                Answered {
+                    digest: create.digest.to_vec(),
+                    key_id: key.clone(),
+                    sealed_secret: Some(create.sealed_secret.clone()),
+                },
+            );
+            effects.create_requests.push((
+                write.workspace_id.to_string(),
+                key.clone(),
+                create.clone(),
+            ));
+        }
         if changed {
             if !touched.contains_key(&key) {
                 order.push(key.clone());
             }
             touched.insert(key, Some(state.clone()));
         }
-        outcomes.push(Ok(state));
+        outcomes.push(Ok(Written {
+            state,
+            replayed: None,
+        }));
     }
     effects.changed = order
         .iter()
         .filter_map(|k| touched.get(k).cloned().flatten())
         .collect();
     Ok((outcomes, effects))
+}
+
+/// The answer to a create whose request id was answered before: that key as it is now, or a
+/// refusal when the id came with another request.
+async fn replay(
+    tx: &mut SqliteConnection,
+    touched: &HashMap<String, Option<KeyState>>,
+    earlier: Answered,
+    digest: &[u8; 32],
+) -> Result<Outcome, StoreError> {
+    if earlier.digest != digest {
+        return Ok(Err(StoreError::RequestIdReused));
+    }
+    let state = match touched.get(&earlier.key_id) {
+        Some(state) => state.clone(),
+        None => {
+            let key_id = crate::domain::KeyId::parse(&earlier.key_id).map_err(|e| {
+                StoreError::Internal(format!("create_requests key_id {}: {e}", earlier.key_id))
+            })?;
+            load_stream(tx, key_id).await?
+        }
+    };
+    let state = state.ok_or_else(|| {
+        StoreError::Internal(format!(
+            "create request of {} names no key in the log",
+            earlier.key_id
+        ))
+    })?;
+    Ok(Ok(Written {
+        state,
+        replayed: Some(Replayed {
+            sealed_secret: earlier.sealed_secret,
+        }),
+    }))
 }
 
 async fn write_effects(
@@ -526,6 +624,35 @@ async fn write_effects(
             .bind(key_id)
             .execute(&mut *tx)
             .await?;
+        sqlx::query("UPDATE create_requests SET sealed_secret = NULL WHERE key_id = ?")
+            .bind(key_id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    if !effects.create_requests.is_empty() {
+        let now = effects.records.last().map_or(0, |r| r.recorded_at_ms);
+        // Forget request ids past the window (and their sealed secrets) as new ones come.
+        sqlx::query("DELETE FROM create_requests WHERE created_at < ?")
+            .bind(now - CREATE_REQUEST_WINDOW_MS)
+            .execute(&mut *tx)
+            .await?;
+        for (workspace_id, key_id, create) in &effects.create_requests {
+            sqlx::query(
+                "INSERT INTO create_requests (workspace_id, request_id, request_digest, key_id, \
+                 sealed_secret, created_at) VALUES (?, ?, ?, ?, ?, ?) \
+                 ON CONFLICT (workspace_id, request_id) DO UPDATE SET \
+                 request_digest = excluded.request_digest, key_id = excluded.key_id, \
+                 sealed_secret = excluded.sealed_secret, created_at = excluded.created_at",
+            )
+            .bind(workspace_id)
+            .bind(&create.request_id)
+            .bind(&create.digest[..])
+            .bind(key_id)
+            .bind(&create.sealed_secret)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
     }
     if !effects.records.is_empty() {
         sqlx::query("UPDATE projection_checkpoint SET last_sequence = ? WHERE id = 1")

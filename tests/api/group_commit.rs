@@ -39,6 +39,7 @@ fn create(key_id: KeyId, reveal_later: bool) -> Write {
             sealed: vec![1, 2, 3],
             master_key_id: "test".into(),
         }),
+        create_request: None,
     }
 }
 

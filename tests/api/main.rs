@@ -7,6 +7,7 @@ mod concurrency;
 mod group_commit;
 mod helpers;
 mod hostile;
+mod idempotency;
 mod lifecycle;
 mod listing;
 mod persistence;

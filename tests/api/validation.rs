@@ -443,6 +443,7 @@ async fn several_bad_fields_give_several_violations() {
         scopes: vec!["bogus".into()],
         reveal_later: false,
         allowed_domains: vec!["https://a.com".into()],
+        request_id: "not an id".into(),
     };
     let status = client.create_key(admin(request)).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
@@ -455,6 +456,7 @@ async fn several_bad_fields_give_several_violations() {
             "environment",
             "expiration",
             "name",
+            "request_id",
             "scopes",
             "type",
             "workspace_id"
