@@ -40,6 +40,12 @@ impl KeyId {
     pub fn to_bytes(self) -> [u8; 16] {
         self.0.to_bytes()
     }
+
+    /// The inverse of [`KeyId::to_bytes`]. Every 128-bit value is a ULID, so any 16 bytes
+    /// make a well-formed id (whether such a key exists is the store's question).
+    pub fn from_bytes(bytes: [u8; 16]) -> KeyId {
+        KeyId(ulid::Ulid::from_bytes(bytes))
+    }
 }
 
 impl fmt::Display for KeyId {
@@ -370,6 +376,7 @@ mod tests {
             "canonical form only"
         );
         assert!(KeyId::parse("key_").is_err());
+        assert_eq!(KeyId::from_bytes(id.to_bytes()), id);
     }
 
     #[test]

@@ -286,6 +286,10 @@ impl AuditService for AuditApi {
             let mut filter = parse_filter(req.filter.as_ref())?;
             // The log as it is when the call starts.
             filter.up_to = Some(self.store.head(None).await?.0.sequence);
+            // No maximum to coerce `limit` down to (AIP-158's rule for page sizes): this is a
+            // stream read PAGE records at a time with backpressure, so a large limit costs the
+            // server no more memory than a small one. The cursor is `after_sequence`, a public
+            // log position by design, rather than an opaque page token.
             let limit = if req.limit == 0 { u64::MAX } else { req.limit };
             let store = self.store.clone();
             let mut position = req.after_sequence;

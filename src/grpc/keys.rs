@@ -7,6 +7,7 @@ use tonic::{Request, Response, Status};
 
 use super::auth::{Actor, Permission};
 use super::error::{ApiError, quote};
+use super::paging::{PageSize, PageToken, QueryFingerprint};
 use super::{observe, observe_hot, record_key_id, timestamp, within_cap};
 use crate::cache::{CachedKey, Verdict, VerifyCache};
 use crate::clock::Clock;
@@ -26,9 +27,6 @@ use crate::vault::MasterKey;
 
 /// Most entries accepted in a `scopes` or `required_scopes` list.
 pub const MAX_SCOPES_LISTED: usize = 16;
-/// Page size when the request leaves it at 0, and the largest accepted.
-pub const DEFAULT_PAGE_SIZE: u32 = 50;
-pub const MAX_PAGE_SIZE: u32 = 200;
 
 pub struct KeyApi {
     store: Store,
@@ -403,27 +401,14 @@ impl KeyService for KeyApi {
             let workspace_id = WorkspaceId::parse(&req.workspace_id)
                 .map_err(|r| violations.push(Violation::new("workspace_id", r)))
                 .ok();
-            let page_size = match req.page_size {
-                0 => DEFAULT_PAGE_SIZE,
-                n if n > MAX_PAGE_SIZE => {
-                    violations.push(Violation::new(
-                        "page_size",
-                        format!("must be at most {MAX_PAGE_SIZE}"),
-                    ));
-                    0
-                }
-                n => n,
-            };
-            let after = if req.page_token.is_empty() {
+            let page_size = PageSize::from_request(req.page_size).get();
+            // Decoded before the query is known, so a malformed token is reported with the
+            // other field errors; whether it belongs to this query is checked below.
+            let token = if req.page_token.is_empty() {
                 None
             } else {
-                KeyId::parse(&req.page_token)
-                    .map_err(|_| {
-                        violations.push(Violation::new(
-                            "page_token",
-                            "is not a next_page_token from a previous ListKeys response",
-                        ))
-                    })
+                PageToken::parse(&req.page_token)
+                    .map_err(|e| violations.push(Violation::new("page_token", e.to_string())))
                     .ok()
             };
             let key_type = match req.r#type {
@@ -454,6 +439,12 @@ impl KeyService for KeyApi {
                 environment,
                 include_revoked: req.include_revoked,
             };
+            let query = QueryFingerprint::of(&workspace_id, &filter);
+            let after = token
+                .map(|t| t.resume_after(query))
+                .transpose()
+                .map_err(|e| ApiError::invalid("page_token", e.to_string()))?;
+            // One more than a page, to know without a second query whether another follows.
             let mut states = self
                 .store
                 .list_keys(&workspace_id, &filter, after, page_size + 1)
@@ -462,7 +453,7 @@ impl KeyService for KeyApi {
                 states.truncate(page_size as usize);
                 states
                     .last()
-                    .map(|s| s.key_id.to_string())
+                    .map(|s| PageToken::new(s.key_id, query).encode())
                     .unwrap_or_default()
             } else {
                 String::new()

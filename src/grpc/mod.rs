@@ -6,6 +6,7 @@ pub mod auth;
 pub mod connections;
 pub mod error;
 pub mod keys;
+pub mod paging;
 
 pub use audit::AuditApi;
 pub use keys::KeyApi;

@@ -29,13 +29,14 @@ fn list_request(page_size: u32, page_token: &str) -> pb::ListKeysRequest {
     }
 }
 
-/// Every page of a listing, following next_page_token until it is empty.
+/// Every page of a listing from the request's page_token on, following next_page_token until
+/// it is empty.
 async fn all_pages(
     client: &mut KeyServiceClient<Channel>,
     request: pb::ListKeysRequest,
 ) -> Vec<Vec<pb::Key>> {
     let mut pages = Vec::new();
-    let mut token = String::new();
+    let mut token = request.page_token.clone();
     loop {
         let response = list(
             client,
@@ -190,18 +191,27 @@ async fn page_size_zero_means_fifty() {
 }
 
 #[tokio::test]
-async fn page_size_above_200_is_refused() {
+async fn page_size_above_200_is_served_as_200() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
-    create_many(&server, &mut client, 2).await;
-    for size in [201, 1000, u32::MAX] {
-        assert_invalid(list(&mut client, list_request(size, "")).await, "page_size");
+    let created = create_many(&server, &mut client, 250).await;
+
+    // AIP-158: a page size over the maximum is coerced down, not refused.
+    let pages = all_pages(&mut client, list_request(1000, "")).await;
+    let sizes: Vec<usize> = pages.iter().map(Vec::len).collect();
+    assert_eq!(sizes, [200, 50]);
+    let listed: Vec<pb::Key> = pages.into_iter().flatten().collect();
+    assert_eq!(ids(&listed), ids(&created));
+
+    for size in [201, u32::MAX] {
+        let first = list(&mut client, list_request(size, "")).await.unwrap();
+        assert_eq!(ids(&first.keys), ids(&created[..200]), "page_size {size}");
+        assert!(!first.next_page_token.is_empty());
     }
     let largest = list(&mut client, list_request(200, "")).await.unwrap();
-    assert_eq!(largest.keys.len(), 2);
-    assert_eq!(largest.next_page_token, "");
+    assert_eq!(ids(&largest.keys), ids(&created[..200]));
     let smallest = list(&mut client, list_request(1, "")).await.unwrap();
-    assert_eq!(smallest.keys.len(), 1);
+    assert_eq!(ids(&smallest.keys), ids(&created[..1]));
     assert!(!smallest.next_page_token.is_empty());
 }
 
@@ -209,13 +219,165 @@ async fn page_size_above_200_is_refused() {
 async fn a_garbage_page_token_is_refused() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
-    create_many(&server, &mut client, 2).await;
-    for token in ["garbage", "!!!", "key_", "01HZXAAAAAAAAAAAAAAAAAAAAA", " "] {
-        assert_invalid(
-            list(&mut client, list_request(1, token)).await,
+    let created = create_many(&server, &mut client, 2).await;
+    let token = list(&mut client, list_request(1, ""))
+        .await
+        .unwrap()
+        .next_page_token;
+    let raw_key_id = created[0].key_id.clone();
+    for token in [
+        "garbage".to_owned(),
+        "!!!".into(),
+        "key_".into(),
+        "01HZXAAAAAAAAAAAAAAAAAAAAA".into(),
+        " ".into(),
+        // What tokens used to be: a bare key id.
+        raw_key_id,
+        format!("{token}="),
+        token[1..].to_owned(),
+        format!("{token}A"),
+    ] {
+        let reasons = assert_invalid(
+            list(&mut client, list_request(1, &token)).await,
             "page_token",
         );
+        assert!(
+            reasons[0].contains("not a page token from this service"),
+            "{token:?}: {reasons:?}"
+        );
     }
+}
+
+#[tokio::test]
+async fn a_page_token_is_opaque() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let created = create_many(&server, &mut client, 3).await;
+
+    let first = list(&mut client, list_request(1, "")).await.unwrap();
+    let last_sent = &first.keys[0].key_id;
+    assert_eq!(last_sent, &created[0].key_id);
+    let token = &first.next_page_token;
+    assert_ne!(token, last_sent);
+    assert!(!token.contains(last_sent.as_str()), "{token}");
+    assert!(!token.contains(&last_sent["key_".len()..]), "{token}");
+    assert!(
+        token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+        "URL-safe: {token}"
+    );
+    let second = list(&mut client, list_request(1, token)).await.unwrap();
+    assert_eq!(ids(&second.keys), ids(&created[1..2]));
+}
+
+#[tokio::test]
+async fn a_page_token_is_refused_with_other_filters() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let created = create_many(&server, &mut client, 4).await;
+    revoke(&mut client, &created[1].key_id, None).await.unwrap();
+    let mut elsewhere = private_key("elsewhere", &[]);
+    elsewhere.workspace_id = "ws_other".into();
+    create(&mut client, elsewhere).await;
+
+    let query = list_request(1, "");
+    let token = list(&mut client, query.clone())
+        .await
+        .unwrap()
+        .next_page_token;
+    let with_token = |request: pb::ListKeysRequest| pb::ListKeysRequest {
+        page_token: token.clone(),
+        ..request
+    };
+    let others = [
+        pb::ListKeysRequest {
+            include_revoked: true,
+            ..query.clone()
+        },
+        pb::ListKeysRequest {
+            r#type: pb::KeyType::Private as i32,
+            ..query.clone()
+        },
+        pb::ListKeysRequest {
+            environment: pb::Environment::Production as i32,
+            ..query.clone()
+        },
+        pb::ListKeysRequest {
+            workspace_id: "ws_other".into(),
+            ..query.clone()
+        },
+    ];
+    for other in others {
+        let reasons = assert_invalid(
+            list(&mut client, with_token(other.clone())).await,
+            "page_token",
+        );
+        assert!(
+            reasons[0].contains("issued for a different query"),
+            "{other:?}: {reasons:?}"
+        );
+    }
+
+    // A token of a filtered listing does not continue the unfiltered one either.
+    let filtered = pb::ListKeysRequest {
+        include_revoked: true,
+        r#type: pb::KeyType::Private as i32,
+        ..query.clone()
+    };
+    let filtered_token = list(&mut client, filtered.clone())
+        .await
+        .unwrap()
+        .next_page_token;
+    assert_invalid(
+        list(&mut client, list_request(1, &filtered_token)).await,
+        "page_token",
+    );
+    let next = list(
+        &mut client,
+        pb::ListKeysRequest {
+            page_token: filtered_token,
+            ..filtered
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(ids(&next.keys), ids(&created[1..2]), "the revoked key");
+
+    // With the same filters the token works, and the page size may change (AIP-158).
+    let rest = list(
+        &mut client,
+        pb::ListKeysRequest {
+            page_size: 10,
+            ..with_token(query)
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        ids(&rest.keys),
+        [created[2].key_id.clone(), created[3].key_id.clone()]
+    );
+    assert_eq!(rest.next_page_token, "");
+}
+
+#[tokio::test]
+async fn page_tokens_survive_a_restart() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let created = create_many(&server, &mut client, 5).await;
+    let first = list(&mut client, list_request(2, "")).await.unwrap();
+    assert_eq!(ids(&first.keys), ids(&created[..2]));
+    drop(client);
+
+    let server = server.restart().await;
+    let mut client = server.client().await;
+    let rest: Vec<pb::Key> = all_pages(&mut client, list_request(2, &first.next_page_token))
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    assert_eq!(ids(&rest), ids(&created[2..]));
 }
 
 #[tokio::test]
