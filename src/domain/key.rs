@@ -106,26 +106,39 @@ impl Violation {
     }
 }
 
-impl NewKeyRequest {
-    /// The rules that tie fields together: what public, private and test keys may hold.
-    pub fn validate(self, now_ms: i64) -> Result<NewKey, DomainError> {
+/// The parts of a new key that the rules tying fields together look at. A part the request
+/// got wrong is `None`: the rules about it are skipped, so that a bad field is reported once,
+/// for what is wrong with it, and not again as, say, a missing scope.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyShape<'a> {
+    pub key_type: KeyType,
+    pub environment: Option<Environment>,
+    pub scopes: Option<ScopeSet>,
+    pub reveal_later: bool,
+    pub allowed_domains: Option<&'a [DomainPattern]>,
+}
+
+impl KeyShape<'_> {
+    /// What public, private and test keys may hold: every rule this shape breaks.
+    pub fn violations(&self) -> Vec<Violation> {
         let mut violations = Vec::new();
-        let full_access = self.key_type == KeyType::Private && self.scopes.is_empty();
         match self.key_type {
             KeyType::Public => {
-                if self.scopes.is_empty() {
-                    violations.push(Violation::new(
-                        "scopes",
-                        "public keys need at least one read scope",
-                    ));
-                }
-                for scope in self.scopes.writes() {
-                    violations.push(Violation::new(
-                        "scopes",
-                        format!(
-                            "public keys may hold read scopes only; `{scope}` is a write scope"
-                        ),
-                    ));
+                if let Some(scopes) = self.scopes {
+                    if scopes.is_empty() {
+                        violations.push(Violation::new(
+                            "scopes",
+                            "public keys need at least one read scope",
+                        ));
+                    }
+                    for scope in scopes.writes() {
+                        violations.push(Violation::new(
+                            "scopes",
+                            format!(
+                                "public keys may hold read scopes only; `{scope}` is a write scope"
+                            ),
+                        ));
+                    }
                 }
                 if self.reveal_later {
                     violations.push(Violation::new(
@@ -134,14 +147,14 @@ impl NewKeyRequest {
                          reveal_later is for private keys",
                     ));
                 }
-                match self.environment {
-                    Environment::Production if self.allowed_domains.is_empty() => {
+                match (self.environment, self.allowed_domains) {
+                    (Some(Environment::Production), Some([])) => {
                         violations.push(Violation::new(
                             "allowed_domains",
                             "production public keys need at least one allowed domain",
                         ));
                     }
-                    Environment::Test if !self.allowed_domains.is_empty() => {
+                    (Some(Environment::Test), Some([_, ..])) => {
                         violations.push(Violation::new(
                             "allowed_domains",
                             "test keys work only from localhost and take no allowed domains",
@@ -151,7 +164,7 @@ impl NewKeyRequest {
                 }
             }
             KeyType::Private => {
-                if !self.allowed_domains.is_empty() {
+                if let Some([_, ..]) = self.allowed_domains {
                     violations.push(Violation::new(
                         "allowed_domains",
                         "only public keys are restricted to domains",
@@ -159,9 +172,25 @@ impl NewKeyRequest {
                 }
             }
         }
+        violations
+    }
+}
+
+impl NewKeyRequest {
+    /// Checks the rules that tie fields together (see [`KeyShape`]) and builds the key.
+    pub fn validate(self, now_ms: i64) -> Result<NewKey, DomainError> {
+        let violations = KeyShape {
+            key_type: self.key_type,
+            environment: Some(self.environment),
+            scopes: Some(self.scopes),
+            reveal_later: self.reveal_later,
+            allowed_domains: Some(&self.allowed_domains),
+        }
+        .violations();
         if !violations.is_empty() {
             return Err(DomainError::Invalid(violations));
         }
+        let full_access = self.key_type == KeyType::Private && self.scopes.is_empty();
         Ok(NewKey {
             key_id: self.key_id,
             workspace_id: self.workspace_id,
@@ -262,8 +291,11 @@ pub enum DomainError {
     VersionConflict { expected: u64, actual: u64 },
     #[error("the scopes of public keys cannot be edited; create a new key instead")]
     PublicScopesImmutable,
-    #[error("{0}")]
-    NotRevealable(&'static str),
+    #[error(
+        "the key was created without reveal_later, so no copy of it is kept; revoke it and \
+         create a new one if it is lost"
+    )]
+    NotRevealable,
 }
 
 /// Decides what a command does to a key. `state` is `None` for a key with no events yet.
@@ -318,10 +350,7 @@ pub fn decide(state: Option<&KeyState>, command: &Command) -> Result<Vec<Event>,
         }
         Command::Revoke { .. } => Ok(vec![Event::KeyRevoked]),
         Command::Reveal if state.key_type == KeyType::Private && !state.reveal_later => {
-            Err(DomainError::NotRevealable(
-                "the key was created without reveal_later, so no copy of it is kept; \
-                 revoke it and create a new one if it is lost",
-            ))
+            Err(DomainError::NotRevealable)
         }
         Command::Reveal => Ok(vec![Event::KeyRevealed]),
     }
@@ -472,6 +501,38 @@ mod tests {
         req.scopes = scopes(&["tickets:read"]);
         let new = req.validate(0).unwrap();
         assert!(!new.full_access);
+    }
+
+    #[test]
+    fn a_shape_with_unparsed_parts_breaks_only_the_rules_it_can_be_judged_by() {
+        let shape = KeyShape {
+            key_type: KeyType::Public,
+            environment: None,
+            scopes: None,
+            reveal_later: true,
+            allowed_domains: None,
+        };
+        let fields: Vec<_> = shape.violations().into_iter().map(|v| v.field).collect();
+        assert_eq!(fields, ["reveal_later"]);
+
+        let shape = KeyShape {
+            environment: Some(Environment::Production),
+            scopes: Some(scopes(&["tickets:write"])),
+            reveal_later: false,
+            allowed_domains: Some(&[]),
+            ..shape
+        };
+        let fields: Vec<_> = shape.violations().into_iter().map(|v| v.field).collect();
+        assert_eq!(fields, ["scopes", "allowed_domains"]);
+
+        let private = KeyShape {
+            key_type: KeyType::Private,
+            environment: None,
+            scopes: None,
+            reveal_later: true,
+            allowed_domains: None,
+        };
+        assert_eq!(private.violations(), []);
     }
 
     #[test]
@@ -643,7 +704,7 @@ mod tests {
         let no_copy = given(&[self::created()]);
         assert!(matches!(
             decide(no_copy.as_ref(), &Command::Reveal),
-            Err(DomainError::NotRevealable(_))
+            Err(DomainError::NotRevealable)
         ));
         let revoked = given(&[created, Event::KeyRevoked]);
         assert_eq!(

@@ -20,7 +20,7 @@ use crate::domain::{Event, KeyId, Violation, WorkspaceId};
 use crate::proto::v1 as pb;
 use crate::proto::v1::audit_service_server::AuditService;
 use crate::store::codec;
-use crate::store::{RecordFilter, Store};
+use crate::store::{RecordFilter, Store, StoreError};
 
 /// Records read per database round trip when paging.
 const PAGE: u32 = 500;
@@ -152,8 +152,9 @@ async fn send<T>(tx: &mpsc::Sender<Result<T, Status>>, item: T) -> bool {
     tx.send(Ok(item)).await.is_ok()
 }
 
-fn internal(e: impl std::fmt::Display) -> Status {
-    Status::from(ApiError::Internal(e.to_string()))
+/// A read that failed while a stream was open, as the status that ends the stream.
+fn read_failed(e: StoreError) -> Status {
+    Status::from(ApiError::from(e))
 }
 
 /// One catch-up subscription: see `SubscribeEvents` in `audit.proto`.
@@ -233,10 +234,9 @@ impl Subscription {
                     }
                                         () = self.tx.closed() => return,
                     _ = self.stopping.changed() => {
-                        let status = Status::unavailable(format!(
-                            "the server is shutting down; resume after sequence {}",
-                            self.position
-                        ));
+                        let status = Status::from(ApiError::ShuttingDown {
+                            resume_after: self.position,
+                        });
                         let _ = self.tx.send(Err(status)).await;
                         return;
                     }
@@ -251,12 +251,12 @@ impl Subscription {
         loop {
             // The head is read before the page: every record up to it is committed, so an
             // empty page proves there is nothing matching up to it either.
-            let (head, _) = self.store.head(None).await.map_err(internal)?;
+            let (head, _) = self.store.head(None).await.map_err(read_failed)?;
             let page = self
                 .store
                 .read_records(self.position, PAGE, &self.filter)
                 .await
-                .map_err(internal)?;
+                .map_err(read_failed)?;
             for record in &page {
                 if !send(&self.tx, Self::message(Message::Event(log_event(record)))).await {
                     return Ok(false);
@@ -300,7 +300,7 @@ impl AuditService for AuditApi {
                     let page = match store.read_records(position, PAGE, &filter).await {
                         Ok(page) => page,
                         Err(e) => {
-                            let _ = tx.send(Err(internal(e))).await;
+                            let _ = tx.send(Err(read_failed(e))).await;
                             return;
                         }
                     };
@@ -333,10 +333,10 @@ impl AuditService for AuditApi {
             // log) would silently skip the events that later take those sequences.
             let (head, _) = self.store.head(None).await?;
             if req.after_sequence > head.sequence {
-                return Err(ApiError::OutOfRange(format!(
-                    "after_sequence {} is past the end of the log ({})",
-                    req.after_sequence, head.sequence
-                )));
+                return Err(ApiError::SequenceOutOfRange {
+                    after_sequence: req.after_sequence,
+                    head_sequence: head.sequence,
+                });
             }
             let (tx, rx) = mpsc::channel(256);
             let subscription = Subscription {
@@ -394,21 +394,28 @@ impl AuditService for AuditApi {
             {
                 violations.push(Violation::new("key_id", r));
             }
+            // `at_sequence` is checked against the head, so the head is read before answering
+            // INVALID_ARGUMENT, which then lists every bad field. A failed read answers such a
+            // request with its other violations, or with the storage failure if it had none.
+            let head = match self.store.head(None).await {
+                Ok((head, _)) => head,
+                Err(_) if !violations.is_empty() => return Err(ApiError::Invalid(violations)),
+                Err(e) => return Err(e.into()),
+            };
+            if req.at_sequence > head.sequence {
+                violations.push(Violation::new(
+                    "at_sequence",
+                    format!("the log ends at {}", head.sequence),
+                ));
+            }
             if !violations.is_empty() {
                 return Err(ApiError::Invalid(violations));
             }
-            let (head, _) = self.store.head(None).await?;
             let at = if req.at_sequence == 0 {
                 head.sequence
             } else {
                 req.at_sequence
             };
-            if at > head.sequence {
-                return Err(ApiError::invalid(
-                    "at_sequence",
-                    format!("the log ends at {}", head.sequence),
-                ));
-            }
             let filter = RecordFilter {
                 workspace_id: Some(req.workspace_id.clone()),
                 key_id: (!req.key_id.is_empty()).then(|| req.key_id.clone()),

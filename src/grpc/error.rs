@@ -1,34 +1,69 @@
-//! The one place where failures become gRPC statuses. Field errors carry
-//! `google.rpc.BadRequest` details; version conflicts carry `google.rpc.ErrorInfo`;
-//! internal errors are logged with their cause and reach the client only as "internal error".
+//! The one place where failures become gRPC statuses. Every status carries a
+//! `google.rpc.ErrorInfo` in [`ERROR_DOMAIN`] whose reason (AIP-193: UPPER_SNAKE, stable, one per
+//! cause) tells a client what happened without reading the message; field errors also carry
+//! `google.rpc.BadRequest` details. Internal errors are logged with their cause and reach the
+//! client only as "internal error".
+//!
+//! Nothing a caller sent is put into a reason or metadata: only values the service parsed into
+//! its own types (key ids, roles, sequences, versions). Caller text reaches a message only
+//! through [`quote`].
+
+use std::collections::HashMap;
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
-use crate::domain::{DomainError, Violation};
+use super::auth::{CallerError, Permission, Role};
+use crate::domain::{DomainError, KeyId, Violation};
 use crate::store::StoreError;
 
 /// The error domain named in `google.rpc.ErrorInfo`.
-const ERROR_DOMAIN: &str = "keys.kemon.dev";
+pub const ERROR_DOMAIN: &str = "keys.kemon.dev";
 
 #[derive(Debug)]
 pub enum ApiError {
+    /// Bad request fields, every one the request got wrong; nothing was done.
     Invalid(Vec<Violation>),
-    Unauthenticated(String),
-    PermissionDenied(String),
-    NotFound,
-    FailedPrecondition(String),
-    VersionConflict {
-        expected: u64,
-        actual: u64,
+    /// The call's metadata names no usable caller.
+    Unauthenticated(CallerError),
+    /// The caller's role may not do what the call needs.
+    PermissionDenied {
+        role: Role,
+        permission: Permission,
     },
-    OutOfRange(String),
-    Unavailable(&'static str),
+    /// A command about one key was refused, or the key is not there. `key_id` names the key
+    /// once the handler has said which one it was about (see [`ApiError::about`]).
+    Key {
+        refusal: KeyRefusal,
+        key_id: Option<KeyId>,
+    },
+    /// A subscription asked to start past the end of the log.
+    SequenceOutOfRange {
+        after_sequence: u64,
+        head_sequence: u64,
+    },
+    /// The key cache is still loading.
+    NotReady,
+    /// The server is shutting down; a subscription resumes after `resume_after`.
+    ShuttingDown {
+        resume_after: u64,
+    },
     /// A CreateKey request id came back with a different request.
     RequestIdReused,
     /// The storage failed; nothing was written (or, for `STORAGE_OUTCOME_UNKNOWN`, maybe).
     Storage(StorageFailure),
     Internal(String),
+}
+
+/// Why a command about an existing (or missing) key was refused: the domain's refusals, typed,
+/// so that each has its own reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyRefusal {
+    NotFound,
+    Revoked,
+    NotRevealable,
+    PublicScopesImmutable,
+    VersionConflict { expected: u64, actual: u64 },
 }
 
 /// How the storage failed, as told to a client: a code to retry on and a stable reason.
@@ -66,6 +101,25 @@ impl StorageFailure {
 impl ApiError {
     pub fn invalid(field: &str, reason: impl Into<String>) -> ApiError {
         ApiError::Invalid(vec![Violation::new(field, reason)])
+    }
+
+    /// A refusal about the key `key_id`.
+    pub fn key(refusal: KeyRefusal, key_id: KeyId) -> ApiError {
+        ApiError::Key {
+            refusal,
+            key_id: Some(key_id),
+        }
+    }
+
+    /// Names the key a refusal was about, for its metadata; other errors are unchanged.
+    pub fn about(self, key: KeyId) -> ApiError {
+        match self {
+            ApiError::Key { refusal, .. } => ApiError::Key {
+                refusal,
+                key_id: Some(key),
+            },
+            other => other,
+        }
     }
 }
 
@@ -140,18 +194,22 @@ fn bounded(violations: Vec<Violation>) -> Vec<Violation> {
 
 impl From<DomainError> for ApiError {
     fn from(e: DomainError) -> ApiError {
-        match e {
-            DomainError::Invalid(v) => ApiError::Invalid(v),
-            DomainError::NotFound => ApiError::NotFound,
+        let refusal = match e {
+            DomainError::Invalid(v) => return ApiError::Invalid(v),
             DomainError::AlreadyExists => {
-                ApiError::Internal("generated key id already exists".into())
+                return ApiError::Internal("generated key id already exists".into());
             }
+            DomainError::NotFound => KeyRefusal::NotFound,
+            DomainError::Revoked => KeyRefusal::Revoked,
+            DomainError::NotRevealable => KeyRefusal::NotRevealable,
+            DomainError::PublicScopesImmutable => KeyRefusal::PublicScopesImmutable,
             DomainError::VersionConflict { expected, actual } => {
-                ApiError::VersionConflict { expected, actual }
+                KeyRefusal::VersionConflict { expected, actual }
             }
-            e @ (DomainError::Revoked
-            | DomainError::PublicScopesImmutable
-            | DomainError::NotRevealable(_)) => ApiError::FailedPrecondition(e.to_string()),
+        };
+        ApiError::Key {
+            refusal,
+            key_id: None,
         }
     }
 }
@@ -177,9 +235,102 @@ impl From<StoreError> for ApiError {
     }
 }
 
+/// What a status says: its code, the ErrorInfo reason and metadata, and the message.
+struct Described {
+    code: Code,
+    reason: &'static str,
+    message: String,
+    metadata: Vec<(&'static str, String)>,
+}
+
+impl Described {
+    fn new(code: Code, reason: &'static str, message: impl Into<String>) -> Described {
+        Described {
+            code,
+            reason,
+            message: message.into(),
+            metadata: Vec::new(),
+        }
+    }
+
+    fn with(mut self, key: &'static str, value: impl ToString) -> Described {
+        self.metadata.push((key, value.to_string()));
+        self
+    }
+}
+
+impl CallerError {
+    fn describe(self) -> Described {
+        use super::auth::{ACTOR_HEADER, MAX_ACTOR_LEN, ROLE_HEADER};
+        let (reason, header, message) = match self {
+            CallerError::ActorMissing => (
+                "ACTOR_MISSING",
+                ACTOR_HEADER,
+                format!("metadata `{ACTOR_HEADER}` is required"),
+            ),
+            CallerError::ActorInvalid => (
+                "ACTOR_INVALID",
+                ACTOR_HEADER,
+                format!(
+                    "metadata `{ACTOR_HEADER}` must be at most {MAX_ACTOR_LEN} printable characters"
+                ),
+            ),
+            CallerError::RoleMissing => (
+                "ROLE_MISSING",
+                ROLE_HEADER,
+                format!("metadata `{ROLE_HEADER}` is required"),
+            ),
+            CallerError::RoleUnknown => (
+                "ROLE_UNKNOWN",
+                ROLE_HEADER,
+                format!("metadata `{ROLE_HEADER}` must be owner, admin, auditor or member"),
+            ),
+        };
+        Described::new(Code::Unauthenticated, reason, message).with("header", header)
+    }
+}
+
+impl KeyRefusal {
+    fn describe(self) -> Described {
+        match self {
+            KeyRefusal::NotFound => Described::new(
+                Code::NotFound,
+                "KEY_NOT_FOUND",
+                "key not found in this workspace",
+            ),
+            KeyRefusal::Revoked => Described::new(
+                Code::FailedPrecondition,
+                "KEY_REVOKED",
+                DomainError::Revoked.to_string(),
+            ),
+            KeyRefusal::NotRevealable => Described::new(
+                Code::FailedPrecondition,
+                "KEY_NOT_REVEALABLE",
+                DomainError::NotRevealable.to_string(),
+            ),
+            KeyRefusal::PublicScopesImmutable => Described::new(
+                Code::FailedPrecondition,
+                "PUBLIC_KEY_SCOPES_IMMUTABLE",
+                DomainError::PublicScopesImmutable.to_string(),
+            ),
+            KeyRefusal::VersionConflict { expected, actual } => Described::new(
+                Code::Aborted,
+                "VERSION_CONFLICT",
+                format!(
+                    "the key is at version {actual}, not the expected {expected}; read it again \
+                     and retry"
+                ),
+            )
+            .with("expected_version", expected)
+            .with("actual_version", actual),
+        }
+    }
+}
+
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Status {
-        match e {
+        let mut details = ErrorDetails::new();
+        let described = match e {
             ApiError::Invalid(violations) => {
                 let violations = bounded(violations);
                 let message = violations
@@ -187,61 +338,86 @@ impl From<ApiError> for Status {
                     .map(|v| format!("{}: {}", v.field, v.reason))
                     .collect::<Vec<_>>()
                     .join("; ");
-                let details = ErrorDetails::with_bad_request(
+                details.set_bad_request(
                     violations
                         .into_iter()
                         .map(|v| FieldViolation::new(v.field, v.reason))
                         .collect::<Vec<_>>(),
                 );
-                Status::with_error_details(Code::InvalidArgument, message, details)
+                Described::new(Code::InvalidArgument, "INVALID_REQUEST", message)
             }
-            ApiError::Unauthenticated(m) => Status::unauthenticated(m),
-            ApiError::PermissionDenied(m) => Status::permission_denied(m),
-            ApiError::NotFound => Status::not_found("key not found in this workspace"),
-            ApiError::FailedPrecondition(m) => Status::failed_precondition(m),
-            ApiError::VersionConflict { expected, actual } => {
-                let details = ErrorDetails::with_error_info(
-                    "VERSION_CONFLICT",
-                    ERROR_DOMAIN,
-                    [
-                        ("expected_version".to_owned(), expected.to_string()),
-                        ("actual_version".to_owned(), actual.to_string()),
-                    ],
-                );
-                Status::with_error_details(
-                    Code::Aborted,
-                    format!(
-                        "the key is at version {actual}, not the expected {expected}; read it again and retry"
-                    ),
-                    details,
-                )
+            ApiError::Unauthenticated(e) => e.describe(),
+            ApiError::PermissionDenied { role, permission } => {
+                let message = match (role, permission) {
+                    (Role::Auditor, _) => "auditors may read keys but not change or reveal them",
+                    (_, Permission::Audit) => {
+                        "the audit log needs the owner, admin or auditor role"
+                    }
+                    (_, Permission::ReadKeys) => {
+                        "reading API keys needs the owner, admin or auditor role"
+                    }
+                    (_, Permission::ManageKeys) => {
+                        "managing API keys needs the admin or owner role"
+                    }
+                };
+                let allowed: Vec<&str> = permission.roles().iter().map(|r| r.as_str()).collect();
+                Described::new(Code::PermissionDenied, "ROLE_NOT_PERMITTED", message)
+                    .with("role", role.as_str())
+                    .with("permission", permission.as_str())
+                    .with("allowed_roles", allowed.join(","))
             }
-            ApiError::OutOfRange(m) => Status::out_of_range(m),
-            ApiError::Unavailable(m) => Status::unavailable(m),
-            ApiError::RequestIdReused => Status::with_error_details(
+            ApiError::RequestIdReused => Described::new(
                 Code::AlreadyExists,
+                "REQUEST_ID_REUSED",
                 "request_id was used for a different CreateKey request in this workspace; \
                  use a new request_id for a new key",
-                ErrorDetails::with_error_info(
-                    "REQUEST_ID_REUSED",
-                    ERROR_DOMAIN,
-                    std::collections::HashMap::new(),
-                ),
             ),
+            ApiError::Key { refusal, key_id } => {
+                let described = refusal.describe();
+                match key_id {
+                    Some(key_id) => described.with("key_id", key_id),
+                    None => described,
+                }
+            }
+            ApiError::SequenceOutOfRange {
+                after_sequence,
+                head_sequence,
+            } => Described::new(
+                Code::OutOfRange,
+                "SEQUENCE_OUT_OF_RANGE",
+                format!(
+                    "after_sequence {after_sequence} is past the end of the log ({head_sequence})"
+                ),
+            )
+            .with("after_sequence", after_sequence)
+            .with("head_sequence", head_sequence),
+            ApiError::NotReady => Described::new(
+                Code::Unavailable,
+                "NOT_READY",
+                "starting: the key cache is still loading",
+            ),
+            ApiError::ShuttingDown { resume_after } => Described::new(
+                Code::Unavailable,
+                "SHUTTING_DOWN",
+                format!("the server is shutting down; resume after sequence {resume_after}"),
+            )
+            .with("resume_after_sequence", resume_after),
             ApiError::Storage(failure) => {
                 let (code, reason, message) = failure.status();
-                let details = ErrorDetails::with_error_info(
-                    reason,
-                    ERROR_DOMAIN,
-                    std::collections::HashMap::new(),
-                );
-                Status::with_error_details(code, message, details)
+                Described::new(code, reason, message)
             }
             ApiError::Internal(m) => {
                 tracing::error!(error = %m, "internal error");
-                Status::internal("internal error")
+                Described::new(Code::Internal, "INTERNAL", "internal error")
             }
-        }
+        };
+        let metadata: HashMap<String, String> = described
+            .metadata
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+        details.set_error_info(described.reason, ERROR_DOMAIN, metadata);
+        Status::with_error_details(described.code, described.message, details)
     }
 }
 
@@ -341,6 +517,173 @@ mod tests {
         );
         let few = violations(&[("scopes", 3), ("name", 1)]);
         assert_eq!(bounded(few.clone()), few);
+    }
+
+    /// One error of every kind, with the code and reason each must give.
+    fn every_error() -> Vec<(ApiError, Code, &'static str)> {
+        let key_id = KeyId::generate(1_000);
+        let key = |refusal| ApiError::key(refusal, key_id);
+        vec![
+            (
+                ApiError::invalid("name", "is required"),
+                Code::InvalidArgument,
+                "INVALID_REQUEST",
+            ),
+            (
+                ApiError::Unauthenticated(CallerError::ActorMissing),
+                Code::Unauthenticated,
+                "ACTOR_MISSING",
+            ),
+            (
+                ApiError::Unauthenticated(CallerError::ActorInvalid),
+                Code::Unauthenticated,
+                "ACTOR_INVALID",
+            ),
+            (
+                ApiError::Unauthenticated(CallerError::RoleMissing),
+                Code::Unauthenticated,
+                "ROLE_MISSING",
+            ),
+            (
+                ApiError::Unauthenticated(CallerError::RoleUnknown),
+                Code::Unauthenticated,
+                "ROLE_UNKNOWN",
+            ),
+            (
+                ApiError::PermissionDenied {
+                    role: Role::Member,
+                    permission: Permission::ReadKeys,
+                },
+                Code::PermissionDenied,
+                "ROLE_NOT_PERMITTED",
+            ),
+            (key(KeyRefusal::NotFound), Code::NotFound, "KEY_NOT_FOUND"),
+            (
+                key(KeyRefusal::Revoked),
+                Code::FailedPrecondition,
+                "KEY_REVOKED",
+            ),
+            (
+                key(KeyRefusal::NotRevealable),
+                Code::FailedPrecondition,
+                "KEY_NOT_REVEALABLE",
+            ),
+            (
+                key(KeyRefusal::PublicScopesImmutable),
+                Code::FailedPrecondition,
+                "PUBLIC_KEY_SCOPES_IMMUTABLE",
+            ),
+            (
+                key(KeyRefusal::VersionConflict {
+                    expected: 1,
+                    actual: 2,
+                }),
+                Code::Aborted,
+                "VERSION_CONFLICT",
+            ),
+            (
+                ApiError::SequenceOutOfRange {
+                    after_sequence: 9,
+                    head_sequence: 3,
+                },
+                Code::OutOfRange,
+                "SEQUENCE_OUT_OF_RANGE",
+            ),
+            (ApiError::NotReady, Code::Unavailable, "NOT_READY"),
+            (
+                ApiError::ShuttingDown { resume_after: 3 },
+                Code::Unavailable,
+                "SHUTTING_DOWN",
+            ),
+            (
+                ApiError::Storage(StorageFailure::Full),
+                Code::ResourceExhausted,
+                "STORAGE_FULL",
+            ),
+            (
+                ApiError::Storage(StorageFailure::Unavailable),
+                Code::Unavailable,
+                "STORAGE_UNAVAILABLE",
+            ),
+            (
+                ApiError::Storage(StorageFailure::OutcomeUnknown),
+                Code::Unavailable,
+                "STORAGE_OUTCOME_UNKNOWN",
+            ),
+            (
+                ApiError::Internal("the disk said no".into()),
+                Code::Internal,
+                "INTERNAL",
+            ),
+        ]
+    }
+
+    #[test]
+    fn every_error_carries_a_stable_reason_of_its_own() {
+        let mut seen = Vec::new();
+        for (error, code, reason) in every_error() {
+            let shown = format!("{error:?}");
+            let status = Status::from(error);
+            assert_eq!(status.code(), code, "{shown}");
+            let info = status
+                .get_details_error_info()
+                .unwrap_or_else(|| panic!("no ErrorInfo: {shown}"));
+            assert_eq!(info.reason, reason, "{shown}");
+            assert_eq!(info.domain, ERROR_DOMAIN, "{shown}");
+            // AIP-193: UPPER_SNAKE, at most 63 characters.
+            assert!(reason.len() <= 63, "{reason}");
+            assert!(
+                reason.starts_with(|c: char| c.is_ascii_uppercase()),
+                "{reason}"
+            );
+            assert!(!reason.ends_with('_'), "{reason}");
+            assert!(
+                reason
+                    .chars()
+                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'),
+                "{reason}"
+            );
+            // Metadata keys as google.rpc.ErrorInfo requires them.
+            for key in info.metadata.keys() {
+                assert!(key.len() <= 64, "{key}");
+                assert!(key.starts_with(|c: char| c.is_ascii_lowercase()), "{key}");
+                assert!(
+                    key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                    "{key}"
+                );
+            }
+            assert!(!seen.contains(&reason), "{reason} twice");
+            seen.push(reason);
+        }
+    }
+
+    #[test]
+    fn refusals_about_a_key_name_it() {
+        let key_id = KeyId::generate(1_000);
+        let status = Status::from(
+            ApiError::from(DomainError::VersionConflict {
+                expected: 2,
+                actual: 5,
+            })
+            .about(key_id),
+        );
+        let metadata = status.get_details_error_info().unwrap().metadata;
+        assert_eq!(metadata["key_id"], key_id.to_string());
+        assert_eq!(metadata["expected_version"], "2");
+        assert_eq!(metadata["actual_version"], "5");
+
+        // `about` leaves errors that are not about a key alone.
+        let status = Status::from(ApiError::NotReady.about(key_id));
+        assert!(status.get_details_error_info().unwrap().metadata.is_empty());
+    }
+
+    #[test]
+    fn an_internal_error_tells_the_client_nothing_of_its_cause() {
+        let status = Status::from(ApiError::Internal("/var/lib/kemon: EIO".into()));
+        assert_eq!(status.message(), "internal error");
+        assert!(status.get_details_error_info().unwrap().metadata.is_empty());
+        let details = String::from_utf8_lossy(status.details()).into_owned();
+        assert!(!details.contains("EIO"), "{details}");
     }
 
     #[test]

@@ -6,12 +6,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tonic::{Request, Response, Status};
 
 use super::auth::{Actor, Permission};
-use super::error::{ApiError, quote};
+use super::error::{ApiError, KeyRefusal, quote};
 use super::paging::{PageSize, PageToken, QueryFingerprint};
 use super::{observe, observe_hot, record_key_id, timestamp, within_cap};
 use crate::cache::{CachedKey, Verdict, VerifyCache};
 use crate::clock::Clock;
-use crate::domain::key::NewKeyRequest;
+use crate::domain::key::{KeyShape, NewKeyRequest};
 use crate::domain::scope::{Access, CATALOG};
 use crate::domain::{
     ApiKey, Command, DomainPattern, Expiration, KeyId, KeyName, KeyState, KeyType, ScopeSet,
@@ -57,15 +57,23 @@ impl KeyApi {
         if self.ready.load(Ordering::Acquire) {
             Ok(())
         } else {
-            Err(ApiError::Unavailable(
-                "starting: the key cache is still loading",
-            ))
+            Err(ApiError::NotReady)
         }
     }
 
     fn to_pb(&self, s: &KeyState) -> pb::Key {
         key_to_pb(s, self.clock.now_ms())
     }
+
+    /// Writes one command; a refusal names the key it was about.
+    async fn write(&self, write: Write) -> Result<KeyState, ApiError> {
+        let key_id = write.key_id;
+        self.store
+            .write(write)
+            .await
+            .map_err(|e| ApiError::from(e).about(key_id))
+    }
+
     /// Applies a change to an existing key and returns its new state. `command` is `None`
     /// when parsing its fields failed, with the reasons in `violations`.
     async fn change(
@@ -85,7 +93,6 @@ impl KeyApi {
             return Err(ApiError::Invalid(violations));
         };
         let state = self
-            .store
             .write(Write {
                 workspace_id,
                 key_id,
@@ -144,22 +151,54 @@ fn key_ref(
     Some((workspace?, key?))
 }
 
-fn parse_scopes(field: &str, names: &[String], violations: &mut Vec<Violation>) -> ScopeSet {
+/// The scopes named in `field`; `None` when the list is over its cap or names an unknown
+/// scope, with the reasons in `violations`.
+fn parse_scopes(
+    field: &str,
+    names: &[String],
+    violations: &mut Vec<Violation>,
+) -> Option<ScopeSet> {
     if !within_cap(field, names, MAX_SCOPES_LISTED, violations) {
-        return ScopeSet::EMPTY;
+        return None;
     }
-    ScopeSet::parse(names).unwrap_or_else(|unknown| {
-        for name in unknown {
-            violations.push(Violation::new(
-                field,
-                format!(
-                    "unknown scope {}; ListScopes gives the catalog",
-                    quote(&name)
-                ),
-            ));
+    ScopeSet::parse(names)
+        .map_err(|unknown| {
+            for name in unknown {
+                violations.push(Violation::new(
+                    field,
+                    format!(
+                        "unknown scope {}; ListScopes gives the catalog",
+                        quote(&name)
+                    ),
+                ));
+            }
+        })
+        .ok()
+}
+
+/// The allowed domains of a CreateKey request, duplicates dropped; `None` when the list is
+/// over its cap or has a malformed entry, with the reasons in `violations`.
+fn parse_allowed_domains(
+    domains: &[String],
+    violations: &mut Vec<Violation>,
+) -> Option<Vec<DomainPattern>> {
+    const FIELD: &str = "allowed_domains";
+    if !within_cap(FIELD, domains, DomainPattern::MAX_PER_KEY, violations) {
+        return None;
+    }
+    let mut parsed: Vec<DomainPattern> = Vec::new();
+    let mut all_parsed = true;
+    for domain in domains {
+        match DomainPattern::parse(domain) {
+            Ok(d) if !parsed.contains(&d) => parsed.push(d),
+            Ok(_) => {}
+            Err(r) => {
+                all_parsed = false;
+                violations.push(Violation::new(FIELD, format!("{} {r}", quote(domain))));
+            }
         }
-        ScopeSet::EMPTY
-    })
+    }
+    all_parsed.then_some(parsed)
 }
 
 fn parse_name(name: &str, violations: &mut Vec<Violation>) -> Option<KeyName> {
@@ -254,23 +293,20 @@ impl KeyService for KeyApi {
             }
             let scopes = parse_scopes("scopes", &req.scopes, &mut violations);
             let request_id = parse_request_id(&req.request_id, &mut violations);
-            let mut allowed_domains: Vec<DomainPattern> = Vec::new();
-            if within_cap(
-                "allowed_domains",
-                &req.allowed_domains,
-                DomainPattern::MAX_PER_KEY,
-                &mut violations,
-            ) {
-                for domain in &req.allowed_domains {
-                    match DomainPattern::parse(domain) {
-                        Ok(d) if !allowed_domains.contains(&d) => allowed_domains.push(d),
-                        Ok(_) => {}
-                        Err(r) => violations.push(Violation::new(
-                            "allowed_domains",
-                            format!("{} {r}", quote(domain)),
-                        )),
+            let allowed_domains = parse_allowed_domains(&req.allowed_domains, &mut violations);
+            // The rules that tie fields together, on the fields that parsed, so that one
+            // answer lists every problem of the request.
+            if let Some(key_type) = key_type {
+                violations.extend(
+                    KeyShape {
+                        key_type,
+                        environment,
+                        scopes,
+                        reveal_later: req.reveal_later,
+                        allowed_domains: allowed_domains.as_deref(),
                     }
-                }
+                    .violations(),
+                );
             }
             let (
                 Some(workspace_id),
@@ -278,6 +314,8 @@ impl KeyService for KeyApi {
                 Some(key_type),
                 Some(environment),
                 Some(expiration),
+                Some(scopes),
+                Some(allowed_domains),
                 true,
             ) = (
                 workspace_id,
@@ -285,6 +323,8 @@ impl KeyService for KeyApi {
                 key_type,
                 environment,
                 expiration,
+                scopes,
+                allowed_domains,
                 violations.is_empty(),
             )
             else {
@@ -344,7 +384,8 @@ impl KeyService for KeyApi {
                     sealed_secret,
                     create_request,
                 })
-                .await?;
+                .await
+                .map_err(|e| ApiError::from(e).about(key_id))?;
             let secret = match &written.replayed {
                 None => secret.expose().to_owned(),
                 Some(replayed) => replayed
@@ -383,7 +424,7 @@ impl KeyService for KeyApi {
                 .store
                 .get_key(&workspace_id, key_id)
                 .await?
-                .ok_or(ApiError::NotFound)?;
+                .ok_or(ApiError::key(KeyRefusal::NotFound, key_id))?;
             Ok(self.to_pb(&state))
         })
         .await
@@ -501,16 +542,16 @@ impl KeyService for KeyApi {
             if req.scopes.is_empty() {
                 violations.push(Violation::new("scopes", "at least one scope is required"));
             }
-            let command = Command::UpdateScopes {
+            let command = scopes.map(|scopes| Command::UpdateScopes {
                 scopes,
                 expected_version: req.expected_version,
-            };
+            });
             self.change(
                 request.metadata(),
                 &req.workspace_id,
                 &req.key_id,
                 violations,
-                Some(command),
+                command,
             )
             .await
         })
@@ -555,7 +596,6 @@ impl KeyService for KeyApi {
             // The reveal is recorded (durably) before the secret leaves the service; the
             // domain refuses revoked keys and private keys without a copy.
             let state = self
-                .store
                 .write(Write {
                     workspace_id,
                     key_id,
@@ -569,11 +609,11 @@ impl KeyService for KeyApi {
                 Some(public) => public,
                 None => {
                     // Revoked since the reveal was recorded: the copy is gone.
-                    let sealed = self.store.sealed_secret(key_id).await?.ok_or_else(|| {
-                        ApiError::FailedPrecondition(
-                            "the key is revoked; its secret was destroyed".into(),
-                        )
-                    })?;
+                    let sealed = self
+                        .store
+                        .sealed_secret(key_id)
+                        .await?
+                        .ok_or(ApiError::key(KeyRefusal::Revoked, key_id))?;
                     self.master_key.open(key_id, &sealed).ok_or_else(|| {
                         ApiError::Internal(format!("the sealed copy of {key_id} does not open"))
                     })?
@@ -593,10 +633,11 @@ impl KeyService for KeyApi {
             self.ensure_ready()?;
             let req = request.get_ref();
             let mut violations = Vec::new();
-            let required = parse_scopes("required_scopes", &req.required_scopes, &mut violations);
-            if !violations.is_empty() {
+            let Some(required) =
+                parse_scopes("required_scopes", &req.required_scopes, &mut violations)
+            else {
                 return Err(ApiError::Invalid(violations));
-            }
+            };
             Ok(verify_response(self.cache.verify(
                 &req.key,
                 required,

@@ -983,11 +983,22 @@ async fn the_audit_api_is_for_owners_admins_and_auditors_only() {
 
     for (rpc, outcome) in every_audit_rpc(&mut audit, Some("member")).await {
         let status = outcome.expect_err(rpc);
-        assert_eq!(status.code(), Code::PermissionDenied, "{rpc}: {status:?}");
+        let metadata = assert_reason(&status, Code::PermissionDenied, "ROLE_NOT_PERMITTED");
+        assert_eq!(
+            metadata,
+            [
+                ("role".to_owned(), "member".to_owned()),
+                ("permission".to_owned(), "audit".to_owned()),
+                ("allowed_roles".to_owned(), "owner,admin,auditor".to_owned()),
+            ]
+            .into(),
+            "{rpc}"
+        );
     }
     for (rpc, outcome) in every_audit_rpc(&mut audit, None).await {
         let status = outcome.expect_err(rpc);
-        assert_eq!(status.code(), Code::Unauthenticated, "{rpc}: {status:?}");
+        let metadata = assert_reason(&status, Code::Unauthenticated, "ACTOR_MISSING");
+        assert_eq!(metadata["header"], "x-kemon-actor", "{rpc}");
     }
     for role in ["auditor", "admin", "owner"] {
         for (rpc, outcome) in every_audit_rpc(&mut audit, Some(role)).await {
@@ -1040,7 +1051,9 @@ async fn the_audit_api_is_for_owners_admins_and_auditors_only() {
     ];
     for (rpc, outcome) in denied {
         let status = outcome.expect_err(rpc);
-        assert_eq!(status.code(), Code::PermissionDenied, "{rpc}: {status:?}");
+        let metadata = assert_reason(&status, Code::PermissionDenied, "ROLE_NOT_PERMITTED");
+        assert_eq!(metadata["role"], "auditor", "{rpc}");
+        assert_eq!(metadata["permission"], "manage_keys", "{rpc}");
     }
     assert_eq!(
         sequences(&all_events(&mut audit).await),
@@ -1048,6 +1061,153 @@ async fn the_audit_api_is_for_owners_admins_and_auditors_only() {
         "refused calls record nothing"
     );
     assert_eq!(get_key(&mut keys, WORKSPACE, &key.key_id).await, key);
+}
+
+// ----------------------------------------------------------------------------------------------
+// Errors: every bad field at once, and a reason for every refusal
+
+#[tokio::test]
+async fn audit_requests_name_every_bad_field() {
+    let server = TestServer::start().await;
+    let mut keys = server.client().await;
+    let mut audit = audit_client(&server).await;
+    create(&mut keys, private_key("Audited", &[])).await;
+
+    let status = audit
+        .get_keys_as_of(auditor(pb::GetKeysAsOfRequest {
+            workspace_id: "ws acme".into(),
+            key_id: "key_nope".into(),
+            at_sequence: 99,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        bad_fields(&status),
+        ["at_sequence", "key_id", "workspace_id"]
+    );
+
+    let filter = pb::EventFilter {
+        workspace_id: "ws/acme".into(),
+        key_id: "nope".into(),
+        event_types: vec!["KeyRevoked".into(), "KeyDeleted".into()],
+    };
+    let read = read_events_as(&mut audit, Some("auditor"), filtered(0, 0, filter.clone()))
+        .await
+        .map(drop);
+    let subscribe = audit
+        .subscribe_events(auditor(pb::SubscribeEventsRequest {
+            after_sequence: 0,
+            filter: Some(filter),
+        }))
+        .await
+        .map(drop);
+    for (rpc, outcome) in [("ReadEvents", read), ("SubscribeEvents", subscribe)] {
+        let status = outcome.expect_err(rpc);
+        assert_eq!(
+            bad_fields(&status),
+            ["filter.event_types", "filter.key_id", "filter.workspace_id"],
+            "{rpc}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn subscribing_past_the_end_of_the_log_is_sequence_out_of_range() {
+    let server = TestServer::start().await;
+    let mut keys = server.client().await;
+    let mut audit = audit_client(&server).await;
+    create(&mut keys, private_key("Audited", &[])).await;
+    let status = audit
+        .subscribe_events(auditor(pb::SubscribeEventsRequest {
+            after_sequence: 5,
+            filter: None,
+        }))
+        .await
+        .map(drop)
+        .unwrap_err();
+    let metadata = assert_reason(&status, Code::OutOfRange, "SEQUENCE_OUT_OF_RANGE");
+    assert_eq!(
+        metadata,
+        [
+            ("after_sequence".to_owned(), "5".to_owned()),
+            ("head_sequence".to_owned(), "1".to_owned()),
+        ]
+        .into()
+    );
+}
+
+#[tokio::test]
+async fn a_subscription_ended_by_shutdown_is_shutting_down_naming_where_to_resume() {
+    let server = TestServer::start().await;
+    let mut keys = server.client().await;
+    let mut audit = audit_client(&server).await;
+    create(&mut keys, private_key("Audited", &[])).await;
+    let mut stream = audit
+        .subscribe_events(auditor(pb::SubscribeEventsRequest {
+            after_sequence: 0,
+            filter: None,
+        }))
+        .await
+        .expect("subscribe")
+        .into_inner();
+    loop {
+        let message = stream.message().await.expect("message").expect("open");
+        if let Some(Message::CaughtUp(c)) = message.message {
+            assert_eq!(c.sequence, 1);
+            break;
+        }
+    }
+    let stopping = tokio::spawn(server.stop());
+    let status = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("the subscription ends within 10 s")
+        .expect_err("the subscription ends with an error");
+    let metadata = assert_reason(&status, Code::Unavailable, "SHUTTING_DOWN");
+    assert_eq!(
+        metadata,
+        [("resume_after_sequence".to_owned(), "1".to_owned())].into()
+    );
+    let (_data, result) = stopping.await.expect("stop");
+    result.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn a_log_that_no_longer_replays_is_internal_and_tells_nothing_of_why() {
+    let server = TestServer::start().await;
+    let mut keys = server.client().await;
+    let mut audit = audit_client(&server).await;
+    let (key, _) = create(&mut keys, private_key("Audited", &[])).await;
+    for name in ["Second", "Third"] {
+        keys.rename_key(admin(rename(WORKSPACE, &key.key_id, name)))
+            .await
+            .expect("rename");
+    }
+    // Someone with the database file deletes the middle event behind the server's back.
+    let mut conn = kemon_keys::store::connect(&server.db_path())
+        .await
+        .expect("open the database");
+    for statement in [
+        "DROP TRIGGER events_no_delete",
+        "DELETE FROM events WHERE sequence = 2",
+    ] {
+        sqlx::query(statement)
+            .execute(&mut conn)
+            .await
+            .expect(statement);
+    }
+    sqlx::Connection::close(conn).await.expect("close");
+
+    let status = audit
+        .get_keys_as_of(auditor(pb::GetKeysAsOfRequest {
+            workspace_id: WORKSPACE.into(),
+            key_id: String::new(),
+            at_sequence: 0,
+        }))
+        .await
+        .unwrap_err();
+    let metadata = assert_reason(&status, Code::Internal, "INTERNAL");
+    assert!(metadata.is_empty(), "{metadata:?}");
+    assert_eq!(status.message(), "internal error");
 }
 
 // ----------------------------------------------------------------------------------------------

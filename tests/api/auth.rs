@@ -1,7 +1,10 @@
 //! Who may call what: actor and role metadata, role permissions, recorded actors, workspace isolation.
 
+use std::collections::HashMap;
+
 use kemon_keys::proto::v1 as pb;
 use kemon_keys::proto::v1::key_service_client::KeyServiceClient;
+use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
@@ -152,43 +155,88 @@ async fn server_with_key() -> (TestServer, KeyServiceClient<Channel>, pb::Key, S
     (server, client, key, secret)
 }
 
-/// Asserts every management RPC is refused with `expected` for `caller`, and that nothing
-/// changed: the key is as it was and no key was added.
-async fn assert_all_refused(caller: Caller<'_>, expected: Code) {
+/// The permission an RPC needs, as PERMISSION_DENIED names it.
+fn permission(rpc: Rpc) -> &'static str {
+    match rpc {
+        Rpc::Get | Rpc::List => "read_keys",
+        _ => "manage_keys",
+    }
+}
+
+/// Asserts every management RPC is refused with `expected` and ErrorInfo `reason` for `caller`,
+/// and that nothing changed: the key is as it was and no key was added. Returns the ErrorInfo
+/// metadata of each refusal.
+async fn assert_all_refused(
+    caller: Caller<'_>,
+    expected: Code,
+    reason: &str,
+) -> Vec<(Rpc, HashMap<String, String>)> {
     let (_server, mut client, key, secret) = server_with_key().await;
+    let mut refusals = Vec::new();
     for rpc in MANAGEMENT {
         let status = call(&mut client, caller, rpc, WORKSPACE, &key.key_id)
             .await
             .expect_err("refused");
         assert_eq!(status.code(), expected, "{rpc:?} as {caller:?}: {status:?}");
+        refusals.push((rpc, assert_reason(&status, expected, reason)));
     }
     assert_eq!(get_key(&mut client, &key.key_id).await, key, "{caller:?}");
     assert_eq!(list(&mut client, WORKSPACE).await, [key], "{caller:?}");
     let verified = verify(&mut client, &secret, &["tickets:read"], "").await;
     assert_eq!(code(&verified), pb::VerifyCode::Valid, "{caller:?}");
+    refusals
+}
+
+/// Asserts every management RPC is UNAUTHENTICATED with `reason` for `caller`, naming the
+/// metadata header at fault.
+async fn assert_unauthenticated(caller: Caller<'_>, reason: &str, header: &str) {
+    for (rpc, metadata) in assert_all_refused(caller, Code::Unauthenticated, reason).await {
+        assert_eq!(
+            metadata,
+            [("header".to_owned(), header.to_owned())].into(),
+            "{rpc:?} as {caller:?}"
+        );
+    }
 }
 
 #[tokio::test]
 async fn missing_actor_is_unauthenticated() {
-    assert_all_refused(Caller::new(None, Some("admin")), Code::Unauthenticated).await;
+    assert_unauthenticated(
+        Caller::new(None, Some("admin")),
+        "ACTOR_MISSING",
+        "x-kemon-actor",
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn missing_role_is_unauthenticated() {
-    assert_all_refused(Caller::new(Some("user_bob"), None), Code::Unauthenticated).await;
+    assert_unauthenticated(
+        Caller::new(Some("user_bob"), None),
+        "ROLE_MISSING",
+        "x-kemon-role",
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn no_metadata_is_unauthenticated() {
-    assert_all_refused(Caller::new(None, None), Code::Unauthenticated).await;
+    // The actor is looked at first.
+    assert_unauthenticated(Caller::new(None, None), "ACTOR_MISSING", "x-kemon-actor").await;
 }
 
 #[tokio::test]
 async fn empty_actor_or_role_is_unauthenticated() {
-    assert_all_refused(Caller::new(Some(""), Some("owner")), Code::Unauthenticated).await;
-    assert_all_refused(
+    assert_unauthenticated(
+        Caller::new(Some(""), Some("owner")),
+        "ACTOR_MISSING",
+        "x-kemon-actor",
+    )
+    .await;
+    assert_unauthenticated(
         Caller::new(Some("user_bob"), Some("")),
-        Code::Unauthenticated,
+        "ROLE_MISSING",
+        "x-kemon-role",
     )
     .await;
 }
@@ -196,16 +244,17 @@ async fn empty_actor_or_role_is_unauthenticated() {
 #[tokio::test]
 async fn unknown_role_is_unauthenticated() {
     for role in ["superuser", "root", "viewer"] {
-        assert_all_refused(Caller::role(role), Code::Unauthenticated).await;
+        assert_unauthenticated(Caller::role(role), "ROLE_UNKNOWN", "x-kemon-role").await;
     }
 }
 
 #[tokio::test]
 async fn actor_longer_than_128_characters_is_unauthenticated() {
     let long = "u".repeat(129);
-    assert_all_refused(
+    assert_unauthenticated(
         Caller::new(Some(&long), Some("owner")),
-        Code::Unauthenticated,
+        "ACTOR_INVALID",
+        "x-kemon-actor",
     )
     .await;
 
@@ -222,8 +271,55 @@ async fn actor_longer_than_128_characters_is_unauthenticated() {
 }
 
 #[tokio::test]
+async fn metadata_that_is_not_printable_ascii_is_unauthenticated_and_not_repeated() {
+    let (_server, mut client, key, _) = server_with_key().await;
+    for (header, value, reason) in [
+        ("x-kemon-actor", "josé", "ACTOR_INVALID"),
+        ("x-kemon-role", "ädmin", "ROLE_UNKNOWN"),
+    ] {
+        let mut request = Request::new(pb::GetKeyRequest {
+            workspace_id: WORKSPACE.into(),
+            key_id: key.key_id.clone(),
+        });
+        request
+            .metadata_mut()
+            .insert("x-kemon-actor", "user_bob".parse().unwrap());
+        request
+            .metadata_mut()
+            .insert("x-kemon-role", "admin".parse().unwrap());
+        let bytes = AsciiMetadataValue::try_from(value.as_bytes()).expect("obs-text is allowed");
+        request.metadata_mut().insert(header, bytes);
+        let status = client.get_key(request).await.unwrap_err();
+        let metadata = assert_reason(&status, Code::Unauthenticated, reason);
+        assert_eq!(metadata["header"], header);
+        assert!(!status.message().contains(value), "{status:?}");
+    }
+}
+
+#[tokio::test]
 async fn members_may_do_nothing() {
-    assert_all_refused(Caller::role("member"), Code::PermissionDenied).await;
+    for (rpc, metadata) in assert_all_refused(
+        Caller::role("member"),
+        Code::PermissionDenied,
+        "ROLE_NOT_PERMITTED",
+    )
+    .await
+    {
+        let allowed = match permission(rpc) {
+            "read_keys" => "owner,admin,auditor",
+            _ => "owner,admin",
+        };
+        assert_eq!(
+            metadata,
+            [
+                ("role".to_owned(), "member".to_owned()),
+                ("permission".to_owned(), permission(rpc).to_owned()),
+                ("allowed_roles".to_owned(), allowed.to_owned()),
+            ]
+            .into(),
+            "{rpc:?}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -236,11 +332,13 @@ async fn auditors_may_read_but_not_change_or_reveal() {
             Rpc::Get | Rpc::List => {
                 result.unwrap_or_else(|s| panic!("{rpc:?} as auditor: {s:?}"));
             }
-            _ => assert_eq!(
-                result.expect_err("refused").code(),
-                Code::PermissionDenied,
-                "{rpc:?} as auditor"
-            ),
+            _ => {
+                let status = result.expect_err("refused");
+                let metadata = assert_reason(&status, Code::PermissionDenied, "ROLE_NOT_PERMITTED");
+                assert_eq!(metadata["role"], "auditor", "{rpc:?}");
+                assert_eq!(metadata["permission"], "manage_keys", "{rpc:?}");
+                assert_eq!(metadata["allowed_roles"], "owner,admin", "{rpc:?}");
+            }
         }
     }
 
@@ -386,11 +484,8 @@ async fn another_workspace_cannot_see_or_touch_a_key() {
             let status = call(&mut client, Caller::role(role), rpc, other, &key.key_id)
                 .await
                 .expect_err("refused");
-            assert_eq!(
-                status.code(),
-                Code::NotFound,
-                "{rpc:?} as {role}: {status:?}"
-            );
+            let metadata = assert_reason(&status, Code::NotFound, "KEY_NOT_FOUND");
+            assert_eq!(metadata["key_id"], key.key_id, "{rpc:?} as {role}");
         }
     }
     // The auditor's read is scoped the same way.

@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -226,11 +227,28 @@ pub fn field_violations(status: &Status) -> Vec<(String, String)> {
         .unwrap_or_default()
 }
 
-/// Asserts INVALID_ARGUMENT naming `field`, and returns the reasons given for it.
+/// The `google.rpc.ErrorInfo` domain of every error the service returns.
+pub const ERROR_DOMAIN: &str = "keys.kemon.dev";
+
+/// Asserts that `status` has `code` and a `google.rpc.ErrorInfo` in the service's domain with
+/// `reason`; returns the ErrorInfo's metadata.
+#[track_caller]
+pub fn assert_reason(status: &Status, code: Code, reason: &str) -> HashMap<String, String> {
+    assert_eq!(status.code(), code, "{status:?}");
+    let info = status
+        .get_details_error_info()
+        .unwrap_or_else(|| panic!("no ErrorInfo: {status:?}"));
+    assert_eq!(info.domain, ERROR_DOMAIN, "{status:?}");
+    assert_eq!(info.reason, reason, "{status:?}");
+    info.metadata
+}
+
+/// Asserts INVALID_ARGUMENT (reason `INVALID_REQUEST`) naming `field`, and returns the reasons
+/// given for it.
 #[track_caller]
 pub fn assert_invalid(result: Result<impl std::fmt::Debug, Status>, field: &str) -> Vec<String> {
     let status = result.expect_err("expected INVALID_ARGUMENT");
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_reason(&status, Code::InvalidArgument, "INVALID_REQUEST");
     let reasons: Vec<String> = field_violations(&status)
         .into_iter()
         .filter(|(f, _)| f == field)
@@ -238,6 +256,26 @@ pub fn assert_invalid(result: Result<impl std::fmt::Debug, Status>, field: &str)
         .collect();
     assert!(!reasons.is_empty(), "no violation for {field}: {status:?}");
     reasons
+}
+
+/// The fields an INVALID_ARGUMENT names, each once, sorted; checks that it carries reason
+/// `INVALID_REQUEST` and that its message names every one of them too.
+#[track_caller]
+pub fn bad_fields(status: &Status) -> Vec<String> {
+    assert_reason(status, Code::InvalidArgument, "INVALID_REQUEST");
+    let mut named: Vec<String> = field_violations(status)
+        .into_iter()
+        .map(|(field, _)| field)
+        .collect();
+    named.sort();
+    named.dedup();
+    for field in &named {
+        assert!(
+            status.message().contains(&format!("{field}: ")),
+            "the message does not name {field}: {status:?}"
+        );
+    }
+    named
 }
 
 /// A CreateKey request for a production private key with the given scopes.

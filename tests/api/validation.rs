@@ -813,3 +813,435 @@ async fn a_key_pasted_into_a_scope_list_is_never_repeated() {
     }
     assert_eq!(all_keys(&mut client).await, [key]);
 }
+
+// ----------------------------------------------------------------------------------------------
+// Several bad fields: one INVALID_ARGUMENT names each of them
+
+#[tokio::test]
+async fn create_key_names_every_bad_field() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let request = pb::CreateKeyRequest {
+        workspace_id: String::new(),
+        name: "CI\ndeploy".into(),
+        r#type: 7,
+        environment: pb::Environment::Production as i32,
+        scopes: vec!["tickets:delete".into()],
+        ..Default::default()
+    };
+    let status = client.create_key(admin(request)).await.unwrap_err();
+    assert_eq!(
+        bad_fields(&status),
+        ["name", "scopes", "type", "workspace_id"]
+    );
+    assert!(all_keys(&mut client).await.is_empty());
+}
+
+#[tokio::test]
+async fn create_key_names_bad_fields_and_broken_rules_together() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+
+    // Bad fields and the rules a public key breaks, in one answer.
+    let mut request = public_key("", &["tickets:write"], &[]);
+    request.workspace_id = "ws acme".into();
+    request.reveal_later = true;
+    let status = client.create_key(admin(request)).await.unwrap_err();
+    assert_eq!(
+        bad_fields(&status),
+        [
+            "allowed_domains",
+            "name",
+            "reveal_later",
+            "scopes",
+            "workspace_id"
+        ]
+    );
+    let reasons = assert_invalid(Err::<(), _>(status), "scopes");
+    assert!(reasons[0].contains("`tickets:write`"), "{reasons:?}");
+
+    let mut request = public_key("test with domains", &["tickets:read"], &["app.example.com"]);
+    request.environment = pb::Environment::Test as i32;
+    request.expiration = 99;
+    let status = client.create_key(admin(request)).await.unwrap_err();
+    assert_eq!(bad_fields(&status), ["allowed_domains", "expiration"]);
+
+    let mut request = private_key("private with domains", &["tickets:read", "nope:read"]);
+    request.allowed_domains = vec!["app.example.com".into()];
+    let status = client.create_key(admin(request)).await.unwrap_err();
+    assert_eq!(bad_fields(&status), ["allowed_domains", "scopes"]);
+    assert!(all_keys(&mut client).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_bad_field_is_not_reported_again_as_a_broken_rule() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+
+    // An unknown scope is not also "no read scope"; a malformed domain is not also "no
+    // allowed domain"; a list over its cap is reported once.
+    for (scopes, domains, field) in [
+        (vec!["tickets:nope"], vec!["app.example.com"], "scopes"),
+        (
+            vec!["tickets:read"],
+            vec!["https://app.example.com"],
+            "allowed_domains",
+        ),
+        (vec!["tickets:read"; 17], vec!["app.example.com"], "scopes"),
+    ] {
+        let status = client
+            .create_key(admin(public_key("public", &scopes, &domains)))
+            .await
+            .unwrap_err();
+        assert_eq!(bad_fields(&status), [field], "{status:?}");
+        assert_eq!(field_violations(&status).len(), 1, "{status:?}");
+    }
+
+    // An unknown type leaves the rules of both types unjudged.
+    let mut request = public_key("typeless", &["tickets:write"], &[]);
+    request.r#type = 9;
+    let status = client.create_key(admin(request)).await.unwrap_err();
+    assert_eq!(bad_fields(&status), ["type"]);
+    assert!(all_keys(&mut client).await.is_empty());
+}
+
+#[tokio::test]
+async fn rename_key_names_every_bad_field() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let (key, _) = create(&mut client, private_key("original", &[])).await;
+
+    let status = client
+        .rename_key(admin(pb::RenameKeyRequest {
+            workspace_id: WORKSPACE.into(),
+            key_id: "key_123".into(),
+            name: "\u{7}".into(),
+            expected_version: Some(1),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["key_id", "name"]);
+
+    let status = client
+        .rename_key(admin(pb::RenameKeyRequest {
+            workspace_id: "ws/acme".into(),
+            key_id: key.key_id.to_lowercase(),
+            name: "x".repeat(101),
+            expected_version: None,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["key_id", "name", "workspace_id"]);
+    assert_eq!(get_key(&mut client, &key.key_id).await, key, "unchanged");
+}
+
+#[tokio::test]
+async fn update_key_scopes_names_every_bad_field() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let (key, _) = create(&mut client, private_key("scoped", &["tickets:read"])).await;
+
+    let status = client
+        .update_key_scopes(admin(pb::UpdateKeyScopesRequest {
+            workspace_id: String::new(),
+            key_id: "nope".into(),
+            scopes: vec!["tickets:read".into(), "tickets:nope".into()],
+            expected_version: None,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["key_id", "scopes", "workspace_id"]);
+
+    let status = client
+        .update_key_scopes(admin(pb::UpdateKeyScopesRequest {
+            workspace_id: WORKSPACE.into(),
+            key_id: String::new(),
+            scopes: vec![],
+            expected_version: Some(1),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["key_id", "scopes"]);
+    assert_eq!(get_key(&mut client, &key.key_id).await, key, "unchanged");
+}
+
+#[tokio::test]
+async fn list_keys_names_every_bad_field() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let status = client
+        .list_keys(admin(pb::ListKeysRequest {
+            workspace_id: " ws_acme".into(),
+            // Over the maximum is coerced (AIP-158), not a bad field.
+            page_size: 500,
+            page_token: "page 2".into(),
+            r#type: 9,
+            environment: 9,
+            include_revoked: false,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        bad_fields(&status),
+        ["environment", "page_token", "type", "workspace_id"]
+    );
+}
+
+#[tokio::test]
+async fn calls_about_one_key_name_both_bad_ids() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let (workspace_id, key_id) = (String::from("ws acme"), String::from("key_"));
+    let get = client
+        .get_key(admin(pb::GetKeyRequest {
+            workspace_id: workspace_id.clone(),
+            key_id: key_id.clone(),
+        }))
+        .await
+        .map(drop);
+    let revoke = client
+        .revoke_key(admin(pb::RevokeKeyRequest {
+            workspace_id: workspace_id.clone(),
+            key_id: key_id.clone(),
+            expected_version: None,
+        }))
+        .await
+        .map(drop);
+    let reveal = client
+        .reveal_key(admin(pb::RevealKeyRequest {
+            workspace_id,
+            key_id,
+        }))
+        .await
+        .map(drop);
+    for (rpc, result) in [
+        ("GetKey", get),
+        ("RevokeKey", revoke),
+        ("RevealKey", reveal),
+    ] {
+        let status = result.expect_err(rpc);
+        assert_eq!(bad_fields(&status), ["key_id", "workspace_id"], "{rpc}");
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Every refusal carries a google.rpc.ErrorInfo reason (the authentication and role reasons are
+// in `auth`, the audit ones in `audit`, the storage ones in `storage`)
+
+/// A key id no key has.
+const UNKNOWN_KEY_ID: &str = "key_01ARZ3NDEKTSV4RRFFQ69G5FAV";
+
+/// Calls every RPC that changes or reveals `key_id`, as an admin of [`WORKSPACE`].
+async fn every_change(
+    client: &mut KeyServiceClient<Channel>,
+    key_id: &str,
+) -> Vec<(&'static str, Result<(), Status>)> {
+    let rename = client
+        .rename_key(admin(pb::RenameKeyRequest {
+            workspace_id: WORKSPACE.into(),
+            key_id: key_id.into(),
+            name: "renamed".into(),
+            expected_version: None,
+        }))
+        .await
+        .map(drop);
+    let update = client
+        .update_key_scopes(admin(pb::UpdateKeyScopesRequest {
+            workspace_id: WORKSPACE.into(),
+            key_id: key_id.into(),
+            scopes: vec!["teams:read".into()],
+            expected_version: None,
+        }))
+        .await
+        .map(drop);
+    let reveal = client
+        .reveal_key(admin(pb::RevealKeyRequest {
+            workspace_id: WORKSPACE.into(),
+            key_id: key_id.into(),
+        }))
+        .await
+        .map(drop);
+    vec![
+        ("RenameKey", rename),
+        ("UpdateKeyScopes", update),
+        ("RevealKey", reveal),
+    ]
+}
+
+#[tokio::test]
+async fn a_key_that_is_not_there_is_key_not_found_naming_it() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let mut outcomes = every_change(&mut client, UNKNOWN_KEY_ID).await;
+    outcomes.push((
+        "GetKey",
+        client
+            .get_key(admin(pb::GetKeyRequest {
+                workspace_id: WORKSPACE.into(),
+                key_id: UNKNOWN_KEY_ID.into(),
+            }))
+            .await
+            .map(drop),
+    ));
+    outcomes.push((
+        "RevokeKey",
+        client
+            .revoke_key(admin(pb::RevokeKeyRequest {
+                workspace_id: WORKSPACE.into(),
+                key_id: UNKNOWN_KEY_ID.into(),
+                expected_version: None,
+            }))
+            .await
+            .map(drop),
+    ));
+    for (rpc, outcome) in outcomes {
+        let status = outcome.expect_err(rpc);
+        let metadata = assert_reason(&status, Code::NotFound, "KEY_NOT_FOUND");
+        assert_eq!(
+            metadata,
+            [("key_id".to_owned(), UNKNOWN_KEY_ID.to_owned())].into(),
+            "{rpc}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn changing_or_revealing_a_revoked_key_is_key_revoked() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let mut request = private_key("revoked", &["tickets:read"]);
+    request.reveal_later = true;
+    let (key, _) = create(&mut client, request).await;
+    client
+        .revoke_key(admin(pb::RevokeKeyRequest {
+            workspace_id: WORKSPACE.into(),
+            key_id: key.key_id.clone(),
+            expected_version: None,
+        }))
+        .await
+        .expect("revoke");
+    for (rpc, outcome) in every_change(&mut client, &key.key_id).await {
+        let status = outcome.expect_err(rpc);
+        let metadata = assert_reason(&status, Code::FailedPrecondition, "KEY_REVOKED");
+        assert_eq!(metadata["key_id"], key.key_id, "{rpc}");
+    }
+}
+
+#[tokio::test]
+async fn revealing_a_key_without_a_copy_is_key_not_revealable() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let (key, _) = create(&mut client, private_key("no copy", &[])).await;
+    let status = client
+        .reveal_key(admin(pb::RevealKeyRequest {
+            workspace_id: WORKSPACE.into(),
+            key_id: key.key_id.clone(),
+        }))
+        .await
+        .unwrap_err();
+    let metadata = assert_reason(&status, Code::FailedPrecondition, "KEY_NOT_REVEALABLE");
+    assert_eq!(metadata["key_id"], key.key_id);
+}
+
+#[tokio::test]
+async fn editing_a_public_key_s_scopes_is_public_key_scopes_immutable() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let (key, _) = create(
+        &mut client,
+        public_key("widget", &["tickets:read"], &["app.example.com"]),
+    )
+    .await;
+    let status = client
+        .update_key_scopes(admin(pb::UpdateKeyScopesRequest {
+            workspace_id: WORKSPACE.into(),
+            key_id: key.key_id.clone(),
+            scopes: vec!["teams:read".into()],
+            expected_version: None,
+        }))
+        .await
+        .unwrap_err();
+    let metadata = assert_reason(
+        &status,
+        Code::FailedPrecondition,
+        "PUBLIC_KEY_SCOPES_IMMUTABLE",
+    );
+    assert_eq!(metadata["key_id"], key.key_id);
+    assert_eq!(get_key(&mut client, &key.key_id).await, key, "unchanged");
+}
+
+#[tokio::test]
+async fn a_stale_expected_version_is_version_conflict_naming_both_versions_and_the_key() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let (key, _) = create(&mut client, private_key("versioned", &[])).await;
+    let status = client
+        .revoke_key(admin(pb::RevokeKeyRequest {
+            workspace_id: WORKSPACE.into(),
+            key_id: key.key_id.clone(),
+            expected_version: Some(7),
+        }))
+        .await
+        .unwrap_err();
+    let metadata = assert_reason(&status, Code::Aborted, "VERSION_CONFLICT");
+    assert_eq!(
+        metadata,
+        [
+            ("key_id".to_owned(), key.key_id.clone()),
+            ("expected_version".to_owned(), "7".to_owned()),
+            ("actual_version".to_owned(), "1".to_owned()),
+        ]
+        .into()
+    );
+}
+
+#[tokio::test]
+async fn calls_before_the_cache_is_loaded_are_not_ready() {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
+    use kemon_keys::cache::VerifyCache;
+    use kemon_keys::clock::{Clock, ManualClock};
+    use kemon_keys::grpc::KeyApi;
+    use kemon_keys::proto::v1::key_service_server::KeyService;
+    use kemon_keys::store::{DATABASE_FILE, Store, StoreOptions};
+    use kemon_keys::vault::MasterKey;
+
+    // A real server is ready before a test can call it, so the service is built here as the
+    // server builds it, with its cache not yet loaded.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(T0_MS));
+    let master_key = MasterKey::generate();
+    let cache = Arc::new(VerifyCache::new(clock.clone()));
+    let store = Store::open(
+        &dir.path().join(DATABASE_FILE),
+        &master_key.fingerprint(),
+        clock.clone(),
+        cache.clone(),
+        StoreOptions::default(),
+    )
+    .await
+    .expect("open the store");
+    let api = KeyApi::new(
+        store.clone(),
+        cache,
+        clock,
+        master_key,
+        Arc::new(AtomicBool::new(false)),
+    );
+    let create = api
+        .create_key(admin(private_key("early", &[])))
+        .await
+        .map(drop);
+    let verify = api
+        .verify_key(tonic::Request::new(pb::VerifyKeyRequest::default()))
+        .await
+        .map(drop);
+    for (rpc, outcome) in [("CreateKey", create), ("VerifyKey", verify)] {
+        let status = outcome.expect_err(rpc);
+        let metadata = assert_reason(&status, Code::Unavailable, "NOT_READY");
+        assert!(metadata.is_empty(), "{rpc}: {metadata:?}");
+    }
+    drop(api);
+    store.close().await;
+}
