@@ -69,6 +69,80 @@ pub fn chain(previous: &Hash, canonical: &[u8]) -> Hash {
     h.finalize().into()
 }
 
+/// The heads of both chains as of the last record folded in: the whole log's and each
+/// workspace's. The one place a chain advances: the writer appends through it, and the
+/// verifier and the benchmark seeder chain through it, so they cannot disagree.
+#[derive(Debug, Clone)]
+pub struct Chains {
+    pub last_sequence: u64,
+    /// The log chain's head.
+    pub log: Hash,
+    workspaces: std::collections::HashMap<String, Hash>,
+}
+
+impl Default for Chains {
+    /// An empty log: both chains at genesis.
+    fn default() -> Chains {
+        Chains::new(0, log_genesis(), std::collections::HashMap::new())
+    }
+}
+
+impl Chains {
+    pub fn new(
+        last_sequence: u64,
+        log: Hash,
+        workspaces: std::collections::HashMap<String, Hash>,
+    ) -> Chains {
+        Chains {
+            last_sequence,
+            log,
+            workspaces,
+        }
+    }
+
+    /// A workspace chain's head (its genesis before its first record).
+    pub fn workspace(&self, workspace_id: &str) -> Hash {
+        self.workspaces
+            .get(workspace_id)
+            .copied()
+            .unwrap_or_else(|| workspace_genesis(workspace_id))
+    }
+
+    /// The `(hash, workspace_hash)` that `record` must carry to follow these heads; the
+    /// hashes it carries are ignored.
+    pub fn next(&self, record: &LogRecord) -> (Hash, Hash) {
+        let canonical = canonical_bytes(record);
+        (
+            chain(&self.log, &canonical),
+            chain(&self.workspace(&record.workspace_id), &canonical),
+        )
+    }
+
+    /// Moves the heads past `record`, taking its sequence and hashes as they are. Returns the
+    /// workspace's previous head (`None` at its genesis), for [`Chains::restore_workspace`].
+    pub fn advance(&mut self, record: &LogRecord) -> Option<Hash> {
+        self.last_sequence = record.sequence;
+        self.log = record.hash;
+        self.workspaces
+            .insert(record.workspace_id.clone(), record.workspace_hash)
+    }
+
+    /// Gives `record` the next sequence and both hashes, and advances past it.
+    pub fn append(&mut self, record: &mut LogRecord) -> Option<Hash> {
+        record.sequence = self.last_sequence + 1;
+        (record.hash, record.workspace_hash) = self.next(record);
+        self.advance(record)
+    }
+
+    /// Puts a workspace head back as it was before an [`Chains::advance`].
+    pub fn restore_workspace(&mut self, workspace_id: String, previous: Option<Hash>) {
+        match previous {
+            Some(hash) => self.workspaces.insert(workspace_id, hash),
+            None => self.workspaces.remove(&workspace_id),
+        };
+    }
+}
+
 /// Parses `SEQ:HASH` (hash in hex), the form heads are written down in.
 pub fn parse_head(s: &str) -> Result<(u64, Hash), String> {
     let (seq, hash) = s

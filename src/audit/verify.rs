@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use super::chain::{self, Hash, LogRecord};
+use super::chain::{Chains, Hash, LogRecord};
 use super::replay::{Replay, ReplayError};
 use crate::domain::KeyState;
 
@@ -72,9 +72,9 @@ impl fmt::Display for Report {
 
 pub struct Verifier {
     scope: Scope,
-    last_sequence: u64,
-    log_hash: Hash,
-    workspace_hashes: HashMap<String, Hash>,
+    /// The heads as recomputed from the records seen; in a workspace scope only the
+    /// workspace chain is checked (the log chain is followed as the records say).
+    chains: Chains,
     replay: Replay,
     events: u64,
     failure: Option<ReplayError>,
@@ -88,9 +88,7 @@ impl Verifier {
         Verifier {
             expect_head,
             scope,
-            last_sequence: 0,
-            log_hash: chain::log_genesis(),
-            workspace_hashes: HashMap::new(),
+            chains: Chains::default(),
             replay: Replay::default(),
             events: 0,
             failure: None,
@@ -112,9 +110,9 @@ impl Verifier {
     fn check(&mut self, r: &LogRecord) -> Result<(), ReplayError> {
         let fail = |sequence: u64, reason: String| ReplayError { sequence, reason };
         match &self.scope {
-            Scope::Log if r.sequence != self.last_sequence + 1 => {
+            Scope::Log if r.sequence != self.chains.last_sequence + 1 => {
                 return Err(fail(
-                    self.last_sequence + 1,
+                    self.chains.last_sequence + 1,
                     format!("missing: the next record is sequence {}", r.sequence),
                 ));
             }
@@ -124,34 +122,24 @@ impl Verifier {
                     format!("belongs to workspace {}, not {w}", r.workspace_id),
                 ));
             }
-            _ if r.sequence <= self.last_sequence => {
+            _ if r.sequence <= self.chains.last_sequence => {
                 return Err(fail(
                     r.sequence,
-                    format!("out of order after sequence {}", self.last_sequence),
+                    format!("out of order after sequence {}", self.chains.last_sequence),
                 ));
             }
             _ => {}
         }
-        let canonical = chain::canonical_bytes(r);
-        if self.scope == Scope::Log {
-            let expected = chain::chain(&self.log_hash, &canonical);
-            if expected != r.hash {
-                return Err(fail(
-                    r.sequence,
-                    "hash does not match the chain: the record or one before it was altered, \
-                     inserted or removed"
-                        .into(),
-                ));
-            }
-            self.log_hash = expected;
+        let (hash, workspace_hash) = self.chains.next(r);
+        if self.scope == Scope::Log && hash != r.hash {
+            return Err(fail(
+                r.sequence,
+                "hash does not match the chain: the record or one before it was altered, \
+                 inserted or removed"
+                    .into(),
+            ));
         }
-        let previous = self
-            .workspace_hashes
-            .get(&r.workspace_id)
-            .copied()
-            .unwrap_or_else(|| chain::workspace_genesis(&r.workspace_id));
-        let expected = chain::chain(&previous, &canonical);
-        if expected != r.workspace_hash {
+        if workspace_hash != r.workspace_hash {
             return Err(fail(
                 r.sequence,
                 "workspace_hash does not match the workspace chain: the record or an earlier \
@@ -159,11 +147,9 @@ impl Verifier {
                     .into(),
             ));
         }
-        self.workspace_hashes
-            .insert(r.workspace_id.clone(), expected);
         if let Some((seq, _)) = self
             .expect_head
-            .filter(|(seq, _)| *seq > self.last_sequence && *seq < r.sequence)
+            .filter(|(seq, _)| *seq > self.chains.last_sequence && *seq < r.sequence)
         {
             // In a workspace export sequences have gaps, but the expected head is one of
             // this workspace's records: stepping over it means it was removed.
@@ -172,13 +158,13 @@ impl Verifier {
                 "the record at the expected head is missing: records were removed".into(),
             ));
         }
-        if let Some((seq, hash)) = self.expect_head.filter(|(seq, _)| *seq == r.sequence) {
+        if let Some((seq, expected)) = self.expect_head.filter(|(seq, _)| *seq == r.sequence) {
             let chained = if self.scope == Scope::Log {
-                self.log_hash
+                hash
             } else {
-                expected
+                workspace_hash
             };
-            if chained != hash {
+            if chained != expected {
                 return Err(fail(
                     seq,
                     "the hash at the expected head differs: the log up to it was rewritten".into(),
@@ -186,7 +172,7 @@ impl Verifier {
             }
         }
         self.replay.apply(r)?;
-        self.last_sequence = r.sequence;
+        self.chains.advance(r);
         self.events += 1;
         Ok(())
     }
@@ -195,24 +181,18 @@ impl Verifier {
     /// projection (`keys` rows and checkpoint) against the replay.
     pub fn finish(mut self, projection: Option<(Vec<KeyState>, u64)>) -> Report {
         let head = match &self.scope {
-            Scope::Log => (self.last_sequence, self.log_hash),
-            Scope::Workspace(w) => (
-                self.last_sequence,
-                self.workspace_hashes
-                    .get(w)
-                    .copied()
-                    .unwrap_or_else(|| chain::workspace_genesis(w)),
-            ),
+            Scope::Log => (self.chains.last_sequence, self.chains.log),
+            Scope::Workspace(w) => (self.chains.last_sequence, self.chains.workspace(w)),
         };
         if self.failure.is_none() {
             self.failure = self
                 .expect_head
-                .filter(|(seq, _)| *seq > self.last_sequence)
+                .filter(|(seq, _)| *seq > self.chains.last_sequence)
                 .map(|(seq, _)| ReplayError {
-                    sequence: self.last_sequence + 1,
+                    sequence: self.chains.last_sequence + 1,
                     reason: format!(
                         "the log ends at {} before the expected head at {seq}: records were removed",
-                        self.last_sequence
+                        self.chains.last_sequence
                     ),
                 })
                 .or_else(|| {
@@ -278,7 +258,7 @@ mod tests {
 
     /// One key created per sequence, all in workspace `ws`, chained as the writer chains them.
     fn workspace_records(sequences: &[u64]) -> Vec<LogRecord> {
-        let mut previous = chain::workspace_genesis("ws");
+        let mut chains = Chains::default();
         sequences
             .iter()
             .map(|&sequence| {
@@ -314,8 +294,9 @@ mod tests {
                     hash: [0; 32],
                     workspace_hash: [0; 32],
                 };
-                r.workspace_hash = chain::chain(&previous, &chain::canonical_bytes(&r));
-                previous = r.workspace_hash;
+                // Sequences with gaps, as in a workspace export: chained as given.
+                (r.hash, r.workspace_hash) = chains.next(&r);
+                chains.advance(&r);
                 r
             })
             .collect()

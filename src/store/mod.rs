@@ -597,7 +597,11 @@ async fn load_heads(conn: &mut SqliteConnection) -> Result<writer::Heads, StoreE
         })?;
         workspaces.insert(workspace, hash);
     }
-    Ok(writer::Heads::new(last.sequence, last.hash, workspaces))
+    Ok(writer::Heads::new(chain::Chains::new(
+        last.sequence,
+        last.hash,
+        workspaces,
+    )))
 }
 
 const RECORD_COLUMNS: &str = "sequence, key_id, workspace_id, stream_version, event_type, \

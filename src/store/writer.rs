@@ -31,7 +31,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use super::codec::{self, KEY_COLUMNS};
 use super::{CREATE_REQUEST_WINDOW_MS, Replayed, StoreError, Write, Written, load_stream};
-use crate::audit::chain::{self, Hash, LogRecord};
+use crate::audit::chain::{Chains, Hash, LogRecord};
 use crate::clock::Clock;
 use crate::domain::{self, Command, Event, KeyState, Recorded};
 
@@ -46,13 +46,11 @@ pub(super) struct Request {
     pub reply: oneshot::Sender<Result<Written, StoreError>>,
 }
 
-/// The heads of the hash chains, as of the last appended record (committed or, inside a
-/// batch, not yet). Changes made in a batch are journaled so a rolled-back command or batch
-/// restores exactly what it changed.
+/// The chains' heads as of the last appended record (committed or, inside a batch, not
+/// yet). Changes made in a batch are journaled so a rolled-back command or batch restores
+/// exactly what it changed.
 pub(super) struct Heads {
-    pub last_sequence: u64,
-    pub last_hash: Hash,
-    pub workspaces: HashMap<String, Hash>,
+    pub chains: Chains,
     journal: Vec<(String, Option<Hash>)>,
 }
 
@@ -65,11 +63,9 @@ struct Mark {
 }
 
 impl Heads {
-    pub fn new(last_sequence: u64, last_hash: Hash, workspaces: HashMap<String, Hash>) -> Heads {
+    pub fn new(chains: Chains) -> Heads {
         Heads {
-            last_sequence,
-            last_hash,
-            workspaces,
+            chains,
             journal: Vec::new(),
         }
     }
@@ -77,21 +73,18 @@ impl Heads {
     fn mark(&self) -> Mark {
         Mark {
             journal: self.journal.len(),
-            last_sequence: self.last_sequence,
-            last_hash: self.last_hash,
+            last_sequence: self.chains.last_sequence,
+            last_hash: self.chains.log,
         }
     }
 
     fn rollback(&mut self, mark: Mark) {
         while self.journal.len() > mark.journal {
             let (workspace, previous) = self.journal.pop().expect("journal entry");
-            match previous {
-                Some(hash) => self.workspaces.insert(workspace, hash),
-                None => self.workspaces.remove(&workspace),
-            };
+            self.chains.restore_workspace(workspace, previous);
         }
-        self.last_sequence = mark.last_sequence;
-        self.last_hash = mark.last_hash;
+        self.chains.last_sequence = mark.last_sequence;
+        self.chains.log = mark.last_hash;
     }
 
     fn settle(&mut self) {
@@ -100,18 +93,12 @@ impl Heads {
 
     /// Assigns the next sequence to `record` and chains its hashes.
     fn append(&mut self, record: &mut LogRecord) {
-        record.sequence = self.last_sequence + 1;
-        let canonical = chain::canonical_bytes(record);
-        record.hash = chain::chain(&self.last_hash, &canonical);
-        let previous = self.workspaces.get(&record.workspace_id).copied();
-        let workspace_previous =
-            previous.unwrap_or_else(|| chain::workspace_genesis(&record.workspace_id));
-        record.workspace_hash = chain::chain(&workspace_previous, &canonical);
+        let previous = self.chains.append(record);
         self.journal.push((record.workspace_id.clone(), previous));
-        self.workspaces
-            .insert(record.workspace_id.clone(), record.workspace_hash);
-        self.last_sequence = record.sequence;
-        self.last_hash = record.hash;
+    }
+
+    fn head(&self) -> (u64, Hash) {
+        (self.chains.last_sequence, self.chains.log)
     }
 }
 
@@ -309,7 +296,7 @@ impl Writer {
                 Err(e)
             }
             Err(Failure::AtCommit(e, outcomes)) => {
-                let landed = (self.heads.last_sequence, self.heads.last_hash);
+                let landed = self.heads.head();
                 self.heads.rollback(before);
                 self.drop_connection().await;
                 // Reconnecting reads the log back and catches up with whatever is in it, so
@@ -318,7 +305,7 @@ impl Writer {
                     tracing::error!(error = %again, "cannot read the log back after a failed commit");
                     return Err(StoreError::OutcomeUnknown(e.to_string()));
                 }
-                if (self.heads.last_sequence, self.heads.last_hash) == landed {
+                if self.heads.head() == landed {
                     tracing::warn!(error = %e, "the commit reported an error but is in the log");
                     self.scrub_pending = true;
                     Ok(outcomes)
@@ -352,7 +339,7 @@ impl Writer {
     /// the listener's state and sent to subscribers, and the heads are read from the log.
     async fn reconnect(&mut self) -> Result<(), StoreError> {
         let mut conn = SqliteConnection::connect_with(&self.connect).await?;
-        let known = self.heads.last_sequence;
+        let known = self.heads.chains.last_sequence;
         let mut after = known;
         loop {
             let records =
@@ -656,7 +643,7 @@ async fn write_effects(
     }
     if !effects.records.is_empty() {
         sqlx::query("UPDATE projection_checkpoint SET last_sequence = ? WHERE id = 1")
-            .bind(i64::try_from(heads.last_sequence).unwrap_or(i64::MAX))
+            .bind(i64::try_from(heads.chains.last_sequence).unwrap_or(i64::MAX))
             .execute(&mut *tx)
             .await?;
     }

@@ -29,8 +29,7 @@ pub fn bench_master_key() -> MasterKey {
 /// building it is what the rebuild measures.
 pub async fn seed_events(path: &Path, n: usize) -> anyhow::Result<()> {
     let (mut conn, _lock) = store::create_database(path).await?;
-    let mut heads: std::collections::HashMap<String, chain::Hash> = Default::default();
-    let mut last_hash = chain::log_genesis();
+    let mut chains = chain::Chains::default();
     let now = 1_767_225_600_000i64;
     let mut tx = conn.begin().await?;
     const ROWS: usize = 500;
@@ -56,7 +55,7 @@ pub async fn seed_events(path: &Path, n: usize) -> anyhow::Result<()> {
         };
         let encoded = codec::encode_event(&Event::KeyCreated(Box::new(new)));
         let mut record = LogRecord {
-            sequence: i as u64 + 1,
+            sequence: 0,
             key_id: state.key_id.to_string(),
             workspace_id: state.workspace_id.to_string(),
             stream_version: 1,
@@ -68,15 +67,7 @@ pub async fn seed_events(path: &Path, n: usize) -> anyhow::Result<()> {
             hash: [0; 32],
             workspace_hash: [0; 32],
         };
-        let canonical = chain::canonical_bytes(&record);
-        record.hash = chain::chain(&last_hash, &canonical);
-        last_hash = record.hash;
-        let previous = heads
-            .get(&record.workspace_id)
-            .copied()
-            .unwrap_or_else(|| chain::workspace_genesis(&record.workspace_id));
-        record.workspace_hash = chain::chain(&previous, &canonical);
-        heads.insert(record.workspace_id.clone(), record.workspace_hash);
+        chains.append(&mut record);
         batch.push(record);
         if batch.len() == ROWS || i + 1 == n {
             let values = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; batch.len()].join(", ");
