@@ -4,6 +4,8 @@
 //!
 //! - [`grpc`]: the tonic services. Requests become validated domain values and commands.
 //! - [`domain`]: pure rules. Key formats, scopes, and `decide`/`apply` for the key aggregate.
+//! - [`log`]: the log's own rules, whatever stores it: records and their hash chains, and
+//!   events to and from their stored form.
 //! - [`store`]: the append-only event log and the `keys` projection on SQLite, written by one
 //!   group-committing writer.
 //! - [`cache`]: the in-memory verification state that VerifyKey answers from.
@@ -22,6 +24,7 @@ pub mod clock;
 pub mod config;
 pub mod domain;
 pub mod grpc;
+pub mod log;
 pub mod store;
 pub mod vault;
 
@@ -31,6 +34,8 @@ pub mod proto {
     pub mod v1 {
         tonic::include_proto!("kemon.keys.v1");
     }
+
+    pub mod convert;
 
     /// The encoded descriptors of every proto file, served by gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =

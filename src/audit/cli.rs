@@ -8,11 +8,11 @@ use serde_json::json;
 use sqlx::SqliteConnection;
 use tonic::Streaming;
 
-use super::chain::{self, LogRecord};
 use super::export;
 use super::replay::Replay;
 use super::verify::{Scope, Verifier};
 use crate::config::{AuditActor, ExportArgs, KeysAsOfArgs, LogSource, VerifyArgs};
+use crate::log::chain::{self, LogRecord};
 
 use crate::grpc::audit::log_record;
 use crate::proto::v1 as pb;
@@ -283,8 +283,8 @@ pub async fn keys_as_of(args: &KeysAsOfArgs) -> anyhow::Result<()> {
             "key_id": state.key_id.to_string(),
             "workspace_id": state.workspace_id.as_str(),
             "name": state.name.as_str(),
-                        "type": crate::store::codec::key_type_str(state.key_type),
-            "environment": crate::store::codec::environment_str(state.environment),
+                        "type": state.key_type.as_str(),
+            "environment": state.environment.as_str(),
             "masked": state.masked,
             "scopes": state.scopes.names(),
             "full_access": state.full_access,

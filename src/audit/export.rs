@@ -20,9 +20,10 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::{Value, json};
 
-use super::chain::{Hash, LogRecord};
+use crate::log::chain::{Hash, LogRecord};
+use crate::log::events::{self, Payload};
+use crate::proto::convert::timestamp_ms;
 use crate::proto::v1 as pb;
-use crate::store::codec::{self, Payload};
 
 pub const FORMAT: &str = "kemon-keys/events";
 pub const FORMAT_VERSION: u64 = 1;
@@ -49,7 +50,7 @@ pub fn parse_header(line: &str) -> Result<Option<String>, String> {
 
 /// One event as an export line.
 pub fn record_line(r: &LogRecord) -> String {
-    let event = codec::decode_payload(&r.event_type, r.schema_version, &r.payload)
+    let event = events::decode_payload(&r.event_type, r.schema_version, &r.payload)
         .map(|p| payload_json(&p))
         .unwrap_or_else(|e| json!({ "undecodable": e }));
     json!({
@@ -126,8 +127,8 @@ pub fn payload_json(payload: &Payload) -> Value {
             "masked": e.masked,
             "allowed_domains": e.allowed_domains,
             "reveal_later": e.reveal_later,
-            "created_at_ms": e.created_at.as_ref().map(codec::timestamp_ms),
-            "expires_at_ms": e.expires_at.as_ref().map(codec::timestamp_ms),
+            "created_at_ms": e.created_at.as_ref().map(timestamp_ms),
+            "expires_at_ms": e.expires_at.as_ref().map(timestamp_ms),
         }),
         Payload::KeyRenamed(e) => json!({ "name": e.name }),
         Payload::KeyScopesChanged(e) => json!({ "scopes": e.scopes }),

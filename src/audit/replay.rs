@@ -3,9 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use super::chain::LogRecord;
 use crate::domain::{self, KeyState, Recorded};
-use crate::store::codec;
+use crate::log::chain::LogRecord;
+use crate::log::events;
 
 /// Why a record could not be replayed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,8 +30,9 @@ impl Replay {
             sequence: record.sequence,
             reason,
         };
-        let event = codec::decode_event(&record.event_type, record.schema_version, &record.payload)
-            .map_err(fail)?;
+        let event =
+            events::decode_event(&record.event_type, record.schema_version, &record.payload)
+                .map_err(fail)?;
         let recorded = Recorded {
             event,
             actor: record.actor.clone(),

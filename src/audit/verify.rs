@@ -14,9 +14,9 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use super::chain::{Chains, Hash, LogRecord};
 use super::replay::{Replay, ReplayError};
 use crate::domain::KeyState;
+use crate::log::chain::{Chains, Hash, LogRecord};
 
 /// Which chain a set of records can be checked against.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -254,7 +254,7 @@ mod tests {
     use crate::domain::{
         ApiKey, Environment, Event, Expiration, KeyId, KeyName, KeyType, ScopeSet, WorkspaceId,
     };
-    use crate::store::codec::encode_event;
+    use crate::log::events::encode_event;
 
     /// One key created per sequence, all in workspace `ws`, chained as the writer chains them.
     fn workspace_records(sequences: &[u64]) -> Vec<LogRecord> {

@@ -25,3 +25,35 @@ pub enum Environment {
     Production,
     Test,
 }
+
+impl KeyType {
+    /// The name used wherever a key type is written as text (the projection, exports).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyType::Private => "private",
+            KeyType::Public => "public",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<KeyType> {
+        [KeyType::Private, KeyType::Public]
+            .into_iter()
+            .find(|t| t.as_str() == s)
+    }
+}
+
+impl Environment {
+    /// The name used wherever an environment is written as text.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Environment::Production => "production",
+            Environment::Test => "test",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Environment> {
+        [Environment::Production, Environment::Test]
+            .into_iter()
+            .find(|e| e.as_str() == s)
+    }
+}

@@ -13,13 +13,13 @@ use super::auth::{Actor, Permission};
 use super::error::{ApiError, quote};
 use super::keys::key_to_pb;
 use super::{observe, timestamp, within_cap};
-use crate::audit::chain::LogRecord;
 use crate::audit::replay::Replay;
 use crate::clock::Clock;
 use crate::domain::{Event, KeyId, Violation, WorkspaceId};
+use crate::log::chain::LogRecord;
+use crate::log::events;
 use crate::proto::v1 as pb;
 use crate::proto::v1::audit_service_server::AuditService;
-use crate::store::codec;
 use crate::store::{RecordFilter, Store, StoreError};
 
 /// Records read per database round trip when paging.
@@ -65,7 +65,7 @@ pub fn log_event(r: &LogRecord) -> pb::LogEvent {
         stream_version: r.stream_version,
         event_type: r.event_type.clone(),
         schema_version: r.schema_version,
-        payload: codec::decode_payload(&r.event_type, r.schema_version, &r.payload).ok(),
+        payload: events::decode_payload(&r.event_type, r.schema_version, &r.payload).ok(),
         actor: r.actor.clone(),
         recorded_at: Some(timestamp(r.recorded_at_ms)),
         hash: r.hash.to_vec(),

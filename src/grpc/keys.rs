@@ -17,11 +17,11 @@ use crate::domain::{
     ApiKey, Command, DomainPattern, Expiration, KeyId, KeyName, KeyState, KeyType, ScopeSet,
     Violation, WorkspaceId,
 };
-use crate::proto::v1 as pb;
-use crate::proto::v1::key_service_server::KeyService;
-use crate::store::codec::{
+use crate::proto::convert::{
     environment_from_pb, environment_to_pb, key_type_from_pb, key_type_to_pb,
 };
+use crate::proto::v1 as pb;
+use crate::proto::v1::key_service_server::KeyService;
 use crate::store::{CreateRequest, ListFilter, SealedSecret, Store, Write};
 use crate::vault::MasterKey;
 

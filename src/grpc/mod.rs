@@ -20,7 +20,7 @@ use tracing::Instrument;
 use crate::domain::Violation;
 use error::ApiError;
 
-pub(crate) use crate::store::codec::timestamp;
+pub(crate) use crate::proto::convert::timestamp;
 
 /// Runs one call inside a span and logs one structured line for it: method, gRPC code,
 /// latency and, where the handler recorded one, the key id. Secrets are never recorded.

@@ -16,9 +16,8 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sha3::{Digest, Sha3_256};
 
-use crate::domain::{KeyId, WorkspaceId};
+use crate::domain::{Environment, KeyId, KeyType, WorkspaceId};
 use crate::store::ListFilter;
-use crate::store::codec::{environment_str, key_type_str};
 
 /// Page size when the request leaves it at 0.
 pub const DEFAULT_PAGE_SIZE: u32 = 50;
@@ -69,8 +68,8 @@ impl QueryFingerprint {
         h.update(b"kemon-keys/list-keys/query/v1");
         // The storage spellings of the enums: stable, unlike their Rust or proto numbering.
         field(&mut h, Some(workspace_id.as_str()));
-        field(&mut h, key_type.map(key_type_str));
-        field(&mut h, environment.map(environment_str));
+        field(&mut h, key_type.map(KeyType::as_str));
+        field(&mut h, environment.map(Environment::as_str));
         field(&mut h, Some(if *include_revoked { "yes" } else { "no" }));
         let digest = h.finalize();
         let mut fingerprint = [0; FINGERPRINT_LEN];

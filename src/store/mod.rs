@@ -9,7 +9,7 @@
 //! OS lock on `<database>.lock` for as long as they write, and refuse to start while another
 //! process holds it. Readers (the audit tools) need no lock.
 
-pub mod codec;
+pub mod rows;
 mod writer;
 
 use std::path::Path;
@@ -21,12 +21,13 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Connection, Row, SqliteConnection, SqlitePool};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-use crate::audit::chain::{self, Hash, LogRecord};
 use crate::clock::Clock;
 use crate::domain::{
     self, Command, DomainError, Environment, KeyId, KeyState, KeyType, Recorded, WorkspaceId,
 };
-use codec::{KEY_COLUMNS, KeyRow};
+use crate::log::chain::{self, Hash, LogRecord};
+use crate::log::events;
+use rows::{KEY_COLUMNS, KeyRow};
 pub use writer::CommitListener;
 
 /// The database file inside the data directory.
@@ -491,10 +492,10 @@ impl Store {
             .bind(workspace_id.as_str())
             .bind(after.map(|k| k.to_string()).unwrap_or_default());
         if let Some(t) = filter.key_type {
-            query = query.bind(codec::key_type_str(t));
+            query = query.bind(t.as_str());
         }
         if let Some(e) = filter.environment {
-            query = query.bind(codec::environment_str(e));
+            query = query.bind(e.as_str());
         }
         let rows = query.bind(i64::from(limit)).fetch_all(&self.pool).await?;
         rows.into_iter()
@@ -697,7 +698,7 @@ fn recorded_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Recorded, StoreErr
     let event_type: String = row.try_get("event_type")?;
     let schema_version: i64 = row.try_get("schema_version")?;
     let payload: Vec<u8> = row.try_get("payload")?;
-    let event = codec::decode_event(
+    let event = events::decode_event(
         &event_type,
         u32::try_from(schema_version).unwrap_or(u32::MAX),
         &payload,

@@ -29,11 +29,12 @@ use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{Connection, SqliteConnection};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-use super::codec::{self, KEY_COLUMNS};
+use super::rows::{self, KEY_COLUMNS};
 use super::{CREATE_REQUEST_WINDOW_MS, Replayed, StoreError, Write, Written, load_stream};
-use crate::audit::chain::{Chains, Hash, LogRecord};
 use crate::clock::Clock;
 use crate::domain::{self, Command, Event, KeyState, Recorded};
+use crate::log::chain::{Chains, Hash, LogRecord};
+use crate::log::events;
 
 /// Told of every committed change, in commit order, before the writer answers its callers.
 /// Must not block: it runs on the writer's task.
@@ -492,7 +493,7 @@ async fn decide_batch(
                 Event::KeyRevoked => effects.sealed_deletes.push(key.clone()),
                 _ => {}
             }
-            let encoded = codec::encode_event(&event);
+            let encoded = events::encode_event(&event);
             let mut record = LogRecord {
                 sequence: 0,
                 key_id: key.clone(),
@@ -716,7 +717,7 @@ pub(super) async fn project_many(
         );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
         for state in chunk {
-            query = codec::bind_state(query, state);
+            query = rows::bind_state(query, state);
         }
         query.execute(&mut *conn).await?;
     }

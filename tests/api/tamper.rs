@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kemon_keys::audit::chain::{
+use kemon_keys::log::chain::{
     Hash, LogRecord, canonical_bytes, chain, log_genesis, workspace_genesis,
 };
 use kemon_keys::proto::v1 as pb;

@@ -6,11 +6,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures::TryStreamExt;
-use kemon_keys::audit::chain::{self, LogRecord};
 use kemon_keys::cache::VerifyCache;
 use kemon_keys::clock::SystemClock;
 use kemon_keys::domain::{ApiKey, Environment, Event, KeyType};
-use kemon_keys::store::codec::{self, KEY_COLUMNS, KeyRow};
+use kemon_keys::log::chain::{self, LogRecord};
+use kemon_keys::log::events;
+use kemon_keys::store::rows::{KEY_COLUMNS, KeyRow};
 use kemon_keys::store::{self, Store, StoreOptions};
 use kemon_keys::vault::MasterKey;
 use sqlx::{Connection, Row};
@@ -53,7 +54,7 @@ pub async fn seed_events(path: &Path, n: usize) -> anyhow::Result<()> {
             expires_at_ms: None,
             reveal_later: false,
         };
-        let encoded = codec::encode_event(&Event::KeyCreated(Box::new(new)));
+        let encoded = events::encode_event(&Event::KeyCreated(Box::new(new)));
         let mut record = LogRecord {
             sequence: 0,
             key_id: state.key_id.to_string(),

@@ -1,0 +1,6 @@
+//! The log's own rules, the same whatever backend stores it: the record and its hash chains
+//! ([`chain`]), and events to and from their stored form ([`events`]). Depends on the domain
+//! and the protos only; the store, the audit tools and the API build on it.
+
+pub mod chain;
+pub mod events;
