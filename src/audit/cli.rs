@@ -14,7 +14,6 @@ use super::verify::{Scope, Verifier};
 use crate::config::{AuditActor, ExportArgs, KeysAsOfArgs, LogSource, VerifyArgs};
 use crate::log::chain::{self, LogRecord};
 
-use crate::grpc::audit::log_record;
 use crate::proto::v1 as pb;
 use crate::proto::v1::audit_service_client::AuditServiceClient;
 use crate::store::{self, RecordFilter};
@@ -127,7 +126,9 @@ impl Reader {
                 Ok(page)
             }
             Reader::Server(stream) => match stream.message().await? {
-                Some(event) => Ok(vec![log_record(&event).map_err(anyhow::Error::msg)?]),
+                Some(event) => Ok(vec![
+                    LogRecord::from_log_event(&event).map_err(anyhow::Error::msg)?,
+                ]),
                 None => Ok(vec![]),
             },
             Reader::File {

@@ -25,6 +25,29 @@ pub struct LogRecord {
     pub workspace_hash: [u8; 32],
 }
 
+impl LogRecord {
+    /// The record an API event came from, for verifying what a server sent.
+    pub fn from_log_event(e: &crate::proto::v1::LogEvent) -> Result<LogRecord, String> {
+        let hash = |bytes: &[u8], name: &str| {
+            <[u8; 32]>::try_from(bytes)
+                .map_err(|_| format!("sequence {}: {name} is not 32 bytes", e.sequence))
+        };
+        Ok(LogRecord {
+            sequence: e.sequence,
+            key_id: e.key_id.clone(),
+            workspace_id: e.workspace_id.clone(),
+            stream_version: e.stream_version,
+            event_type: e.event_type.clone(),
+            schema_version: e.schema_version,
+            payload: e.stored_payload.clone(),
+            actor: e.actor.clone(),
+            recorded_at_ms: e.recorded_at_ms,
+            hash: hash(&e.hash, "hash")?,
+            workspace_hash: hash(&e.workspace_hash, "workspace_hash")?,
+        })
+    }
+}
+
 pub type Hash = [u8; 32];
 
 /// The value before the first event of the log.
