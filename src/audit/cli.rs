@@ -5,7 +5,6 @@ use std::io::{BufRead, BufReader, Write};
 
 use anyhow::{Context, bail};
 use serde_json::json;
-use sqlx::SqliteConnection;
 use tonic::Streaming;
 
 use super::export;
@@ -16,7 +15,7 @@ use crate::log::chain::{self, LogRecord};
 
 use crate::proto::v1 as pb;
 use crate::proto::v1::audit_service_client::AuditServiceClient;
-use crate::store::{self, RecordFilter};
+use crate::store::{Backend, RecordFilter, Snapshot, SqliteBackend};
 
 /// Records per page read from a database.
 const PAGE: u32 = 1000;
@@ -24,7 +23,7 @@ const PAGE: u32 = 1000;
 /// Reads records in log order from one of the sources.
 enum Reader {
     Db {
-        conn: SqliteConnection,
+        snapshot: Box<dyn Snapshot>,
         position: u64,
         filter: RecordFilter,
     },
@@ -48,15 +47,14 @@ impl Reader {
             ..RecordFilter::default()
         };
         if let Some(path) = &source.db {
-            let mut conn = store::open_read_only(path)
+            let snapshot = SqliteBackend::open_read_only(path)
                 .await
-                .with_context(|| format!("opening {}", path.display()))?;
-            // One read transaction for the whole run: the log and the projection are read
-            // from the same snapshot even while a server keeps writing.
-            sqlx::query("BEGIN").execute(&mut conn).await?;
+                .with_context(|| format!("opening {}", path.display()))?
+                .snapshot()
+                .await?;
             return Ok((
                 Reader::Db {
-                    conn,
+                    snapshot,
                     position: 0,
                     filter,
                 },
@@ -115,11 +113,11 @@ impl Reader {
     async fn next_batch(&mut self) -> anyhow::Result<Vec<LogRecord>> {
         match self {
             Reader::Db {
-                conn,
+                snapshot,
                 position,
                 filter,
             } => {
-                let page = store::read_records(&mut *conn, *position, PAGE, filter).await?;
+                let page = snapshot.read_records(*position, PAGE, filter).await?;
                 if let Some(last) = page.last() {
                     *position = last.sequence;
                 }
@@ -185,7 +183,7 @@ pub async fn verify(args: &VerifyArgs) -> anyhow::Result<bool> {
         }
     }
     let projection = match (&mut reader, &scope) {
-        (Reader::Db { conn, .. }, Scope::Log) => Some(store::read_projection(conn).await?),
+        (Reader::Db { snapshot, .. }, Scope::Log) => Some(snapshot.projection().await?),
         _ => None,
     };
     let report = verifier.finish(projection);
@@ -225,13 +223,12 @@ pub async fn export(args: &ExportArgs) -> anyhow::Result<()> {
 /// as GetKeysAsOf compares `at_sequence` with. For an export file, the last record it holds.
 async fn log_end(source: &LogSource, actor: &AuditActor) -> anyhow::Result<Option<u64>> {
     if let Some(path) = &source.db {
-        let mut conn = store::open_read_only(path)
+        let mut snapshot = SqliteBackend::open_read_only(path)
             .await
-            .with_context(|| format!("opening {}", path.display()))?;
-        let end: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(sequence), 0) FROM events")
-            .fetch_one(&mut conn)
+            .with_context(|| format!("opening {}", path.display()))?
+            .snapshot()
             .await?;
-        return Ok(Some(u64::try_from(end).unwrap_or(0)));
+        return Ok(Some(snapshot.log_end().await?));
     }
     if let Some(url) = &source.server {
         let mut client = AuditServiceClient::connect(url.clone())

@@ -25,12 +25,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use sqlx::sqlite::SqliteConnectOptions;
-use sqlx::{Connection, SqliteConnection};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-use super::rows::{self, KEY_COLUMNS};
-use super::{CREATE_REQUEST_WINDOW_MS, Replayed, StoreError, Write, Written, load_stream};
+use super::backend::{Answered, Backend, Effects, WriteSession};
+use super::{CREATE_REQUEST_WINDOW_MS, RecordFilter, Replayed, StoreError, Write, Written};
 use crate::clock::Clock;
 use crate::domain::{self, Command, Event, KeyState, Recorded};
 use crate::log::chain::{Chains, Hash, LogRecord};
@@ -105,13 +103,11 @@ impl Heads {
 
 /// The writer's surroundings.
 pub(super) struct Writer {
-    /// `None` after a failure: a connection whose transaction failed is never reused (SQLite
+    /// `None` after a failure: a session whose transaction failed is never reused (SQLite
     /// may have rolled back by itself while the driver still thinks it is inside one), so the
-    /// next attempt opens a new connection.
-    pub conn: Option<SqliteConnection>,
-    pub connect: SqliteConnectOptions,
-    /// Held for as long as this writer may write.
-    pub _lock: super::DatabaseLock,
+    /// next attempt opens a new one.
+    pub session: Option<Box<dyn WriteSession>>,
+    pub backend: Arc<dyn Backend>,
     pub heads: Heads,
     pub clock: Arc<dyn Clock>,
     pub listener: Arc<dyn CommitListener>,
@@ -121,6 +117,9 @@ pub(super) struct Writer {
     pub scrub_pending: bool,
     pub max_batch: usize,
 }
+
+/// How long the scrub at a clean stop waits for readers: none are left by then.
+const FINAL_SCRUB_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How often a pending scrub of the WAL is retried while no writes come.
 const SCRUB_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
@@ -162,13 +161,11 @@ pub(super) async fn run(
         }
         commit_batch(&mut writer, &mut batch).await;
     }
-    if writer.conn.is_some() {
-        writer.scrub(super::BUSY_TIMEOUT).await;
+    if writer.session.is_some() {
+        writer.scrub(FINAL_SCRUB_WAIT).await;
     }
-    if let Some(conn) = writer.conn.take()
-        && let Err(e) = conn.close().await
-    {
-        tracing::warn!(error = %e, "closing the writer connection failed");
+    if let Some(session) = writer.session.take() {
+        session.close().await;
     }
 }
 
@@ -178,49 +175,6 @@ const SCRUB_BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_millis
 
 /// The outcome of one command: its key's new state.
 type Outcome = Result<Written, StoreError>;
-
-/// What a decided batch writes.
-#[derive(Default)]
-struct Effects {
-    records: Vec<LogRecord>,
-    /// Final state of every key the batch changed, in first-touched order.
-    changed: Vec<KeyState>,
-    sealed_inserts: Vec<(String, super::SealedSecret)>,
-    sealed_deletes: Vec<String>,
-    /// (workspace id, key id, request) of creates made with a request id.
-    create_requests: Vec<(String, String, super::CreateRequest)>,
-}
-
-/// A create request id already answered, in the log or earlier in the batch.
-#[derive(Clone)]
-struct Answered {
-    digest: Vec<u8>,
-    key_id: String,
-    sealed_secret: Option<Vec<u8>>,
-}
-
-/// The create request `request_id` of `workspace_id` made within the window, if any.
-async fn answered_create(
-    tx: &mut SqliteConnection,
-    workspace_id: &str,
-    request_id: &str,
-    now: i64,
-) -> Result<Option<Answered>, StoreError> {
-    let row: Option<(Vec<u8>, String, Option<Vec<u8>>)> = sqlx::query_as(
-        "SELECT request_digest, key_id, sealed_secret FROM create_requests \
-         WHERE workspace_id = ? AND request_id = ? AND created_at >= ?",
-    )
-    .bind(workspace_id)
-    .bind(request_id)
-    .bind(now - CREATE_REQUEST_WINDOW_MS)
-    .fetch_optional(&mut *tx)
-    .await?;
-    Ok(row.map(|(digest, key_id, sealed_secret)| Answered {
-        digest,
-        key_id,
-        sealed_secret,
-    }))
-}
 
 /// Why [`write_batch`] failed.
 enum Failure {
@@ -278,13 +232,13 @@ impl Writer {
     }
 
     async fn attempt_once(&mut self, batch: &mut [Request]) -> Result<Vec<Outcome>, StoreError> {
-        if self.conn.is_none() {
+        if self.session.is_none() {
             self.reconnect().await?;
         }
-        let conn = self.conn.as_mut().expect("connected above");
+        let session = self.session.as_mut().expect("connected above");
         let before = self.heads.mark();
         let now = self.clock.now_ms();
-        match write_batch(conn, &mut self.heads, now, batch).await {
+        match write_batch(session.as_mut(), &mut self.heads, now, batch).await {
             Ok((outcomes, effects)) => {
                 self.heads.settle();
                 self.publish(&effects.changed, effects.records);
@@ -329,23 +283,22 @@ impl Writer {
     }
 
     async fn drop_connection(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            // Closing rolls back whatever SQLite still holds open.
-            let _ = conn.close().await;
+        if let Some(session) = self.session.take() {
+            session.close().await;
         }
     }
 
-    /// Opens a new connection and catches up with the log: anything committed beyond the
-    /// heads this writer knows (a commit that reported failure but landed) is folded into
-    /// the listener's state and sent to subscribers, and the heads are read from the log.
+    /// Opens a new session and catches up with the log: anything committed beyond the heads
+    /// this writer knows (a commit that reported failure but landed) is folded into the
+    /// listener's state and sent to subscribers, and the heads are read from the log.
     async fn reconnect(&mut self) -> Result<(), StoreError> {
-        let mut conn = SqliteConnection::connect_with(&self.connect).await?;
+        let mut session = self.backend.write_session().await?;
         let known = self.heads.chains.last_sequence;
         let mut after = known;
         loop {
-            let records =
-                super::read_records(&mut conn, after, 1024, &super::RecordFilter::default())
-                    .await?;
+            let records = session
+                .read_records(after, 1024, &RecordFilter::default())
+                .await?;
             let Some(last) = records.last() else { break };
             after = last.sequence;
             let mut keys: Vec<&str> = records.iter().map(|r| r.key_id.as_str()).collect();
@@ -355,7 +308,7 @@ impl Writer {
             for key in keys {
                 let key_id = crate::domain::KeyId::parse(key)
                     .map_err(|e| StoreError::Internal(format!("key_id {key} in the log: {e}")))?;
-                if let Some(state) = load_stream(&mut conn, key_id).await? {
+                if let Some(state) = session.load_stream(key_id).await? {
                     states.push(state);
                 }
             }
@@ -368,41 +321,21 @@ impl Writer {
                 "caught up with records committed by a commit that reported failure"
             );
         }
-        self.heads = super::load_heads(&mut conn).await?;
-        self.conn = Some(conn);
+        self.heads = Heads::new(session.chains().await?);
+        self.session = Some(session);
         Ok(())
     }
 
-    /// Checkpoints the WAL into the database file and truncates it, so that frames holding
-    /// a destroyed encrypted copy are gone from disk. Readers of an older snapshot make the
-    /// checkpoint incomplete; it is then retried.
+    /// Makes a destroyed encrypted copy unrecoverable from the files; readers of an older
+    /// snapshot make it incomplete, and it is then retried.
     async fn scrub(&mut self, wait: std::time::Duration) {
-        let Some(conn) = self.conn.as_mut() else {
+        let Some(session) = self.session.as_mut() else {
             return;
         };
-        let result: Result<(i64, i64, i64), sqlx::Error> = async {
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "PRAGMA busy_timeout = {}",
-                wait.as_millis()
-            )))
-            .execute(&mut *conn)
-            .await?;
-            let row = sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
-                .fetch_one(&mut *conn)
-                .await;
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "PRAGMA busy_timeout = {}",
-                super::BUSY_TIMEOUT.as_millis()
-            )))
-            .execute(&mut *conn)
-            .await?;
-            row
-        }
-        .await;
-        match result {
-            Ok((0, _, _)) => self.scrub_pending = false,
-            Ok(_) => tracing::debug!("WAL checkpoint incomplete (readers); retrying"),
-            Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed; retrying"),
+        match session.scrub(wait).await {
+            Ok(true) => self.scrub_pending = false,
+            Ok(false) => tracing::debug!("scrub incomplete (readers); retrying"),
+            Err(e) => tracing::warn!(error = %e, "scrub failed; retrying"),
         }
     }
 }
@@ -410,26 +343,24 @@ impl Writer {
 /// Decides every command of `batch` against the state the commands before it left, then
 /// appends the events, writes the touched rows and commits, all in one transaction.
 async fn write_batch(
-    conn: &mut SqliteConnection,
+    session: &mut dyn WriteSession,
     heads: &mut Heads,
     now: i64,
     batch: &mut [Request],
 ) -> Result<(Vec<Outcome>, Effects), Failure> {
-    let mut tx = conn.begin().await.map_err(|e| Failure::Before(e.into()))?;
-    let (outcomes, effects) = decide_batch(&mut tx, heads, now, batch)
+    session.begin().await.map_err(Failure::Before)?;
+    let (outcomes, effects) = decide_batch(session, heads, now, batch)
         .await
         .map_err(Failure::Before)?;
-    write_effects(&mut tx, heads, &effects)
-        .await
-        .map_err(|e| Failure::Before(e.into()))?;
-    match tx.commit().await {
+    session.write(&effects).await.map_err(Failure::Before)?;
+    match session.commit().await {
         Ok(()) => Ok((outcomes, effects)),
-        Err(e) => Err(Failure::AtCommit(e.into(), outcomes)),
+        Err(e) => Err(Failure::AtCommit(e, outcomes)),
     }
 }
 
 async fn decide_batch(
-    tx: &mut SqliteConnection,
+    tx: &mut dyn WriteSession,
     heads: &mut Heads,
     now: i64,
     batch: &mut [Request],
@@ -446,7 +377,10 @@ async fn decide_batch(
             let slot = (write.workspace_id.to_string(), create.request_id.clone());
             let earlier = match answered.get(&slot) {
                 Some(earlier) => Some(earlier.clone()),
-                None => answered_create(tx, &slot.0, &slot.1, now).await?,
+                None => {
+                    tx.answered_create(&slot.0, &slot.1, now - CREATE_REQUEST_WINDOW_MS)
+                        .await?
+                }
             };
             if let Some(earlier) = earlier {
                 outcomes.push(replay(tx, &touched, earlier, &create.digest).await?);
@@ -457,7 +391,7 @@ async fn decide_batch(
         let current = match touched.get(&key) {
             Some(state) => state.clone(),
             None if matches!(write.command, Command::Create(_)) => None,
-            None => match load_stream(tx, write.key_id).await {
+            None => match tx.load_stream(write.key_id).await {
                 Ok(state) => state,
                 // The storage failing fails the batch; anything else fails this command.
                 Err(e) if e.is_storage_fault() => return Err(e),
@@ -561,7 +495,7 @@ async fn decide_batch(
 /// The answer to a create whose request id was answered before: that key as it is now, or a
 /// refusal when the id came with another request.
 async fn replay(
-    tx: &mut SqliteConnection,
+    tx: &mut dyn WriteSession,
     touched: &HashMap<String, Option<KeyState>>,
     earlier: Answered,
     digest: &[u8; 32],
@@ -575,7 +509,7 @@ async fn replay(
             let key_id = crate::domain::KeyId::parse(&earlier.key_id).map_err(|e| {
                 StoreError::Internal(format!("create_requests key_id {}: {e}", earlier.key_id))
             })?;
-            load_stream(tx, key_id).await?
+            tx.load_stream(key_id).await?
         }
     };
     let state = state.ok_or_else(|| {
@@ -590,151 +524,4 @@ async fn replay(
             sealed_secret: earlier.sealed_secret,
         }),
     }))
-}
-
-async fn write_effects(
-    tx: &mut SqliteConnection,
-    heads: &Heads,
-    effects: &Effects,
-) -> Result<(), sqlx::Error> {
-    insert_records(tx, &effects.records).await?;
-    project_many(tx, &effects.changed).await?;
-    for (key_id, sealed) in &effects.sealed_inserts {
-        sqlx::query("INSERT INTO sealed_secrets (key_id, sealed, master_key_id) VALUES (?, ?, ?)")
-            .bind(key_id)
-            .bind(&sealed.sealed)
-            .bind(&sealed.master_key_id)
-            .execute(&mut *tx)
-            .await?;
-    }
-    for key_id in &effects.sealed_deletes {
-        sqlx::query("DELETE FROM sealed_secrets WHERE key_id = ?")
-            .bind(key_id)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("UPDATE create_requests SET sealed_secret = NULL WHERE key_id = ?")
-            .bind(key_id)
-            .execute(&mut *tx)
-            .await?;
-    }
-    if !effects.create_requests.is_empty() {
-        let now = effects.records.last().map_or(0, |r| r.recorded_at_ms);
-        // Forget request ids past the window (and their sealed secrets) as new ones come.
-        sqlx::query("DELETE FROM create_requests WHERE created_at < ?")
-            .bind(now - CREATE_REQUEST_WINDOW_MS)
-            .execute(&mut *tx)
-            .await?;
-        for (workspace_id, key_id, create) in &effects.create_requests {
-            sqlx::query(
-                "INSERT INTO create_requests (workspace_id, request_id, request_digest, key_id, \
-                 sealed_secret, created_at) VALUES (?, ?, ?, ?, ?, ?) \
-                 ON CONFLICT (workspace_id, request_id) DO UPDATE SET \
-                 request_digest = excluded.request_digest, key_id = excluded.key_id, \
-                 sealed_secret = excluded.sealed_secret, created_at = excluded.created_at",
-            )
-            .bind(workspace_id)
-            .bind(&create.request_id)
-            .bind(&create.digest[..])
-            .bind(key_id)
-            .bind(&create.sealed_secret)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        }
-    }
-    if !effects.records.is_empty() {
-        sqlx::query("UPDATE projection_checkpoint SET last_sequence = ? WHERE id = 1")
-            .bind(i64::try_from(heads.chains.last_sequence).unwrap_or(i64::MAX))
-            .execute(&mut *tx)
-            .await?;
-    }
-    Ok(())
-}
-
-/// Splits `rows` into chunks of 256, 64, 16, 4 and 1 rows. Multi-row statements save a round
-/// trip to SQLite's thread per row (256 rows of the projection bind 5120 values, well under
-/// SQLite's limit); keeping to five shapes keeps every statement in sqlx's prepared-statement
-/// cache instead of preparing a new text for every batch size.
-fn chunks<T>(mut rows: &[T]) -> impl Iterator<Item = &[T]> {
-    std::iter::from_fn(move || {
-        let size = [256, 64, 16, 4, 1].into_iter().find(|&s| rows.len() >= s)?;
-        let (chunk, rest) = rows.split_at(size);
-        rows = rest;
-        Some(chunk)
-    })
-}
-
-async fn insert_records(
-    conn: &mut SqliteConnection,
-    records: &[LogRecord],
-) -> Result<(), sqlx::Error> {
-    for chunk in chunks(records) {
-        let values = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ");
-        let sql = format!(
-            "INSERT INTO events (sequence, key_id, workspace_id, stream_version, event_type, \
-             schema_version, payload, actor, recorded_at, hash, workspace_hash) VALUES {values}"
-        );
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for r in chunk {
-            query = query
-                .bind(i64::try_from(r.sequence).unwrap_or(i64::MAX))
-                .bind(&r.key_id)
-                .bind(&r.workspace_id)
-                .bind(i64::try_from(r.stream_version).unwrap_or(i64::MAX))
-                .bind(&r.event_type)
-                .bind(i64::from(r.schema_version))
-                .bind(&r.payload)
-                .bind(&r.actor)
-                .bind(r.recorded_at_ms)
-                .bind(&r.hash[..])
-                .bind(&r.workspace_hash[..]);
-        }
-        query.execute(&mut *conn).await?;
-    }
-    Ok(())
-}
-
-/// Writes keys' states into the projection, a few hundred rows per statement. The one row
-/// encoding, shared by the live path and [`super::rebuild`].
-pub(super) async fn project_many(
-    conn: &mut SqliteConnection,
-    states: &[KeyState],
-) -> Result<(), sqlx::Error> {
-    let columns = KEY_COLUMNS.split(',').count();
-    let row = format!("({})", vec!["?"; columns].join(", "));
-    let updates = KEY_COLUMNS
-        .split(',')
-        .map(str::trim)
-        .filter(|c| *c != "key_id")
-        .map(|c| format!("{c} = excluded.{c}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    for chunk in chunks(states) {
-        let values = vec![row.as_str(); chunk.len()].join(", ");
-        let sql = format!(
-            "INSERT INTO keys ({KEY_COLUMNS}) VALUES {values} \
-             ON CONFLICT (key_id) DO UPDATE SET {updates}"
-        );
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for state in chunk {
-            query = rows::bind_state(query, state);
-        }
-        query.execute(&mut *conn).await?;
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::chunks;
-
-    #[test]
-    fn chunks_use_five_shapes_and_cover_every_row() {
-        let rows: Vec<usize> = (0..407).collect();
-        let sizes: Vec<usize> = chunks(&rows).map(<[usize]>::len).collect();
-        assert_eq!(sizes, [256, 64, 64, 16, 4, 1, 1, 1]);
-        let flat: Vec<usize> = chunks(&rows).flatten().copied().collect();
-        assert_eq!(flat, rows);
-        assert_eq!(chunks::<u8>(&[]).count(), 0);
-    }
 }

@@ -1,0 +1,159 @@
+//! The seam between the log's rules and a database.
+//!
+//! Everything above this trait (the writer's group commit and recovery, the batch planning,
+//! the chains, the API and the audit tools) is the same for every backend; a backend only
+//! stores and reads what it is given. It must:
+//!
+//! - hold the single-writer lock from open to [`Backend::release`], and refuse to open while
+//!   another process holds it (SQLite: an OS file lock; PostgreSQL: an advisory lock);
+//! - apply [`Effects`] atomically inside the session's transaction, and make the commit
+//!   durable before [`WriteSession::commit`] returns;
+//! - keep the log append-only by its own means (SQLite: triggers) and store records'
+//!   bytes exactly, so that every backend's export verifies the same way;
+//! - map its errors into [`StoreError`], telling storage faults (retryable, nothing written)
+//!   from everything else.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::{CreateRequest, Head, ListFilter, RecordFilter, SealedSecret, StoreError};
+use crate::domain::{KeyId, KeyState, WorkspaceId};
+use crate::log::chain::{Chains, LogRecord};
+
+/// What a committed batch writes: appended records, the projection rows of the keys it
+/// changed, and the side tables.
+#[derive(Default)]
+pub struct Effects {
+    /// Chained records, in sequence order.
+    pub records: Vec<LogRecord>,
+    /// Final state of every key the batch changed, in first-touched order.
+    pub changed: Vec<KeyState>,
+    /// Encrypted copies of revealable keys to keep: (key id, copy).
+    pub sealed_inserts: Vec<(String, SealedSecret)>,
+    /// Keys whose encrypted copies are destroyed (revoked).
+    pub sealed_deletes: Vec<String>,
+    /// Creates made with a request id: (workspace id, key id, request).
+    pub create_requests: Vec<(String, String, CreateRequest)>,
+}
+
+/// A create request id already answered, in the log or earlier in the batch.
+#[derive(Debug, Clone)]
+pub struct Answered {
+    pub digest: Vec<u8>,
+    pub key_id: String,
+    pub sealed_secret: Option<Vec<u8>>,
+}
+
+/// A database holding a log and its projection.
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// Records the master key's fingerprint on first use, and refuses any other afterwards.
+    async fn claim_master_key(&self, fingerprint: &str) -> Result<(), StoreError>;
+
+    /// A new session for the writer: one connection, used by one task at a time.
+    async fn write_session(&self) -> Result<Box<dyn WriteSession>, StoreError>;
+
+    /// Up to `limit` records after `after`, in log order, matching `filter`.
+    async fn read_records(
+        &self,
+        after: u64,
+        limit: u32,
+        filter: &RecordFilter,
+    ) -> Result<Vec<LogRecord>, StoreError>;
+
+    /// The log's head, and one workspace's (sequence 0 and its genesis when it has no
+    /// events), from one snapshot.
+    async fn head(&self, workspace_id: Option<&str>) -> Result<(Head, Option<Head>), StoreError>;
+
+    async fn get_key(
+        &self,
+        workspace_id: &WorkspaceId,
+        key_id: KeyId,
+    ) -> Result<Option<KeyState>, StoreError>;
+
+    /// A page of a workspace's keys in key id order, after `after`.
+    async fn list_keys(
+        &self,
+        workspace_id: &WorkspaceId,
+        filter: &ListFilter,
+        after: Option<KeyId>,
+        limit: u32,
+    ) -> Result<Vec<KeyState>, StoreError>;
+
+    async fn sealed_secret(&self, key_id: KeyId) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Streams every key's state from the projection; returns how many there were.
+    async fn for_each_key(
+        &self,
+        each: &mut (dyn FnMut(KeyState) + Send),
+    ) -> Result<u64, StoreError>;
+
+    async fn count_keys(&self) -> Result<u64, StoreError>;
+
+    /// A consistent read-only view of the whole database, for the audit tools.
+    async fn snapshot(&self) -> Result<Box<dyn Snapshot>, StoreError>;
+
+    /// Closes the readers (before the writer's last session closes).
+    async fn close_readers(&self);
+
+    /// Gives up the single-writer lock.
+    async fn release(&self);
+}
+
+/// The writer's connection. A session whose transaction failed is closed, never reused.
+#[async_trait]
+pub trait WriteSession: Send {
+    async fn begin(&mut self) -> Result<(), StoreError>;
+
+    /// One key's state, folded from its stream with the domain's `apply`.
+    async fn load_stream(&mut self, key_id: KeyId) -> Result<Option<KeyState>, StoreError>;
+
+    /// The create request `request_id` of `workspace_id` made at or after `since_ms`.
+    async fn answered_create(
+        &mut self,
+        workspace_id: &str,
+        request_id: &str,
+        since_ms: i64,
+    ) -> Result<Option<Answered>, StoreError>;
+
+    /// Writes a batch's effects inside the open transaction.
+    async fn write(&mut self, effects: &Effects) -> Result<(), StoreError>;
+
+    /// Commits durably. An error may mean the commit landed anyway: the writer reads the log
+    /// back through a new session to find out.
+    async fn commit(&mut self) -> Result<(), StoreError>;
+
+    async fn read_records(
+        &mut self,
+        after: u64,
+        limit: u32,
+        filter: &RecordFilter,
+    ) -> Result<Vec<LogRecord>, StoreError>;
+
+    /// The chains' heads as the log holds them.
+    async fn chains(&mut self) -> Result<Chains, StoreError>;
+
+    /// Makes destroyed content unrecoverable from the files (for SQLite: checkpoints and
+    /// truncates the WAL), waiting at most `wait` for readers. False when it must be retried.
+    async fn scrub(&mut self, wait: Duration) -> Result<bool, StoreError>;
+
+    async fn close(self: Box<Self>);
+}
+
+/// A read-only view of one moment of the database.
+#[async_trait]
+pub trait Snapshot: Send {
+    async fn read_records(
+        &mut self,
+        after: u64,
+        limit: u32,
+        filter: &RecordFilter,
+    ) -> Result<Vec<LogRecord>, StoreError>;
+
+    /// Every projection row, in key id order, and the projection's checkpoint.
+    async fn projection(&mut self) -> Result<(Vec<KeyState>, u64), StoreError>;
+
+    /// The sequence of the log's last record.
+    async fn log_end(&mut self) -> Result<u64, StoreError>;
+}

@@ -1,0 +1,982 @@
+//! The SQLite backend: the log, the projection and the side tables in one database file,
+//! WAL mode with `synchronous=FULL`, one writer connection and a small reader pool. The only
+//! module that names a SQLite type.
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::TryStreamExt;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Connection, Row, SqliteConnection, SqlitePool};
+
+use super::backend::{Answered, Backend, Effects, Snapshot, WriteSession};
+use super::rows::{self, KEY_COLUMNS, KeyRow};
+use super::{CREATE_REQUEST_WINDOW_MS, Head, ListFilter, RecordFilter, StoreError};
+use crate::domain::{self, KeyId, KeyState, Recorded, WorkspaceId};
+use crate::log::chain::{self, Chains, Hash, LogRecord};
+use crate::log::events;
+
+/// A SQLite database opened for writing (holding its lock) or for reading only.
+pub struct SqliteBackend {
+    path: std::path::PathBuf,
+    pool: SqlitePool,
+    lock: Mutex<Option<DatabaseLock>>,
+}
+
+impl SqliteBackend {
+    /// Takes the database's lock, creates the database if needed and applies the migrations.
+    pub async fn open(path: &Path) -> Result<SqliteBackend, StoreError> {
+        let Opened { lock, pool, conn } = open_database(path).await?;
+        conn.close().await?;
+        Ok(SqliteBackend {
+            path: path.to_owned(),
+            pool,
+            lock: Mutex::new(Some(lock)),
+        })
+    }
+
+    /// Opens an existing database to read it, without its lock and without migrating it:
+    /// for the audit tools, beside a running server.
+    pub async fn open_read_only(path: &Path) -> Result<SqliteBackend, StoreError> {
+        if !path.exists() {
+            return Err(StoreError::Internal(format!(
+                "no database at {}",
+                path.display()
+            )));
+        }
+        let pool = SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect_with(SqliteConnectOptions::new().filename(path).read_only(true))
+            .await?;
+        Ok(SqliteBackend {
+            path: path.to_owned(),
+            pool,
+            lock: Mutex::new(None),
+        })
+    }
+
+    /// Up to `limit` records after `after`, in log order, matching `filter`.
+    async fn inherent_read_records(
+        &self,
+        after: u64,
+        limit: u32,
+        filter: &RecordFilter,
+    ) -> Result<Vec<LogRecord>, StoreError> {
+        read_records(&self.pool, after, limit, filter).await
+    }
+
+    /// The log's head, and the head of one workspace's chain (sequence 0 and the workspace
+    /// genesis when it has no events).
+    async fn inherent_head(
+        &self,
+        workspace_id: Option<&str>,
+    ) -> Result<(Head, Option<Head>), StoreError> {
+        // One read transaction: both heads from the same snapshot of the log.
+        let mut tx = self.pool.begin().await?;
+        let log = log_head(&mut tx).await?;
+        let workspace = match workspace_id {
+            None => None,
+            Some(w) => {
+                let row: Option<(i64, Vec<u8>)> = sqlx::query_as(
+                    "SELECT sequence, workspace_hash FROM events WHERE workspace_id = ? \
+                     ORDER BY sequence DESC LIMIT 1",
+                )
+                .bind(w)
+                .fetch_optional(&mut *tx)
+                .await?;
+                Some(head_from(row, chain::workspace_genesis(w))?)
+            }
+        };
+        tx.commit().await?;
+        Ok((log, workspace))
+    }
+
+    async fn inherent_get_key(
+        &self,
+        workspace_id: &WorkspaceId,
+        key_id: KeyId,
+    ) -> Result<Option<KeyState>, StoreError> {
+        let row: Option<KeyRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {KEY_COLUMNS} FROM keys WHERE key_id = ? AND workspace_id = ?"
+        )))
+        .bind(key_id.to_string())
+        .bind(workspace_id.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(KeyRow::into_state)
+            .transpose()
+            .map_err(StoreError::Internal)
+    }
+
+    /// A page of a workspace's keys in key id order (oldest first), after `after`.
+    async fn inherent_list_keys(
+        &self,
+        workspace_id: &WorkspaceId,
+        filter: &ListFilter,
+        after: Option<KeyId>,
+        limit: u32,
+    ) -> Result<Vec<KeyState>, StoreError> {
+        let mut sql =
+            format!("SELECT {KEY_COLUMNS} FROM keys WHERE workspace_id = ? AND key_id > ?");
+        if filter.key_type.is_some() {
+            sql.push_str(" AND key_type = ?");
+        }
+        if filter.environment.is_some() {
+            sql.push_str(" AND environment = ?");
+        }
+        if !filter.include_revoked {
+            sql.push_str(" AND revoked_at IS NULL");
+        }
+        sql.push_str(" ORDER BY key_id LIMIT ?");
+        let mut query = sqlx::query_as::<_, KeyRow>(sqlx::AssertSqlSafe(sql))
+            .bind(workspace_id.as_str())
+            .bind(after.map(|k| k.to_string()).unwrap_or_default());
+        if let Some(t) = filter.key_type {
+            query = query.bind(t.as_str());
+        }
+        if let Some(e) = filter.environment {
+            query = query.bind(e.as_str());
+        }
+        let rows = query.bind(i64::from(limit)).fetch_all(&self.pool).await?;
+        rows.into_iter()
+            .map(KeyRow::into_state)
+            .collect::<Result<_, _>>()
+            .map_err(StoreError::Internal)
+    }
+
+    /// The encrypted copy of a key's secret, if one is kept.
+    async fn inherent_sealed_secret(&self, key_id: KeyId) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT sealed FROM sealed_secrets WHERE key_id = ?")
+                .bind(key_id.to_string())
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Streams every key's current state from the projection to `each` (for loading the
+    /// verification cache without holding all rows at once). Returns how many there were.
+    async fn inherent_for_each_key(
+        &self,
+        each: &mut (dyn FnMut(KeyState) + Send),
+    ) -> Result<u64, StoreError> {
+        let mut rows = sqlx::query_as::<_, KeyRow>(sqlx::AssertSqlSafe(format!(
+            "SELECT {KEY_COLUMNS} FROM keys"
+        )))
+        .fetch(&self.pool);
+        let mut count = 0;
+        while let Some(row) = rows.try_next().await? {
+            each(row.into_state().map_err(StoreError::Internal)?);
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    /// How many keys the projection holds.
+    async fn inherent_count_keys(&self) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM keys")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+}
+
+#[async_trait]
+impl Backend for SqliteBackend {
+    async fn claim_master_key(&self, fingerprint: &str) -> Result<(), StoreError> {
+        let mut conn = SqliteConnection::connect_with(&connect_options(&self.path)).await?;
+        sqlx::query("INSERT OR IGNORE INTO meta (name, value) VALUES ('master_key_id', ?)")
+            .bind(fingerprint)
+            .execute(&mut conn)
+            .await?;
+        let stored: String =
+            sqlx::query_scalar("SELECT value FROM meta WHERE name = 'master_key_id'")
+                .fetch_one(&mut conn)
+                .await?;
+        conn.close().await?;
+        if stored != fingerprint {
+            return Err(StoreError::Internal(format!(
+                "the master key (fingerprint {fingerprint}) is not the one this database was \
+                 created with (fingerprint {stored}); start with the original master key"
+            )));
+        }
+        Ok(())
+    }
+
+    async fn write_session(&self) -> Result<Box<dyn WriteSession>, StoreError> {
+        let conn = SqliteConnection::connect_with(&writer_options(&self.path)).await?;
+        Ok(Box::new(SqliteSession { conn }))
+    }
+
+    async fn read_records(
+        &self,
+        after: u64,
+        limit: u32,
+        filter: &RecordFilter,
+    ) -> Result<Vec<LogRecord>, StoreError> {
+        self.inherent_read_records(after, limit, filter).await
+    }
+
+    async fn head(&self, workspace_id: Option<&str>) -> Result<(Head, Option<Head>), StoreError> {
+        self.inherent_head(workspace_id).await
+    }
+
+    async fn get_key(
+        &self,
+        workspace_id: &WorkspaceId,
+        key_id: KeyId,
+    ) -> Result<Option<KeyState>, StoreError> {
+        self.inherent_get_key(workspace_id, key_id).await
+    }
+
+    async fn list_keys(
+        &self,
+        workspace_id: &WorkspaceId,
+        filter: &ListFilter,
+        after: Option<KeyId>,
+        limit: u32,
+    ) -> Result<Vec<KeyState>, StoreError> {
+        self.inherent_list_keys(workspace_id, filter, after, limit)
+            .await
+    }
+
+    async fn sealed_secret(&self, key_id: KeyId) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inherent_sealed_secret(key_id).await
+    }
+
+    async fn for_each_key(
+        &self,
+        each: &mut (dyn FnMut(KeyState) + Send),
+    ) -> Result<u64, StoreError> {
+        self.inherent_for_each_key(each).await
+    }
+
+    async fn count_keys(&self) -> Result<u64, StoreError> {
+        self.inherent_count_keys().await
+    }
+
+    async fn snapshot(&self) -> Result<Box<dyn Snapshot>, StoreError> {
+        let mut conn = self.pool.acquire().await?.detach();
+        // One read transaction for the whole view: the log and the projection are read from
+        // the same snapshot even while a server keeps writing.
+        sqlx::query("BEGIN").execute(&mut conn).await?;
+        Ok(Box::new(SqliteSnapshot { conn }))
+    }
+
+    async fn close_readers(&self) {
+        self.pool.close().await;
+    }
+
+    async fn release(&self) {
+        self.lock.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+}
+
+/// The writer's own connection. Transactions are plain BEGIN/COMMIT statements: a session
+/// whose transaction failed is closed, so nothing depends on the driver's idea of them.
+struct SqliteSession {
+    conn: SqliteConnection,
+}
+
+#[async_trait]
+impl WriteSession for SqliteSession {
+    async fn begin(&mut self) -> Result<(), StoreError> {
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut self.conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn load_stream(&mut self, key_id: KeyId) -> Result<Option<KeyState>, StoreError> {
+        load_stream(&mut self.conn, key_id).await
+    }
+
+    async fn answered_create(
+        &mut self,
+        workspace_id: &str,
+        request_id: &str,
+        since_ms: i64,
+    ) -> Result<Option<Answered>, StoreError> {
+        answered_create(&mut self.conn, workspace_id, request_id, since_ms).await
+    }
+
+    async fn write(&mut self, effects: &Effects) -> Result<(), StoreError> {
+        Ok(write_effects(&mut self.conn, effects).await?)
+    }
+
+    async fn commit(&mut self) -> Result<(), StoreError> {
+        sqlx::query("COMMIT").execute(&mut self.conn).await?;
+        Ok(())
+    }
+
+    async fn read_records(
+        &mut self,
+        after: u64,
+        limit: u32,
+        filter: &RecordFilter,
+    ) -> Result<Vec<LogRecord>, StoreError> {
+        read_records(&mut self.conn, after, limit, filter).await
+    }
+
+    async fn chains(&mut self) -> Result<Chains, StoreError> {
+        load_chains(&mut self.conn).await
+    }
+
+    async fn scrub(&mut self, wait: Duration) -> Result<bool, StoreError> {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "PRAGMA busy_timeout = {}",
+            wait.as_millis()
+        )))
+        .execute(&mut self.conn)
+        .await?;
+        let row: Result<(i64, i64, i64), sqlx::Error> =
+            sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
+                .fetch_one(&mut self.conn)
+                .await;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "PRAGMA busy_timeout = {}",
+            BUSY_TIMEOUT.as_millis()
+        )))
+        .execute(&mut self.conn)
+        .await?;
+        // The first column is 1 when readers of an older snapshot kept it from finishing.
+        Ok(row?.0 == 0)
+    }
+
+    async fn close(self: Box<Self>) {
+        // Closing rolls back whatever SQLite still holds open.
+        let _ = self.conn.close().await;
+    }
+}
+
+/// One read transaction on a connection of its own.
+struct SqliteSnapshot {
+    conn: SqliteConnection,
+}
+
+#[async_trait]
+impl Snapshot for SqliteSnapshot {
+    async fn read_records(
+        &mut self,
+        after: u64,
+        limit: u32,
+        filter: &RecordFilter,
+    ) -> Result<Vec<LogRecord>, StoreError> {
+        read_records(&mut self.conn, after, limit, filter).await
+    }
+
+    async fn projection(&mut self) -> Result<(Vec<KeyState>, u64), StoreError> {
+        read_projection(&mut self.conn).await
+    }
+
+    async fn log_end(&mut self) -> Result<u64, StoreError> {
+        Ok(log_head(&mut self.conn).await?.sequence)
+    }
+}
+
+/// The database file inside the data directory.
+pub const DATABASE_FILE: &str = "kemon-keys.db";
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// The lock file beside a database: held by the one process that writes it.
+pub fn lock_path(database: &Path) -> std::path::PathBuf {
+    let mut name = database.as_os_str().to_owned();
+    name.push(".lock");
+    name.into()
+}
+
+/// SQLite's primary result codes that mean the storage, not the statement, failed
+/// (<https://www.sqlite.org/rescode.html>).
+const SQLITE_PERM: i64 = 3;
+const SQLITE_BUSY: i64 = 5;
+const SQLITE_LOCKED: i64 = 6;
+const SQLITE_NOMEM: i64 = 7;
+const SQLITE_READONLY: i64 = 8;
+const SQLITE_IOERR: i64 = 10;
+const SQLITE_CORRUPT: i64 = 11;
+const SQLITE_FULL: i64 = 13;
+const SQLITE_CANTOPEN: i64 = 14;
+const SQLITE_PROTOCOL: i64 = 15;
+const SQLITE_NOTADB: i64 = 26;
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> StoreError {
+        let primary = match &e {
+            sqlx::Error::Database(db) => db
+                .code()
+                .and_then(|c| c.parse::<i64>().ok())
+                .map(|c| c & 0xff),
+            _ => None,
+        };
+        match (&e, primary) {
+            (_, Some(SQLITE_FULL)) => StoreError::Full(e.to_string()),
+            (
+                _,
+                Some(
+                    SQLITE_PERM | SQLITE_BUSY | SQLITE_LOCKED | SQLITE_NOMEM | SQLITE_READONLY
+                    | SQLITE_IOERR | SQLITE_CORRUPT | SQLITE_CANTOPEN | SQLITE_PROTOCOL
+                    | SQLITE_NOTADB,
+                ),
+            )
+            | (
+                sqlx::Error::Io(_)
+                | sqlx::Error::WorkerCrashed
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed,
+                _,
+            ) => StoreError::Unavailable(e.to_string()),
+            _ => StoreError::Internal(e.to_string()),
+        }
+    }
+}
+
+/// The exclusive right to write one database, held until dropped (an OS file lock, released
+/// by the kernel if the process dies).
+#[derive(Debug)]
+pub struct DatabaseLock {
+    _file: std::fs::File,
+}
+
+impl DatabaseLock {
+    /// Takes the lock beside `database`, or says which process to stop.
+    pub fn acquire(database: &Path) -> Result<DatabaseLock, StoreError> {
+        let path = lock_path(database);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| StoreError::Unavailable(format!("opening {}: {e}", path.display())))?;
+        match file.try_lock() {
+            Ok(()) => Ok(DatabaseLock { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Internal(format!(
+                "{} is in use by another kemon-keys process (it holds the lock {}); stop the \
+                 server using it first, or give this one another data directory",
+                database.display(),
+                path.display()
+            ))),
+            Err(std::fs::TryLockError::Error(e)) => Err(StoreError::Unavailable(format!(
+                "locking {}: {e}",
+                path.display()
+            ))),
+        }
+    }
+}
+
+/// How long a statement waits for a lock held by another connection.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn connect_options(path: &Path) -> SqliteConnectOptions {
+    SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .foreign_keys(true)
+        .busy_timeout(BUSY_TIMEOUT)
+        // Deleted content is overwritten with zeros, so a revoked key's encrypted copy does
+        // not linger in free space (the writer also checkpoints the WAL after a revoke).
+        .pragma("secure_delete", "ON")
+        // Statement journals (one per multi-row statement inside a transaction) stay in
+        // memory instead of going through a temporary file.
+        .pragma("temp_store", "MEMORY")
+}
+
+/// The writer's connection options: it keeps the hot index pages of the log and the
+/// projection in memory.
+fn writer_options(path: &Path) -> SqliteConnectOptions {
+    connect_options(path).pragma("cache_size", "-65536")
+}
+
+/// A database opened for writing: its lock, a reader pool, and the writer's connection.
+struct Opened {
+    lock: DatabaseLock,
+    pool: SqlitePool,
+    conn: SqliteConnection,
+}
+
+/// Takes the database's lock, opens (creating if needed) the database and applies the
+/// embedded migrations.
+async fn open_database(path: &Path) -> Result<Opened, StoreError> {
+    let lock = DatabaseLock::acquire(path)?;
+    let mut conn = SqliteConnection::connect_with(&writer_options(path)).await?;
+    MIGRATOR.run(&mut conn).await.map_err(|e| match e {
+        sqlx::migrate::MigrateError::Execute(e) => StoreError::from(e),
+        e => StoreError::Internal(format!("migrations failed: {e}")),
+    })?;
+    let pool = SqlitePoolOptions::new()
+        .max_connections(4)
+        .connect_with(connect_options(path).read_only(true))
+        .await?;
+    Ok(Opened { lock, pool, conn })
+}
+
+/// The last record's sequence and hash (genesis for an empty log).
+async fn log_head(conn: &mut SqliteConnection) -> Result<Head, StoreError> {
+    let row: Option<(i64, Vec<u8>)> =
+        sqlx::query_as("SELECT sequence, hash FROM events ORDER BY sequence DESC LIMIT 1")
+            .fetch_optional(&mut *conn)
+            .await?;
+    head_from(row, chain::log_genesis())
+}
+
+fn head_from(row: Option<(i64, Vec<u8>)>, genesis: Hash) -> Result<Head, StoreError> {
+    Ok(match row {
+        None => Head {
+            sequence: 0,
+            hash: genesis,
+        },
+        Some((sequence, hash)) => Head {
+            sequence: u64::try_from(sequence).unwrap_or(0),
+            hash: hash
+                .try_into()
+                .map_err(|_| StoreError::Internal(format!("hash of {sequence} is not 32 bytes")))?,
+        },
+    })
+}
+
+/// The chain heads the writer continues from: the last record's, and each workspace's last.
+async fn load_chains(conn: &mut SqliteConnection) -> Result<Chains, StoreError> {
+    let last = log_head(conn).await?;
+    let rows: Vec<(String, Vec<u8>)> = sqlx::query_as(
+        "SELECT workspace_id, workspace_hash FROM events WHERE sequence IN \
+         (SELECT MAX(sequence) FROM events GROUP BY workspace_id)",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut workspaces = std::collections::HashMap::with_capacity(rows.len());
+    for (workspace, hash) in rows {
+        let hash: Hash = hash.try_into().map_err(|_| {
+            StoreError::Internal(format!("workspace hash of {workspace} is not 32 bytes"))
+        })?;
+        workspaces.insert(workspace, hash);
+    }
+    Ok(Chains::new(last.sequence, last.hash, workspaces))
+}
+
+const RECORD_COLUMNS: &str = "sequence, key_id, workspace_id, stream_version, event_type, \
+    schema_version, payload, actor, recorded_at, hash, workspace_hash";
+
+/// Reads records in log order from any connection or pool.
+pub async fn read_records<'c, E>(
+    executor: E,
+    after: u64,
+    limit: u32,
+    filter: &RecordFilter,
+) -> Result<Vec<LogRecord>, StoreError>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Sqlite>,
+{
+    let mut sql = format!("SELECT {RECORD_COLUMNS} FROM events WHERE sequence > ?");
+    if filter.workspace_id.is_some() {
+        sql.push_str(" AND workspace_id = ?");
+    }
+    if filter.key_id.is_some() {
+        sql.push_str(" AND key_id = ?");
+    }
+    if filter.up_to.is_some() {
+        sql.push_str(" AND sequence <= ?");
+    }
+    if !filter.event_types.is_empty() {
+        sql.push_str(" AND event_type IN (");
+        sql.push_str(&vec!["?"; filter.event_types.len()].join(", "));
+        sql.push(')');
+    }
+    sql.push_str(" ORDER BY sequence LIMIT ?");
+    let mut query =
+        sqlx::query(sqlx::AssertSqlSafe(sql)).bind(i64::try_from(after).unwrap_or(i64::MAX));
+    if let Some(w) = &filter.workspace_id {
+        query = query.bind(w.clone());
+    }
+    if let Some(k) = &filter.key_id {
+        query = query.bind(k.clone());
+    }
+    if let Some(last) = filter.up_to {
+        query = query.bind(i64::try_from(last).unwrap_or(i64::MAX));
+    }
+    for t in &filter.event_types {
+        query = query.bind(t.clone());
+    }
+    let rows = query.bind(i64::from(limit)).fetch_all(executor).await?;
+    rows.iter().map(record_from_row).collect()
+}
+
+fn record_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<LogRecord, StoreError> {
+    let hash = |name: &str| -> Result<Hash, StoreError> {
+        let bytes: Vec<u8> = row.try_get(name)?;
+        bytes
+            .try_into()
+            .map_err(|_| StoreError::Internal(format!("{name} is not 32 bytes")))
+    };
+    Ok(LogRecord {
+        sequence: u64::try_from(row.try_get::<i64, _>("sequence")?).unwrap_or(0),
+        key_id: row.try_get("key_id")?,
+        workspace_id: row.try_get("workspace_id")?,
+        stream_version: u64::try_from(row.try_get::<i64, _>("stream_version")?).unwrap_or(0),
+        event_type: row.try_get("event_type")?,
+        schema_version: u32::try_from(row.try_get::<i64, _>("schema_version")?).unwrap_or(u32::MAX),
+        payload: row.try_get("payload")?,
+        actor: row.try_get("actor")?,
+        recorded_at_ms: row.try_get("recorded_at")?,
+        hash: hash("hash")?,
+        workspace_hash: hash("workspace_hash")?,
+    })
+}
+
+/// Reads one key's stream inside a connection or transaction and folds it with [`apply`].
+async fn load_stream(
+    conn: &mut SqliteConnection,
+    key_id: KeyId,
+) -> Result<Option<KeyState>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT stream_version, event_type, schema_version, payload, actor, recorded_at \
+         FROM events WHERE key_id = ? ORDER BY stream_version",
+    )
+    .bind(key_id.to_string())
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut state = None;
+    for row in rows {
+        let recorded = recorded_from_row(&row)?;
+        state = Some(domain::apply(state, &recorded).map_err(StoreError::Internal)?);
+    }
+    Ok(state)
+}
+
+fn recorded_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Recorded, StoreError> {
+    let event_type: String = row.try_get("event_type")?;
+    let schema_version: i64 = row.try_get("schema_version")?;
+    let payload: Vec<u8> = row.try_get("payload")?;
+    let event = events::decode_event(
+        &event_type,
+        u32::try_from(schema_version).unwrap_or(u32::MAX),
+        &payload,
+    )
+    .map_err(StoreError::Internal)?;
+    Ok(Recorded {
+        event,
+        actor: row.try_get("actor")?,
+        recorded_at_ms: row.try_get("recorded_at")?,
+        stream_version: u64::try_from(row.try_get::<i64, _>("stream_version")?).unwrap_or(0),
+    })
+}
+
+/// Statistics of a [`rebuild`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RebuildReport {
+    pub events: u64,
+    pub keys: u64,
+    pub last_sequence: i64,
+}
+
+/// Recreates the `keys` projection from the event log alone, in one transaction: the table is
+/// emptied, every event is folded with the service's own `apply`, and each key's final state
+/// is written with the same row encoding the live path uses. Run it with the server stopped.
+pub async fn rebuild(path: &Path) -> Result<RebuildReport, StoreError> {
+    let Opened {
+        lock: _lock,
+        pool,
+        mut conn,
+    } = open_database(path).await?;
+    pool.close().await;
+    let started = std::time::Instant::now();
+    // A rebuild rewrites the whole table in one transaction. Through the WAL every page
+    // would be written twice (log, then checkpoint); a rollback journal writes the new pages
+    // once and journals only the old ones. Switching modes needs exclusive use of the
+    // database, so this also refuses to run beside a live server.
+    let mode: Result<String, _> = sqlx::query_scalar("PRAGMA journal_mode = TRUNCATE")
+        .fetch_one(&mut conn)
+        .await;
+    if !mode.is_ok_and(|m| m.eq_ignore_ascii_case("truncate")) {
+        return Err(StoreError::Internal(
+            "the database is in use: stop the server before rebuilding".into(),
+        ));
+    }
+    let mut tx = conn.begin().await?;
+    // Sized for the worst case (one key per event). Capacity that is never written is
+    // never touched, so the over-estimate costs address space, not memory.
+    let max_sequence: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(sequence), 0) FROM events")
+        .fetch_one(&mut *tx)
+        .await?;
+    let capacity = usize::try_from(max_sequence).unwrap_or(0);
+    let mut index: std::collections::HashMap<KeyId, usize> =
+        std::collections::HashMap::with_capacity(capacity);
+    let mut states: Vec<Option<KeyState>> = Vec::with_capacity(capacity);
+    let mut events = 0u64;
+    let mut last_sequence = 0i64;
+    {
+        let mut rows = sqlx::query(
+            "SELECT sequence, key_id, stream_version, event_type, schema_version, payload, \
+             actor, recorded_at FROM events ORDER BY sequence",
+        )
+        .fetch(&mut *tx);
+        while let Some(row) = rows.try_next().await? {
+            let sequence: i64 = row.try_get("sequence")?;
+            let key_id: &str = row.try_get("key_id")?;
+            let key_id = KeyId::parse(key_id)
+                .map_err(|e| StoreError::Internal(format!("sequence {sequence}: key_id {e}")))?;
+            let recorded = recorded_from_row(&row)?;
+            let slot = *index.entry(key_id).or_insert_with(|| {
+                states.push(None);
+                states.len() - 1
+            });
+            let state = domain::apply(states[slot].take(), &recorded)
+                .map_err(|e| StoreError::Internal(format!("sequence {sequence}: {e}")))?;
+            states[slot] = Some(state);
+            events += 1;
+            last_sequence = sequence;
+        }
+    }
+    let folded = started.elapsed();
+    sqlx::query("DELETE FROM keys").execute(&mut *tx).await?;
+    // Building the secondary index once, by sorting, is cheaper than maintaining it for
+    // every row inserted; the migration's definition is repeated here.
+    sqlx::query("DROP INDEX keys_by_workspace")
+        .execute(&mut *tx)
+        .await?;
+    let mut keys = Vec::with_capacity(index.len());
+    drop(index);
+    keys.extend(states.into_iter().flatten());
+    // In key id order the primary key index fills sequentially. In place: no second copy.
+    keys.sort_unstable_by_key(|s| s.key_id);
+    let states = keys;
+    project_many(&mut tx, &states).await?;
+    sqlx::query("CREATE INDEX keys_by_workspace ON keys (workspace_id, key_id)")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("UPDATE projection_checkpoint SET last_sequence = ? WHERE id = 1")
+        .bind(last_sequence)
+        .execute(&mut *tx)
+        .await?;
+    let written = started.elapsed();
+    tx.commit().await?;
+    sqlx::query("PRAGMA journal_mode = WAL")
+        .execute(&mut conn)
+        .await?;
+    conn.close().await?;
+    let report = RebuildReport {
+        events,
+        keys: states.len() as u64,
+        last_sequence,
+    };
+    tracing::debug!(
+        ?report,
+        fold_ms = folded.as_millis() as u64,
+        write_ms = (written - folded).as_millis() as u64,
+        commit_and_close_ms = (started.elapsed() - written).as_millis() as u64,
+        "rebuild phases"
+    );
+    Ok(report)
+}
+
+/// Creates (or opens) a database and applies the migrations: for tools that fill one
+/// directly, such as the benchmark seeder. The lock must be held while writing.
+pub async fn create_database(path: &Path) -> Result<(SqliteConnection, DatabaseLock), StoreError> {
+    let Opened { lock, pool, conn } = open_database(path).await?;
+    pool.close().await;
+    Ok((conn, lock))
+}
+
+/// Opens an existing database read-only, without migrating it: for auditors' tools.
+pub async fn open_read_only(path: &Path) -> Result<SqliteConnection, StoreError> {
+    if !path.exists() {
+        return Err(StoreError::Internal(format!(
+            "no database at {}",
+            path.display()
+        )));
+    }
+    let options = SqliteConnectOptions::new().filename(path).read_only(true);
+    Ok(SqliteConnection::connect_with(&options).await?)
+}
+
+/// The stored projection: every `keys` row and the checkpoint.
+pub async fn read_projection(
+    conn: &mut SqliteConnection,
+) -> Result<(Vec<KeyState>, u64), StoreError> {
+    let rows: Vec<KeyRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {KEY_COLUMNS} FROM keys ORDER BY key_id"
+    )))
+    .fetch_all(&mut *conn)
+    .await?;
+    let states = rows
+        .into_iter()
+        .map(KeyRow::into_state)
+        .collect::<Result<_, _>>()
+        .map_err(StoreError::Internal)?;
+    let checkpoint: i64 =
+        sqlx::query_scalar("SELECT last_sequence FROM projection_checkpoint WHERE id = 1")
+            .fetch_one(&mut *conn)
+            .await?;
+    Ok((states, u64::try_from(checkpoint).unwrap_or(0)))
+}
+
+/// Opens a database for tools and tests that inspect it directly.
+pub async fn connect(path: &Path) -> Result<SqliteConnection, StoreError> {
+    Ok(SqliteConnection::connect_with(&connect_options(path)).await?)
+}
+
+/// The create request `request_id` of `workspace_id` made within the window, if any.
+async fn answered_create(
+    tx: &mut SqliteConnection,
+    workspace_id: &str,
+    request_id: &str,
+    since_ms: i64,
+) -> Result<Option<Answered>, StoreError> {
+    let row: Option<(Vec<u8>, String, Option<Vec<u8>>)> = sqlx::query_as(
+        "SELECT request_digest, key_id, sealed_secret FROM create_requests \
+         WHERE workspace_id = ? AND request_id = ? AND created_at >= ?",
+    )
+    .bind(workspace_id)
+    .bind(request_id)
+    .bind(since_ms)
+    .fetch_optional(&mut *tx)
+    .await?;
+    Ok(row.map(|(digest, key_id, sealed_secret)| Answered {
+        digest,
+        key_id,
+        sealed_secret,
+    }))
+}
+
+async fn write_effects(tx: &mut SqliteConnection, effects: &Effects) -> Result<(), sqlx::Error> {
+    insert_records(tx, &effects.records).await?;
+    project_many(tx, &effects.changed).await?;
+    for (key_id, sealed) in &effects.sealed_inserts {
+        sqlx::query("INSERT INTO sealed_secrets (key_id, sealed, master_key_id) VALUES (?, ?, ?)")
+            .bind(key_id)
+            .bind(&sealed.sealed)
+            .bind(&sealed.master_key_id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    for key_id in &effects.sealed_deletes {
+        sqlx::query("DELETE FROM sealed_secrets WHERE key_id = ?")
+            .bind(key_id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE create_requests SET sealed_secret = NULL WHERE key_id = ?")
+            .bind(key_id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    if !effects.create_requests.is_empty() {
+        let now = effects.records.last().map_or(0, |r| r.recorded_at_ms);
+        // Forget request ids past the window (and their sealed secrets) as new ones come.
+        sqlx::query("DELETE FROM create_requests WHERE created_at < ?")
+            .bind(now - CREATE_REQUEST_WINDOW_MS)
+            .execute(&mut *tx)
+            .await?;
+        for (workspace_id, key_id, create) in &effects.create_requests {
+            sqlx::query(
+                "INSERT INTO create_requests (workspace_id, request_id, request_digest, key_id, \
+                 sealed_secret, created_at) VALUES (?, ?, ?, ?, ?, ?) \
+                 ON CONFLICT (workspace_id, request_id) DO UPDATE SET \
+                 request_digest = excluded.request_digest, key_id = excluded.key_id, \
+                 sealed_secret = excluded.sealed_secret, created_at = excluded.created_at",
+            )
+            .bind(workspace_id)
+            .bind(&create.request_id)
+            .bind(&create.digest[..])
+            .bind(key_id)
+            .bind(&create.sealed_secret)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+    }
+    if let Some(last) = effects.records.last() {
+        sqlx::query("UPDATE projection_checkpoint SET last_sequence = ? WHERE id = 1")
+            .bind(i64::try_from(last.sequence).unwrap_or(i64::MAX))
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Splits `rows` into chunks of 256, 64, 16, 4 and 1 rows. Multi-row statements save a round
+/// trip to SQLite's thread per row (256 rows of the projection bind 5120 values, well under
+/// SQLite's limit); keeping to five shapes keeps every statement in sqlx's prepared-statement
+/// cache instead of preparing a new text for every batch size.
+fn chunks<T>(mut rows: &[T]) -> impl Iterator<Item = &[T]> {
+    std::iter::from_fn(move || {
+        let size = [256, 64, 16, 4, 1].into_iter().find(|&s| rows.len() >= s)?;
+        let (chunk, rest) = rows.split_at(size);
+        rows = rest;
+        Some(chunk)
+    })
+}
+
+async fn insert_records(
+    conn: &mut SqliteConnection,
+    records: &[LogRecord],
+) -> Result<(), sqlx::Error> {
+    for chunk in chunks(records) {
+        let values = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ");
+        let sql = format!(
+            "INSERT INTO events (sequence, key_id, workspace_id, stream_version, event_type, \
+             schema_version, payload, actor, recorded_at, hash, workspace_hash) VALUES {values}"
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for r in chunk {
+            query = query
+                .bind(i64::try_from(r.sequence).unwrap_or(i64::MAX))
+                .bind(&r.key_id)
+                .bind(&r.workspace_id)
+                .bind(i64::try_from(r.stream_version).unwrap_or(i64::MAX))
+                .bind(&r.event_type)
+                .bind(i64::from(r.schema_version))
+                .bind(&r.payload)
+                .bind(&r.actor)
+                .bind(r.recorded_at_ms)
+                .bind(&r.hash[..])
+                .bind(&r.workspace_hash[..]);
+        }
+        query.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Writes keys' states into the projection, a few hundred rows per statement. The one row
+/// encoding, shared by the live path and [`super::rebuild`].
+async fn project_many(conn: &mut SqliteConnection, states: &[KeyState]) -> Result<(), sqlx::Error> {
+    let columns = KEY_COLUMNS.split(',').count();
+    let row = format!("({})", vec!["?"; columns].join(", "));
+    let updates = KEY_COLUMNS
+        .split(',')
+        .map(str::trim)
+        .filter(|c| *c != "key_id")
+        .map(|c| format!("{c} = excluded.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    for chunk in chunks(states) {
+        let values = vec![row.as_str(); chunk.len()].join(", ");
+        let sql = format!(
+            "INSERT INTO keys ({KEY_COLUMNS}) VALUES {values} \
+             ON CONFLICT (key_id) DO UPDATE SET {updates}"
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for state in chunk {
+            query = rows::bind_state(query, state);
+        }
+        query.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunks;
+
+    #[test]
+    fn chunks_use_five_shapes_and_cover_every_row() {
+        let rows: Vec<usize> = (0..407).collect();
+        let sizes: Vec<usize> = chunks(&rows).map(<[usize]>::len).collect();
+        assert_eq!(sizes, [256, 64, 64, 16, 4, 1, 1, 1]);
+        let flat: Vec<usize> = chunks(&rows).flatten().copied().collect();
+        assert_eq!(flat, rows);
+        assert_eq!(chunks::<u8>(&[]).count(), 0);
+    }
+}
