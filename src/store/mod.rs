@@ -11,7 +11,6 @@
 //! holds it. Readers (the audit tools) need no lock.
 
 pub mod backend;
-pub mod rows;
 pub mod sqlite;
 mod writer;
 

@@ -11,10 +11,10 @@ use kemon_keys::clock::SystemClock;
 use kemon_keys::domain::{ApiKey, Environment, Event, KeyType};
 use kemon_keys::log::chain::{self, LogRecord};
 use kemon_keys::log::events;
-use kemon_keys::store::rows::{KEY_COLUMNS, KeyRow};
-use kemon_keys::store::{self, Store, StoreOptions};
+use kemon_keys::store::sqlite::rows::{KEY_COLUMNS, KeyRow};
+use kemon_keys::store::{self, Backend, Store, StoreOptions};
 use kemon_keys::vault::MasterKey;
-use sqlx::{Connection, Row};
+use sqlx::Row;
 
 use crate::fixtures::sample_state;
 use crate::report::Report;
@@ -29,10 +29,15 @@ pub fn bench_master_key() -> MasterKey {
 /// `path`, hash-chained exactly as the service chains them. The projection is left empty:
 /// building it is what the rebuild measures.
 pub async fn seed_events(path: &Path, n: usize) -> anyhow::Result<()> {
-    let (mut conn, _lock) = store::create_database(path).await?;
+    // Through the backend, as the server writes: the same statements, the same files.
+    let backend = store::SqliteBackend::open(path).await?;
+    backend
+        .claim_master_key(&bench_master_key().fingerprint())
+        .await?;
+    let mut session = backend.write_session().await?;
     let mut chains = chain::Chains::default();
     let now = 1_767_225_600_000i64;
-    let mut tx = conn.begin().await?;
+    session.begin().await?;
     const ROWS: usize = 500;
     let mut batch: Vec<LogRecord> = Vec::with_capacity(ROWS);
     for i in 0..n {
@@ -71,40 +76,21 @@ pub async fn seed_events(path: &Path, n: usize) -> anyhow::Result<()> {
         chains.append(&mut record);
         batch.push(record);
         if batch.len() == ROWS || i + 1 == n {
-            let values = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; batch.len()].join(", ");
-            let sql = format!(
-                "INSERT INTO events (sequence, key_id, workspace_id, stream_version, event_type, \
-                 schema_version, payload, actor, recorded_at, hash, workspace_hash) VALUES {values}"
-            );
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for r in batch.drain(..) {
-                query = query
-                    .bind(r.sequence as i64)
-                    .bind(r.key_id)
-                    .bind(r.workspace_id)
-                    .bind(r.stream_version as i64)
-                    .bind(r.event_type)
-                    .bind(i64::from(r.schema_version))
-                    .bind(r.payload)
-                    .bind(r.actor)
-                    .bind(r.recorded_at_ms)
-                    .bind(r.hash.to_vec())
-                    .bind(r.workspace_hash.to_vec());
-            }
-            query.execute(&mut *tx).await?;
+            let effects = store::Effects {
+                records: std::mem::take(&mut batch),
+                ..Default::default()
+            };
+            session.write(&effects).await?;
         }
     }
-    sqlx::query("INSERT OR REPLACE INTO meta (name, value) VALUES ('master_key_id', ?)")
-        .bind(bench_master_key().fingerprint())
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
+    session.commit().await?;
     // Move the seeded rows from the WAL into the database file, as a server's normal
     // checkpoints would have, so the scans below read what a long-running log looks like.
-    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-        .execute(&mut conn)
-        .await?;
-    conn.close().await?;
+    session.scrub(std::time::Duration::from_secs(10)).await?;
+    // Readers first: the writer's session, closing last, removes the WAL.
+    backend.close_readers().await;
+    session.close().await;
+    backend.release().await;
     Ok(())
 }
 

@@ -11,12 +11,14 @@ use futures::TryStreamExt;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Connection, Row, SqliteConnection, SqlitePool};
 
+pub mod rows;
+
 use super::backend::{Answered, Backend, Effects, Snapshot, WriteSession};
-use super::rows::{self, KEY_COLUMNS, KeyRow};
 use super::{CREATE_REQUEST_WINDOW_MS, Head, ListFilter, RecordFilter, StoreError};
 use crate::domain::{self, KeyId, KeyState, Recorded, WorkspaceId};
 use crate::log::chain::{self, Chains, Hash, LogRecord};
 use crate::log::events;
+use rows::{KEY_COLUMNS, KeyRow};
 
 /// A SQLite database opened for writing (holding its lock) or for reading only.
 pub struct SqliteBackend {
