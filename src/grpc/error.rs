@@ -214,15 +214,27 @@ impl From<DomainError> for ApiError {
     }
 }
 
+/// An error and its sources, for the log.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
         match e {
             StoreError::Domain(d) => d.into(),
-            StoreError::Full(ref m)
-            | StoreError::Unavailable(ref m)
-            | StoreError::OutcomeUnknown(ref m) => {
+            StoreError::Full(ref cause)
+            | StoreError::Unavailable(ref cause)
+            | StoreError::OutcomeUnknown(ref cause) => {
                 // The cause (a path, an errno) is for operators, not callers.
-                tracing::warn!(cause = %m, "storage failure");
+                tracing::warn!(cause = %cause, "storage failure");
                 ApiError::Storage(match e {
                     StoreError::Full(_) => StorageFailure::Full,
                     StoreError::Unavailable(_) => StorageFailure::Unavailable,
@@ -230,7 +242,10 @@ impl From<StoreError> for ApiError {
                 })
             }
             StoreError::RequestIdReused => ApiError::RequestIdReused,
-            StoreError::Internal(m) => ApiError::Internal(m),
+            e @ (StoreError::Database(_)
+            | StoreError::Corrupt(_)
+            | StoreError::Invariant(_)
+            | StoreError::Refused(_)) => ApiError::Internal(error_chain(&e)),
         }
     }
 }

@@ -24,35 +24,47 @@ use crate::domain::{Command, DomainError, Environment, KeyId, KeyState, KeyType,
 use crate::log::chain::{Hash, LogRecord};
 pub use backend::{Answered, Backend, Effects, Snapshot, WriteSession};
 pub use sqlite::{
-    DATABASE_FILE, DatabaseLock, RebuildReport, SqliteBackend, connect, create_database, lock_path,
-    open_read_only, read_projection, read_records, rebuild,
+    DATABASE_FILE, DatabaseLock, RebuildReport, SqliteBackend, connect, lock_path, open_read_only,
+    read_projection, read_records, rebuild,
 };
 pub use writer::CommitListener;
 
 /// Why a store call failed. Cheap to clone: a failed batch answers every caller in it.
+/// Storage faults (`Full`, `Unavailable`, `OutcomeUnknown`) keep their cause as the error's
+/// source, for the log; callers are told only the kind.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The domain refused the command; nothing was written.
     #[error(transparent)]
     Domain(#[from] DomainError),
-    /// The storage is full (SQLITE_FULL, a file size limit); nothing was written.
-    #[error("storage full: {0}")]
-    Full(String),
-    /// The storage failed (an I/O error, files read-only or locked, the database
-    /// unreachable); nothing was written. Worth retrying later.
-    #[error("storage unavailable: {0}")]
-    Unavailable(String),
     /// A CreateKey request id was used before, within the window, for a different request.
     #[error("the request id was used for a different request")]
     RequestIdReused,
+    /// The storage is full (SQLITE_FULL, a file size limit); nothing was written.
+    #[error("storage full")]
+    Full(#[source] Cause),
+    /// The storage failed (an I/O error, files read-only or locked, the database
+    /// unreachable, the writer stopped); nothing was written. Worth retrying later.
+    #[error("storage unavailable")]
+    Unavailable(#[source] Cause),
     /// The commit itself failed and the writer could not read back whether it landed. The
     /// writer finds out when storage works again and brings the cache up to date then.
-    #[error("storage failed while committing; outcome unknown: {0}")]
-    OutcomeUnknown(String),
-    /// The database holds something it should not, or refused a statement for a reason
-    /// other than its storage; logged, hidden from callers.
-    #[error("storage failure: {0}")]
-    Internal(String),
+    #[error("storage failed while committing; outcome unknown")]
+    OutcomeUnknown(#[source] Cause),
+    /// The database refused a statement for a reason other than its storage (a constraint,
+    /// a schema it does not have).
+    #[error("the database refused a statement")]
+    Database(#[source] Cause),
+    /// The log or the projection holds something that does not decode or replay.
+    #[error("corrupt data: {0}")]
+    Corrupt(String),
+    /// A rule of the service itself was broken (decide and apply disagree): a bug.
+    #[error("invariant broken: {0}")]
+    Invariant(String),
+    /// The database cannot be used as asked: held by another process, made with another
+    /// master key, missing. Said to the operator at start.
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl StoreError {
@@ -62,6 +74,35 @@ impl StoreError {
             self,
             StoreError::Full(_) | StoreError::Unavailable(_) | StoreError::OutcomeUnknown(_)
         )
+    }
+}
+
+/// The underlying error of a [`StoreError`], shared by every caller of a failed batch.
+#[derive(Debug, Clone)]
+pub struct Cause(Arc<dyn std::error::Error + Send + Sync>);
+
+impl Cause {
+    pub fn new(error: impl std::error::Error + Send + Sync + 'static) -> Cause {
+        Cause(Arc::new(error))
+    }
+
+    /// A cause that is only a description.
+    pub fn msg(message: impl Into<String>) -> Cause {
+        Cause(Arc::from(Box::<dyn std::error::Error + Send + Sync>::from(
+            message.into(),
+        )))
+    }
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for Cause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
     }
 }
 
@@ -284,10 +325,10 @@ impl Store {
         self.writes
             .send(writer::Request { write, reply })
             .await
-            .map_err(|_| StoreError::Internal("the writer has stopped".into()))?;
+            .map_err(|_| StoreError::Unavailable(Cause::msg("the writer has stopped")))?;
         answer
             .await
-            .map_err(|_| StoreError::Internal("the writer dropped the request".into()))?
+            .map_err(|_| StoreError::Unavailable(Cause::msg("the writer dropped the request")))?
     }
 
     pub async fn get_key(

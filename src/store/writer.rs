@@ -28,7 +28,7 @@ use std::sync::Arc;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use super::backend::{Answered, Backend, Effects, WriteSession};
-use super::{CREATE_REQUEST_WINDOW_MS, RecordFilter, Replayed, StoreError, Write, Written};
+use super::{CREATE_REQUEST_WINDOW_MS, Cause, RecordFilter, Replayed, StoreError, Write, Written};
 use crate::clock::Clock;
 use crate::domain::{self, Command, Event, KeyState, Recorded};
 use crate::log::chain::{Chains, Hash, LogRecord};
@@ -258,7 +258,7 @@ impl Writer {
                 // if the commit landed after all, the cache and subscribers now have it.
                 if let Err(again) = self.reconnect().await {
                     tracing::error!(error = %again, "cannot read the log back after a failed commit");
-                    return Err(StoreError::OutcomeUnknown(e.to_string()));
+                    return Err(StoreError::OutcomeUnknown(Cause::new(e)));
                 }
                 if self.heads.head() == landed {
                     tracing::warn!(error = %e, "the commit reported an error but is in the log");
@@ -307,7 +307,7 @@ impl Writer {
             let mut states = Vec::with_capacity(keys.len());
             for key in keys {
                 let key_id = crate::domain::KeyId::parse(key)
-                    .map_err(|e| StoreError::Internal(format!("key_id {key} in the log: {e}")))?;
+                    .map_err(|e| StoreError::Corrupt(format!("key_id {key} in the log: {e}")))?;
                 if let Some(state) = session.load_stream(key_id).await? {
                     states.push(state);
                 }
@@ -452,7 +452,7 @@ async fn decide_batch(
             // decide and apply disagreeing is a bug, never a partial write: the whole batch
             // is abandoned so no record of this command is kept.
             state = Some(domain::apply(state.take(), &recorded).map_err(|e| {
-                StoreError::Internal(format!("apply refused a decided event: {e}"))
+                StoreError::Invariant(format!("apply refused a decided event: {e}"))
             })?);
         }
         let Some(state) = state else {
@@ -507,13 +507,13 @@ async fn replay(
         Some(state) => state.clone(),
         None => {
             let key_id = crate::domain::KeyId::parse(&earlier.key_id).map_err(|e| {
-                StoreError::Internal(format!("create_requests key_id {}: {e}", earlier.key_id))
+                StoreError::Corrupt(format!("create_requests key_id {}: {e}", earlier.key_id))
             })?;
             tx.load_stream(key_id).await?
         }
     };
     let state = state.ok_or_else(|| {
-        StoreError::Internal(format!(
+        StoreError::Corrupt(format!(
             "create request of {} names no key in the log",
             earlier.key_id
         ))

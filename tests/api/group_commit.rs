@@ -66,7 +66,7 @@ async fn a_refused_command_fails_alone_and_the_rest_of_its_batch_keeps_everythin
     );
 
     assert!(
-        matches!(duplicate, Err(StoreError::Internal(_))),
+        matches!(duplicate, Err(StoreError::Database(_))),
         "{duplicate:?}"
     );
     let good = good.expect("the other command of the batch commits");

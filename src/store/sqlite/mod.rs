@@ -14,7 +14,7 @@ use sqlx::{Connection, Row, SqliteConnection, SqlitePool};
 pub mod rows;
 
 use super::backend::{Answered, Backend, Effects, Snapshot, WriteSession};
-use super::{CREATE_REQUEST_WINDOW_MS, Head, ListFilter, RecordFilter, StoreError};
+use super::{CREATE_REQUEST_WINDOW_MS, Cause, Head, ListFilter, RecordFilter, StoreError};
 use crate::domain::{self, KeyId, KeyState, Recorded, WorkspaceId};
 use crate::log::chain::{self, Chains, Hash, LogRecord};
 use crate::log::events;
@@ -43,7 +43,7 @@ impl SqliteBackend {
     /// for the audit tools, beside a running server.
     pub async fn open_read_only(path: &Path) -> Result<SqliteBackend, StoreError> {
         if !path.exists() {
-            return Err(StoreError::Internal(format!(
+            return Err(StoreError::Refused(format!(
                 "no database at {}",
                 path.display()
             )));
@@ -109,7 +109,7 @@ impl SqliteBackend {
         .await?;
         row.map(KeyRow::into_state)
             .transpose()
-            .map_err(StoreError::Internal)
+            .map_err(StoreError::Corrupt)
     }
 
     /// A page of a workspace's keys in key id order (oldest first), after `after`.
@@ -145,7 +145,7 @@ impl SqliteBackend {
         rows.into_iter()
             .map(KeyRow::into_state)
             .collect::<Result<_, _>>()
-            .map_err(StoreError::Internal)
+            .map_err(StoreError::Corrupt)
     }
 
     /// The encrypted copy of a key's secret, if one is kept.
@@ -170,7 +170,7 @@ impl SqliteBackend {
         .fetch(&self.pool);
         let mut count = 0;
         while let Some(row) = rows.try_next().await? {
-            each(row.into_state().map_err(StoreError::Internal)?);
+            each(row.into_state().map_err(StoreError::Corrupt)?);
             count += 1;
         }
         Ok(count)
@@ -199,7 +199,7 @@ impl Backend for SqliteBackend {
                 .await?;
         conn.close().await?;
         if stored != fingerprint {
-            return Err(StoreError::Internal(format!(
+            return Err(StoreError::Refused(format!(
                 "the master key (fingerprint {fingerprint}) is not the one this database was \
                  created with (fingerprint {stored}); start with the original master key"
             )));
@@ -414,7 +414,7 @@ impl From<sqlx::Error> for StoreError {
             _ => None,
         };
         match (&e, primary) {
-            (_, Some(SQLITE_FULL)) => StoreError::Full(e.to_string()),
+            (_, Some(SQLITE_FULL)) => StoreError::Full(Cause::new(e)),
             (
                 _,
                 Some(
@@ -429,8 +429,8 @@ impl From<sqlx::Error> for StoreError {
                 | sqlx::Error::PoolTimedOut
                 | sqlx::Error::PoolClosed,
                 _,
-            ) => StoreError::Unavailable(e.to_string()),
-            _ => StoreError::Internal(e.to_string()),
+            ) => StoreError::Unavailable(Cause::new(e)),
+            _ => StoreError::Database(Cause::new(e)),
         }
     }
 }
@@ -451,18 +451,19 @@ impl DatabaseLock {
             .truncate(false)
             .write(true)
             .open(&path)
-            .map_err(|e| StoreError::Unavailable(format!("opening {}: {e}", path.display())))?;
+            .map_err(|e| {
+                StoreError::Unavailable(Cause::msg(format!("opening {}: {e}", path.display())))
+            })?;
         match file.try_lock() {
             Ok(()) => Ok(DatabaseLock { _file: file }),
-            Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Internal(format!(
+            Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Refused(format!(
                 "{} is in use by another kemon-keys process (it holds the lock {}); stop the \
                  server using it first, or give this one another data directory",
                 database.display(),
                 path.display()
             ))),
-            Err(std::fs::TryLockError::Error(e)) => Err(StoreError::Unavailable(format!(
-                "locking {}: {e}",
-                path.display()
+            Err(std::fs::TryLockError::Error(e)) => Err(StoreError::Unavailable(Cause::msg(
+                format!("locking {}: {e}", path.display()),
             ))),
         }
     }
@@ -507,7 +508,7 @@ async fn open_database(path: &Path) -> Result<Opened, StoreError> {
     let mut conn = SqliteConnection::connect_with(&writer_options(path)).await?;
     MIGRATOR.run(&mut conn).await.map_err(|e| match e {
         sqlx::migrate::MigrateError::Execute(e) => StoreError::from(e),
-        e => StoreError::Internal(format!("migrations failed: {e}")),
+        e => StoreError::Database(Cause::msg(format!("migrations failed: {e}"))),
     })?;
     let pool = SqlitePoolOptions::new()
         .max_connections(4)
@@ -535,7 +536,7 @@ fn head_from(row: Option<(i64, Vec<u8>)>, genesis: Hash) -> Result<Head, StoreEr
             sequence: u64::try_from(sequence).unwrap_or(0),
             hash: hash
                 .try_into()
-                .map_err(|_| StoreError::Internal(format!("hash of {sequence} is not 32 bytes")))?,
+                .map_err(|_| StoreError::Corrupt(format!("hash of {sequence} is not 32 bytes")))?,
         },
     })
 }
@@ -552,7 +553,7 @@ async fn load_chains(conn: &mut SqliteConnection) -> Result<Chains, StoreError> 
     let mut workspaces = std::collections::HashMap::with_capacity(rows.len());
     for (workspace, hash) in rows {
         let hash: Hash = hash.try_into().map_err(|_| {
-            StoreError::Internal(format!("workspace hash of {workspace} is not 32 bytes"))
+            StoreError::Corrupt(format!("workspace hash of {workspace} is not 32 bytes"))
         })?;
         workspaces.insert(workspace, hash);
     }
@@ -611,7 +612,7 @@ fn record_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<LogRecord, StoreErro
         let bytes: Vec<u8> = row.try_get(name)?;
         bytes
             .try_into()
-            .map_err(|_| StoreError::Internal(format!("{name} is not 32 bytes")))
+            .map_err(|_| StoreError::Corrupt(format!("{name} is not 32 bytes")))
     };
     Ok(LogRecord {
         sequence: u64::try_from(row.try_get::<i64, _>("sequence")?).unwrap_or(0),
@@ -643,7 +644,7 @@ async fn load_stream(
     let mut state = None;
     for row in rows {
         let recorded = recorded_from_row(&row)?;
-        state = Some(domain::apply(state, &recorded).map_err(StoreError::Internal)?);
+        state = Some(domain::apply(state, &recorded).map_err(StoreError::Corrupt)?);
     }
     Ok(state)
 }
@@ -657,7 +658,7 @@ fn recorded_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Recorded, StoreErr
         u32::try_from(schema_version).unwrap_or(u32::MAX),
         &payload,
     )
-    .map_err(StoreError::Internal)?;
+    .map_err(StoreError::Corrupt)?;
     Ok(Recorded {
         event,
         actor: row.try_get("actor")?,
@@ -693,7 +694,7 @@ pub async fn rebuild(path: &Path) -> Result<RebuildReport, StoreError> {
         .fetch_one(&mut conn)
         .await;
     if !mode.is_ok_and(|m| m.eq_ignore_ascii_case("truncate")) {
-        return Err(StoreError::Internal(
+        return Err(StoreError::Refused(
             "the database is in use: stop the server before rebuilding".into(),
         ));
     }
@@ -719,14 +720,14 @@ pub async fn rebuild(path: &Path) -> Result<RebuildReport, StoreError> {
             let sequence: i64 = row.try_get("sequence")?;
             let key_id: &str = row.try_get("key_id")?;
             let key_id = KeyId::parse(key_id)
-                .map_err(|e| StoreError::Internal(format!("sequence {sequence}: key_id {e}")))?;
+                .map_err(|e| StoreError::Corrupt(format!("sequence {sequence}: key_id {e}")))?;
             let recorded = recorded_from_row(&row)?;
             let slot = *index.entry(key_id).or_insert_with(|| {
                 states.push(None);
                 states.len() - 1
             });
             let state = domain::apply(states[slot].take(), &recorded)
-                .map_err(|e| StoreError::Internal(format!("sequence {sequence}: {e}")))?;
+                .map_err(|e| StoreError::Corrupt(format!("sequence {sequence}: {e}")))?;
             states[slot] = Some(state);
             events += 1;
             last_sequence = sequence;
@@ -774,18 +775,11 @@ pub async fn rebuild(path: &Path) -> Result<RebuildReport, StoreError> {
     Ok(report)
 }
 
-/// Creates (or opens) a database and applies the migrations: for tools that fill one
-/// directly, such as the benchmark seeder. The lock must be held while writing.
-pub async fn create_database(path: &Path) -> Result<(SqliteConnection, DatabaseLock), StoreError> {
-    let Opened { lock, pool, conn } = open_database(path).await?;
-    pool.close().await;
-    Ok((conn, lock))
-}
-
-/// Opens an existing database read-only, without migrating it: for auditors' tools.
+/// A read-only connection to an existing database, without migrating it: for the benchmark's
+/// raw scans and for tests that inspect the files.
 pub async fn open_read_only(path: &Path) -> Result<SqliteConnection, StoreError> {
     if !path.exists() {
-        return Err(StoreError::Internal(format!(
+        return Err(StoreError::Corrupt(format!(
             "no database at {}",
             path.display()
         )));
@@ -807,7 +801,7 @@ pub async fn read_projection(
         .into_iter()
         .map(KeyRow::into_state)
         .collect::<Result<_, _>>()
-        .map_err(StoreError::Internal)?;
+        .map_err(StoreError::Corrupt)?;
     let checkpoint: i64 =
         sqlx::query_scalar("SELECT last_sequence FROM projection_checkpoint WHERE id = 1")
             .fetch_one(&mut *conn)
