@@ -11,6 +11,7 @@
 //! holds it. Readers (the audit tools) need no lock.
 
 pub mod backend;
+mod plan;
 pub mod sqlite;
 mod writer;
 
@@ -253,7 +254,7 @@ impl Store {
     ) -> Result<Store, StoreError> {
         backend.claim_master_key(master_key_id).await?;
         let mut session = backend.write_session().await?;
-        let heads = writer::Heads::new(session.chains().await?);
+        let heads = plan::Heads::new(session.chains().await?);
         let (tx, rx) = mpsc::channel(options.max_batch.max(1) * 4);
         let (committed, _) = broadcast::channel(options.live_buffer.max(1));
         let (writable, _) = watch::channel(true);

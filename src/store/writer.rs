@@ -22,17 +22,16 @@
 //! write once storage works again. When the database refuses a batch for another reason,
 //! its commands are retried one per transaction, so that the one it refuses fails alone.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-use super::backend::{Answered, Backend, Effects, WriteSession};
-use super::{CREATE_REQUEST_WINDOW_MS, Cause, RecordFilter, Replayed, StoreError, Write, Written};
+use super::backend::{Backend, Effects, WriteSession};
+use super::plan::{self, Heads};
+use super::{Cause, RecordFilter, StoreError, Write, Written};
 use crate::clock::Clock;
-use crate::domain::{self, Command, Event, KeyState, Recorded};
-use crate::log::chain::{Chains, Hash, LogRecord};
-use crate::log::events;
+use crate::domain::KeyState;
+use crate::log::chain::LogRecord;
 
 /// Told of every committed change, in commit order, before the writer answers its callers.
 /// Must not block: it runs on the writer's task.
@@ -43,62 +42,6 @@ pub trait CommitListener: Send + Sync + 'static {
 pub(super) struct Request {
     pub write: Write,
     pub reply: oneshot::Sender<Result<Written, StoreError>>,
-}
-
-/// The chains' heads as of the last appended record (committed or, inside a batch, not
-/// yet). Changes made in a batch are journaled so a rolled-back command or batch restores
-/// exactly what it changed.
-pub(super) struct Heads {
-    pub chains: Chains,
-    journal: Vec<(String, Option<Hash>)>,
-}
-
-/// A point to roll [`Heads`] back to.
-#[derive(Clone, Copy)]
-struct Mark {
-    journal: usize,
-    last_sequence: u64,
-    last_hash: Hash,
-}
-
-impl Heads {
-    pub fn new(chains: Chains) -> Heads {
-        Heads {
-            chains,
-            journal: Vec::new(),
-        }
-    }
-
-    fn mark(&self) -> Mark {
-        Mark {
-            journal: self.journal.len(),
-            last_sequence: self.chains.last_sequence,
-            last_hash: self.chains.log,
-        }
-    }
-
-    fn rollback(&mut self, mark: Mark) {
-        while self.journal.len() > mark.journal {
-            let (workspace, previous) = self.journal.pop().expect("journal entry");
-            self.chains.restore_workspace(workspace, previous);
-        }
-        self.chains.last_sequence = mark.last_sequence;
-        self.chains.log = mark.last_hash;
-    }
-
-    fn settle(&mut self) {
-        self.journal.clear();
-    }
-
-    /// Assigns the next sequence to `record` and chains its hashes.
-    fn append(&mut self, record: &mut LogRecord) {
-        let previous = self.chains.append(record);
-        self.journal.push((record.workspace_id.clone(), previous));
-    }
-
-    fn head(&self) -> (u64, Hash) {
-        (self.chains.last_sequence, self.chains.log)
-    }
 }
 
 /// The writer's surroundings.
@@ -174,7 +117,7 @@ pub(super) async fn run(
 const SCRUB_BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// The outcome of one command: its key's new state.
-type Outcome = Result<Written, StoreError>;
+pub(super) type Outcome = Result<Written, StoreError>;
 
 /// Why [`write_batch`] failed.
 enum Failure {
@@ -349,179 +292,13 @@ async fn write_batch(
     batch: &mut [Request],
 ) -> Result<(Vec<Outcome>, Effects), Failure> {
     session.begin().await.map_err(Failure::Before)?;
-    let (outcomes, effects) = decide_batch(session, heads, now, batch)
+    let loaded = plan::load(session, batch, now)
         .await
         .map_err(Failure::Before)?;
+    let (outcomes, effects) = plan::plan(loaded, heads, now, batch).map_err(Failure::Before)?;
     session.write(&effects).await.map_err(Failure::Before)?;
     match session.commit().await {
         Ok(()) => Ok((outcomes, effects)),
         Err(e) => Err(Failure::AtCommit(e, outcomes)),
     }
-}
-
-async fn decide_batch(
-    tx: &mut dyn WriteSession,
-    heads: &mut Heads,
-    now: i64,
-    batch: &mut [Request],
-) -> Result<(Vec<Outcome>, Effects), StoreError> {
-    let mut touched: HashMap<String, Option<KeyState>> = HashMap::new();
-    let mut order: Vec<String> = Vec::new();
-    let mut effects = Effects::default();
-    let mut outcomes = Vec::with_capacity(batch.len());
-    // Create request ids answered earlier in this batch.
-    let mut answered: HashMap<(String, String), Answered> = HashMap::new();
-    for request in batch.iter_mut() {
-        let write = &mut request.write;
-        if let Some(create) = &write.create_request {
-            let slot = (write.workspace_id.to_string(), create.request_id.clone());
-            let earlier = match answered.get(&slot) {
-                Some(earlier) => Some(earlier.clone()),
-                None => {
-                    tx.answered_create(&slot.0, &slot.1, now - CREATE_REQUEST_WINDOW_MS)
-                        .await?
-                }
-            };
-            if let Some(earlier) = earlier {
-                outcomes.push(replay(tx, &touched, earlier, &create.digest).await?);
-                continue;
-            }
-        }
-        let key = write.key_id.to_string();
-        let current = match touched.get(&key) {
-            Some(state) => state.clone(),
-            None if matches!(write.command, Command::Create(_)) => None,
-            None => match tx.load_stream(write.key_id).await {
-                Ok(state) => state,
-                // The storage failing fails the batch; anything else fails this command.
-                Err(e) if e.is_storage_fault() => return Err(e),
-                Err(e) => {
-                    outcomes.push(Err(e));
-                    continue;
-                }
-            },
-        };
-        // A key of another workspace does not exist for this caller.
-        let visible = current
-            .clone()
-            .filter(|s| s.workspace_id == write.workspace_id);
-        let events = match domain::decide(visible.as_ref(), &write.command) {
-            Ok(events) => events,
-            Err(e) => {
-                outcomes.push(Err(e.into()));
-                continue;
-            }
-        };
-        let mut state = visible;
-        let changed = !events.is_empty();
-        for event in events {
-            let stream_version = state.as_ref().map_or(1, |s| s.stream_version + 1);
-            match &event {
-                Event::KeyCreated(_) => {
-                    // Cloned, not taken: if this batch fails, the command is retried alone
-                    // and must still carry its copy.
-                    if let Some(sealed) = &write.sealed_secret {
-                        effects.sealed_inserts.push((key.clone(), sealed.clone()));
-                    }
-                }
-                Event::KeyRevoked => effects.sealed_deletes.push(key.clone()),
-                _ => {}
-            }
-            let encoded = events::encode_event(&event);
-            let mut record = LogRecord {
-                sequence: 0,
-                key_id: key.clone(),
-                workspace_id: write.workspace_id.to_string(),
-                stream_version,
-                event_type: encoded.event_type.to_owned(),
-                schema_version: encoded.schema_version,
-                payload: encoded.payload,
-                actor: write.actor.clone(),
-                recorded_at_ms: now,
-                hash: [0; 32],
-                workspace_hash: [0; 32],
-            };
-            heads.append(&mut record);
-            effects.records.push(record);
-            let recorded = Recorded {
-                event,
-                actor: write.actor.clone(),
-                recorded_at_ms: now,
-                stream_version,
-            };
-            // decide and apply disagreeing is a bug, never a partial write: the whole batch
-            // is abandoned so no record of this command is kept.
-            state = Some(domain::apply(state.take(), &recorded).map_err(|e| {
-                StoreError::Invariant(format!("apply refused a decided event: {e}"))
-            })?);
-        }
-        let Some(state) = state else {
-            outcomes.push(Err(StoreError::Domain(domain::DomainError::NotFound)));
-            continue;
-        };
-        if let Some(create) = write.create_request.as_ref().filter(|_| changed) {
-            answered.insert(
-                (write.workspace_id.to_string(), create.request_id.clone()),
-                Answered {
-                    digest: create.digest.to_vec(),
-                    key_id: key.clone(),
-                    sealed_secret: Some(create.sealed_secret.clone()),
-                },
-            );
-            effects.create_requests.push((
-                write.workspace_id.to_string(),
-                key.clone(),
-                create.clone(),
-            ));
-        }
-        if changed {
-            if !touched.contains_key(&key) {
-                order.push(key.clone());
-            }
-            touched.insert(key, Some(state.clone()));
-        }
-        outcomes.push(Ok(Written {
-            state,
-            replayed: None,
-        }));
-    }
-    effects.changed = order
-        .iter()
-        .filter_map(|k| touched.get(k).cloned().flatten())
-        .collect();
-    Ok((outcomes, effects))
-}
-
-/// The answer to a create whose request id was answered before: that key as it is now, or a
-/// refusal when the id came with another request.
-async fn replay(
-    tx: &mut dyn WriteSession,
-    touched: &HashMap<String, Option<KeyState>>,
-    earlier: Answered,
-    digest: &[u8; 32],
-) -> Result<Outcome, StoreError> {
-    if earlier.digest != digest {
-        return Ok(Err(StoreError::RequestIdReused));
-    }
-    let state = match touched.get(&earlier.key_id) {
-        Some(state) => state.clone(),
-        None => {
-            let key_id = crate::domain::KeyId::parse(&earlier.key_id).map_err(|e| {
-                StoreError::Corrupt(format!("create_requests key_id {}: {e}", earlier.key_id))
-            })?;
-            tx.load_stream(key_id).await?
-        }
-    };
-    let state = state.ok_or_else(|| {
-        StoreError::Corrupt(format!(
-            "create request of {} names no key in the log",
-            earlier.key_id
-        ))
-    })?;
-    Ok(Ok(Written {
-        state,
-        replayed: Some(Replayed {
-            sealed_secret: earlier.sealed_secret,
-        }),
-    }))
 }
