@@ -3,7 +3,7 @@
 //! [`Application::build`] opens the store and binds the listener (so a test can ask for port 0
 //! and read the real port); [`Application::run_until`] serves until a shutdown signal. While
 //! the verification cache loads, the health service reports NOT_SERVING and key calls answer
-//! UNAVAILABLE; then it reports SERVING.
+//! UNAVAILABLE ([`CallLayer`]); then it reports SERVING.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -19,6 +19,7 @@ use tonic_health::ServingStatus;
 use crate::cache::VerifyCache;
 use crate::clock::Clock;
 use crate::config::{LogFormat, ServeArgs};
+use crate::grpc::calls::CallLayer;
 use crate::grpc::connections::{ConnectionLimits, MAX_REQUEST_BYTES, TrackCallsLayer};
 use crate::grpc::{AuditApi, KeyApi};
 use crate::proto::v1::audit_service_server::AuditServiceServer;
@@ -156,7 +157,6 @@ pub struct Application {
     cache: Arc<VerifyCache>,
     api: KeyApi,
     audit: AuditApi,
-    ready: Arc<AtomicBool>,
     /// Set when shutdown begins, to end live subscriptions.
     stopping: tokio::sync::watch::Sender<bool>,
 }
@@ -193,7 +193,6 @@ impl Application {
         }
         let (master_key, cache, store) = opened?;
         let local_addr = listener.local_addr()?;
-        let ready = Arc::new(AtomicBool::new(false));
         let (stopping, stopping_rx) = tokio::sync::watch::channel(false);
         let audit = AuditApi::new(
             store.clone(),
@@ -201,13 +200,7 @@ impl Application {
             AUDIT_CHECKPOINT_EVERY,
             stopping_rx,
         );
-        let api = KeyApi::new(
-            store.clone(),
-            cache.clone(),
-            clock,
-            master_key,
-            ready.clone(),
-        );
+        let api = KeyApi::new(store.clone(), cache.clone(), clock, master_key);
         Ok(Application {
             listener,
             local_addr,
@@ -216,7 +209,6 @@ impl Application {
             cache,
             api,
             audit,
-            ready,
             stopping,
         })
     }
@@ -232,6 +224,17 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
+        self.run_loading_cache_after(shutdown, std::future::ready(()))
+            .await
+    }
+
+    /// [`Application::run_until`], with the verification cache loaded only once `load_after`
+    /// resolves: for tests of what clients get while it loads.
+    pub async fn run_loading_cache_after(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+        load_after: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
         let Application {
             listener,
             local_addr,
@@ -240,9 +243,10 @@ impl Application {
             cache,
             api,
             audit,
-            ready,
             stopping,
         } = self;
+        // Key calls that need the cache are refused (NOT_READY) until it is loaded.
+        let ready = Arc::new(AtomicBool::new(false));
         let shutdown = async move {
             shutdown.await;
             let _ = stopping.send(true);
@@ -268,6 +272,7 @@ impl Application {
         let server = limits
             .apply(tonic::transport::Server::builder())
             .layer(TrackCallsLayer)
+            .layer(CallLayer::new(ready.clone()))
             .add_service(health_service.max_decoding_message_size(MAX_REQUEST_BYTES))
             .add_service(reflection_v1.max_decoding_message_size(MAX_REQUEST_BYTES))
             .add_service(reflection_v1alpha.max_decoding_message_size(MAX_REQUEST_BYTES))
@@ -279,6 +284,7 @@ impl Application {
         let server = tokio::spawn(server);
         tracing::info!(%local_addr, "listening");
 
+        load_after.await;
         let started = std::time::Instant::now();
         load_cache(&store, &cache).await?;
         ready.store(true, Ordering::Release);

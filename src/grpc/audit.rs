@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 use super::auth::{Actor, Permission};
 use super::error::{ApiError, quote};
 use super::keys::key_to_pb;
-use super::{observe, timestamp, within_cap};
+use super::{timestamp, within_cap};
 use crate::audit::replay::Replay;
 use crate::clock::Clock;
 use crate::domain::{Event, KeyId, Violation, WorkspaceId};
@@ -250,6 +250,175 @@ impl Subscription {
     }
 }
 
+/// The calls, each in the service's own error type; the [`AuditService`] impl below only wraps
+/// their answers in responses and their errors in statuses.
+impl AuditApi {
+    async fn read(
+        &self,
+        request: &Request<pb::ReadEventsRequest>,
+    ) -> Result<EventStream<pb::LogEvent>, ApiError> {
+        Actor::authorize(request.metadata(), Permission::Audit)?;
+        let req = request.get_ref();
+        let mut filter = parse_filter(req.filter.as_ref())?;
+        // The log as it is when the call starts.
+        filter.up_to = Some(self.store.head(None).await?.0.sequence);
+        // No maximum to coerce `limit` down to (AIP-158's rule for page sizes): this is a
+        // stream read PAGE records at a time with backpressure, so a large limit costs the
+        // server no more memory than a small one. The cursor is `after_sequence`, a public
+        // log position by design, rather than an opaque page token.
+        let limit = if req.limit == 0 { u64::MAX } else { req.limit };
+        let store = self.store.clone();
+        let mut position = req.after_sequence;
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            let mut sent = 0u64;
+            loop {
+                let page = match store.read_records(position, PAGE, &filter).await {
+                    Ok(page) => page,
+                    Err(e) => {
+                        let _ = tx.send(Err(read_failed(e))).await;
+                        return;
+                    }
+                };
+                for record in &page {
+                    if sent == limit || !send(&tx, log_event(record)).await {
+                        return;
+                    }
+                    sent += 1;
+                    position = record.sequence;
+                }
+                if page.len() < PAGE as usize {
+                    return;
+                }
+            }
+        });
+        Ok(Box::pin(ReceiverStream::new(rx)) as EventStream<pb::LogEvent>)
+    }
+
+    async fn subscribe(
+        &self,
+        request: &Request<pb::SubscribeEventsRequest>,
+    ) -> Result<EventStream<pb::SubscribeEventsResponse>, ApiError> {
+        Actor::authorize(request.metadata(), Permission::Audit)?;
+        let req = request.get_ref();
+        let filter = parse_filter(req.filter.as_ref())?;
+        // A position past the head (a log restored from a backup, a position from another
+        // log) would silently skip the events that later take those sequences.
+        let (head, _) = self.store.head(None).await?;
+        if req.after_sequence > head.sequence {
+            return Err(ApiError::SequenceOutOfRange {
+                after_sequence: req.after_sequence,
+                head_sequence: head.sequence,
+            });
+        }
+        let (tx, rx) = mpsc::channel(256);
+        let subscription = Subscription {
+            store: self.store.clone(),
+            filter,
+            position: req.after_sequence,
+            tx,
+            checkpoint_every: self.checkpoint_every,
+            stopping: self.stopping.clone(),
+        };
+        tokio::spawn(subscription.run());
+        Ok(Box::pin(ReceiverStream::new(rx)) as EventStream<pb::SubscribeEventsResponse>)
+    }
+
+    async fn head(
+        &self,
+        request: &Request<pb::GetLogHeadRequest>,
+    ) -> Result<pb::LogHead, ApiError> {
+        Actor::authorize(request.metadata(), Permission::Audit)?;
+        let req = request.get_ref();
+        let workspace = if req.workspace_id.is_empty() {
+            None
+        } else {
+            WorkspaceId::parse(&req.workspace_id)
+                .map_err(|r| ApiError::invalid("workspace_id", r))?;
+            Some(req.workspace_id.as_str())
+        };
+        let (log, workspace) = self.store.head(workspace).await?;
+        Ok(pb::LogHead {
+            sequence: log.sequence,
+            hash: log.hash.to_vec(),
+            workspace_sequence: workspace.map_or(0, |w| w.sequence),
+            workspace_hash: workspace.map(|w| w.hash.to_vec()).unwrap_or_default(),
+        })
+    }
+
+    async fn keys_as_of(
+        &self,
+        request: &Request<pb::GetKeysAsOfRequest>,
+    ) -> Result<pb::GetKeysAsOfResponse, ApiError> {
+        Actor::authorize(request.metadata(), Permission::Audit)?;
+        let req = request.get_ref();
+        let mut violations = Vec::new();
+        if let Err(r) = WorkspaceId::parse(&req.workspace_id) {
+            violations.push(Violation::new("workspace_id", r));
+        }
+        if !req.key_id.is_empty()
+            && let Err(r) = KeyId::parse(&req.key_id)
+        {
+            violations.push(Violation::new("key_id", r));
+        }
+        // `at_sequence` is checked against the head, so the head is read before answering
+        // INVALID_ARGUMENT, which then lists every bad field. A failed read answers such a
+        // request with its other violations, or with the storage failure if it had none.
+        let head = match self.store.head(None).await {
+            Ok((head, _)) => head,
+            Err(_) if !violations.is_empty() => return Err(ApiError::Invalid(violations)),
+            Err(e) => return Err(e.into()),
+        };
+        if req.at_sequence > head.sequence {
+            violations.push(Violation::new(
+                "at_sequence",
+                format!("the log ends at {}", head.sequence),
+            ));
+        }
+        if !violations.is_empty() {
+            return Err(ApiError::Invalid(violations));
+        }
+        let at = if req.at_sequence == 0 {
+            head.sequence
+        } else {
+            req.at_sequence
+        };
+        let filter = RecordFilter {
+            workspace_id: Some(req.workspace_id.clone()),
+            key_id: (!req.key_id.is_empty()).then(|| req.key_id.clone()),
+            event_types: vec![],
+            up_to: Some(at),
+        };
+        let mut replay = Replay::default();
+        let mut position = 0;
+        loop {
+            let page = self.store.read_records(position, PAGE, &filter).await?;
+            for record in &page {
+                replay.apply(record).map_err(|e| {
+                    ApiError::Internal(format!("replay failed at {}: {}", e.sequence, e.reason))
+                })?;
+                position = record.sequence;
+            }
+            if page.len() < PAGE as usize {
+                break;
+            }
+        }
+        // `expired` as of the answer's moment: now for the head, else the time of the last
+        // event replayed.
+        let now = if req.at_sequence == 0 {
+            self.clock.now_ms()
+        } else {
+            replay.last_recorded_at_ms
+        };
+        let mut keys: Vec<_> = replay.keys.values().map(|s| key_to_pb(s, now)).collect();
+        keys.sort_by(|a, b| a.key_id.cmp(&b.key_id));
+        Ok(pb::GetKeysAsOfResponse {
+            at_sequence: at,
+            keys,
+        })
+    }
+}
+
 #[tonic::async_trait]
 impl AuditService for AuditApi {
     type ReadEventsStream = EventStream<pb::LogEvent>;
@@ -259,176 +428,27 @@ impl AuditService for AuditApi {
         &self,
         request: Request<pb::ReadEventsRequest>,
     ) -> Result<Response<Self::ReadEventsStream>, Status> {
-        observe("ReadEvents", async {
-            Actor::authorize(request.metadata(), Permission::Audit)?;
-            let req = request.get_ref();
-            let mut filter = parse_filter(req.filter.as_ref())?;
-            // The log as it is when the call starts.
-            filter.up_to = Some(self.store.head(None).await?.0.sequence);
-            // No maximum to coerce `limit` down to (AIP-158's rule for page sizes): this is a
-            // stream read PAGE records at a time with backpressure, so a large limit costs the
-            // server no more memory than a small one. The cursor is `after_sequence`, a public
-            // log position by design, rather than an opaque page token.
-            let limit = if req.limit == 0 { u64::MAX } else { req.limit };
-            let store = self.store.clone();
-            let mut position = req.after_sequence;
-            let (tx, rx) = mpsc::channel(64);
-            tokio::spawn(async move {
-                let mut sent = 0u64;
-                loop {
-                    let page = match store.read_records(position, PAGE, &filter).await {
-                        Ok(page) => page,
-                        Err(e) => {
-                            let _ = tx.send(Err(read_failed(e))).await;
-                            return;
-                        }
-                    };
-                    for record in &page {
-                        if sent == limit || !send(&tx, log_event(record)).await {
-                            return;
-                        }
-                        sent += 1;
-                        position = record.sequence;
-                    }
-                    if page.len() < PAGE as usize {
-                        return;
-                    }
-                }
-            });
-            Ok(Box::pin(ReceiverStream::new(rx)) as Self::ReadEventsStream)
-        })
-        .await
+        Ok(Response::new(self.read(&request).await?))
     }
 
     async fn subscribe_events(
         &self,
         request: Request<pb::SubscribeEventsRequest>,
     ) -> Result<Response<Self::SubscribeEventsStream>, Status> {
-        observe("SubscribeEvents", async {
-            Actor::authorize(request.metadata(), Permission::Audit)?;
-            let req = request.get_ref();
-            let filter = parse_filter(req.filter.as_ref())?;
-            // A position past the head (a log restored from a backup, a position from another
-            // log) would silently skip the events that later take those sequences.
-            let (head, _) = self.store.head(None).await?;
-            if req.after_sequence > head.sequence {
-                return Err(ApiError::SequenceOutOfRange {
-                    after_sequence: req.after_sequence,
-                    head_sequence: head.sequence,
-                });
-            }
-            let (tx, rx) = mpsc::channel(256);
-            let subscription = Subscription {
-                store: self.store.clone(),
-                filter,
-                position: req.after_sequence,
-                tx,
-                checkpoint_every: self.checkpoint_every,
-                stopping: self.stopping.clone(),
-            };
-            tokio::spawn(subscription.run());
-            Ok(Box::pin(ReceiverStream::new(rx)) as Self::SubscribeEventsStream)
-        })
-        .await
+        Ok(Response::new(self.subscribe(&request).await?))
     }
 
     async fn get_log_head(
         &self,
         request: Request<pb::GetLogHeadRequest>,
     ) -> Result<Response<pb::LogHead>, Status> {
-        observe("GetLogHead", async {
-            Actor::authorize(request.metadata(), Permission::Audit)?;
-            let req = request.get_ref();
-            let workspace = if req.workspace_id.is_empty() {
-                None
-            } else {
-                WorkspaceId::parse(&req.workspace_id)
-                    .map_err(|r| ApiError::invalid("workspace_id", r))?;
-                Some(req.workspace_id.as_str())
-            };
-            let (log, workspace) = self.store.head(workspace).await?;
-            Ok(pb::LogHead {
-                sequence: log.sequence,
-                hash: log.hash.to_vec(),
-                workspace_sequence: workspace.map_or(0, |w| w.sequence),
-                workspace_hash: workspace.map(|w| w.hash.to_vec()).unwrap_or_default(),
-            })
-        })
-        .await
+        Ok(Response::new(self.head(&request).await?))
     }
 
     async fn get_keys_as_of(
         &self,
         request: Request<pb::GetKeysAsOfRequest>,
     ) -> Result<Response<pb::GetKeysAsOfResponse>, Status> {
-        observe("GetKeysAsOf", async {
-            Actor::authorize(request.metadata(), Permission::Audit)?;
-            let req = request.get_ref();
-            let mut violations = Vec::new();
-            if let Err(r) = WorkspaceId::parse(&req.workspace_id) {
-                violations.push(Violation::new("workspace_id", r));
-            }
-            if !req.key_id.is_empty()
-                && let Err(r) = KeyId::parse(&req.key_id)
-            {
-                violations.push(Violation::new("key_id", r));
-            }
-            // `at_sequence` is checked against the head, so the head is read before answering
-            // INVALID_ARGUMENT, which then lists every bad field. A failed read answers such a
-            // request with its other violations, or with the storage failure if it had none.
-            let head = match self.store.head(None).await {
-                Ok((head, _)) => head,
-                Err(_) if !violations.is_empty() => return Err(ApiError::Invalid(violations)),
-                Err(e) => return Err(e.into()),
-            };
-            if req.at_sequence > head.sequence {
-                violations.push(Violation::new(
-                    "at_sequence",
-                    format!("the log ends at {}", head.sequence),
-                ));
-            }
-            if !violations.is_empty() {
-                return Err(ApiError::Invalid(violations));
-            }
-            let at = if req.at_sequence == 0 {
-                head.sequence
-            } else {
-                req.at_sequence
-            };
-            let filter = RecordFilter {
-                workspace_id: Some(req.workspace_id.clone()),
-                key_id: (!req.key_id.is_empty()).then(|| req.key_id.clone()),
-                event_types: vec![],
-                up_to: Some(at),
-            };
-            let mut replay = Replay::default();
-            let mut position = 0;
-            loop {
-                let page = self.store.read_records(position, PAGE, &filter).await?;
-                for record in &page {
-                    replay.apply(record).map_err(|e| {
-                        ApiError::Internal(format!("replay failed at {}: {}", e.sequence, e.reason))
-                    })?;
-                    position = record.sequence;
-                }
-                if page.len() < PAGE as usize {
-                    break;
-                }
-            }
-            // `expired` as of the answer's moment: now for the head, else the time of the last
-            // event replayed.
-            let now = if req.at_sequence == 0 {
-                self.clock.now_ms()
-            } else {
-                replay.last_recorded_at_ms
-            };
-            let mut keys: Vec<_> = replay.keys.values().map(|s| key_to_pb(s, now)).collect();
-            keys.sort_by(|a, b| a.key_id.cmp(&b.key_id));
-            Ok(pb::GetKeysAsOfResponse {
-                at_sequence: at,
-                keys,
-            })
-        })
-        .await
+        Ok(Response::new(self.keys_as_of(&request).await?))
     }
 }

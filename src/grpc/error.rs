@@ -125,7 +125,7 @@ impl ApiError {
 
 /// A caller's value quoted in an error, so they see which entry was refused (`tickets:reed`).
 ///
-/// Error messages are logged (the `reason` of the call's line, see `grpc::observe_in`), so a
+/// Error messages are logged (the `reason` of the call's line, see [`super::calls`]), so a
 /// secret pasted into the wrong field must not be repeated. A key is `sk_`/`pk_` [+ `test_`]
 /// then 38 base62 characters with nothing between them, pasted whole, cut, or without its
 /// prefix. So a value containing `sk_` or `pk_`, or a run of more than

@@ -1,14 +1,13 @@
 //! `kemon.keys.v1.KeyService`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use tonic::{Request, Response, Status};
 
 use super::auth::{Actor, Permission};
 use super::error::{ApiError, KeyRefusal, quote};
 use super::paging::{PageSize, PageToken, QueryFingerprint};
-use super::{observe, observe_hot, record_key_id, timestamp, within_cap};
+use super::{record_key_id, timestamp, within_cap};
 use crate::cache::{CachedKey, Verdict, VerifyCache};
 use crate::clock::Clock;
 use crate::domain::key::{KeyShape, NewKeyRequest};
@@ -33,7 +32,6 @@ pub struct KeyApi {
     cache: Arc<VerifyCache>,
     clock: Arc<dyn Clock>,
     master_key: MasterKey,
-    ready: Arc<AtomicBool>,
 }
 
 impl KeyApi {
@@ -42,22 +40,12 @@ impl KeyApi {
         cache: Arc<VerifyCache>,
         clock: Arc<dyn Clock>,
         master_key: MasterKey,
-        ready: Arc<AtomicBool>,
     ) -> KeyApi {
         KeyApi {
             store,
             cache,
             clock,
             master_key,
-            ready,
-        }
-    }
-
-    fn ensure_ready(&self) -> Result<(), ApiError> {
-        if self.ready.load(Ordering::Acquire) {
-            Ok(())
-        } else {
-            Err(ApiError::NotReady)
         }
     }
 
@@ -84,7 +72,6 @@ impl KeyApi {
         mut violations: Vec<Violation>,
         command: Option<Command>,
     ) -> Result<pb::Key, ApiError> {
-        self.ensure_ready()?;
         let actor = Actor::authorize(metadata, Permission::ManageKeys)?;
         let ids = key_ref(workspace_id, key_id, &mut violations);
         let (Some((workspace_id, key_id)), Some(command), true) =
@@ -255,419 +242,440 @@ fn fill_key(response: &mut pb::VerifyKeyResponse, k: &CachedKey) {
     response.expires_at = k.expires_at_ms.map(timestamp);
 }
 
+/// The calls, each in the service's own error type; the [`KeyService`] impl below only wraps
+/// their answers in responses and their errors in statuses.
+impl KeyApi {
+    async fn create(
+        &self,
+        request: &Request<pb::CreateKeyRequest>,
+    ) -> Result<pb::CreateKeyResponse, ApiError> {
+        let actor = Actor::authorize(request.metadata(), Permission::ManageKeys)?;
+        let req = request.get_ref();
+        let mut violations = Vec::new();
+        let workspace_id = WorkspaceId::parse(&req.workspace_id)
+            .map_err(|r| violations.push(Violation::new("workspace_id", r)))
+            .ok();
+        let name = parse_name(&req.name, &mut violations);
+        let key_type = key_type_from_pb(req.r#type);
+        if key_type.is_none() {
+            violations.push(Violation::new(
+                "type",
+                "must be KEY_TYPE_PRIVATE or KEY_TYPE_PUBLIC",
+            ));
+        }
+        let environment = environment_from_pb(req.environment);
+        if environment.is_none() {
+            violations.push(Violation::new(
+                "environment",
+                "must be ENVIRONMENT_PRODUCTION or ENVIRONMENT_TEST",
+            ));
+        }
+        let expiration = parse_expiration(req.expiration);
+        if expiration.is_none() {
+            violations.push(Violation::new(
+                "expiration",
+                "must be 30, 60, 90, 180 or 365 days, or never",
+            ));
+        }
+        let scopes = parse_scopes("scopes", &req.scopes, &mut violations);
+        let request_id = parse_request_id(&req.request_id, &mut violations);
+        let allowed_domains = parse_allowed_domains(&req.allowed_domains, &mut violations);
+        // The rules that tie fields together, on the fields that parsed, so that one
+        // answer lists every problem of the request.
+        if let Some(key_type) = key_type {
+            violations.extend(
+                KeyShape {
+                    key_type,
+                    environment,
+                    scopes,
+                    reveal_later: req.reveal_later,
+                    allowed_domains: allowed_domains.as_deref(),
+                }
+                .violations(),
+            );
+        }
+        let (
+            Some(workspace_id),
+            Some(name),
+            Some(key_type),
+            Some(environment),
+            Some(expiration),
+            Some(scopes),
+            Some(allowed_domains),
+            true,
+        ) = (
+            workspace_id,
+            name,
+            key_type,
+            environment,
+            expiration,
+            scopes,
+            allowed_domains,
+            violations.is_empty(),
+        )
+        else {
+            return Err(ApiError::Invalid(violations));
+        };
+
+        let now = self.clock.now_ms();
+        let random_failed =
+            |e: getrandom::Error| ApiError::Internal(format!("random source failed: {e}"));
+        let key_id = KeyId::try_generate(now).map_err(random_failed)?;
+        record_key_id(key_id);
+        let secret = ApiKey::try_generate(key_type, environment).map_err(random_failed)?;
+        let new_key = NewKeyRequest {
+            key_id,
+            workspace_id: workspace_id.clone(),
+            name,
+            key_type,
+            environment,
+            expiration,
+            scopes,
+            reveal_later: req.reveal_later,
+            allowed_domains,
+            secret_hash: secret.hash(),
+            masked: secret.masked(),
+            public_key: (key_type == KeyType::Public).then(|| secret.expose().to_owned()),
+        }
+        .validate(now)?;
+        let sealed_secret = if key_type == KeyType::Private && req.reveal_later {
+            Some(SealedSecret {
+                sealed: self
+                    .master_key
+                    .seal(key_id, secret.expose())
+                    .map_err(random_failed)?,
+                master_key_id: self.master_key.fingerprint(),
+            })
+        } else {
+            None
+        };
+        let create_request = match request_id {
+            None => None,
+            Some(request_id) => Some(CreateRequest {
+                request_id,
+                digest: create_digest(req),
+                sealed_secret: self
+                    .master_key
+                    .seal(key_id, secret.expose())
+                    .map_err(random_failed)?,
+            }),
+        };
+        let written = self
+            .store
+            .create(Write {
+                workspace_id,
+                key_id,
+                command: Command::Create(Box::new(new_key)),
+                actor: actor.id,
+                sealed_secret,
+                create_request,
+            })
+            .await
+            .map_err(|e| ApiError::from(e).about(key_id))?;
+        let secret = match &written.replayed {
+            None => secret.expose().to_owned(),
+            Some(replayed) => replayed
+                .sealed_secret
+                .as_ref()
+                .and_then(|sealed| self.master_key.open(written.state.key_id, sealed))
+                .unwrap_or_default(),
+        };
+        if written.replayed.is_some() {
+            record_key_id(written.state.key_id);
+        }
+        Ok(pb::CreateKeyResponse {
+            key: Some(self.to_pb(&written.state)),
+            secret,
+            replayed: written.replayed.is_some(),
+        })
+    }
+
+    async fn get(&self, request: &Request<pb::GetKeyRequest>) -> Result<pb::Key, ApiError> {
+        Actor::authorize(request.metadata(), Permission::ReadKeys)?;
+        let req = request.get_ref();
+        let mut violations = Vec::new();
+        let Some((workspace_id, key_id)) = key_ref(&req.workspace_id, &req.key_id, &mut violations)
+        else {
+            return Err(ApiError::Invalid(violations));
+        };
+        let state = self
+            .store
+            .get_key(&workspace_id, key_id)
+            .await?
+            .ok_or(ApiError::key(KeyRefusal::NotFound, key_id))?;
+        Ok(self.to_pb(&state))
+    }
+
+    async fn list(
+        &self,
+        request: &Request<pb::ListKeysRequest>,
+    ) -> Result<pb::ListKeysResponse, ApiError> {
+        Actor::authorize(request.metadata(), Permission::ReadKeys)?;
+        let req = request.get_ref();
+        let mut violations = Vec::new();
+        let workspace_id = WorkspaceId::parse(&req.workspace_id)
+            .map_err(|r| violations.push(Violation::new("workspace_id", r)))
+            .ok();
+        let page_size = PageSize::from_request(req.page_size).get();
+        // Decoded before the query is known, so a malformed token is reported with the
+        // other field errors; whether it belongs to this query is checked below.
+        let token = if req.page_token.is_empty() {
+            None
+        } else {
+            PageToken::parse(&req.page_token)
+                .map_err(|e| violations.push(Violation::new("page_token", e.to_string())))
+                .ok()
+        };
+        let key_type = match req.r#type {
+            0 => None,
+            v => {
+                let t = key_type_from_pb(v);
+                if t.is_none() {
+                    violations.push(Violation::new("type", "unknown key type"));
+                }
+                t
+            }
+        };
+        let environment = match req.environment {
+            0 => None,
+            v => {
+                let e = environment_from_pb(v);
+                if e.is_none() {
+                    violations.push(Violation::new("environment", "unknown environment"));
+                }
+                e
+            }
+        };
+        let (Some(workspace_id), true) = (workspace_id, violations.is_empty()) else {
+            return Err(ApiError::Invalid(violations));
+        };
+        let filter = ListFilter {
+            key_type,
+            environment,
+            include_revoked: req.include_revoked,
+        };
+        let query = QueryFingerprint::of(&workspace_id, &filter);
+        let after = token
+            .map(|t| t.resume_after(query))
+            .transpose()
+            .map_err(|e| ApiError::invalid("page_token", e.to_string()))?;
+        // One more than a page, to know without a second query whether another follows.
+        let mut states = self
+            .store
+            .list_keys(&workspace_id, &filter, after, page_size + 1)
+            .await?;
+        let next_page_token = if states.len() > page_size as usize {
+            states.truncate(page_size as usize);
+            states
+                .last()
+                .map(|s| PageToken::new(s.key_id, query).encode())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(pb::ListKeysResponse {
+            keys: states.iter().map(|s| self.to_pb(s)).collect(),
+            next_page_token,
+        })
+    }
+
+    async fn rename(&self, request: &Request<pb::RenameKeyRequest>) -> Result<pb::Key, ApiError> {
+        let req = request.get_ref();
+        let mut violations = Vec::new();
+        let name = parse_name(&req.name, &mut violations);
+        let command = name.map(|name| Command::Rename {
+            name,
+            expected_version: req.expected_version,
+        });
+        self.change(
+            request.metadata(),
+            &req.workspace_id,
+            &req.key_id,
+            violations,
+            command,
+        )
+        .await
+    }
+
+    async fn rescope(
+        &self,
+        request: &Request<pb::UpdateKeyScopesRequest>,
+    ) -> Result<pb::Key, ApiError> {
+        let req = request.get_ref();
+        let mut violations = Vec::new();
+        let scopes = parse_scopes("scopes", &req.scopes, &mut violations);
+        if req.scopes.is_empty() {
+            violations.push(Violation::new("scopes", "at least one scope is required"));
+        }
+        let command = scopes.map(|scopes| Command::UpdateScopes {
+            scopes,
+            expected_version: req.expected_version,
+        });
+        self.change(
+            request.metadata(),
+            &req.workspace_id,
+            &req.key_id,
+            violations,
+            command,
+        )
+        .await
+    }
+
+    async fn revoke(&self, request: &Request<pb::RevokeKeyRequest>) -> Result<pb::Key, ApiError> {
+        let req = request.get_ref();
+        let command = Command::Revoke {
+            expected_version: req.expected_version,
+        };
+        self.change(
+            request.metadata(),
+            &req.workspace_id,
+            &req.key_id,
+            vec![],
+            Some(command),
+        )
+        .await
+    }
+
+    async fn reveal(
+        &self,
+        request: &Request<pb::RevealKeyRequest>,
+    ) -> Result<pb::RevealKeyResponse, ApiError> {
+        let actor = Actor::authorize(request.metadata(), Permission::ManageKeys)?;
+        let req = request.get_ref();
+        let mut violations = Vec::new();
+        let Some((workspace_id, key_id)) = key_ref(&req.workspace_id, &req.key_id, &mut violations)
+        else {
+            return Err(ApiError::Invalid(violations));
+        };
+        // The reveal is recorded (durably) before the secret leaves the service; the
+        // domain refuses revoked keys and private keys without a copy.
+        let state = self
+            .write(Write {
+                workspace_id,
+                key_id,
+                command: Command::Reveal,
+                actor: actor.id.clone(),
+                sealed_secret: None,
+                create_request: None,
+            })
+            .await?;
+        let secret = match state.public_key {
+            Some(public) => public,
+            None => {
+                // Revoked since the reveal was recorded: the copy is gone.
+                let sealed = self
+                    .store
+                    .sealed_secret(key_id)
+                    .await?
+                    .ok_or(ApiError::key(KeyRefusal::Revoked, key_id))?;
+                self.master_key.open(key_id, &sealed).ok_or_else(|| {
+                    ApiError::Internal(format!("the sealed copy of {key_id} does not open"))
+                })?
+            }
+        };
+        tracing::info!(actor = %actor.id, "secret revealed");
+        Ok(pb::RevealKeyResponse { secret })
+    }
+
+    fn verify(
+        &self,
+        request: &Request<pb::VerifyKeyRequest>,
+    ) -> Result<pb::VerifyKeyResponse, ApiError> {
+        let req = request.get_ref();
+        let mut violations = Vec::new();
+        let Some(required) = parse_scopes("required_scopes", &req.required_scopes, &mut violations)
+        else {
+            return Err(ApiError::Invalid(violations));
+        };
+        Ok(verify_response(self.cache.verify(
+            &req.key,
+            required,
+            &req.origin,
+        )))
+    }
+}
+
+/// The scope catalog, as ListScopes gives it.
+fn scope_catalog() -> pb::ListScopesResponse {
+    pb::ListScopesResponse {
+        scopes: CATALOG
+            .iter()
+            .map(|s| pb::Scope {
+                name: s.name.to_owned(),
+                resource: s.resource.to_owned(),
+                access: match s.access {
+                    Access::Read => pb::scope::Access::Read,
+                    Access::Write => pb::scope::Access::Write,
+                } as i32,
+                reserved: s.reserved,
+            })
+            .collect(),
+    }
+}
+
 #[tonic::async_trait]
 impl KeyService for KeyApi {
     async fn create_key(
         &self,
         request: Request<pb::CreateKeyRequest>,
     ) -> Result<Response<pb::CreateKeyResponse>, Status> {
-        observe("CreateKey", async {
-            self.ensure_ready()?;
-            let actor = Actor::authorize(request.metadata(), Permission::ManageKeys)?;
-            let req = request.get_ref();
-            let mut violations = Vec::new();
-            let workspace_id = WorkspaceId::parse(&req.workspace_id)
-                .map_err(|r| violations.push(Violation::new("workspace_id", r)))
-                .ok();
-            let name = parse_name(&req.name, &mut violations);
-            let key_type = key_type_from_pb(req.r#type);
-            if key_type.is_none() {
-                violations.push(Violation::new(
-                    "type",
-                    "must be KEY_TYPE_PRIVATE or KEY_TYPE_PUBLIC",
-                ));
-            }
-            let environment = environment_from_pb(req.environment);
-            if environment.is_none() {
-                violations.push(Violation::new(
-                    "environment",
-                    "must be ENVIRONMENT_PRODUCTION or ENVIRONMENT_TEST",
-                ));
-            }
-            let expiration = parse_expiration(req.expiration);
-            if expiration.is_none() {
-                violations.push(Violation::new(
-                    "expiration",
-                    "must be 30, 60, 90, 180 or 365 days, or never",
-                ));
-            }
-            let scopes = parse_scopes("scopes", &req.scopes, &mut violations);
-            let request_id = parse_request_id(&req.request_id, &mut violations);
-            let allowed_domains = parse_allowed_domains(&req.allowed_domains, &mut violations);
-            // The rules that tie fields together, on the fields that parsed, so that one
-            // answer lists every problem of the request.
-            if let Some(key_type) = key_type {
-                violations.extend(
-                    KeyShape {
-                        key_type,
-                        environment,
-                        scopes,
-                        reveal_later: req.reveal_later,
-                        allowed_domains: allowed_domains.as_deref(),
-                    }
-                    .violations(),
-                );
-            }
-            let (
-                Some(workspace_id),
-                Some(name),
-                Some(key_type),
-                Some(environment),
-                Some(expiration),
-                Some(scopes),
-                Some(allowed_domains),
-                true,
-            ) = (
-                workspace_id,
-                name,
-                key_type,
-                environment,
-                expiration,
-                scopes,
-                allowed_domains,
-                violations.is_empty(),
-            )
-            else {
-                return Err(ApiError::Invalid(violations));
-            };
-
-            let now = self.clock.now_ms();
-            let random_failed =
-                |e: getrandom::Error| ApiError::Internal(format!("random source failed: {e}"));
-            let key_id = KeyId::try_generate(now).map_err(random_failed)?;
-            record_key_id(key_id);
-            let secret = ApiKey::try_generate(key_type, environment).map_err(random_failed)?;
-            let new_key = NewKeyRequest {
-                key_id,
-                workspace_id: workspace_id.clone(),
-                name,
-                key_type,
-                environment,
-                expiration,
-                scopes,
-                reveal_later: req.reveal_later,
-                allowed_domains,
-                secret_hash: secret.hash(),
-                masked: secret.masked(),
-                public_key: (key_type == KeyType::Public).then(|| secret.expose().to_owned()),
-            }
-            .validate(now)?;
-            let sealed_secret = if key_type == KeyType::Private && req.reveal_later {
-                Some(SealedSecret {
-                    sealed: self
-                        .master_key
-                        .seal(key_id, secret.expose())
-                        .map_err(random_failed)?,
-                    master_key_id: self.master_key.fingerprint(),
-                })
-            } else {
-                None
-            };
-            let create_request = match request_id {
-                None => None,
-                Some(request_id) => Some(CreateRequest {
-                    request_id,
-                    digest: create_digest(req),
-                    sealed_secret: self
-                        .master_key
-                        .seal(key_id, secret.expose())
-                        .map_err(random_failed)?,
-                }),
-            };
-            let written = self
-                .store
-                .create(Write {
-                    workspace_id,
-                    key_id,
-                    command: Command::Create(Box::new(new_key)),
-                    actor: actor.id,
-                    sealed_secret,
-                    create_request,
-                })
-                .await
-                .map_err(|e| ApiError::from(e).about(key_id))?;
-            let secret = match &written.replayed {
-                None => secret.expose().to_owned(),
-                Some(replayed) => replayed
-                    .sealed_secret
-                    .as_ref()
-                    .and_then(|sealed| self.master_key.open(written.state.key_id, sealed))
-                    .unwrap_or_default(),
-            };
-            if written.replayed.is_some() {
-                record_key_id(written.state.key_id);
-            }
-            Ok(pb::CreateKeyResponse {
-                key: Some(self.to_pb(&written.state)),
-                secret,
-                replayed: written.replayed.is_some(),
-            })
-        })
-        .await
+        Ok(Response::new(self.create(&request).await?))
     }
 
     async fn get_key(
         &self,
         request: Request<pb::GetKeyRequest>,
     ) -> Result<Response<pb::Key>, Status> {
-        observe("GetKey", async {
-            self.ensure_ready()?;
-            Actor::authorize(request.metadata(), Permission::ReadKeys)?;
-            let req = request.get_ref();
-            let mut violations = Vec::new();
-            let Some((workspace_id, key_id)) =
-                key_ref(&req.workspace_id, &req.key_id, &mut violations)
-            else {
-                return Err(ApiError::Invalid(violations));
-            };
-            let state = self
-                .store
-                .get_key(&workspace_id, key_id)
-                .await?
-                .ok_or(ApiError::key(KeyRefusal::NotFound, key_id))?;
-            Ok(self.to_pb(&state))
-        })
-        .await
+        Ok(Response::new(self.get(&request).await?))
     }
 
     async fn list_keys(
         &self,
         request: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
-        observe("ListKeys", async {
-            self.ensure_ready()?;
-            Actor::authorize(request.metadata(), Permission::ReadKeys)?;
-            let req = request.get_ref();
-            let mut violations = Vec::new();
-            let workspace_id = WorkspaceId::parse(&req.workspace_id)
-                .map_err(|r| violations.push(Violation::new("workspace_id", r)))
-                .ok();
-            let page_size = PageSize::from_request(req.page_size).get();
-            // Decoded before the query is known, so a malformed token is reported with the
-            // other field errors; whether it belongs to this query is checked below.
-            let token = if req.page_token.is_empty() {
-                None
-            } else {
-                PageToken::parse(&req.page_token)
-                    .map_err(|e| violations.push(Violation::new("page_token", e.to_string())))
-                    .ok()
-            };
-            let key_type = match req.r#type {
-                0 => None,
-                v => {
-                    let t = key_type_from_pb(v);
-                    if t.is_none() {
-                        violations.push(Violation::new("type", "unknown key type"));
-                    }
-                    t
-                }
-            };
-            let environment = match req.environment {
-                0 => None,
-                v => {
-                    let e = environment_from_pb(v);
-                    if e.is_none() {
-                        violations.push(Violation::new("environment", "unknown environment"));
-                    }
-                    e
-                }
-            };
-            let (Some(workspace_id), true) = (workspace_id, violations.is_empty()) else {
-                return Err(ApiError::Invalid(violations));
-            };
-            let filter = ListFilter {
-                key_type,
-                environment,
-                include_revoked: req.include_revoked,
-            };
-            let query = QueryFingerprint::of(&workspace_id, &filter);
-            let after = token
-                .map(|t| t.resume_after(query))
-                .transpose()
-                .map_err(|e| ApiError::invalid("page_token", e.to_string()))?;
-            // One more than a page, to know without a second query whether another follows.
-            let mut states = self
-                .store
-                .list_keys(&workspace_id, &filter, after, page_size + 1)
-                .await?;
-            let next_page_token = if states.len() > page_size as usize {
-                states.truncate(page_size as usize);
-                states
-                    .last()
-                    .map(|s| PageToken::new(s.key_id, query).encode())
-                    .unwrap_or_default()
-            } else {
-                String::new()
-            };
-            Ok(pb::ListKeysResponse {
-                keys: states.iter().map(|s| self.to_pb(s)).collect(),
-                next_page_token,
-            })
-        })
-        .await
+        Ok(Response::new(self.list(&request).await?))
     }
 
     async fn rename_key(
         &self,
         request: Request<pb::RenameKeyRequest>,
     ) -> Result<Response<pb::Key>, Status> {
-        observe("RenameKey", async {
-            let req = request.get_ref();
-            let mut violations = Vec::new();
-            let name = parse_name(&req.name, &mut violations);
-            let command = name.map(|name| Command::Rename {
-                name,
-                expected_version: req.expected_version,
-            });
-            self.change(
-                request.metadata(),
-                &req.workspace_id,
-                &req.key_id,
-                violations,
-                command,
-            )
-            .await
-        })
-        .await
+        Ok(Response::new(self.rename(&request).await?))
     }
 
     async fn update_key_scopes(
         &self,
         request: Request<pb::UpdateKeyScopesRequest>,
     ) -> Result<Response<pb::Key>, Status> {
-        observe("UpdateKeyScopes", async {
-            let req = request.get_ref();
-            let mut violations = Vec::new();
-            let scopes = parse_scopes("scopes", &req.scopes, &mut violations);
-            if req.scopes.is_empty() {
-                violations.push(Violation::new("scopes", "at least one scope is required"));
-            }
-            let command = scopes.map(|scopes| Command::UpdateScopes {
-                scopes,
-                expected_version: req.expected_version,
-            });
-            self.change(
-                request.metadata(),
-                &req.workspace_id,
-                &req.key_id,
-                violations,
-                command,
-            )
-            .await
-        })
-        .await
+        Ok(Response::new(self.rescope(&request).await?))
     }
 
     async fn revoke_key(
         &self,
         request: Request<pb::RevokeKeyRequest>,
     ) -> Result<Response<pb::Key>, Status> {
-        observe("RevokeKey", async {
-            let req = request.get_ref();
-            let command = Command::Revoke {
-                expected_version: req.expected_version,
-            };
-            self.change(
-                request.metadata(),
-                &req.workspace_id,
-                &req.key_id,
-                vec![],
-                Some(command),
-            )
-            .await
-        })
-        .await
+        Ok(Response::new(self.revoke(&request).await?))
     }
 
     async fn reveal_key(
         &self,
         request: Request<pb::RevealKeyRequest>,
     ) -> Result<Response<pb::RevealKeyResponse>, Status> {
-        observe("RevealKey", async {
-            self.ensure_ready()?;
-            let actor = Actor::authorize(request.metadata(), Permission::ManageKeys)?;
-            let req = request.get_ref();
-            let mut violations = Vec::new();
-            let Some((workspace_id, key_id)) =
-                key_ref(&req.workspace_id, &req.key_id, &mut violations)
-            else {
-                return Err(ApiError::Invalid(violations));
-            };
-            // The reveal is recorded (durably) before the secret leaves the service; the
-            // domain refuses revoked keys and private keys without a copy.
-            let state = self
-                .write(Write {
-                    workspace_id,
-                    key_id,
-                    command: Command::Reveal,
-                    actor: actor.id.clone(),
-                    sealed_secret: None,
-                    create_request: None,
-                })
-                .await?;
-            let secret = match state.public_key {
-                Some(public) => public,
-                None => {
-                    // Revoked since the reveal was recorded: the copy is gone.
-                    let sealed = self
-                        .store
-                        .sealed_secret(key_id)
-                        .await?
-                        .ok_or(ApiError::key(KeyRefusal::Revoked, key_id))?;
-                    self.master_key.open(key_id, &sealed).ok_or_else(|| {
-                        ApiError::Internal(format!("the sealed copy of {key_id} does not open"))
-                    })?
-                }
-            };
-            tracing::info!(actor = %actor.id, "secret revealed");
-            Ok(pb::RevealKeyResponse { secret })
-        })
-        .await
+        Ok(Response::new(self.reveal(&request).await?))
     }
 
     async fn verify_key(
         &self,
         request: Request<pb::VerifyKeyRequest>,
     ) -> Result<Response<pb::VerifyKeyResponse>, Status> {
-        observe_hot("VerifyKey", async {
-            self.ensure_ready()?;
-            let req = request.get_ref();
-            let mut violations = Vec::new();
-            let Some(required) =
-                parse_scopes("required_scopes", &req.required_scopes, &mut violations)
-            else {
-                return Err(ApiError::Invalid(violations));
-            };
-            Ok(verify_response(self.cache.verify(
-                &req.key,
-                required,
-                &req.origin,
-            )))
-        })
-        .await
+        Ok(Response::new(self.verify(&request)?))
     }
 
     async fn list_scopes(
         &self,
         _request: Request<pb::ListScopesRequest>,
     ) -> Result<Response<pb::ListScopesResponse>, Status> {
-        observe("ListScopes", async {
-            Ok(pb::ListScopesResponse {
-                scopes: CATALOG
-                    .iter()
-                    .map(|s| pb::Scope {
-                        name: s.name.to_owned(),
-                        resource: s.resource.to_owned(),
-                        access: match s.access {
-                            Access::Read => pb::scope::Access::Read,
-                            Access::Write => pb::scope::Access::Write,
-                        } as i32,
-                        reserved: s.reserved,
-                    })
-                    .collect(),
-            })
-        })
-        .await
+        Ok(Response::new(scope_catalog()))
     }
 }
 

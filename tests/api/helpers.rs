@@ -80,6 +80,48 @@ impl TestServer {
         master_key: MasterKeySource,
         live_buffer: usize,
     ) -> anyhow::Result<TestServer> {
+        let server = TestServer::spawn(
+            data_dir,
+            clock,
+            master_key,
+            live_buffer,
+            std::future::ready(()),
+        )
+        .await?;
+        server.wait_until_serving().await;
+        Ok(server)
+    }
+
+    /// A fresh server that serves but loads its verification cache only when the returned
+    /// sender is used (or dropped): until then it is not ready.
+    pub async fn start_loading_held() -> (TestServer, oneshot::Sender<()>) {
+        let tmp = Arc::new(tempfile::tempdir().expect("temp dir"));
+        let master_key_hex = MasterKey::generate().to_hex();
+        let (release, held) = oneshot::channel::<()>();
+        let mut server = TestServer::spawn(
+            tmp.path(),
+            ManualClock::new(T0_MS),
+            MasterKeySource::Hex(master_key_hex),
+            4096,
+            async {
+                let _ = held.await;
+            },
+        )
+        .await
+        .expect("server starts");
+        server._tmp = Some(tmp);
+        (server, release)
+    }
+
+    /// Builds and runs a server, its cache load waiting for `load_after`; does not wait for it
+    /// to serve.
+    async fn spawn(
+        data_dir: &Path,
+        clock: ManualClock,
+        master_key: MasterKeySource,
+        live_buffer: usize,
+        load_after: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<TestServer> {
         let settings = Settings {
             listen: "127.0.0.1:0".parse().unwrap(),
             data_dir: data_dir.to_owned(),
@@ -91,9 +133,12 @@ impl TestServer {
         let app = Application::build(settings, Arc::new(clock.clone())).await?;
         let addr = app.local_addr();
         let (tx, rx) = oneshot::channel();
-        let handle = tokio::spawn(app.run_until(async {
-            let _ = rx.await;
-        }));
+        let handle = tokio::spawn(app.run_loading_cache_after(
+            async {
+                let _ = rx.await;
+            },
+            load_after,
+        ));
         let server = TestServer {
             addr,
             clock,
@@ -106,7 +151,6 @@ impl TestServer {
             shutdown: Some(tx),
             handle: Some(handle),
         };
-        server.wait_until_serving().await;
         Ok(server)
     }
 
@@ -367,7 +411,22 @@ impl ServerProcess {
     pub async fn start(data_dir: &Path, master_key_hex: &str, extra: &[&str]) -> ServerProcess {
         let mut args = vec!["--listen", "127.0.0.1:0"];
         args.extend_from_slice(extra);
-        ServerProcess::start_with(data_dir, master_key_hex, &args).await
+        ServerProcess::start_with(data_dir, master_key_hex, &args, "info").await
+    }
+
+    /// [`ServerProcess::start`] with `RUST_LOG` set to `filter`.
+    pub async fn start_logging(
+        data_dir: &Path,
+        master_key_hex: &str,
+        filter: &str,
+    ) -> ServerProcess {
+        ServerProcess::start_with(
+            data_dir,
+            master_key_hex,
+            &["--listen", "127.0.0.1:0"],
+            filter,
+        )
+        .await
     }
 
     /// [`ServerProcess::start`] listening on `listen` (`host:port`).
@@ -376,10 +435,15 @@ impl ServerProcess {
         master_key_hex: &str,
         listen: &str,
     ) -> ServerProcess {
-        ServerProcess::start_with(data_dir, master_key_hex, &["--listen", listen]).await
+        ServerProcess::start_with(data_dir, master_key_hex, &["--listen", listen], "info").await
     }
 
-    async fn start_with(data_dir: &Path, master_key_hex: &str, extra: &[&str]) -> ServerProcess {
+    async fn start_with(
+        data_dir: &Path,
+        master_key_hex: &str,
+        extra: &[&str],
+        filter: &str,
+    ) -> ServerProcess {
         let mut command = Command::new("sh");
         command
             .arg("-c")
@@ -392,7 +456,7 @@ impl ServerProcess {
             .arg(data_dir)
             .args(extra)
             .env("KEMON_MASTER_KEY", master_key_hex)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", filter)
             .env_remove("KEMON_MASTER_KEY_FILE")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

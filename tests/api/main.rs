@@ -10,6 +10,7 @@ mod hostile;
 mod idempotency;
 mod lifecycle;
 mod listing;
+mod logs;
 mod persistence;
 mod readme;
 mod storage;

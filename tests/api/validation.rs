@@ -1197,51 +1197,39 @@ async fn a_stale_expected_version_is_version_conflict_naming_both_versions_and_t
 
 #[tokio::test]
 async fn calls_before_the_cache_is_loaded_are_not_ready() {
-    use std::sync::Arc;
-    use std::sync::atomic::AtomicBool;
+    use tonic_health::pb::health_check_response::ServingStatus;
 
-    use kemon_keys::cache::VerifyCache;
-    use kemon_keys::clock::{Clock, ManualClock};
-    use kemon_keys::grpc::KeyApi;
-    use kemon_keys::proto::v1::key_service_server::KeyService;
-    use kemon_keys::store::{DATABASE_FILE, Store, StoreOptions};
-    use kemon_keys::vault::MasterKey;
-
-    // A real server is ready before a test can call it, so the service is built here as the
-    // server builds it, with its cache not yet loaded.
-    let dir = tempfile::tempdir().expect("temp dir");
-    let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(T0_MS));
-    let master_key = MasterKey::generate();
-    let cache = Arc::new(VerifyCache::new(clock.clone()));
-    let store = Store::open(
-        &dir.path().join(DATABASE_FILE),
-        &master_key.fingerprint(),
-        clock.clone(),
-        cache.clone(),
-        StoreOptions::default(),
-    )
-    .await
-    .expect("open the store");
-    let api = KeyApi::new(
-        store.clone(),
-        cache,
-        clock,
-        master_key,
-        Arc::new(AtomicBool::new(false)),
-    );
-    let create = api
+    // A server serving while its cache load is held back, as a large cache's load would be.
+    let (server, release) = TestServer::start_loading_held().await;
+    let channel = server.channel().await;
+    wait_for_health(&channel, "", ServingStatus::NotServing).await;
+    let mut client = KeyServiceClient::new(channel.clone());
+    let created = client
         .create_key(admin(private_key("early", &[])))
         .await
         .map(drop);
-    let verify = api
-        .verify_key(tonic::Request::new(pb::VerifyKeyRequest::default()))
+    let verified = client
+        .verify_key(pb::VerifyKeyRequest::default())
         .await
         .map(drop);
-    for (rpc, outcome) in [("CreateKey", create), ("VerifyKey", verify)] {
+    for (rpc, outcome) in [("CreateKey", created), ("VerifyKey", verified)] {
         let status = outcome.expect_err(rpc);
         let metadata = assert_reason(&status, Code::Unavailable, "NOT_READY");
         assert!(metadata.is_empty(), "{rpc}: {metadata:?}");
     }
-    drop(api);
-    store.close().await;
+    // What reads no cache answers meanwhile: the scope catalog and the audit log.
+    client
+        .list_scopes(pb::ListScopesRequest::default())
+        .await
+        .expect("ListScopes while the cache loads");
+    AuditServiceClient::new(channel.clone())
+        .get_log_head(as_role("auditor", pb::GetLogHeadRequest::default()))
+        .await
+        .expect("GetLogHead while the cache loads");
+
+    release
+        .send(())
+        .expect("the server waits to load its cache");
+    wait_for_health(&channel, "", ServingStatus::Serving).await;
+    create(&mut client, private_key("later", &[])).await;
 }

@@ -1,0 +1,471 @@
+//! What every call goes through, whatever its service: its span, its log line, and whether the
+//! server is ready for it. One tower layer on the server ([`CallLayer`]), so that handlers only
+//! translate requests; they never open a span, log their own call or check readiness.
+//!
+//! For each request the layer names the call from its path, opens its span, refuses it before
+//! any handler runs if it needs the verification cache and the cache is still loading
+//! (UNAVAILABLE, reason `NOT_READY`), runs the inner service inside the span, and writes the
+//! call's one line when the call ends:
+//!
+//! - when the response head carries the status (a trailers-only response: every error a unary
+//!   handler returns, every refusal), since such a body may never be polled;
+//! - else when the body's trailers go out, which for a stream is when the stream ends, long
+//!   after its head;
+//! - else when the response is dropped unfinished (the client went away, the request timeout
+//!   passed): CANCELLED.
+//!
+//! Handlers fill the span's `key_id` and `verify_code` through `Span::current().record`.
+//! Secrets are never recorded.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Instant;
+
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tonic::{Code, Status};
+use tracing::{Level, Span};
+
+use super::error::ApiError;
+use crate::proto::v1::key_service_server::SERVICE_NAME as KEY_SERVICE;
+
+/// The target of call spans and lines: the one they had when each handler logged its own call,
+/// so that filters and log consumers see the same lines.
+const TARGET: &str = "kemon_keys::grpc";
+
+/// This API's services: their calls are named by method alone, as the proto spells it.
+const API_PACKAGE: &str = "kemon.keys.v1.";
+
+/// The status header of a gRPC response, in its head (trailers-only) or its trailers.
+const GRPC_STATUS: &str = "grpc-status";
+
+/// Opens each call's span, refuses calls that need the verification cache until `ready`, and
+/// writes one line per call; see the module documentation.
+#[derive(Debug, Clone)]
+pub struct CallLayer {
+    ready: Arc<AtomicBool>,
+}
+
+impl CallLayer {
+    /// `ready` turns true once the verification cache is loaded.
+    pub fn new(ready: Arc<AtomicBool>) -> CallLayer {
+        CallLayer { ready }
+    }
+}
+
+impl<S> tower_layer::Layer<S> for CallLayer {
+    type Service = Calls<S>;
+
+    fn layer(&self, inner: S) -> Calls<S> {
+        Calls {
+            inner,
+            ready: self.ready.clone(),
+        }
+    }
+}
+
+/// A service behind [`CallLayer`].
+#[derive(Debug, Clone)]
+pub struct Calls<S> {
+    inner: S,
+    ready: Arc<AtomicBool>,
+}
+
+impl<S, ReqBody, ResBody> tower_service::Service<http::Request<ReqBody>> for Calls<S>
+where
+    S: tower_service::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    ResBody: Body,
+{
+    type Response = http::Response<CallBody<ResBody>>;
+    type Error = S::Error;
+    type Future = CallFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> CallFuture<S::Future> {
+        let name = CallName::parse(request.uri().path());
+        let log = CallLog::open(name);
+        if name.needs_cache() && !self.ready.load(Ordering::Acquire) {
+            return CallFuture::Refused {
+                status: Some(Status::from(ApiError::NotReady)),
+                log: Some(log),
+            };
+        }
+        let inner = {
+            let _entered = log.span.enter();
+            self.inner.call(request)
+        };
+        CallFuture::Called {
+            inner,
+            log: Some(log),
+        }
+    }
+}
+
+/// A call as its path names it: `/kemon.keys.v1.KeyService/VerifyKey`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct CallName<'a> {
+    /// `kemon.keys.v1.KeyService/VerifyKey`.
+    full: &'a str,
+    service: &'a str,
+    method: &'a str,
+}
+
+impl<'a> CallName<'a> {
+    fn parse(path: &'a str) -> CallName<'a> {
+        let full = path.strip_prefix('/').unwrap_or(path);
+        let (service, method) = full.split_once('/').unwrap_or(("", full));
+        CallName {
+            full,
+            service,
+            method,
+        }
+    }
+
+    fn is_api(&self) -> bool {
+        self.service.starts_with(API_PACKAGE)
+    }
+
+    /// The `method` of the span and line: `VerifyKey` for this API's calls, as the lines have
+    /// always said; service and method for others (`grpc.health.v1.Health/Check`).
+    fn logged_as(&self) -> &'a str {
+        if self.is_api() {
+            self.method
+        } else {
+            self.full
+        }
+    }
+
+    /// VerifyKey runs on every request of every user's service, and health checks on every
+    /// probe of every load balancer: their lines are at DEBUG so that the default `info`
+    /// filter does not write (and pay for) one each. Every other call is at INFO.
+    fn at_debug(&self) -> bool {
+        !self.is_api() || (self.service == KEY_SERVICE && self.method == "VerifyKey")
+    }
+
+    /// Whether the call answers from (or updates) the verification cache, and so must wait
+    /// for it to load. ListScopes answers from the static catalog; AuditService, health and
+    /// reflection read no cache.
+    fn needs_cache(&self) -> bool {
+        self.service == KEY_SERVICE && self.method != "ListScopes"
+    }
+}
+
+/// One call's span, and its line until that is written.
+#[derive(Debug)]
+pub struct CallLog {
+    span: Span,
+    at_debug: bool,
+    /// When the call began, while its line is still to be written. `None` from the start when
+    /// the line is filtered out, so that such a call (VerifyKey with DEBUG off) reads no clock
+    /// and parses no status.
+    started: Option<Instant>,
+}
+
+impl CallLog {
+    fn open(name: CallName<'_>) -> CallLog {
+        let method = name.logged_as();
+        let at_debug = name.at_debug();
+        let (span, enabled) = if at_debug {
+            (
+                tracing::debug_span!(
+                    target: TARGET,
+                    "rpc",
+                    method,
+                    key_id = tracing::field::Empty,
+                    verify_code = tracing::field::Empty
+                ),
+                tracing::enabled!(target: TARGET, Level::DEBUG),
+            )
+        } else {
+            (
+                tracing::info_span!(
+                    target: TARGET,
+                    "rpc",
+                    method,
+                    key_id = tracing::field::Empty,
+                    verify_code = tracing::field::Empty
+                ),
+                tracing::enabled!(target: TARGET, Level::INFO),
+            )
+        };
+        CallLog {
+            span,
+            at_debug,
+            started: enabled.then(Instant::now),
+        }
+    }
+
+    fn pending(&self) -> bool {
+        self.started.is_some()
+    }
+
+    /// Writes the line with the status in `headers` (a trailers-only head, or trailers).
+    fn end_with(&mut self, headers: &HeaderMap) {
+        if !self.pending() {
+            return;
+        }
+        match headers
+            .get(GRPC_STATUS)
+            .map(|v| Code::from_bytes(v.as_bytes()))
+        {
+            Some(Code::Ok) => self.end(Code::Ok, ""),
+            Some(code) => {
+                let status = Status::from_header_map(headers);
+                self.end(code, status.as_ref().map_or("", Status::message));
+            }
+            None => self.end(Code::Unknown, "no grpc-status in the response"),
+        }
+    }
+
+    /// Writes the line, once. For a refused call, `reason` is the status message. That
+    /// message is built from violations whose values went through
+    /// [`quote`](super::error::quote), so a secret pasted into a request field reaches
+    /// neither the caller's error nor this log.
+    fn end(&mut self, code: Code, reason: &str) {
+        let Some(started) = self.started.take() else {
+            return;
+        };
+        let latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let _entered = self.span.enter();
+        if self.at_debug {
+            tracing::debug!(target: TARGET, code = ?code, latency_us, reason, "call");
+        } else {
+            tracing::info!(target: TARGET, code = ?code, latency_us, reason, "call");
+        }
+    }
+}
+
+impl Drop for CallLog {
+    fn drop(&mut self) {
+        self.end(
+            Code::Cancelled,
+            "the call ended before its response did: the client went away or the request timed out",
+        );
+    }
+}
+
+pin_project! {
+    /// The response of one call, not yet known.
+    #[project = CallFutureProj]
+    pub enum CallFuture<F> {
+        /// The inner service answers.
+        Called {
+            #[pin]
+            inner: F,
+            log: Option<CallLog>,
+        },
+        /// Refused before any handler ran.
+        Refused {
+            status: Option<Status>,
+            log: Option<CallLog>,
+        },
+    }
+}
+
+impl<F, B, E> Future for CallFuture<F>
+where
+    F: Future<Output = Result<http::Response<B>, E>>,
+    B: Body,
+{
+    type Output = Result<http::Response<CallBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        const DONE: &str = "call future polled after it completed";
+        match self.project() {
+            CallFutureProj::Called { inner, log } => {
+                let polled = {
+                    let _entered = log.as_ref().expect(DONE).span.enter();
+                    inner.poll(cx)
+                };
+                let result = ready!(polled);
+                let mut log = log.take().expect(DONE);
+                Poll::Ready(match result {
+                    Ok(response) => {
+                        // A trailers-only response ends with its head: its body may never be
+                        // polled.
+                        if log.pending() && response.headers().contains_key(GRPC_STATUS) {
+                            log.end_with(response.headers());
+                        }
+                        Ok(response.map(|inner| CallBody {
+                            inner: Some(inner),
+                            log,
+                        }))
+                    }
+                    Err(e) => {
+                        log.end(Code::Unknown, "the service failed");
+                        Err(e)
+                    }
+                })
+            }
+            CallFutureProj::Refused { status, log } => {
+                let mut log = log.take().expect(DONE);
+                let response = status.take().expect(DONE).into_http::<()>();
+                log.end_with(response.headers());
+                Poll::Ready(Ok(response.map(|()| CallBody { inner: None, log })))
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// A response body that polls its inner body inside the call's span and writes the call's
+    /// line when its trailers go out.
+    #[derive(Debug)]
+    pub struct CallBody<B> {
+        // `None` for a refused call: its status is all in the head.
+        #[pin]
+        inner: Option<B>,
+        log: CallLog,
+    }
+}
+
+impl<B: Body> Body for CallBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let this = self.project();
+        let Some(inner) = this.inner.as_pin_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = {
+            let _entered = this.log.span.enter();
+            ready!(inner.poll_frame(cx))
+        };
+        if this.log.pending() {
+            match &frame {
+                Some(Ok(frame)) => {
+                    if let Some(trailers) = frame.trailers_ref() {
+                        this.log.end_with(trailers);
+                    }
+                }
+                Some(Err(_)) => this.log.end(Code::Unknown, "the response body failed"),
+                None => this
+                    .log
+                    .end(Code::Unknown, "no grpc-status in the response"),
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::atomic::AtomicUsize;
+
+    use tonic_types::StatusExt;
+    use tower_layer::Layer;
+    use tower_service::Service;
+
+    use super::*;
+
+    /// Stands for the services behind the layer; counts the calls that reach it.
+    #[derive(Debug, Clone, Default)]
+    struct Handlers {
+        reached: Arc<AtomicUsize>,
+    }
+
+    impl Service<http::Request<()>> for Handlers {
+        type Response = http::Response<String>;
+        type Error = Infallible;
+        type Future = std::future::Ready<Result<http::Response<String>, Infallible>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<()>) -> Self::Future {
+            self.reached.fetch_add(1, Ordering::SeqCst);
+            std::future::ready(Ok(http::Response::new("answer".to_owned())))
+        }
+    }
+
+    fn request(path: &str) -> http::Request<()> {
+        http::Request::builder().uri(path).body(()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn calls_that_need_the_cache_are_refused_before_any_handler_until_it_is_loaded() {
+        let ready = Arc::new(AtomicBool::new(false));
+        let handlers = Handlers::default();
+        let mut calls = CallLayer::new(ready.clone()).layer(handlers.clone());
+
+        for path in [
+            "/kemon.keys.v1.KeyService/VerifyKey",
+            "/kemon.keys.v1.KeyService/CreateKey",
+        ] {
+            let refused = calls.call(request(path)).await.unwrap();
+            assert!(refused.body().is_end_stream(), "{path}");
+            let status = Status::from_header_map(refused.headers()).expect("a status in the head");
+            assert_eq!(status.code(), Code::Unavailable, "{path}");
+            let info = status.get_details_error_info().expect("ErrorInfo");
+            assert_eq!(info.reason, "NOT_READY", "{path}");
+        }
+        assert_eq!(handlers.reached.load(Ordering::SeqCst), 0);
+
+        for path in [
+            "/kemon.keys.v1.KeyService/ListScopes",
+            "/kemon.keys.v1.AuditService/GetLogHead",
+            "/grpc.health.v1.Health/Check",
+        ] {
+            let answered = calls.call(request(path)).await.unwrap();
+            assert!(!answered.headers().contains_key(GRPC_STATUS), "{path}");
+        }
+        assert_eq!(handlers.reached.load(Ordering::SeqCst), 3);
+
+        ready.store(true, Ordering::Release);
+        calls
+            .call(request("/kemon.keys.v1.KeyService/VerifyKey"))
+            .await
+            .unwrap();
+        assert_eq!(handlers.reached.load(Ordering::SeqCst), 4);
+    }
+
+    #[test]
+    fn calls_are_named_from_their_path() {
+        let verify = CallName::parse("/kemon.keys.v1.KeyService/VerifyKey");
+        assert_eq!(verify.service, "kemon.keys.v1.KeyService");
+        assert_eq!(verify.method, "VerifyKey");
+        assert_eq!(verify.logged_as(), "VerifyKey");
+        assert!(verify.at_debug() && verify.needs_cache());
+
+        let create = CallName::parse("/kemon.keys.v1.KeyService/CreateKey");
+        assert!(!create.at_debug() && create.needs_cache());
+
+        let scopes = CallName::parse("/kemon.keys.v1.KeyService/ListScopes");
+        assert!(!scopes.at_debug() && !scopes.needs_cache());
+
+        let audit = CallName::parse("/kemon.keys.v1.AuditService/SubscribeEvents");
+        assert_eq!(audit.logged_as(), "SubscribeEvents");
+        assert!(!audit.at_debug() && !audit.needs_cache());
+
+        let health = CallName::parse("/grpc.health.v1.Health/Check");
+        assert_eq!(health.logged_as(), "grpc.health.v1.Health/Check");
+        assert!(health.at_debug() && !health.needs_cache());
+
+        let stray = CallName::parse("/nothing");
+        assert_eq!((stray.service, stray.logged_as()), ("", "nothing"));
+        assert!(stray.at_debug() && !stray.needs_cache());
+    }
+}
