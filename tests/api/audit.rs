@@ -1,13 +1,10 @@
 //! AuditService over gRPC (ReadEvents, SubscribeEvents, GetLogHead, GetKeysAsOf), its roles, and the `kemon-keys audit` CLI against a live server, export files and the schema-v1 fixture.
 
 use std::collections::HashMap;
-use std::path::Path;
-use std::process::{Command, Output};
 use std::time::Duration;
 
 use kemon_keys::proto::v1 as pb;
 use kemon_keys::proto::v1::audit_service_client::AuditServiceClient;
-use kemon_keys::proto::v1::key_service_client::KeyServiceClient;
 use pb::log_event::Payload;
 use pb::subscribe_events_response::Message;
 use prost::Message as _;
@@ -15,12 +12,12 @@ use serde_json::Value;
 use sha3::{Digest, Sha3_256};
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
-use tonic::{Code, Request, Status};
+use tonic::{Code, Status};
 
 use crate::helpers::*;
+use crate::inspect::Events;
+use crate::story::Story;
 
-const BIN: &str = env!("CARGO_BIN_EXE_kemon-keys");
-const OTHER_WORKSPACE: &str = "ws_globex";
 const FIXTURE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/tests/fixtures/schema-v1-workspace-export.ndjson"
@@ -31,63 +28,13 @@ const LEGACY_KEY: &str = "key_01JGFJJZ000000000000000001";
 // ----------------------------------------------------------------------------------------------
 // Helpers
 
-/// A request acting as `actor` with `role`.
-fn acting<T>(actor: &str, role: &str, message: T) -> Request<T> {
-    let mut request = Request::new(message);
-    request
-        .metadata_mut()
-        .insert("x-kemon-actor", actor.parse().unwrap());
-    request
-        .metadata_mut()
-        .insert("x-kemon-role", role.parse().unwrap());
-    request
-}
-
-fn auditor<T>(message: T) -> Request<T> {
-    as_role("auditor", message)
-}
-
-/// `role: None` sends no metadata at all.
-fn with_role<T>(role: Option<&str>, message: T) -> Request<T> {
-    match role {
-        Some(role) => as_role(role, message),
-        None => Request::new(message),
-    }
-}
-
-async fn audit_client(server: &TestServer) -> AuditServiceClient<Channel> {
-    AuditServiceClient::new(server.channel().await)
-}
-
-fn rename(workspace: &str, key_id: &str, name: &str) -> pb::RenameKeyRequest {
-    pb::RenameKeyRequest {
-        workspace_id: workspace.into(),
-        key_id: key_id.into(),
-        name: name.into(),
-        expected_version: None,
-    }
-}
-
-fn revoke(workspace: &str, key_id: &str) -> pb::RevokeKeyRequest {
-    pb::RevokeKeyRequest {
-        workspace_id: workspace.into(),
-        key_id: key_id.into(),
-        expected_version: None,
-    }
-}
-
-fn in_workspace(workspace: &str, mut request: pb::CreateKeyRequest) -> pb::CreateKeyRequest {
-    request.workspace_id = workspace.into();
-    request
-}
-
 async fn read_events_as(
     audit: &mut AuditServiceClient<Channel>,
     role: Option<&str>,
     request: pb::ReadEventsRequest,
 ) -> Result<Vec<pb::LogEvent>, Status> {
     let mut stream = audit
-        .read_events(with_role(role, request))
+        .read_events(Caller::maybe_role(role).request(request))
         .await?
         .into_inner();
     let mut events = Vec::new();
@@ -122,16 +69,6 @@ fn filtered(after: u64, limit: u64, filter: pb::EventFilter) -> pb::ReadEventsRe
     }
 }
 
-async fn log_head(audit: &mut AuditServiceClient<Channel>, workspace: &str) -> pb::LogHead {
-    audit
-        .get_log_head(auditor(pb::GetLogHeadRequest {
-            workspace_id: workspace.into(),
-        }))
-        .await
-        .expect("get_log_head")
-        .into_inner()
-}
-
 async fn keys_as_of(
     audit: &mut AuditServiceClient<Channel>,
     workspace: &str,
@@ -147,16 +84,6 @@ async fn keys_as_of(
         .await
         .expect("get_keys_as_of")
         .into_inner()
-}
-
-async fn get_key(keys: &mut KeyServiceClient<Channel>, workspace: &str, key_id: &str) -> pb::Key {
-    keys.get_key(admin(pb::GetKeyRequest {
-        workspace_id: workspace.into(),
-        key_id: key_id.into(),
-    }))
-    .await
-    .expect("get_key")
-    .into_inner()
 }
 
 fn sha3(parts: &[&[u8]]) -> Vec<u8> {
@@ -226,154 +153,14 @@ fn holds_part_of(haystack: &[u8], secret: &str, window: usize) -> bool {
         .any(|part| haystack.windows(window).any(|w| w == part))
 }
 
-/// Runs the real CLI (off the runtime's threads, so an in-process server keeps serving).
-async fn cli(args: &[&str]) -> Output {
-    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        Command::new(BIN)
-            .args(&args)
-            .env_remove("KEMON_AUDIT_ACTOR")
-            .env_remove("KEMON_AUDIT_ROLE")
-            .output()
-            .expect("run kemon-keys")
-    })
-    .await
-    .expect("cli task")
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-#[track_caller]
-fn assert_success(output: &Output) -> String {
-    assert!(
-        output.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        output.status,
-        stdout(output),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout(output)
-}
-
-#[track_caller]
-fn assert_failure(output: &Output) -> String {
-    assert!(
-        !output.status.success(),
-        "expected a failure\nstdout: {}\nstderr: {}",
-        stdout(output),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout(output)
-}
-
-/// The sequence N of `first bad sequence N` in a verify report.
-fn first_bad_sequence(report: &str) -> Option<u64> {
-    let rest = &report[report.find("first bad sequence ")? + "first bad sequence ".len()..];
-    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-    digits.parse().ok()
-}
-
-fn path_str(path: &Path) -> &str {
-    path.to_str().expect("UTF-8 path")
-}
-
-fn head_arg(sequence: u64, hash: &[u8]) -> String {
-    format!("{sequence}:{}", hex::encode(hash))
-}
-
-/// Seven events over two workspaces, one second apart (event n recorded at T0 + (n-1) s):
-///
-/// | seq | workspace  | key | event            | actor      |
-/// |-----|------------|-----|------------------|------------|
-/// | 1   | ws_acme    | a   | KeyCreated       | user_alice |
-/// | 2   | ws_acme    | a   | KeyRenamed       | user_bob   |
-/// | 3   | ws_acme    | a   | KeyScopesChanged | user_bob   |
-/// | 4   | ws_globex  | b   | KeyCreated       | user_alice |
-/// | 5   | ws_acme    | c   | KeyCreated       | user_alice |
-/// | 6   | ws_acme    | a   | KeyRevoked       | user_carol |
-/// | 7   | ws_globex  | b   | KeyRenamed       | user_bob   |
-struct Story {
-    a: pb::Key,
-    b: pb::Key,
-    b_secret: String,
-    c: pb::Key,
-    rescoped: Vec<String>,
-}
-
-async fn story(server: &TestServer) -> Story {
-    let mut keys = server.client().await;
-    let tick = || server.clock.advance(Duration::from_secs(1));
-    let (a, _) = create(&mut keys, private_key("CI deploy", &["tickets:read"])).await;
-    tick();
-    keys.rename_key(acting(
-        "user_bob",
-        "owner",
-        rename(WORKSPACE, &a.key_id, "CI deploy (old)"),
-    ))
-    .await
-    .expect("rename a");
-    tick();
-    let rescoped = keys
-        .update_key_scopes(acting(
-            "user_bob",
-            "admin",
-            pb::UpdateKeyScopesRequest {
-                workspace_id: WORKSPACE.into(),
-                key_id: a.key_id.clone(),
-                scopes: vec!["tickets:write".into(), "labels:read".into()],
-                expected_version: None,
-            },
-        ))
-        .await
-        .expect("rescope a")
-        .into_inner()
-        .scopes;
-    tick();
-    let (b, b_secret) = create(
-        &mut keys,
-        in_workspace(
-            OTHER_WORKSPACE,
-            public_key("Widget", &["tickets:read"], &["app.example.com"]),
-        ),
-    )
-    .await;
-    tick();
-    let (c, _) = create(&mut keys, private_key("Backup", &[])).await;
-    tick();
-    let a = keys
-        .revoke_key(acting("user_carol", "admin", revoke(WORKSPACE, &a.key_id)))
-        .await
-        .expect("revoke a")
-        .into_inner();
-    tick();
-    let b = keys
-        .rename_key(acting(
-            "user_bob",
-            "owner",
-            rename(OTHER_WORKSPACE, &b.key_id, "Widget v2"),
-        ))
-        .await
-        .expect("rename b")
-        .into_inner();
-    Story {
-        a,
-        b,
-        b_secret,
-        c,
-        rescoped,
-    }
-}
-
 // ----------------------------------------------------------------------------------------------
 // ReadEvents
 
 #[tokio::test]
 async fn read_events_returns_every_event_in_order_with_decoded_payloads() {
     let server = TestServer::start().await;
-    let s = story(&server).await;
-    let mut audit = audit_client(&server).await;
+    let s = Story::write(&server).await;
+    let mut audit = server.audit().await;
     let events = all_events(&mut audit).await;
 
     let expected: [(&str, &str, u64, &str, u32, &str); 7] = [
@@ -539,8 +326,8 @@ async fn read_events_returns_every_event_in_order_with_decoded_payloads() {
 #[tokio::test]
 async fn after_sequence_and_limit_page_through_the_log() {
     let server = TestServer::start().await;
-    story(&server).await;
-    let mut audit = audit_client(&server).await;
+    Story::write(&server).await;
+    let mut audit = server.audit().await;
     let all = all_events(&mut audit).await;
     assert_eq!(sequences(&all), [1, 2, 3, 4, 5, 6, 7]);
 
@@ -583,8 +370,8 @@ async fn after_sequence_and_limit_page_through_the_log() {
 #[tokio::test]
 async fn filters_select_by_workspace_key_and_event_type() {
     let server = TestServer::start().await;
-    let s = story(&server).await;
-    let mut audit = audit_client(&server).await;
+    let s = Story::write(&server).await;
+    let mut audit = server.audit().await;
     let all = all_events(&mut audit).await;
     let by_workspace = |w: &str| pb::EventFilter {
         workspace_id: w.into(),
@@ -689,27 +476,15 @@ async fn filters_select_by_workspace_key_and_event_type() {
 
 #[tokio::test]
 async fn a_reveal_is_recorded_with_its_actor_but_no_part_of_the_secret_and_keeps_the_version() {
-    let server = TestServer::start().await;
-    let mut keys = server.client().await;
-    let mut audit = audit_client(&server).await;
+    let (server, mut keys) = TestServer::with_client().await;
+    let mut audit = server.audit().await;
     let mut request = private_key("Revealable", &["tickets:read"]);
     request.reveal_later = true;
-    let (key, secret) = create(&mut keys, request).await;
+    let (key, secret) = keys.create(request).await;
     server.clock.advance(Duration::from_secs(1));
 
-    let revealed = keys
-        .reveal_key(acting(
-            "user_dana",
-            "owner",
-            pb::RevealKeyRequest {
-                workspace_id: WORKSPACE.into(),
-                key_id: key.key_id.clone(),
-            },
-        ))
-        .await
-        .expect("reveal")
-        .into_inner();
-    assert_eq!(revealed.secret, secret);
+    let revealed = keys.acting("user_dana", "owner").reveal(&key.key_id).await;
+    assert_eq!(revealed, secret);
 
     let events = all_events(&mut audit).await;
     assert_eq!(sequences(&events), [1, 2]);
@@ -747,17 +522,13 @@ async fn a_reveal_is_recorded_with_its_actor_but_no_part_of_the_secret_and_keeps
     assert_chains_match_the_spec(&events);
 
     // A reveal is not a change of the key: its version stays, expected_version still works.
-    let after_reveal = get_key(&mut keys, WORKSPACE, &key.key_id).await;
+    let after_reveal = keys.get_key(&key.key_id).await;
     assert_eq!(after_reveal.version, 1);
     assert_eq!(after_reveal.name, "Revealable");
     let renamed = keys
-        .rename_key(admin(pb::RenameKeyRequest {
-            expected_version: Some(1),
-            ..rename(WORKSPACE, &key.key_id, "Revealed once")
-        }))
+        .try_rename(&key.key_id, "Revealed once", Some(1))
         .await
-        .expect("expected_version 1 still matches after a reveal")
-        .into_inner();
+        .expect("expected_version 1 still matches after a reveal");
     assert_eq!(renamed.version, 2);
     let events = all_events(&mut audit).await;
     assert_eq!(events.len(), 3);
@@ -774,7 +545,7 @@ async fn a_reveal_is_recorded_with_its_actor_but_no_part_of_the_secret_and_keeps
 #[tokio::test]
 async fn the_log_head_is_the_last_event_and_the_workspace_head_its_workspace_chain() {
     let server = TestServer::start().await;
-    let mut audit = audit_client(&server).await;
+    let mut audit = server.audit().await;
 
     let empty = log_head(&mut audit, WORKSPACE).await;
     assert_eq!(empty.sequence, 0);
@@ -786,7 +557,7 @@ async fn the_log_head_is_the_last_event_and_the_workspace_head_its_workspace_cha
     assert_eq!(empty.workspace_sequence, 0);
     assert_eq!(empty.workspace_hash, workspace_genesis(WORKSPACE));
 
-    story(&server).await;
+    Story::write(&server).await;
     let events = all_events(&mut audit).await;
 
     let head = log_head(&mut audit, "").await;
@@ -823,9 +594,9 @@ async fn the_log_head_is_the_last_event_and_the_workspace_head_its_workspace_cha
 #[tokio::test]
 async fn keys_as_of_replays_the_log_up_to_a_sequence() {
     let server = TestServer::start().await;
-    let s = story(&server).await;
+    let s = Story::write(&server).await;
     let mut keys = server.client().await;
-    let mut audit = audit_client(&server).await;
+    let mut audit = server.audit().await;
 
     let at1 = keys_as_of(&mut audit, WORKSPACE, "", 1).await;
     assert_eq!(at1.at_sequence, 1);
@@ -868,8 +639,8 @@ async fn keys_as_of_replays_the_log_up_to_a_sequence() {
     assert_eq!(
         now.keys,
         [
-            get_key(&mut keys, WORKSPACE, &s.a.key_id).await,
-            get_key(&mut keys, WORKSPACE, &s.c.key_id).await,
+            keys.get_key(&s.a.key_id).await,
+            keys.get_key(&s.c.key_id).await,
         ]
     );
 
@@ -918,13 +689,12 @@ async fn subscribe_until_caught_up(
     role: Option<&str>,
 ) -> Result<(Vec<u64>, u64), Status> {
     let mut stream = audit
-        .subscribe_events(with_role(
-            role,
-            pb::SubscribeEventsRequest {
+        .subscribe_events(
+            Caller::maybe_role(role).request(pb::SubscribeEventsRequest {
                 after_sequence: 0,
                 filter: None,
-            },
-        ))
+            }),
+        )
         .await?
         .into_inner();
     let mut events = Vec::new();
@@ -952,18 +722,15 @@ async fn every_audit_rpc(
         .await
         .map(|caught_up| assert_eq!(caught_up, (vec![1], 1)));
     let head = audit
-        .get_log_head(with_role(role, pb::GetLogHeadRequest::default()))
+        .get_log_head(Caller::maybe_role(role).request(pb::GetLogHeadRequest::default()))
         .await
         .map(|h| assert_eq!(h.into_inner().sequence, 1));
     let as_of = audit
-        .get_keys_as_of(with_role(
-            role,
-            pb::GetKeysAsOfRequest {
-                workspace_id: WORKSPACE.into(),
-                key_id: String::new(),
-                at_sequence: 0,
-            },
-        ))
+        .get_keys_as_of(Caller::maybe_role(role).request(pb::GetKeysAsOfRequest {
+            workspace_id: WORKSPACE.into(),
+            key_id: String::new(),
+            at_sequence: 0,
+        }))
         .await
         .map(|r| assert_eq!(r.into_inner().keys.len(), 1));
     vec![
@@ -976,10 +743,9 @@ async fn every_audit_rpc(
 
 #[tokio::test]
 async fn the_audit_api_is_for_owners_admins_and_auditors_only() {
-    let server = TestServer::start().await;
-    let mut keys = server.client().await;
-    let mut audit = audit_client(&server).await;
-    let (key, _) = create(&mut keys, private_key("Audited", &["tickets:read"])).await;
+    let (server, mut keys) = TestServer::with_client().await;
+    let mut audit = server.audit().await;
+    let (key, _) = keys.create(private_key("Audited", &["tickets:read"])).await;
 
     for (rpc, outcome) in every_audit_rpc(&mut audit, Some("member")).await {
         let status = outcome.expect_err(rpc);
@@ -1011,43 +777,28 @@ async fn the_audit_api_is_for_owners_admins_and_auditors_only() {
     // Auditors read, but change and reveal nothing.
     let mut revealable = private_key("Revealable", &[]);
     revealable.reveal_later = true;
+    let mut auditor = keys.as_role("auditor");
     let denied: Vec<(&str, Result<(), Status>)> = vec![
-        (
-            "CreateKey",
-            keys.create_key(auditor(revealable)).await.map(|_| ()),
-        ),
+        ("CreateKey", auditor.try_create(revealable).await.map(drop)),
         (
             "RenameKey",
-            keys.rename_key(auditor(rename(WORKSPACE, &key.key_id, "Mine now")))
+            auditor
+                .try_rename(&key.key_id, "Mine now", None)
                 .await
-                .map(|_| ()),
+                .map(drop),
         ),
         (
             "UpdateKeyScopes",
-            keys.update_key_scopes(auditor(pb::UpdateKeyScopesRequest {
-                workspace_id: WORKSPACE.into(),
-                key_id: key.key_id.clone(),
-                scopes: vec!["tickets:write".into()],
-                expected_version: None,
-            }))
-            .await
-            .map(|_| ()),
+            auditor
+                .try_rescope(&key.key_id, &["tickets:write"], None)
+                .await
+                .map(drop),
         ),
         (
             "RevokeKey",
-            keys.revoke_key(auditor(revoke(WORKSPACE, &key.key_id)))
-                .await
-                .map(|_| ()),
+            auditor.try_revoke(&key.key_id, None).await.map(drop),
         ),
-        (
-            "RevealKey",
-            keys.reveal_key(auditor(pb::RevealKeyRequest {
-                workspace_id: WORKSPACE.into(),
-                key_id: key.key_id.clone(),
-            }))
-            .await
-            .map(|_| ()),
-        ),
+        ("RevealKey", auditor.try_reveal(&key.key_id).await.map(drop)),
     ];
     for (rpc, outcome) in denied {
         let status = outcome.expect_err(rpc);
@@ -1060,7 +811,7 @@ async fn the_audit_api_is_for_owners_admins_and_auditors_only() {
         [1],
         "refused calls record nothing"
     );
-    assert_eq!(get_key(&mut keys, WORKSPACE, &key.key_id).await, key);
+    assert_eq!(keys.get_key(&key.key_id).await, key);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -1068,10 +819,9 @@ async fn the_audit_api_is_for_owners_admins_and_auditors_only() {
 
 #[tokio::test]
 async fn audit_requests_name_every_bad_field() {
-    let server = TestServer::start().await;
-    let mut keys = server.client().await;
-    let mut audit = audit_client(&server).await;
-    create(&mut keys, private_key("Audited", &[])).await;
+    let (server, mut keys) = TestServer::with_client().await;
+    let mut audit = server.audit().await;
+    keys.create(private_key("Audited", &[])).await;
 
     let status = audit
         .get_keys_as_of(auditor(pb::GetKeysAsOfRequest {
@@ -1113,10 +863,9 @@ async fn audit_requests_name_every_bad_field() {
 
 #[tokio::test]
 async fn subscribing_past_the_end_of_the_log_is_sequence_out_of_range() {
-    let server = TestServer::start().await;
-    let mut keys = server.client().await;
-    let mut audit = audit_client(&server).await;
-    create(&mut keys, private_key("Audited", &[])).await;
+    let (server, mut keys) = TestServer::with_client().await;
+    let mut audit = server.audit().await;
+    keys.create(private_key("Audited", &[])).await;
     let status = audit
         .subscribe_events(auditor(pb::SubscribeEventsRequest {
             after_sequence: 5,
@@ -1138,10 +887,9 @@ async fn subscribing_past_the_end_of_the_log_is_sequence_out_of_range() {
 
 #[tokio::test]
 async fn a_subscription_ended_by_shutdown_is_shutting_down_naming_where_to_resume() {
-    let server = TestServer::start().await;
-    let mut keys = server.client().await;
-    let mut audit = audit_client(&server).await;
-    create(&mut keys, private_key("Audited", &[])).await;
+    let (server, mut keys) = TestServer::with_client().await;
+    let mut audit = server.audit().await;
+    keys.create(private_key("Audited", &[])).await;
     let mut stream = audit
         .subscribe_events(auditor(pb::SubscribeEventsRequest {
             after_sequence: 0,
@@ -1173,29 +921,16 @@ async fn a_subscription_ended_by_shutdown_is_shutting_down_naming_where_to_resum
 
 #[tokio::test]
 async fn a_log_that_no_longer_replays_is_internal_and_tells_nothing_of_why() {
-    let server = TestServer::start().await;
-    let mut keys = server.client().await;
-    let mut audit = audit_client(&server).await;
-    let (key, _) = create(&mut keys, private_key("Audited", &[])).await;
+    let (server, mut keys) = TestServer::with_client().await;
+    let mut audit = server.audit().await;
+    let (key, _) = keys.create(private_key("Audited", &[])).await;
     for name in ["Second", "Third"] {
-        keys.rename_key(admin(rename(WORKSPACE, &key.key_id, name)))
-            .await
-            .expect("rename");
+        keys.rename(&key.key_id, name).await;
     }
     // Someone with the database file deletes the middle event behind the server's back.
-    let mut conn = kemon_keys::store::connect(&server.db_path())
-        .await
-        .expect("open the database");
-    for statement in [
-        "DROP TRIGGER events_no_delete",
-        "DELETE FROM events WHERE sequence = 2",
-    ] {
-        sqlx::query(statement)
-            .execute(&mut conn)
-            .await
-            .expect(statement);
-    }
-    sqlx::Connection::close(conn).await.expect("close");
+    let db = server.db();
+    db.drop_append_only_guards().await;
+    assert_eq!(db.delete_events(Events::Sequence(2)).await, Ok(1));
 
     let status = audit
         .get_keys_as_of(auditor(pb::GetKeysAsOfRequest {
@@ -1243,28 +978,22 @@ async fn next_message(rx: &mut mpsc::UnboundedReceiver<Result<Message, Status>>)
 }
 
 /// Creates, renames and revokes keys: `operations` writes in all.
-async fn writer(mut keys: KeyServiceClient<Channel>, id: usize, operations: usize) {
+async fn writer(mut keys: TestClient, id: usize, operations: usize) {
     let mut current: Option<String> = None;
     for i in 0..operations {
         current = match (i % 3, current) {
             (1, Some(k)) => {
-                keys.rename_key(admin(rename(WORKSPACE, &k, &format!("w{id} op{i}"))))
-                    .await
-                    .expect("rename");
+                keys.rename(&k, &format!("w{id} op{i}")).await;
                 Some(k)
             }
             (2, Some(k)) => {
-                keys.revoke_key(admin(revoke(WORKSPACE, &k)))
-                    .await
-                    .expect("revoke");
+                keys.revoke(&k).await;
                 None
             }
             _ => {
-                let (key, _) = create(
-                    &mut keys,
-                    private_key(&format!("w{id} op{i}"), &["tickets:read"]),
-                )
-                .await;
+                let (key, _) = keys
+                    .create(private_key(&format!("w{id} op{i}"), &["tickets:read"]))
+                    .await;
                 Some(key.key_id)
             }
         };
@@ -1276,12 +1005,11 @@ async fn a_subscriber_sees_every_event_exactly_once_across_catch_up_and_live() {
     const BEFORE: u64 = 10;
     const WRITERS: usize = 4;
     const OPERATIONS: usize = 25;
-    let server = TestServer::start().await;
-    let mut keys = server.client().await;
+    let (server, mut keys) = TestServer::with_client().await;
     for i in 0..BEFORE {
-        create(&mut keys, private_key(&format!("before {i}"), &[])).await;
+        keys.create(private_key(&format!("before {i}"), &[])).await;
     }
-    let mut audit = audit_client(&server).await;
+    let mut audit = server.audit().await;
     let stream = audit
         .subscribe_events(auditor(pb::SubscribeEventsRequest {
             after_sequence: 0,
@@ -1338,11 +1066,10 @@ async fn a_subscriber_sees_every_event_exactly_once_across_catch_up_and_live() {
 
 #[tokio::test]
 async fn a_filtered_subscriber_gets_only_its_key_and_checkpoints_past_the_rest() {
-    let server = TestServer::start().await;
-    let mut keys = server.client().await;
-    let mut audit = audit_client(&server).await;
-    let (a, _) = create(&mut keys, private_key("Followed", &[])).await;
-    let (b, _) = create(&mut keys, private_key("Other", &[])).await;
+    let (server, mut keys) = TestServer::with_client().await;
+    let mut audit = server.audit().await;
+    let (a, _) = keys.create(private_key("Followed", &[])).await;
+    let (b, _) = keys.create(private_key("Other", &[])).await;
 
     let stream = audit
         .subscribe_events(auditor(pb::SubscribeEventsRequest {
@@ -1382,7 +1109,7 @@ async fn a_filtered_subscriber_gets_only_its_key_and_checkpoints_past_the_rest()
     .into_iter()
     .enumerate()
     {
-        keys.rename_key(admin(rename(WORKSPACE, &key.key_id, name)))
+        keys.try_rename(&key.key_id, name, None)
             .await
             .unwrap_or_else(|e| panic!("rename {i}: {e:?}"));
     }
@@ -1428,19 +1155,21 @@ async fn a_filtered_subscriber_gets_only_its_key_and_checkpoints_past_the_rest()
 #[tokio::test]
 async fn cli_verify_against_a_live_server_prints_ok_and_the_head() {
     let server = TestServer::start().await;
-    story(&server).await;
-    let mut audit = audit_client(&server).await;
+    Story::write(&server).await;
+    let mut audit = server.audit().await;
     let head = log_head(&mut audit, "").await;
 
-    let out = cli(&["audit", "verify", "--server", &server.endpoint()]).await;
-    let report = assert_success(&out);
+    let out = Cli::kemon(&["audit", "verify", "--server", &server.endpoint()])
+        .run()
+        .await;
+    let report = out.assert_success();
     assert!(report.starts_with("OK"), "{report}");
     assert!(
         report.contains(&format!("head {}", head_arg(head.sequence, &head.hash))),
         "{report}"
     );
 
-    let out = cli(&[
+    let out = Cli::kemon(&[
         "audit",
         "verify",
         "--server",
@@ -1448,11 +1177,12 @@ async fn cli_verify_against_a_live_server_prints_ok_and_the_head() {
         "--expect-head",
         &head_arg(head.sequence, &head.hash),
     ])
+    .run()
     .await;
-    assert!(assert_success(&out).starts_with("OK"));
+    assert!(out.assert_success().starts_with("OK"));
 
     // The CLI sends its role: a member is refused.
-    let out = cli(&[
+    let out = Cli::kemon(&[
         "audit",
         "verify",
         "--server",
@@ -1460,22 +1190,23 @@ async fn cli_verify_against_a_live_server_prints_ok_and_the_head() {
         "--role",
         "member",
     ])
+    .run()
     .await;
-    let report = assert_failure(&out);
+    let report = out.assert_failure();
     assert!(!report.starts_with("OK"), "{report}");
 }
 
 #[tokio::test]
 async fn a_workspace_export_of_the_database_verifies_from_the_file() {
     let server = TestServer::start().await;
-    story(&server).await;
-    let mut audit = audit_client(&server).await;
+    Story::write(&server).await;
+    let mut audit = server.audit().await;
     let acme_head = log_head(&mut audit, WORKSPACE).await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("acme.ndjson");
 
     let db = server.db_path();
-    let out = cli(&[
+    let out = Cli::kemon(&[
         "audit",
         "export",
         "--db",
@@ -1485,8 +1216,9 @@ async fn a_workspace_export_of_the_database_verifies_from_the_file() {
         "-o",
         path_str(&file),
     ])
+    .run()
     .await;
-    assert_success(&out);
+    out.assert_success();
     let text = std::fs::read_to_string(&file).unwrap();
     let lines: Vec<Value> = text
         .lines()
@@ -1500,14 +1232,16 @@ async fn a_workspace_export_of_the_database_verifies_from_the_file() {
         .collect();
     assert_eq!(exported, [1, 2, 3, 5, 6]);
 
-    let out = cli(&["audit", "verify", "--file", path_str(&file)]).await;
-    let report = assert_success(&out);
+    let out = Cli::kemon(&["audit", "verify", "--file", path_str(&file)])
+        .run()
+        .await;
+    let report = out.assert_success();
     assert!(report.starts_with("OK"), "{report}");
     assert!(report.contains(WORKSPACE), "{report}");
     let workspace_head = head_arg(acme_head.workspace_sequence, &acme_head.workspace_hash);
     assert!(report.contains(&workspace_head), "{report}");
 
-    let out = cli(&[
+    let out = Cli::kemon(&[
         "audit",
         "verify",
         "--file",
@@ -1515,21 +1249,22 @@ async fn a_workspace_export_of_the_database_verifies_from_the_file() {
         "--expect-head",
         &workspace_head,
     ])
+    .run()
     .await;
-    assert!(assert_success(&out).starts_with("OK"));
+    assert!(out.assert_success().starts_with("OK"));
 }
 
 #[tokio::test]
 async fn a_server_export_verifies_against_the_head_from_get_log_head() {
     let server = TestServer::start().await;
-    story(&server).await;
-    let mut audit = audit_client(&server).await;
+    Story::write(&server).await;
+    let mut audit = server.audit().await;
     let head = log_head(&mut audit, "").await;
     let events = all_events(&mut audit).await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("log.ndjson");
 
-    let out = cli(&[
+    let out = Cli::kemon(&[
         "audit",
         "export",
         "--server",
@@ -1537,12 +1272,13 @@ async fn a_server_export_verifies_against_the_head_from_get_log_head() {
         "-o",
         path_str(&file),
     ])
+    .run()
     .await;
-    assert_success(&out);
+    out.assert_success();
     let text = std::fs::read_to_string(&file).unwrap();
     assert_eq!(text.lines().count(), 1 + events.len());
 
-    let out = cli(&[
+    let out = Cli::kemon(&[
         "audit",
         "verify",
         "--file",
@@ -1550,12 +1286,13 @@ async fn a_server_export_verifies_against_the_head_from_get_log_head() {
         "--expect-head",
         &head_arg(head.sequence, &head.hash),
     ])
+    .run()
     .await;
-    let report = assert_success(&out);
+    let report = out.assert_success();
     assert!(report.starts_with("OK"), "{report}");
 
     // A head that is not this log's is refused.
-    let out = cli(&[
+    let out = Cli::kemon(&[
         "audit",
         "verify",
         "--file",
@@ -1563,9 +1300,10 @@ async fn a_server_export_verifies_against_the_head_from_get_log_head() {
         "--expect-head",
         &head_arg(head.sequence, &events[5].hash),
     ])
+    .run()
     .await;
-    assert!(!assert_failure(&out).starts_with("OK"));
-    let out = cli(&[
+    assert!(!out.assert_failure().starts_with("OK"));
+    let out = Cli::kemon(&[
         "audit",
         "verify",
         "--file",
@@ -1573,9 +1311,10 @@ async fn a_server_export_verifies_against_the_head_from_get_log_head() {
         "--expect-head",
         &head_arg(head.sequence + 1, &head.hash),
     ])
+    .run()
     .await;
     assert!(
-        !assert_failure(&out).starts_with("OK"),
+        !out.assert_failure().starts_with("OK"),
         "the export ends before the expected head"
     );
 }
@@ -1583,10 +1322,10 @@ async fn a_server_export_verifies_against_the_head_from_get_log_head() {
 #[tokio::test]
 async fn an_edited_export_line_fails_verification_at_its_sequence() {
     let server = TestServer::start().await;
-    story(&server).await;
+    Story::write(&server).await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("log.ndjson");
-    let out = cli(&[
+    let out = Cli::kemon(&[
         "audit",
         "export",
         "--server",
@@ -1594,10 +1333,14 @@ async fn an_edited_export_line_fails_verification_at_its_sequence() {
         "-o",
         path_str(&file),
     ])
+    .run()
     .await;
-    assert_success(&out);
+    out.assert_success();
     assert!(
-        assert_success(&cli(&["audit", "verify", "--file", path_str(&file)]).await)
+        Cli::kemon(&["audit", "verify", "--file", path_str(&file)])
+            .run()
+            .await
+            .assert_success()
             .starts_with("OK")
     );
 
@@ -1610,14 +1353,16 @@ async fn an_edited_export_line_fails_verification_at_its_sequence() {
     lines[4] = line.to_string();
     std::fs::write(&file, lines.join("\n") + "\n").unwrap();
 
-    let out = cli(&["audit", "verify", "--file", path_str(&file)]).await;
-    let report = assert_failure(&out);
-    assert_eq!(first_bad_sequence(&report), Some(4), "{report}");
+    let out = Cli::kemon(&["audit", "verify", "--file", path_str(&file)])
+        .run()
+        .await;
+    let report = out.assert_failure();
+    assert_eq!(first_bad_sequence(report), Some(4), "{report}");
 }
 
 #[tokio::test]
 async fn the_schema_v1_fixture_verifies_against_its_recorded_head() {
-    let out = cli(&[
+    let out = Cli::kemon(&[
         "audit",
         "verify",
         "--file",
@@ -1625,8 +1370,9 @@ async fn the_schema_v1_fixture_verifies_against_its_recorded_head() {
         "--expect-head",
         FIXTURE_HEAD,
     ])
+    .run()
     .await;
-    let report = assert_success(&out);
+    let report = out.assert_success();
     assert!(report.starts_with("OK"), "{report}");
     assert!(report.contains("ws_legacy"), "{report}");
     assert!(report.contains(FIXTURE_HEAD), "{report}");
@@ -1645,12 +1391,7 @@ async fn fixture_keys(at: Option<&str>) -> Vec<Value> {
     if let Some(at) = at {
         args.extend(["--at", at]);
     }
-    let out = cli(&args).await;
-    assert_success(&out)
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).expect("a JSON line"))
-        .collect()
+    Cli::kemon(&args).run().await.json_lines()
 }
 
 #[tokio::test]
@@ -1695,7 +1436,7 @@ async fn a_subscriber_that_falls_behind_is_told_and_misses_nothing() {
     // One live slot. Sixteen concurrent writers make group commits of several events, each
     // batch published in one go after its commit: more than the buffer holds.
     let server = TestServer::start_with_live_buffer(1).await;
-    let mut audit = audit_client(&server).await;
+    let mut audit = server.audit().await;
     let mut stream = audit
         .subscribe_events(auditor(pb::SubscribeEventsRequest {
             after_sequence: 0,
@@ -1712,7 +1453,9 @@ async fn a_subscriber_that_falls_behind_is_told_and_misses_nothing() {
         let mut client = server.client().await;
         writers.push(tokio::spawn(async move {
             for i in 0..100 {
-                create(&mut client, private_key(&format!("lag {t}-{i}"), &[])).await;
+                client
+                    .create(private_key(&format!("lag {t}-{i}"), &[]))
+                    .await;
             }
         }));
     }
@@ -1742,8 +1485,8 @@ async fn a_subscriber_that_falls_behind_is_told_and_misses_nothing() {
 #[tokio::test]
 async fn cli_at_and_expect_head_mean_what_the_rpcs_mean() {
     let server = TestServer::start().await;
-    story(&server).await;
-    let mut audit = audit_client(&server).await;
+    Story::write(&server).await;
+    let mut audit = server.audit().await;
     let head = log_head(&mut audit, "").await;
     let workspace = server.data_dir.join(kemon_keys::store::DATABASE_FILE);
     let cli_keys = |at: Option<String>| {
@@ -1761,19 +1504,14 @@ async fn cli_at_and_expect_head_mean_what_the_rpcs_mean() {
                 args.extend(["--at".to_owned(), at]);
             }
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            cli(&args).await
+            Cli::kemon(&args).run().await
         }
     };
-    let ids = |output: &Output| -> Vec<String> {
-        let mut ids: Vec<String> = assert_success(output)
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| {
-                serde_json::from_str::<Value>(l).unwrap()["key_id"]
-                    .as_str()
-                    .unwrap()
-                    .to_owned()
-            })
+    let ids = |output: &Ran| -> Vec<String> {
+        let mut ids: Vec<String> = output
+            .json_lines()
+            .iter()
+            .map(|line| line["key_id"].as_str().unwrap().to_owned())
             .collect();
         ids.sort();
         ids
@@ -1806,12 +1544,12 @@ async fn cli_at_and_expect_head_mean_what_the_rpcs_mean() {
         .expect_err("past the end");
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     let out = cli_keys(Some(past.to_string())).await;
-    assert_failure(&out);
+    out.assert_failure();
     assert!(
-        String::from_utf8_lossy(&out.stderr)
+        out.stderr
             .contains(&format!("the log ends at {}", head.sequence)),
         "{}",
-        String::from_utf8_lossy(&out.stderr)
+        out.stderr
     );
 
     // --expect-head takes the hash as GetLogHead's JSON prints it (base64), as well as hex.
@@ -1821,7 +1559,7 @@ async fn cli_at_and_expect_head_mean_what_the_rpcs_mean() {
         format!("{}:{b64}", head.sequence),
         head_arg(head.sequence, &head.hash),
     ] {
-        let out = cli(&[
+        let out = Cli::kemon(&[
             "audit",
             "verify",
             "--db",
@@ -1829,7 +1567,8 @@ async fn cli_at_and_expect_head_mean_what_the_rpcs_mean() {
             "--expect-head",
             &expected,
         ])
+        .run()
         .await;
-        assert!(assert_success(&out).starts_with("OK"), "{expected}");
+        assert!(out.assert_success().starts_with("OK"), "{expected}");
     }
 }

@@ -3,44 +3,10 @@
 use std::collections::HashMap;
 
 use kemon_keys::proto::v1 as pb;
-use kemon_keys::proto::v1::key_service_client::KeyServiceClient;
 use tonic::metadata::AsciiMetadataValue;
-use tonic::transport::Channel;
-use tonic::{Code, Request, Status};
+use tonic::{Code, Status};
 
 use crate::helpers::*;
-
-/// The metadata a call carries: `None` leaves a header out.
-#[derive(Clone, Copy, Debug)]
-struct Caller<'a> {
-    actor: Option<&'a str>,
-    role: Option<&'a str>,
-}
-
-impl<'a> Caller<'a> {
-    fn new(actor: Option<&'a str>, role: Option<&'a str>) -> Caller<'a> {
-        Caller { actor, role }
-    }
-
-    fn role(role: &'a str) -> Caller<'a> {
-        Caller::new(Some("user_bob"), Some(role))
-    }
-
-    fn request<T>(self, message: T) -> Request<T> {
-        let mut request = Request::new(message);
-        if let Some(actor) = self.actor {
-            request
-                .metadata_mut()
-                .insert("x-kemon-actor", actor.parse().unwrap());
-        }
-        if let Some(role) = self.role {
-            request
-                .metadata_mut()
-                .insert("x-kemon-role", role.parse().unwrap());
-        }
-        request
-    }
-}
 
 /// The RPCs that act for a user.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,92 +32,55 @@ const MANAGEMENT: [Rpc; 7] = [
 
 /// Calls `rpc` as `caller` with an otherwise valid request about `key_id` in `workspace_id`.
 async fn call(
-    client: &mut KeyServiceClient<Channel>,
-    caller: Caller<'_>,
+    client: &TestClient,
+    caller: &Caller,
     rpc: Rpc,
     workspace_id: &str,
     key_id: &str,
 ) -> Result<(), Status> {
-    let ws = workspace_id.to_owned();
-    let id = key_id.to_owned();
+    let mut client = client
+        .with_caller(caller.clone())
+        .in_workspace(workspace_id);
     match rpc {
-        Rpc::Create => {
-            let mut request = private_key("made by caller", &["tickets:read"]);
-            request.workspace_id = ws;
-            client.create_key(caller.request(request)).await.map(drop)
-        }
-        Rpc::Get => client
-            .get_key(caller.request(pb::GetKeyRequest {
-                workspace_id: ws,
-                key_id: id,
-            }))
+        Rpc::Create => client
+            .try_create(in_workspace(
+                workspace_id,
+                private_key("made by caller", &["tickets:read"]),
+            ))
             .await
             .map(drop),
+        Rpc::Get => client.try_get_key(key_id).await.map(drop),
         Rpc::List => client
-            .list_keys(caller.request(pb::ListKeysRequest {
-                workspace_id: ws,
+            .try_list(pb::ListKeysRequest {
+                workspace_id: workspace_id.into(),
                 include_revoked: true,
                 ..Default::default()
-            }))
+            })
             .await
             .map(drop),
         Rpc::Rename => client
-            .rename_key(caller.request(pb::RenameKeyRequest {
-                workspace_id: ws,
-                key_id: id,
-                name: "renamed by caller".into(),
-                expected_version: None,
-            }))
+            .try_rename(key_id, "renamed by caller", None)
             .await
             .map(drop),
         Rpc::UpdateScopes => client
-            .update_key_scopes(caller.request(pb::UpdateKeyScopesRequest {
-                workspace_id: ws,
-                key_id: id,
-                scopes: vec!["labels:read".into()],
-                expected_version: None,
-            }))
+            .try_rescope(key_id, &["labels:read"], None)
             .await
             .map(drop),
-        Rpc::Revoke => client
-            .revoke_key(caller.request(pb::RevokeKeyRequest {
-                workspace_id: ws,
-                key_id: id,
-                expected_version: None,
-            }))
-            .await
-            .map(drop),
-        Rpc::Reveal => client
-            .reveal_key(caller.request(pb::RevealKeyRequest {
-                workspace_id: ws,
-                key_id: id,
-            }))
-            .await
-            .map(drop),
+        Rpc::Revoke => client.try_revoke(key_id, None).await.map(drop),
+        Rpc::Reveal => client.try_reveal(key_id).await.map(drop),
     }
 }
 
-async fn list(client: &mut KeyServiceClient<Channel>, workspace_id: &str) -> Vec<pb::Key> {
-    client
-        .list_keys(admin(pb::ListKeysRequest {
-            workspace_id: workspace_id.into(),
-            page_size: 200,
-            include_revoked: true,
-            ..Default::default()
-        }))
-        .await
-        .expect("list_keys")
-        .into_inner()
-        .keys
+async fn list(client: &TestClient, workspace_id: &str) -> Vec<pb::Key> {
+    client.in_workspace(workspace_id).list_all().await
 }
 
 /// A server with one revealable private key in [`WORKSPACE`].
-async fn server_with_key() -> (TestServer, KeyServiceClient<Channel>, pb::Key, String) {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
-    let mut request = private_key("target", &["tickets:read"]);
-    request.reveal_later = true;
-    let (key, secret) = create(&mut client, request).await;
+async fn server_with_key() -> (TestServer, TestClient, pb::Key, String) {
+    let (server, mut client) = TestServer::with_client().await;
+    let (key, secret) = client
+        .create(revealable(private_key("target", &["tickets:read"])))
+        .await;
     (server, client, key, secret)
 }
 
@@ -167,30 +96,30 @@ fn permission(rpc: Rpc) -> &'static str {
 /// and that nothing changed: the key is as it was and no key was added. Returns the ErrorInfo
 /// metadata of each refusal.
 async fn assert_all_refused(
-    caller: Caller<'_>,
+    caller: &Caller,
     expected: Code,
     reason: &str,
 ) -> Vec<(Rpc, HashMap<String, String>)> {
     let (_server, mut client, key, secret) = server_with_key().await;
     let mut refusals = Vec::new();
     for rpc in MANAGEMENT {
-        let status = call(&mut client, caller, rpc, WORKSPACE, &key.key_id)
+        let status = call(&client, caller, rpc, WORKSPACE, &key.key_id)
             .await
             .expect_err("refused");
         assert_eq!(status.code(), expected, "{rpc:?} as {caller:?}: {status:?}");
         refusals.push((rpc, assert_reason(&status, expected, reason)));
     }
-    assert_eq!(get_key(&mut client, &key.key_id).await, key, "{caller:?}");
-    assert_eq!(list(&mut client, WORKSPACE).await, [key], "{caller:?}");
-    let verified = verify(&mut client, &secret, &["tickets:read"], "").await;
+    assert_eq!(client.get_key(&key.key_id).await, key, "{caller:?}");
+    assert_eq!(list(&client, WORKSPACE).await, [key], "{caller:?}");
+    let verified = client.verify(&secret, &["tickets:read"], "").await;
     assert_eq!(code(&verified), pb::VerifyCode::Valid, "{caller:?}");
     refusals
 }
 
 /// Asserts every management RPC is UNAUTHENTICATED with `reason` for `caller`, naming the
 /// metadata header at fault.
-async fn assert_unauthenticated(caller: Caller<'_>, reason: &str, header: &str) {
-    for (rpc, metadata) in assert_all_refused(caller, Code::Unauthenticated, reason).await {
+async fn assert_unauthenticated(caller: Caller, reason: &str, header: &str) {
+    for (rpc, metadata) in assert_all_refused(&caller, Code::Unauthenticated, reason).await {
         assert_eq!(
             metadata,
             [("header".to_owned(), header.to_owned())].into(),
@@ -277,19 +206,13 @@ async fn metadata_that_is_not_printable_ascii_is_unauthenticated_and_not_repeate
         ("x-kemon-actor", "josé", "ACTOR_INVALID"),
         ("x-kemon-role", "ädmin", "ROLE_UNKNOWN"),
     ] {
-        let mut request = Request::new(pb::GetKeyRequest {
+        let mut request = Caller::acting("user_bob", "admin").request(pb::GetKeyRequest {
             workspace_id: WORKSPACE.into(),
             key_id: key.key_id.clone(),
         });
-        request
-            .metadata_mut()
-            .insert("x-kemon-actor", "user_bob".parse().unwrap());
-        request
-            .metadata_mut()
-            .insert("x-kemon-role", "admin".parse().unwrap());
         let bytes = AsciiMetadataValue::try_from(value.as_bytes()).expect("obs-text is allowed");
         request.metadata_mut().insert(header, bytes);
-        let status = client.get_key(request).await.unwrap_err();
+        let status = client.raw().get_key(request).await.unwrap_err();
         let metadata = assert_reason(&status, Code::Unauthenticated, reason);
         assert_eq!(metadata["header"], header);
         assert!(!status.message().contains(value), "{status:?}");
@@ -299,7 +222,7 @@ async fn metadata_that_is_not_printable_ascii_is_unauthenticated_and_not_repeate
 #[tokio::test]
 async fn members_may_do_nothing() {
     for (rpc, metadata) in assert_all_refused(
-        Caller::role("member"),
+        &Caller::role("member"),
         Code::PermissionDenied,
         "ROLE_NOT_PERMITTED",
     )
@@ -327,7 +250,7 @@ async fn auditors_may_read_but_not_change_or_reveal() {
     let (_server, mut client, key, secret) = server_with_key().await;
     let auditor = Caller::role("auditor");
     for rpc in MANAGEMENT {
-        let result = call(&mut client, auditor, rpc, WORKSPACE, &key.key_id).await;
+        let result = call(&client, &auditor, rpc, WORKSPACE, &key.key_id).await;
         match rpc {
             Rpc::Get | Rpc::List => {
                 result.unwrap_or_else(|s| panic!("{rpc:?} as auditor: {s:?}"));
@@ -342,27 +265,20 @@ async fn auditors_may_read_but_not_change_or_reveal() {
         }
     }
 
-    let seen = client
-        .get_key(auditor.request(pb::GetKeyRequest {
-            workspace_id: WORKSPACE.into(),
-            key_id: key.key_id.clone(),
-        }))
-        .await
-        .unwrap()
-        .into_inner();
+    let seen = client.as_role("auditor").get_key(&key.key_id).await;
     assert_eq!(seen, key);
     let listed = client
-        .list_keys(auditor.request(pb::ListKeysRequest {
+        .as_role("auditor")
+        .try_list(pb::ListKeysRequest {
             workspace_id: WORKSPACE.into(),
             ..Default::default()
-        }))
+        })
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(listed.keys, std::slice::from_ref(&key));
 
-    assert_eq!(get_key(&mut client, &key.key_id).await, key, "unchanged");
-    let verified = verify(&mut client, &secret, &["tickets:read"], "").await;
+    assert_eq!(client.get_key(&key.key_id).await, key, "unchanged");
+    let verified = client.verify(&secret, &["tickets:read"], "").await;
     assert_eq!(code(&verified), pb::VerifyCode::Valid, "not revoked");
 }
 
@@ -381,25 +297,24 @@ async fn owners_and_admins_may_do_everything() {
             Rpc::Reveal,
             Rpc::Revoke,
         ] {
-            call(&mut client, caller, rpc, WORKSPACE, &key.key_id)
+            call(&client, &caller, rpc, WORKSPACE, &key.key_id)
                 .await
                 .unwrap_or_else(|s| panic!("{rpc:?} as {role}: {s:?}"));
         }
-        let after = get_key(&mut client, &key.key_id).await;
+        let after = client.get_key(&key.key_id).await;
         assert_eq!(after.name, "renamed by caller", "{role}");
         assert_eq!(after.scopes, ["labels:read"], "{role}");
         assert!(after.revoked_at.is_some(), "{role}");
         assert_eq!(after.version, 4, "{role}");
-        assert_eq!(list(&mut client, WORKSPACE).await.len(), 2, "{role}");
-        let verified = verify(&mut client, &secret, &[], "").await;
+        assert_eq!(list(&client, WORKSPACE).await.len(), 2, "{role}");
+        let verified = client.verify(&secret, &[], "").await;
         assert_eq!(code(&verified), pb::VerifyCode::Revoked, "{role}");
     }
 }
 
 #[tokio::test]
 async fn created_by_is_the_creating_actor() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (_server, mut client) = TestServer::with_client().await;
     for (actor, role) in [("user_bob", "owner"), ("user_carol", "admin")] {
         let key = client
             .create_key(Caller::new(Some(actor), Some(role)).request(private_key("mine", &[])))
@@ -410,21 +325,9 @@ async fn created_by_is_the_creating_actor() {
             .unwrap();
         assert_eq!(key.created_by, actor);
         // Later changes by someone else do not change the creator.
-        let renamed = client
-            .rename_key(as_role(
-                "admin",
-                pb::RenameKeyRequest {
-                    workspace_id: WORKSPACE.into(),
-                    key_id: key.key_id.clone(),
-                    name: "renamed".into(),
-                    expected_version: None,
-                },
-            ))
-            .await
-            .unwrap()
-            .into_inner();
+        let renamed = client.rename(&key.key_id, "renamed").await;
         assert_eq!(renamed.created_by, actor);
-        assert_eq!(get_key(&mut client, &key.key_id).await.created_by, actor);
+        assert_eq!(client.get_key(&key.key_id).await.created_by, actor);
     }
 }
 
@@ -432,7 +335,7 @@ async fn created_by_is_the_creating_actor() {
 async fn verify_and_list_scopes_need_no_metadata() {
     let (_server, mut client, key, secret) = server_with_key().await;
     // `verify` sends no metadata at all.
-    let verified = verify(&mut client, &secret, &["tickets:read"], "").await;
+    let verified = client.verify(&secret, &["tickets:read"], "").await;
     assert_eq!(code(&verified), pb::VerifyCode::Valid);
     assert_eq!(verified.key_id, key.key_id);
 
@@ -469,9 +372,9 @@ async fn verify_and_list_scopes_need_no_metadata() {
 async fn another_workspace_cannot_see_or_touch_a_key() {
     let (_server, mut client, key, secret) = server_with_key().await;
     let other = "ws_other";
-    let mut request = private_key("theirs", &[]);
-    request.workspace_id = other.into();
-    let (theirs, _) = create(&mut client, request).await;
+    let (theirs, _) = client
+        .create(in_workspace(other, private_key("theirs", &[])))
+        .await;
 
     for role in ["owner", "admin"] {
         for rpc in [
@@ -481,7 +384,7 @@ async fn another_workspace_cannot_see_or_touch_a_key() {
             Rpc::Revoke,
             Rpc::Reveal,
         ] {
-            let status = call(&mut client, Caller::role(role), rpc, other, &key.key_id)
+            let status = call(&client, &Caller::role(role), rpc, other, &key.key_id)
                 .await
                 .expect_err("refused");
             let metadata = assert_reason(&status, Code::NotFound, "KEY_NOT_FOUND");
@@ -490,8 +393,8 @@ async fn another_workspace_cannot_see_or_touch_a_key() {
     }
     // The auditor's read is scoped the same way.
     let status = call(
-        &mut client,
-        Caller::role("auditor"),
+        &client,
+        &Caller::role("auditor"),
         Rpc::Get,
         other,
         &key.key_id,
@@ -500,24 +403,18 @@ async fn another_workspace_cannot_see_or_touch_a_key() {
     .expect_err("refused");
     assert_eq!(status.code(), Code::NotFound);
 
-    assert_eq!(get_key(&mut client, &key.key_id).await, key, "unchanged");
-    let verified = verify(&mut client, &secret, &["tickets:read"], "").await;
+    assert_eq!(client.get_key(&key.key_id).await, key, "unchanged");
+    let verified = client.verify(&secret, &["tickets:read"], "").await;
     assert_eq!(code(&verified), pb::VerifyCode::Valid);
     assert_eq!(verified.workspace_id, WORKSPACE);
 
-    assert_eq!(
-        list(&mut client, other).await,
-        std::slice::from_ref(&theirs)
-    );
-    assert_eq!(
-        list(&mut client, WORKSPACE).await,
-        std::slice::from_ref(&key)
-    );
+    assert_eq!(list(&client, other).await, std::slice::from_ref(&theirs));
+    assert_eq!(list(&client, WORKSPACE).await, std::slice::from_ref(&key));
 
     // And the other way round.
     let status = call(
-        &mut client,
-        Caller::role("admin"),
+        &client,
+        &Caller::role("admin"),
         Rpc::Get,
         WORKSPACE,
         &theirs.key_id,

@@ -5,72 +5,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use kemon_keys::proto::v1 as pb;
-use kemon_keys::proto::v1::key_service_client::KeyServiceClient;
-use sqlx::Connection;
 use tokio::sync::Barrier;
-use tonic::transport::Channel;
-use tonic::{Code, Status};
+use tonic::Code;
 
 use crate::helpers::*;
 
-async fn clients(server: &TestServer, n: usize) -> Vec<KeyServiceClient<Channel>> {
-    let mut clients = Vec::with_capacity(n);
-    for _ in 0..n {
-        clients.push(server.client().await);
-    }
-    clients
-}
-
-async fn rename(
-    client: &mut KeyServiceClient<Channel>,
-    key_id: &str,
-    name: &str,
-    expected_version: Option<u64>,
-) -> Result<pb::Key, Status> {
-    client
-        .rename_key(admin(pb::RenameKeyRequest {
-            workspace_id: WORKSPACE.into(),
-            key_id: key_id.into(),
-            name: name.into(),
-            expected_version,
-        }))
-        .await
-        .map(|r| r.into_inner())
-}
-
-async fn revoke(client: &mut KeyServiceClient<Channel>, key_id: &str) -> pb::Key {
-    client
-        .revoke_key(admin(pb::RevokeKeyRequest {
-            workspace_id: WORKSPACE.into(),
-            key_id: key_id.into(),
-            expected_version: None,
-        }))
-        .await
-        .expect("revoke_key")
-        .into_inner()
-}
-
-/// The stream versions recorded for a key, in log order.
-async fn stream_versions(server: &TestServer, key_id: &str) -> Vec<i64> {
-    let mut conn = kemon_keys::store::connect(&server.db_path())
-        .await
-        .expect("open database");
-    let versions =
-        sqlx::query_scalar("SELECT stream_version FROM events WHERE key_id = ? ORDER BY sequence")
-            .bind(key_id)
-            .fetch_all(&mut conn)
-            .await
-            .unwrap();
-    conn.close().await.unwrap();
-    versions
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unconditional_concurrent_renames_are_all_recorded() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
-    let (key, _) = create(&mut client, private_key("contended", &[])).await;
-    let pool = clients(&server, 4).await;
+    let (server, mut client) = TestServer::with_client().await;
+    let (key, _) = client.create(private_key("contended", &[])).await;
+    let pool = server.clients(4).await;
 
     let mut tasks = Vec::new();
     for i in 0..20 {
@@ -78,7 +22,7 @@ async fn unconditional_concurrent_renames_are_all_recorded() {
         let id = key.key_id.clone();
         tasks.push(tokio::spawn(async move {
             let name = format!("name {i:02}");
-            let key = rename(&mut c, &id, &name, None).await;
+            let key = c.try_rename(&id, &name, None).await;
             (name, key)
         }));
     }
@@ -98,28 +42,27 @@ async fn unconditional_concurrent_renames_are_all_recorded() {
         "versions are distinct"
     );
 
-    let last = get_key(&mut client, &key.key_id).await;
+    let last = client.get_key(&key.key_id).await;
     assert_eq!(last.version, 21);
     assert_eq!(last.name, names_by_version[&21], "the last rename wins");
     assert_eq!(
-        stream_versions(&server, &key.key_id).await,
+        server.db().stream_versions(&key.key_id).await,
         (1..=21).collect::<Vec<i64>>()
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conditional_concurrent_renames_admit_exactly_one() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
-    let (key, _) = create(&mut client, private_key("contended", &[])).await;
-    let pool = clients(&server, 4).await;
+    let (server, mut client) = TestServer::with_client().await;
+    let (key, _) = client.create(private_key("contended", &[])).await;
+    let pool = server.clients(4).await;
 
     let mut tasks = Vec::new();
     for i in 0..10 {
         let mut c = pool[i % pool.len()].clone();
         let id = key.key_id.clone();
         tasks.push(tokio::spawn(async move {
-            rename(&mut c, &id, &format!("winner {i}"), Some(1)).await
+            c.try_rename(&id, &format!("winner {i}"), Some(1)).await
         }));
     }
     let mut winners = Vec::new();
@@ -137,16 +80,16 @@ async fn conditional_concurrent_renames_admit_exactly_one() {
     assert_eq!(aborted, 9);
     assert_eq!(winners[0].version, 2);
 
-    let last = get_key(&mut client, &key.key_id).await;
+    let last = client.get_key(&key.key_id).await;
     assert_eq!(last.version, 2);
     assert_eq!(last.name, winners[0].name);
-    assert_eq!(stream_versions(&server, &key.key_id).await, [1, 2]);
+    assert_eq!(server.db().stream_versions(&key.key_id).await, [1, 2]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_concurrent_creates_all_succeed() {
     let server = TestServer::start().await;
-    let pool = clients(&server, 4).await;
+    let pool = server.clients(4).await;
 
     let mut tasks = Vec::new();
     for i in 0..200 {
@@ -154,7 +97,7 @@ async fn many_concurrent_creates_all_succeed() {
         tasks.push(tokio::spawn(async move {
             let mut request = private_key(&format!("bulk {i}"), &["tickets:read"]);
             request.reveal_later = i % 3 == 0;
-            create(&mut c, request).await
+            c.create(request).await
         }));
     }
     let mut created = Vec::new();
@@ -169,19 +112,18 @@ async fn many_concurrent_creates_all_succeed() {
 
     let mut client = server.client().await;
     for (key, secret) in &created {
-        let answer = verify(&mut client, secret, &["tickets:read"], "").await;
+        let answer = client.verify(secret, &["tickets:read"], "").await;
         assert_eq!(code(&answer), pb::VerifyCode::Valid, "{}", key.key_id);
         assert_eq!(answer.key_id, key.key_id);
     }
     let listed = client
-        .list_keys(admin(pb::ListKeysRequest {
+        .try_list(pb::ListKeysRequest {
             workspace_id: WORKSPACE.into(),
             page_size: 200,
             ..Default::default()
-        }))
+        })
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(listed.keys.len(), 200);
     let listed_ids: HashSet<&str> = listed.keys.iter().map(|k| k.key_id.as_str()).collect();
     assert_eq!(listed_ids, ids);
@@ -189,25 +131,24 @@ async fn many_concurrent_creates_all_succeed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_key_is_refused_as_soon_as_revoke_returns() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (server, mut client) = TestServer::with_client().await;
     let mut verifier = server.client().await;
     for i in 0..20 {
-        let (key, secret) = create(&mut client, private_key(&format!("key {i}"), &[])).await;
+        let (key, secret) = client.create(private_key(&format!("key {i}"), &[])).await;
         assert_eq!(
-            code(&verify(&mut verifier, &secret, &[], "").await),
+            code(&verifier.verify(&secret, &[], "").await),
             pb::VerifyCode::Valid
         );
-        let revoked = revoke(&mut client, &key.key_id).await;
+        let revoked = client.revoke(&key.key_id).await;
         assert!(revoked.revoked_at.is_some());
         // On another connection, right after the reply.
         assert_eq!(
-            code(&verify(&mut verifier, &secret, &[], "").await),
+            code(&verifier.verify(&secret, &[], "").await),
             pb::VerifyCode::Revoked,
             "key {i} verified after RevokeKey returned"
         );
         assert_eq!(
-            code(&verify(&mut client, &secret, &[], "").await),
+            code(&client.verify(&secret, &[], "").await),
             pb::VerifyCode::Revoked
         );
     }
@@ -218,14 +159,13 @@ async fn concurrent_verifications_never_accept_a_key_after_its_revocation() {
     const VERIFIERS: usize = 4;
     const CALLS_AFTER_REVOKE: usize = 25;
 
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
-    let (key, secret) = create(&mut client, private_key("hot", &[])).await;
+    let (server, mut client) = TestServer::with_client().await;
+    let (key, secret) = client.create(private_key("hot", &[])).await;
     assert_eq!(
-        code(&verify(&mut client, &secret, &[], "").await),
+        code(&client.verify(&secret, &[], "").await),
         pb::VerifyCode::Valid
     );
-    let pool = clients(&server, VERIFIERS).await;
+    let pool = server.clients(VERIFIERS).await;
     let revoked = Arc::new(AtomicBool::new(false));
     let started = Arc::new(Barrier::new(VERIFIERS + 1));
 
@@ -243,7 +183,7 @@ async fn concurrent_verifications_never_accept_a_key_after_its_revocation() {
             while after < CALLS_AFTER_REVOKE {
                 // Read before sending: if the revoke had returned, the answer must say so.
                 let revoke_returned = revoked.load(Ordering::SeqCst);
-                let answer = code(&verify(&mut c, &secret, &[], "").await);
+                let answer = code(&c.verify(&secret, &[], "").await);
                 match answer {
                     pb::VerifyCode::Valid if revoke_returned => {
                         violations.push("VALID after RevokeKey returned")
@@ -264,7 +204,7 @@ async fn concurrent_verifications_never_accept_a_key_after_its_revocation() {
         }));
     }
     started.wait().await;
-    let result = revoke(&mut client, &key.key_id).await;
+    let result = client.revoke(&key.key_id).await;
     revoked.store(true, Ordering::SeqCst);
     assert!(result.revoked_at.is_some());
 
@@ -274,7 +214,7 @@ async fn concurrent_verifications_never_accept_a_key_after_its_revocation() {
         assert!(seen_revoked);
     }
     assert_eq!(
-        code(&verify(&mut client, &secret, &[], "").await),
+        code(&client.verify(&secret, &[], "").await),
         pb::VerifyCode::Revoked
     );
 }

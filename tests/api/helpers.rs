@@ -1,12 +1,17 @@
-//! Starting real servers for tests, and small conveniences for calling them.
+//! The test toolkit: real servers (in-process and as a process of their own), a client that
+//! acts as a given caller (`server.client().await.acting(actor, role).rename(id, name)`), the
+//! one builder of request metadata ([`Caller`]), the one runner of the `kemon-keys` binary
+//! ([`Cli`]), and checks of what the service answers. Looking at the database is in
+//! `inspect`; the shared multi-workspace scenario in `story`.
 
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::Duration;
@@ -15,6 +20,7 @@ use std::time::Instant;
 use kemon_keys::app::{Application, MasterKeySource, Settings};
 use kemon_keys::clock::ManualClock;
 use kemon_keys::proto::v1 as pb;
+use kemon_keys::proto::v1::audit_service_client::AuditServiceClient;
 use kemon_keys::proto::v1::key_service_client::KeyServiceClient;
 use kemon_keys::vault::MasterKey;
 use tokio::sync::oneshot;
@@ -25,6 +31,8 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_types::StatusExt;
+
+use crate::inspect::Db;
 
 /// 2026-01-01T00:00:00Z: where every test clock starts.
 pub const T0_MS: i64 = 1_767_225_600_000;
@@ -46,6 +54,13 @@ impl TestServer {
     /// A fresh server: new data directory, clock at [`T0_MS`], a random master key.
     pub async fn start() -> TestServer {
         TestServer::start_with_live_buffer(4096).await
+    }
+
+    /// [`TestServer::start`], and a client of it.
+    pub async fn with_client() -> (TestServer, TestClient) {
+        let server = TestServer::start().await;
+        let client = server.client().await;
+        (server, client)
     }
 
     /// [`TestServer::start`] with a given buffer for live audit subscribers.
@@ -123,12 +138,8 @@ impl TestServer {
         load_after: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<TestServer> {
         let settings = Settings {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            data_dir: data_dir.to_owned(),
-            master_key: master_key.clone(),
-            write_batch_max: 64,
             audit_live_buffer: live_buffer,
-            connection_limits: Default::default(),
+            ..settings(data_dir, master_key.clone())
         };
         let app = Application::build(settings, Arc::new(clock.clone())).await?;
         let addr = app.local_addr();
@@ -162,12 +173,32 @@ impl TestServer {
         connect(self.addr).await
     }
 
-    pub async fn client(&self) -> KeyServiceClient<Channel> {
-        KeyServiceClient::new(self.channel().await)
+    /// A KeyService client on a connection of its own, acting as an admin of [`WORKSPACE`].
+    pub async fn client(&self) -> TestClient {
+        TestClient::connect(self.addr).await
+    }
+
+    /// `n` clients, each on a connection of its own.
+    pub async fn clients(&self, n: usize) -> Vec<TestClient> {
+        let mut clients = Vec::with_capacity(n);
+        for _ in 0..n {
+            clients.push(self.client().await);
+        }
+        clients
+    }
+
+    /// An AuditService client on a connection of its own.
+    pub async fn audit(&self) -> AuditServiceClient<Channel> {
+        AuditServiceClient::new(self.channel().await)
     }
 
     pub fn db_path(&self) -> PathBuf {
         self.data_dir.join(kemon_keys::store::DATABASE_FILE)
+    }
+
+    /// The server's database, for looking behind its back.
+    pub fn db(&self) -> Db {
+        Db::at(&self.db_path())
     }
 
     async fn wait_until_serving(&self) {
@@ -183,18 +214,32 @@ impl TestServer {
         (self._tmp.take(), result)
     }
 
-    /// Stops this server and starts another on the same data directory, clock and master key.
+    /// [`TestServer::stop`] that must be clean, failing (instead of hanging) if it does not
+    /// finish within 10 s. Keeps the data directory alive through the returned handle.
+    pub async fn shut_down(self) -> Option<Arc<tempfile::TempDir>> {
+        let (tmp, result) = tokio::time::timeout(Duration::from_secs(10), self.stop())
+            .await
+            .expect("graceful stop did not finish within 10 s");
+        result.expect("clean shutdown");
+        tmp
+    }
+
+    /// Stops this server and starts another on the same data directory, clock and master key;
+    /// fails (instead of hanging) if that takes more than 10 s.
     pub async fn restart(self) -> TestServer {
         let clock = self.clock.clone();
         let dir = self.data_dir.clone();
         let key = self.master_key_hex.clone();
-        let (tmp, result) = self.stop().await;
-        result.expect("clean shutdown");
-        let mut server = TestServer::start_in(&dir, clock, MasterKeySource::Hex(key))
-            .await
-            .expect("restart");
-        server._tmp = tmp;
-        server
+        tokio::time::timeout(Duration::from_secs(10), async move {
+            let tmp = self.shut_down().await;
+            let mut server = TestServer::start_in(&dir, clock, MasterKeySource::Hex(key))
+                .await
+                .expect("restart");
+            server._tmp = tmp;
+            server
+        })
+        .await
+        .expect("restart (graceful stop, then start) did not finish within 10 s")
     }
 }
 
@@ -203,6 +248,18 @@ impl Drop for TestServer {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+    }
+}
+
+/// The settings of a test server on `data_dir`: a random port on 127.0.0.1.
+pub fn settings(data_dir: &Path, master_key: MasterKeySource) -> Settings {
+    Settings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: data_dir.to_owned(),
+        master_key,
+        write_batch_max: 64,
+        audit_live_buffer: 4096,
+        connection_limits: Default::default(),
     }
 }
 
@@ -239,23 +296,84 @@ pub async fn wait_for_health(channel: &Channel, service: &str, want: ServingStat
     panic!("health of {service:?} did not become {want:?}");
 }
 
+/// The workspace every request is about unless told otherwise.
 pub const WORKSPACE: &str = "ws_acme";
+/// A second workspace, for tests that need two.
+pub const OTHER_WORKSPACE: &str = "ws_globex";
+/// The actor of every request unless told otherwise.
+pub const ACTOR: &str = "user_alice";
 
-/// A request acting as `actor` with `role`.
-pub fn as_role<T>(role: &str, message: T) -> Request<T> {
-    let mut request = Request::new(message);
-    request
-        .metadata_mut()
-        .insert("x-kemon-actor", "user_alice".parse().unwrap());
-    request
-        .metadata_mut()
-        .insert("x-kemon-role", role.parse().unwrap());
-    request
+/// Who a request says it comes from: the `x-kemon-actor` and `x-kemon-role` metadata, `None`
+/// leaving a header out. The one place the tests build request metadata.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Caller {
+    pub actor: Option<String>,
+    pub role: Option<String>,
 }
 
-/// A request acting as an admin.
+impl Caller {
+    pub fn new(actor: Option<&str>, role: Option<&str>) -> Caller {
+        Caller {
+            actor: actor.map(str::to_owned),
+            role: role.map(str::to_owned),
+        }
+    }
+
+    /// `actor` with `role`.
+    pub fn acting(actor: &str, role: &str) -> Caller {
+        Caller::new(Some(actor), Some(role))
+    }
+
+    /// [`ACTOR`] with `role`.
+    pub fn role(role: &str) -> Caller {
+        Caller::acting(ACTOR, role)
+    }
+
+    /// [`ACTOR`] as an admin: what every helper sends unless told otherwise.
+    pub fn admin() -> Caller {
+        Caller::role("admin")
+    }
+
+    /// [`ACTOR`] as an auditor.
+    pub fn auditor() -> Caller {
+        Caller::role("auditor")
+    }
+
+    /// No metadata at all.
+    pub fn nobody() -> Caller {
+        Caller::new(None, None)
+    }
+
+    /// [`Caller::role`], or for `None` [`Caller::nobody`].
+    pub fn maybe_role(role: Option<&str>) -> Caller {
+        role.map_or_else(Caller::nobody, Caller::role)
+    }
+
+    /// `message` with this caller's metadata.
+    pub fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        if let Some(actor) = &self.actor {
+            request
+                .metadata_mut()
+                .insert("x-kemon-actor", actor.parse().unwrap());
+        }
+        if let Some(role) = &self.role {
+            request
+                .metadata_mut()
+                .insert("x-kemon-role", role.parse().unwrap());
+        }
+        request
+    }
+}
+
+/// A request from [`ACTOR`] as an admin.
 pub fn admin<T>(message: T) -> Request<T> {
-    as_role("admin", message)
+    Caller::admin().request(message)
+}
+
+/// A request from [`ACTOR`] as an auditor.
+pub fn auditor<T>(message: T) -> Request<T> {
+    Caller::auditor().request(message)
 }
 
 /// The (field, reason) pairs of a status's BadRequest details.
@@ -329,7 +447,7 @@ pub fn private_key(name: &str, scopes: &[&str]) -> pb::CreateKeyRequest {
         name: name.into(),
         r#type: pb::KeyType::Private as i32,
         environment: pb::Environment::Production as i32,
-        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        scopes: strings(scopes),
         ..Default::default()
     }
 }
@@ -337,61 +455,494 @@ pub fn private_key(name: &str, scopes: &[&str]) -> pb::CreateKeyRequest {
 /// A CreateKey request for a production public key.
 pub fn public_key(name: &str, scopes: &[&str], domains: &[&str]) -> pb::CreateKeyRequest {
     pb::CreateKeyRequest {
-        workspace_id: WORKSPACE.into(),
-        name: name.into(),
         r#type: pb::KeyType::Public as i32,
-        environment: pb::Environment::Production as i32,
-        scopes: scopes.iter().map(|s| s.to_string()).collect(),
-        allowed_domains: domains.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
+        allowed_domains: strings(domains),
+        ..private_key(name, scopes)
     }
 }
 
-/// Creates a key and returns it with its secret.
-pub async fn create(
-    client: &mut KeyServiceClient<Channel>,
-    request: pb::CreateKeyRequest,
-) -> (pb::Key, String) {
-    let response = client
-        .create_key(admin(request))
-        .await
-        .expect("create_key")
-        .into_inner();
-    (response.key.expect("key"), response.secret)
+/// `request` for the test environment.
+pub fn test_env(mut request: pb::CreateKeyRequest) -> pb::CreateKeyRequest {
+    request.environment = pb::Environment::Test as i32;
+    request
 }
 
-/// GetKey as an admin of [`WORKSPACE`].
-pub async fn get_key(client: &mut KeyServiceClient<Channel>, key_id: &str) -> pb::Key {
-    client
-        .get_key(admin(pb::GetKeyRequest {
-            workspace_id: WORKSPACE.into(),
+/// `request` in another workspace.
+pub fn in_workspace(workspace: &str, mut request: pb::CreateKeyRequest) -> pb::CreateKeyRequest {
+    request.workspace_id = workspace.into();
+    request
+}
+
+/// `request` with the key kept for RevealKey.
+pub fn revealable(mut request: pb::CreateKeyRequest) -> pb::CreateKeyRequest {
+    request.reveal_later = true;
+    request
+}
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+/// The KeyService client side of a test server. Each call acts as [`Caller::admin`] in
+/// [`WORKSPACE`] unless the client was made with [`TestClient::as_role`],
+/// [`TestClient::acting`], [`TestClient::with_caller`] or [`TestClient::in_workspace`].
+///
+/// `try_*` methods return the call's outcome; the others expect success. The raw generated
+/// client is reached through `Deref`, for requests the helpers do not build.
+#[derive(Clone)]
+pub struct TestClient {
+    inner: KeyServiceClient<Channel>,
+    caller: Caller,
+    workspace: String,
+}
+
+impl std::ops::Deref for TestClient {
+    type Target = KeyServiceClient<Channel>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.inner
+    }
+}
+
+impl std::ops::DerefMut for TestClient {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.inner
+    }
+}
+
+impl TestClient {
+    pub async fn connect(addr: SocketAddr) -> TestClient {
+        TestClient {
+            inner: KeyServiceClient::new(connect(addr).await),
+            caller: Caller::admin(),
+            workspace: WORKSPACE.into(),
+        }
+    }
+
+    /// This client, acting as `caller`.
+    pub fn with_caller(&self, caller: Caller) -> TestClient {
+        TestClient {
+            caller,
+            ..self.clone()
+        }
+    }
+
+    /// This client, acting as [`ACTOR`] with `role`.
+    pub fn as_role(&self, role: &str) -> TestClient {
+        self.with_caller(Caller::role(role))
+    }
+
+    /// This client, acting as `actor` with `role`.
+    pub fn acting(&self, actor: &str, role: &str) -> TestClient {
+        self.with_caller(Caller::acting(actor, role))
+    }
+
+    /// This client, about keys of `workspace`.
+    pub fn in_workspace(&self, workspace: &str) -> TestClient {
+        TestClient {
+            workspace: workspace.into(),
+            ..self.clone()
+        }
+    }
+
+    /// The generated client, for a request the helpers do not build (`get_key` with
+    /// metadata of its own, say), where a method of this client has the same name.
+    pub fn raw(&mut self) -> &mut KeyServiceClient<Channel> {
+        &mut self.inner
+    }
+
+    /// `message` with this client's metadata.
+    pub fn request<T>(&self, message: T) -> Request<T> {
+        self.caller.request(message)
+    }
+
+    pub async fn try_create(
+        &mut self,
+        request: pb::CreateKeyRequest,
+    ) -> Result<pb::CreateKeyResponse, Status> {
+        let request = self.request(request);
+        self.inner
+            .create_key(request)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// Creates a key (in the request's workspace) and returns it with its secret.
+    pub async fn create(&mut self, request: pb::CreateKeyRequest) -> (pb::Key, String) {
+        let response = self.try_create(request).await.expect("create_key");
+        (response.key.expect("key"), response.secret)
+    }
+
+    pub async fn try_get_key(&mut self, key_id: &str) -> Result<pb::Key, Status> {
+        let request = self.request(pb::GetKeyRequest {
+            workspace_id: self.workspace.clone(),
             key_id: key_id.into(),
-        }))
-        .await
-        .expect("get_key")
-        .into_inner()
+        });
+        self.inner
+            .get_key(request)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    pub async fn get_key(&mut self, key_id: &str) -> pb::Key {
+        self.try_get_key(key_id).await.expect("get_key")
+    }
+
+    pub async fn try_rename(
+        &mut self,
+        key_id: &str,
+        name: &str,
+        expected_version: Option<u64>,
+    ) -> Result<pb::Key, Status> {
+        let request = self.request(pb::RenameKeyRequest {
+            workspace_id: self.workspace.clone(),
+            key_id: key_id.into(),
+            name: name.into(),
+            expected_version,
+        });
+        self.inner
+            .rename_key(request)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    pub async fn rename(&mut self, key_id: &str, name: &str) -> pb::Key {
+        self.try_rename(key_id, name, None)
+            .await
+            .expect("rename_key")
+    }
+
+    pub async fn try_rescope(
+        &mut self,
+        key_id: &str,
+        scopes: &[&str],
+        expected_version: Option<u64>,
+    ) -> Result<pb::Key, Status> {
+        let request = self.request(pb::UpdateKeyScopesRequest {
+            workspace_id: self.workspace.clone(),
+            key_id: key_id.into(),
+            scopes: strings(scopes),
+            expected_version,
+        });
+        self.inner
+            .update_key_scopes(request)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    pub async fn rescope(&mut self, key_id: &str, scopes: &[&str]) -> pb::Key {
+        self.try_rescope(key_id, scopes, None)
+            .await
+            .expect("update_key_scopes")
+    }
+
+    pub async fn try_revoke(
+        &mut self,
+        key_id: &str,
+        expected_version: Option<u64>,
+    ) -> Result<pb::Key, Status> {
+        let request = self.request(pb::RevokeKeyRequest {
+            workspace_id: self.workspace.clone(),
+            key_id: key_id.into(),
+            expected_version,
+        });
+        self.inner
+            .revoke_key(request)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    pub async fn revoke(&mut self, key_id: &str) -> pb::Key {
+        self.try_revoke(key_id, None).await.expect("revoke_key")
+    }
+
+    /// RevealKey: the secret.
+    pub async fn try_reveal(&mut self, key_id: &str) -> Result<String, Status> {
+        let request = self.request(pb::RevealKeyRequest {
+            workspace_id: self.workspace.clone(),
+            key_id: key_id.into(),
+        });
+        self.inner
+            .reveal_key(request)
+            .await
+            .map(|r| r.into_inner().secret)
+    }
+
+    pub async fn reveal(&mut self, key_id: &str) -> String {
+        self.try_reveal(key_id).await.expect("reveal_key")
+    }
+
+    /// ListKeys with this client's metadata (the request names its workspace).
+    pub async fn try_list(
+        &mut self,
+        request: pb::ListKeysRequest,
+    ) -> Result<pb::ListKeysResponse, Status> {
+        let request = self.request(request);
+        self.inner
+            .list_keys(request)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// Every key of the workspace (up to 200), revoked ones included, oldest first.
+    pub async fn list_all(&mut self) -> Vec<pb::Key> {
+        let request = pb::ListKeysRequest {
+            workspace_id: self.workspace.clone(),
+            page_size: 200,
+            include_revoked: true,
+            ..Default::default()
+        };
+        self.try_list(request).await.expect("list_keys").keys
+    }
+
+    /// VerifyKey with the given required scopes and origin. Sends no metadata: verification
+    /// needs none.
+    pub async fn try_verify(
+        &mut self,
+        key: &str,
+        required_scopes: &[&str],
+        origin: &str,
+    ) -> Result<pb::VerifyKeyResponse, Status> {
+        self.inner
+            .verify_key(pb::VerifyKeyRequest {
+                key: key.into(),
+                required_scopes: strings(required_scopes),
+                origin: origin.into(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    pub async fn verify(
+        &mut self,
+        key: &str,
+        required_scopes: &[&str],
+        origin: &str,
+    ) -> pb::VerifyKeyResponse {
+        self.try_verify(key, required_scopes, origin)
+            .await
+            .expect("verify_key")
+    }
 }
 
-/// Verifies a key string with the given required scopes and origin.
-pub async fn verify(
-    client: &mut KeyServiceClient<Channel>,
-    key: &str,
-    required_scopes: &[&str],
-    origin: &str,
-) -> pb::VerifyKeyResponse {
-    client
-        .verify_key(pb::VerifyKeyRequest {
-            key: key.into(),
-            required_scopes: required_scopes.iter().map(|s| s.to_string()).collect(),
-            origin: origin.into(),
-        })
-        .await
-        .expect("verify_key")
-        .into_inner()
-}
-
+/// The code of a VerifyKey answer.
 pub fn code(response: &pb::VerifyKeyResponse) -> pb::VerifyCode {
     pb::VerifyCode::try_from(response.code).expect("known code")
+}
+
+/// GetLogHead as an auditor ("" for no workspace).
+pub async fn log_head(audit: &mut AuditServiceClient<Channel>, workspace: &str) -> pb::LogHead {
+    audit
+        .get_log_head(auditor(pb::GetLogHeadRequest {
+            workspace_id: workspace.into(),
+        }))
+        .await
+        .expect("get_log_head")
+        .into_inner()
+}
+
+/// `sequence:hash` as `--expect-head` takes it.
+pub fn head_arg(sequence: u64, hash: &[u8]) -> String {
+    format!("{sequence}:{}", hex::encode(hash))
+}
+
+// ----------------------------------------------------------------------------------------------
+// Running programs
+
+/// A command with no `KEMON_*` variable of the test's own environment: what a test runs
+/// sets what it means to.
+fn clean_command(program: impl AsRef<OsStr>) -> Command {
+    let mut command = Command::new(program);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("KEMON_") {
+            command.env_remove(name);
+        }
+    }
+    command.stdin(Stdio::null());
+    command
+}
+
+/// One run of the `kemon-keys` binary (or, for the README, of a shell): arguments,
+/// environment (no inherited `KEMON_*` variable), a time limit, and what it printed. It runs
+/// off the runtime's threads, so an in-process server keeps serving meanwhile.
+pub struct Cli {
+    command: Command,
+    shown: String,
+    timeout: Duration,
+}
+
+impl Cli {
+    /// `kemon-keys` with `args` (more with [`Cli::arg`]).
+    pub fn kemon(args: &[&str]) -> Cli {
+        Cli::program(SERVER_BIN).args(args)
+    }
+
+    pub fn program(program: impl AsRef<OsStr>) -> Cli {
+        Cli {
+            shown: program.as_ref().to_string_lossy().into_owned(),
+            command: clean_command(program),
+            timeout: Duration::from_secs(30),
+        }
+    }
+
+    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Cli {
+        self.shown.push(' ');
+        self.shown.push_str(&arg.as_ref().to_string_lossy());
+        self.command.arg(arg);
+        self
+    }
+
+    pub fn args<I, S>(self, args: I) -> Cli
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        args.into_iter().fold(self, Cli::arg)
+    }
+
+    pub fn env(mut self, name: &str, value: impl AsRef<OsStr>) -> Cli {
+        self.command.env(name, value);
+        self
+    }
+
+    pub fn current_dir(mut self, dir: &Path) -> Cli {
+        self.command.current_dir(dir);
+        self
+    }
+
+    /// Kill the run and fail the test past this (30 s unless told).
+    pub fn timeout(mut self, timeout: Duration) -> Cli {
+        self.timeout = timeout;
+        self
+    }
+
+    pub async fn run(self) -> Ran {
+        let Cli {
+            mut command,
+            shown,
+            timeout,
+        } = self;
+        tokio::task::spawn_blocking(move || {
+            command.stdout(Stdio::piped()).stderr(Stdio::piped());
+            let mut child = command
+                .spawn()
+                .unwrap_or_else(|e| panic!("spawn {shown}: {e}"));
+            let stdout = read_all(child.stdout.take().expect("stdout"));
+            let stderr = read_all(child.stderr.take().expect("stderr"));
+            let deadline = Instant::now() + timeout;
+            let status = loop {
+                if let Some(status) = child.try_wait().expect("try_wait") {
+                    break status;
+                }
+                if Instant::now() >= deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("{shown} did not exit within {timeout:?}");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            };
+            Ran {
+                status,
+                stdout: stdout.join().expect("stdout reader"),
+                stderr: stderr.join().expect("stderr reader"),
+            }
+        })
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+    }
+}
+
+fn read_all(mut from: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = from.read_to_end(&mut bytes);
+        String::from_utf8_lossy(&bytes).into_owned()
+    })
+}
+
+/// What a [`Cli`] run printed, and how it exited.
+#[derive(Debug)]
+pub struct Ran {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Ran {
+    pub fn report(&self) -> String {
+        format!(
+            "exit {:?}\nstdout: {}\nstderr: {}",
+            self.status, self.stdout, self.stderr
+        )
+    }
+
+    /// Asserts a zero exit; returns stdout.
+    #[track_caller]
+    pub fn assert_success(&self) -> &str {
+        assert!(self.status.success(), "{}", self.report());
+        &self.stdout
+    }
+
+    /// Asserts a non-zero exit; returns stdout.
+    #[track_caller]
+    pub fn assert_failure(&self) -> &str {
+        assert!(
+            !self.status.success(),
+            "expected a failure\n{}",
+            self.report()
+        );
+        &self.stdout
+    }
+
+    /// Asserts an `audit verify` that succeeded and printed `OK …`; returns stdout.
+    #[track_caller]
+    pub fn assert_verified(&self) -> &str {
+        let stdout = self.assert_success();
+        assert!(stdout.starts_with("OK"), "{}", self.report());
+        stdout
+    }
+
+    /// Asserts an `audit verify` that failed and did not print `OK`; returns stdout.
+    #[track_caller]
+    pub fn assert_refused(&self) -> &str {
+        let stdout = self.assert_failure();
+        assert!(!stdout.starts_with("OK"), "{}", self.report());
+        stdout
+    }
+
+    /// Asserts an `audit verify` that failed with `first bad sequence {sequence}`.
+    #[track_caller]
+    pub fn assert_first_bad(&self, sequence: u64) {
+        self.assert_refused();
+        assert_eq!(
+            first_bad_sequence(&self.stdout),
+            Some(sequence),
+            "{}",
+            self.report()
+        );
+    }
+
+    /// Asserts success; one JSON value per non-blank line of stdout.
+    #[track_caller]
+    pub fn json_lines(&self) -> Vec<serde_json::Value> {
+        self.assert_success()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect()
+    }
+}
+
+/// The sequence N of `first bad sequence N` in a verify report.
+pub fn first_bad_sequence(report: &str) -> Option<u64> {
+    let marker = "first bad sequence ";
+    let rest = &report[report.find(marker)? + marker.len()..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+pub fn path_str(path: &Path) -> &str {
+    path.to_str().expect("UTF-8 path")
 }
 
 /// The server binary, for tests that need a process of its own (signals, limits, RSS).
@@ -444,7 +995,7 @@ impl ServerProcess {
         extra: &[&str],
         filter: &str,
     ) -> ServerProcess {
-        let mut command = Command::new("sh");
+        let mut command = clean_command("sh");
         command
             .arg("-c")
             .arg(r#"trap '' XFSZ; exec "$@""#)
@@ -457,8 +1008,6 @@ impl ServerProcess {
             .args(extra)
             .env("KEMON_MASTER_KEY", master_key_hex)
             .env("RUST_LOG", filter)
-            .env_remove("KEMON_MASTER_KEY_FILE")
-            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let mut child = command.spawn().expect("spawn kemon-keys");
@@ -498,8 +1047,8 @@ impl ServerProcess {
         connect(self.addr).await
     }
 
-    pub async fn client(&self) -> KeyServiceClient<Channel> {
-        KeyServiceClient::new(self.channel().await)
+    pub async fn client(&self) -> TestClient {
+        TestClient::connect(self.addr).await
     }
 
     pub async fn health(&self, service: &str) -> Option<ServingStatus> {

@@ -96,7 +96,9 @@ async fn hostile_clients_cannot_drive_memory_or_hold_connections() {
     )
     .await;
     let mut client = server.client().await;
-    let (_, secret) = create(&mut client, private_key("normal client", &["tickets:read"])).await;
+    let (_, secret) = client
+        .create(private_key("normal client", &["tickets:read"]))
+        .await;
     let baseline = rss_bytes(server.pid());
 
     // A message announced over the request limit is refused at once, before any buffer is
@@ -127,7 +129,7 @@ async fn hostile_clients_cannot_drive_memory_or_hold_connections() {
     // Meanwhile a normal client is answered.
     let started = Instant::now();
     for _ in 0..20 {
-        let response = verify(&mut client, &secret, &["tickets:read"], "").await;
+        let response = client.verify(&secret, &["tickets:read"], "").await;
         assert_eq!(code(&response), kemon_keys::proto::v1::VerifyCode::Valid);
     }
     let verify_ms = started.elapsed().as_secs_f64() * 1000.0 / 20.0;
@@ -187,7 +189,7 @@ async fn hostile_clients_cannot_drive_memory_or_hold_connections() {
 
     // The normal client's connection was idle too; it reconnects and is answered.
     let mut client = server.client().await;
-    let response = verify(&mut client, &secret, &["tickets:read"], "").await;
+    let response = client.verify(&secret, &["tickets:read"], "").await;
     assert_eq!(code(&response), kemon_keys::proto::v1::VerifyCode::Valid);
     println!(
         "RSS after the hostile connections closed: {} KiB",

@@ -4,9 +4,7 @@
 use std::time::Duration;
 
 use kemon_keys::proto::v1 as pb;
-use kemon_keys::proto::v1::key_service_client::KeyServiceClient;
 use tonic::Code;
-use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
 use crate::helpers::*;
@@ -16,62 +14,40 @@ fn with_id(request_id: &str, mut request: pb::CreateKeyRequest) -> pb::CreateKey
     request
 }
 
-async fn create_raw(
-    client: &mut KeyServiceClient<Channel>,
-    request: pb::CreateKeyRequest,
-) -> Result<pb::CreateKeyResponse, tonic::Status> {
-    client
-        .create_key(admin(request))
-        .await
-        .map(tonic::Response::into_inner)
-}
-
-async fn key_count(client: &mut KeyServiceClient<Channel>, workspace: &str) -> usize {
-    client
-        .list_keys(admin(pb::ListKeysRequest {
-            workspace_id: workspace.into(),
-            include_revoked: true,
-            page_size: 200,
-            ..Default::default()
-        }))
-        .await
-        .unwrap()
-        .into_inner()
-        .keys
-        .len()
+async fn key_count(client: &TestClient, workspace: &str) -> usize {
+    client.in_workspace(workspace).list_all().await.len()
 }
 
 #[tokio::test]
 async fn a_retry_with_the_same_request_id_returns_the_first_key_and_secret() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (server, mut client) = TestServer::with_client().await;
     let request = with_id(
         "9b2f6c1e-0d4a-4c55-9f43-2d7e0b1a6c10",
         private_key("retried", &["tickets:read"]),
     );
-    let first = create_raw(&mut client, request.clone()).await.unwrap();
+    let first = client.try_create(request.clone()).await.unwrap();
     assert!(!first.replayed);
-    let again = create_raw(&mut client, request.clone()).await.unwrap();
+    let again = client.try_create(request.clone()).await.unwrap();
     assert!(again.replayed);
     assert_eq!(again.key, first.key);
     assert_eq!(again.secret, first.secret);
-    assert_eq!(key_count(&mut client, WORKSPACE).await, 1);
+    assert_eq!(key_count(&client, WORKSPACE).await, 1);
 
     // The same id with another request is refused, and creates nothing.
     let mut other = request.clone();
     other.name = "another".into();
-    let status = create_raw(&mut client, other).await.unwrap_err();
+    let status = client.try_create(other).await.unwrap_err();
     assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
     assert_eq!(
         status.get_details_error_info().map(|i| i.reason).as_deref(),
         Some("REQUEST_ID_REUSED")
     );
-    assert_eq!(key_count(&mut client, WORKSPACE).await, 1);
+    assert_eq!(key_count(&client, WORKSPACE).await, 1);
 
     // Another workspace has its own request ids.
     let mut elsewhere = request.clone();
     elsewhere.workspace_id = "ws_other".into();
-    let other_ws = create_raw(&mut client, elsewhere).await.unwrap();
+    let other_ws = client.try_create(elsewhere).await.unwrap();
     assert!(!other_ws.replayed);
     assert_ne!(
         other_ws.key.as_ref().unwrap().key_id,
@@ -82,21 +58,14 @@ async fn a_retry_with_the_same_request_id_returns_the_first_key_and_secret() {
     drop(client);
     let server = server.restart().await;
     let mut client = server.client().await;
-    let after_restart = create_raw(&mut client, request.clone()).await.unwrap();
+    let after_restart = client.try_create(request.clone()).await.unwrap();
     assert!(after_restart.replayed);
     assert_eq!(after_restart.secret, first.secret);
 
     // Once the key is revoked, a retry returns it revoked, without its secret.
     let key_id = first.key.as_ref().unwrap().key_id.clone();
-    client
-        .revoke_key(admin(pb::RevokeKeyRequest {
-            workspace_id: WORKSPACE.into(),
-            key_id: key_id.clone(),
-            ..Default::default()
-        }))
-        .await
-        .unwrap();
-    let after_revoke = create_raw(&mut client, request.clone()).await.unwrap();
+    client.revoke(&key_id).await;
+    let after_revoke = client.try_create(request.clone()).await.unwrap();
     assert!(after_revoke.replayed);
     assert!(after_revoke.secret.is_empty());
     assert!(after_revoke.key.as_ref().unwrap().revoked_at.is_some());
@@ -104,10 +73,10 @@ async fn a_retry_with_the_same_request_id_returns_the_first_key_and_secret() {
 
     // After the 24-hour window the id is forgotten: a new key.
     server.clock.advance(Duration::from_secs(24 * 3600 + 1));
-    let later = create_raw(&mut client, request).await.unwrap();
+    let later = client.try_create(request).await.unwrap();
     assert!(!later.replayed);
     assert_ne!(later.key.unwrap().key_id, key_id);
-    assert_eq!(key_count(&mut client, WORKSPACE).await, 2);
+    assert_eq!(key_count(&client, WORKSPACE).await, 2);
 }
 
 #[tokio::test]
@@ -118,9 +87,9 @@ async fn concurrent_retries_make_one_key() {
     for _ in 0..16 {
         let mut client = server.client().await;
         let request = request.clone();
-        calls.push(tokio::spawn(async move {
-            create_raw(&mut client, request).await
-        }));
+        calls.push(tokio::spawn(
+            async move { client.try_create(request).await },
+        ));
     }
     let mut answers = Vec::new();
     for call in calls {
@@ -133,17 +102,16 @@ async fn concurrent_retries_make_one_key() {
             .all(|a| a.key == first.key && a.secret == first.secret)
     );
     assert_eq!(answers.iter().filter(|a| !a.replayed).count(), 1);
-    let mut client = server.client().await;
-    assert_eq!(key_count(&mut client, WORKSPACE).await, 1);
+    let client = server.client().await;
+    assert_eq!(key_count(&client, WORKSPACE).await, 1);
 }
 
 #[tokio::test]
 async fn request_ids_are_checked() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (_server, mut client) = TestServer::with_client().await;
     for bad in ["has space", "sl/ash", &"a".repeat(65)] {
-        let result = create_raw(&mut client, with_id(bad, private_key("x", &[]))).await;
+        let result = client.try_create(with_id(bad, private_key("x", &[]))).await;
         assert_invalid(result, "request_id");
     }
-    assert_eq!(key_count(&mut client, WORKSPACE).await, 0);
+    assert_eq!(key_count(&client, WORKSPACE).await, 0);
 }

@@ -7,12 +7,11 @@ use crate::helpers::*;
 
 #[tokio::test]
 async fn create_verify_rename_rescope_reveal_revoke() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (_server, mut client) = TestServer::with_client().await;
 
-    let mut request = private_key("CI deploy", &["tickets:read"]);
-    request.reveal_later = true;
-    let (key, secret) = create(&mut client, request).await;
+    let (key, secret) = client
+        .create(revealable(private_key("CI deploy", &["tickets:read"])))
+        .await;
     assert!(secret.starts_with("sk_"), "{secret}");
     assert!(key.key_id.starts_with("key_"));
     assert_eq!(key.version, 1);
@@ -27,73 +26,39 @@ async fn create_verify_rename_rescope_reveal_revoke() {
         "default expiry is 90 days"
     );
 
-    let ok = verify(&mut client, &secret, &["tickets:read"], "").await;
+    let ok = client.verify(&secret, &["tickets:read"], "").await;
     assert_eq!(code(&ok), pb::VerifyCode::Valid);
     assert!(ok.valid);
     assert_eq!(ok.key_id, key.key_id);
     assert_eq!(ok.workspace_id, WORKSPACE);
 
     let renamed = client
-        .rename_key(admin(pb::RenameKeyRequest {
-            workspace_id: WORKSPACE.into(),
-            key_id: key.key_id.clone(),
-            name: "CI deploy (old)".into(),
-            expected_version: Some(1),
-        }))
+        .try_rename(&key.key_id, "CI deploy (old)", Some(1))
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(renamed.name, "CI deploy (old)");
     assert_eq!(renamed.version, 2);
 
     let rescoped = client
-        .update_key_scopes(admin(pb::UpdateKeyScopesRequest {
-            workspace_id: WORKSPACE.into(),
-            key_id: key.key_id.clone(),
-            scopes: vec!["tickets:write".into(), "labels:read".into()],
-            expected_version: None,
-        }))
-        .await
-        .unwrap()
-        .into_inner();
+        .rescope(&key.key_id, &["tickets:write", "labels:read"])
+        .await;
     assert_eq!(rescoped.scopes, ["tickets:write", "labels:read"]);
     assert_eq!(rescoped.version, 3);
-    let lacking = verify(&mut client, &secret, &["tickets:read"], "").await;
+    let lacking = client.verify(&secret, &["tickets:read"], "").await;
     assert_eq!(code(&lacking), pb::VerifyCode::InsufficientScope);
     assert_eq!(lacking.missing_scopes, ["tickets:read"]);
 
-    let revealed = client
-        .reveal_key(admin(pb::RevealKeyRequest {
-            workspace_id: WORKSPACE.into(),
-            key_id: key.key_id.clone(),
-        }))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(revealed.secret, secret);
+    let revealed = client.reveal(&key.key_id).await;
+    assert_eq!(revealed, secret);
 
-    let revoked = client
-        .revoke_key(admin(pb::RevokeKeyRequest {
-            workspace_id: WORKSPACE.into(),
-            key_id: key.key_id.clone(),
-            expected_version: Some(3),
-        }))
-        .await
-        .unwrap()
-        .into_inner();
+    let revoked = client.try_revoke(&key.key_id, Some(3)).await.unwrap();
     assert!(revoked.revoked_at.is_some());
     assert!(!revoked.revealable);
     assert_eq!(revoked.version, 4);
     assert_eq!(
-        code(&verify(&mut client, &secret, &[], "").await),
+        code(&client.verify(&secret, &[], "").await),
         pb::VerifyCode::Revoked
     );
-    let reveal_after = client
-        .reveal_key(admin(pb::RevealKeyRequest {
-            workspace_id: WORKSPACE.into(),
-            key_id: key.key_id.clone(),
-        }))
-        .await
-        .unwrap_err();
+    let reveal_after = client.try_reveal(&key.key_id).await.unwrap_err();
     assert_eq!(reveal_after.code(), Code::FailedPrecondition);
 }

@@ -4,21 +4,9 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use kemon_keys::proto::v1 as pb;
-use kemon_keys::proto::v1::key_service_client::KeyServiceClient;
-use tonic::transport::Channel;
-use tonic::{Code, Status};
+use tonic::Code;
 
 use crate::helpers::*;
-
-async fn list(
-    client: &mut KeyServiceClient<Channel>,
-    request: pb::ListKeysRequest,
-) -> Result<pb::ListKeysResponse, Status> {
-    client
-        .list_keys(admin(request))
-        .await
-        .map(|r| r.into_inner())
-}
 
 fn list_request(page_size: u32, page_token: &str) -> pb::ListKeysRequest {
     pb::ListKeysRequest {
@@ -31,22 +19,17 @@ fn list_request(page_size: u32, page_token: &str) -> pb::ListKeysRequest {
 
 /// Every page of a listing from the request's page_token on, following next_page_token until
 /// it is empty.
-async fn all_pages(
-    client: &mut KeyServiceClient<Channel>,
-    request: pb::ListKeysRequest,
-) -> Vec<Vec<pb::Key>> {
+async fn all_pages(client: &mut TestClient, request: pb::ListKeysRequest) -> Vec<Vec<pb::Key>> {
     let mut pages = Vec::new();
     let mut token = request.page_token.clone();
     loop {
-        let response = list(
-            client,
-            pb::ListKeysRequest {
+        let response = client
+            .try_list(pb::ListKeysRequest {
                 page_token: token.clone(),
                 ..request.clone()
-            },
-        )
-        .await
-        .expect("list_keys");
+            })
+            .await
+            .expect("list_keys");
         pages.push(response.keys);
         if response.next_page_token.is_empty() {
             return pages;
@@ -61,82 +44,19 @@ fn ids(keys: &[pb::Key]) -> Vec<String> {
 }
 
 /// Creates `n` private keys one millisecond apart, oldest first.
-async fn create_many(
-    server: &TestServer,
-    client: &mut KeyServiceClient<Channel>,
-    n: usize,
-) -> Vec<pb::Key> {
+async fn create_many(server: &TestServer, client: &mut TestClient, n: usize) -> Vec<pb::Key> {
     let mut keys = Vec::new();
     for i in 0..n {
-        let (key, _) = create(client, private_key(&format!("key {i}"), &[])).await;
+        let (key, _) = client.create(private_key(&format!("key {i}"), &[])).await;
         keys.push(key);
         server.clock.advance(Duration::from_millis(1));
     }
     keys
 }
 
-async fn revoke(
-    client: &mut KeyServiceClient<Channel>,
-    key_id: &str,
-    expected_version: Option<u64>,
-) -> Result<pb::Key, Status> {
-    client
-        .revoke_key(admin(pb::RevokeKeyRequest {
-            workspace_id: WORKSPACE.into(),
-            key_id: key_id.into(),
-            expected_version,
-        }))
-        .await
-        .map(|r| r.into_inner())
-}
-
-async fn rename(
-    client: &mut KeyServiceClient<Channel>,
-    key_id: &str,
-    name: &str,
-    expected_version: Option<u64>,
-) -> Result<pb::Key, Status> {
-    client
-        .rename_key(admin(pb::RenameKeyRequest {
-            workspace_id: WORKSPACE.into(),
-            key_id: key_id.into(),
-            name: name.into(),
-            expected_version,
-        }))
-        .await
-        .map(|r| r.into_inner())
-}
-
-async fn update_scopes(
-    client: &mut KeyServiceClient<Channel>,
-    key_id: &str,
-    scopes: &[&str],
-) -> Result<pb::Key, Status> {
-    client
-        .update_key_scopes(admin(pb::UpdateKeyScopesRequest {
-            workspace_id: WORKSPACE.into(),
-            key_id: key_id.into(),
-            scopes: scopes.iter().map(|s| s.to_string()).collect(),
-            expected_version: None,
-        }))
-        .await
-        .map(|r| r.into_inner())
-}
-
-async fn reveal(client: &mut KeyServiceClient<Channel>, key_id: &str) -> Result<String, Status> {
-    client
-        .reveal_key(admin(pb::RevealKeyRequest {
-            workspace_id: WORKSPACE.into(),
-            key_id: key_id.into(),
-        }))
-        .await
-        .map(|r| r.into_inner().secret)
-}
-
 #[tokio::test]
 async fn pages_of_three_walk_seven_keys_oldest_first() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (server, mut client) = TestServer::with_client().await;
     let created = create_many(&server, &mut client, 7).await;
 
     let pages = all_pages(&mut client, list_request(3, "")).await;
@@ -155,35 +75,35 @@ async fn pages_of_three_walk_seven_keys_oldest_first() {
 
 #[tokio::test]
 async fn the_last_page_has_no_token_even_when_it_is_full() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (server, mut client) = TestServer::with_client().await;
     let created = create_many(&server, &mut client, 6).await;
 
-    let first = list(&mut client, list_request(3, "")).await.unwrap();
+    let first = client.try_list(list_request(3, "")).await.unwrap();
     assert_eq!(ids(&first.keys), ids(&created[..3]));
     assert!(!first.next_page_token.is_empty());
-    let second = list(&mut client, list_request(3, &first.next_page_token))
+    let second = client
+        .try_list(list_request(3, &first.next_page_token))
         .await
         .unwrap();
     assert_eq!(ids(&second.keys), ids(&created[3..]));
     assert_eq!(second.next_page_token, "", "empty on the last page");
 
-    let whole = list(&mut client, list_request(6, "")).await.unwrap();
+    let whole = client.try_list(list_request(6, "")).await.unwrap();
     assert_eq!(whole.keys.len(), 6);
     assert_eq!(whole.next_page_token, "");
 }
 
 #[tokio::test]
 async fn page_size_zero_means_fifty() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (server, mut client) = TestServer::with_client().await;
     let created = create_many(&server, &mut client, 51).await;
 
-    let first = list(&mut client, list_request(0, "")).await.unwrap();
+    let first = client.try_list(list_request(0, "")).await.unwrap();
     assert_eq!(first.keys.len(), 50);
     assert_eq!(ids(&first.keys), ids(&created[..50]));
     assert!(!first.next_page_token.is_empty());
-    let second = list(&mut client, list_request(0, &first.next_page_token))
+    let second = client
+        .try_list(list_request(0, &first.next_page_token))
         .await
         .unwrap();
     assert_eq!(ids(&second.keys), ids(&created[50..]));
@@ -192,8 +112,7 @@ async fn page_size_zero_means_fifty() {
 
 #[tokio::test]
 async fn page_size_above_200_is_served_as_200() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (server, mut client) = TestServer::with_client().await;
     let created = create_many(&server, &mut client, 250).await;
 
     // AIP-158: a page size over the maximum is coerced down, not refused.
@@ -204,23 +123,23 @@ async fn page_size_above_200_is_served_as_200() {
     assert_eq!(ids(&listed), ids(&created));
 
     for size in [201, u32::MAX] {
-        let first = list(&mut client, list_request(size, "")).await.unwrap();
+        let first = client.try_list(list_request(size, "")).await.unwrap();
         assert_eq!(ids(&first.keys), ids(&created[..200]), "page_size {size}");
         assert!(!first.next_page_token.is_empty());
     }
-    let largest = list(&mut client, list_request(200, "")).await.unwrap();
+    let largest = client.try_list(list_request(200, "")).await.unwrap();
     assert_eq!(ids(&largest.keys), ids(&created[..200]));
-    let smallest = list(&mut client, list_request(1, "")).await.unwrap();
+    let smallest = client.try_list(list_request(1, "")).await.unwrap();
     assert_eq!(ids(&smallest.keys), ids(&created[..1]));
     assert!(!smallest.next_page_token.is_empty());
 }
 
 #[tokio::test]
 async fn a_garbage_page_token_is_refused() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (server, mut client) = TestServer::with_client().await;
     let created = create_many(&server, &mut client, 2).await;
-    let token = list(&mut client, list_request(1, ""))
+    let token = client
+        .try_list(list_request(1, ""))
         .await
         .unwrap()
         .next_page_token;
@@ -237,10 +156,7 @@ async fn a_garbage_page_token_is_refused() {
         token[1..].to_owned(),
         format!("{token}A"),
     ] {
-        let reasons = assert_invalid(
-            list(&mut client, list_request(1, &token)).await,
-            "page_token",
-        );
+        let reasons = assert_invalid(client.try_list(list_request(1, &token)).await, "page_token");
         assert!(
             reasons[0].contains("not a page token from this service"),
             "{token:?}: {reasons:?}"
@@ -250,11 +166,10 @@ async fn a_garbage_page_token_is_refused() {
 
 #[tokio::test]
 async fn a_page_token_is_opaque() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (server, mut client) = TestServer::with_client().await;
     let created = create_many(&server, &mut client, 3).await;
 
-    let first = list(&mut client, list_request(1, "")).await.unwrap();
+    let first = client.try_list(list_request(1, "")).await.unwrap();
     let last_sent = &first.keys[0].key_id;
     assert_eq!(last_sent, &created[0].key_id);
     let token = &first.next_page_token;
@@ -267,22 +182,22 @@ async fn a_page_token_is_opaque() {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
         "URL-safe: {token}"
     );
-    let second = list(&mut client, list_request(1, token)).await.unwrap();
+    let second = client.try_list(list_request(1, token)).await.unwrap();
     assert_eq!(ids(&second.keys), ids(&created[1..2]));
 }
 
 #[tokio::test]
 async fn a_page_token_is_refused_with_other_filters() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (server, mut client) = TestServer::with_client().await;
     let created = create_many(&server, &mut client, 4).await;
-    revoke(&mut client, &created[1].key_id, None).await.unwrap();
+    client.revoke(&created[1].key_id).await;
     let mut elsewhere = private_key("elsewhere", &[]);
     elsewhere.workspace_id = "ws_other".into();
-    create(&mut client, elsewhere).await;
+    client.create(elsewhere).await;
 
     let query = list_request(1, "");
-    let token = list(&mut client, query.clone())
+    let token = client
+        .try_list(query.clone())
         .await
         .unwrap()
         .next_page_token;
@@ -310,7 +225,7 @@ async fn a_page_token_is_refused_with_other_filters() {
     ];
     for other in others {
         let reasons = assert_invalid(
-            list(&mut client, with_token(other.clone())).await,
+            client.try_list(with_token(other.clone())).await,
             "page_token",
         );
         assert!(
@@ -325,35 +240,32 @@ async fn a_page_token_is_refused_with_other_filters() {
         r#type: pb::KeyType::Private as i32,
         ..query.clone()
     };
-    let filtered_token = list(&mut client, filtered.clone())
+    let filtered_token = client
+        .try_list(filtered.clone())
         .await
         .unwrap()
         .next_page_token;
     assert_invalid(
-        list(&mut client, list_request(1, &filtered_token)).await,
+        client.try_list(list_request(1, &filtered_token)).await,
         "page_token",
     );
-    let next = list(
-        &mut client,
-        pb::ListKeysRequest {
+    let next = client
+        .try_list(pb::ListKeysRequest {
             page_token: filtered_token,
             ..filtered
-        },
-    )
-    .await
-    .unwrap();
+        })
+        .await
+        .unwrap();
     assert_eq!(ids(&next.keys), ids(&created[1..2]), "the revoked key");
 
     // With the same filters the token works, and the page size may change (AIP-158).
-    let rest = list(
-        &mut client,
-        pb::ListKeysRequest {
+    let rest = client
+        .try_list(pb::ListKeysRequest {
             page_size: 10,
             ..with_token(query)
-        },
-    )
-    .await
-    .unwrap();
+        })
+        .await
+        .unwrap();
     assert_eq!(
         ids(&rest.keys),
         [created[2].key_id.clone(), created[3].key_id.clone()]
@@ -363,10 +275,9 @@ async fn a_page_token_is_refused_with_other_filters() {
 
 #[tokio::test]
 async fn page_tokens_survive_a_restart() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (server, mut client) = TestServer::with_client().await;
     let created = create_many(&server, &mut client, 5).await;
-    let first = list(&mut client, list_request(2, "")).await.unwrap();
+    let first = client.try_list(list_request(2, "")).await.unwrap();
     assert_eq!(ids(&first.keys), ids(&created[..2]));
     drop(client);
 
@@ -382,22 +293,17 @@ async fn page_tokens_survive_a_restart() {
 
 #[tokio::test]
 async fn listing_filters_by_type_and_environment() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
-    let test = |mut r: pb::CreateKeyRequest| {
-        r.environment = pb::Environment::Test as i32;
-        r
-    };
+    let (server, mut client) = TestServer::with_client().await;
     let requests = [
         private_key("private prod", &[]),
-        test(private_key("private test", &[])),
+        test_env(private_key("private test", &[])),
         public_key("public prod", &["tickets:read"], &["app.example.com"]),
-        test(public_key("public test", &["tickets:read"], &[])),
+        test_env(public_key("public test", &["tickets:read"], &[])),
         private_key("private prod 2", &["teams:read"]),
     ];
     let mut created = Vec::new();
     for request in requests {
-        created.push(create(&mut client, request).await.0);
+        created.push(client.create(request).await.0);
         server.clock.advance(Duration::from_millis(1));
     }
     let names = |keys: &[pb::Key]| keys.iter().map(|k| k.name.clone()).collect::<Vec<_>>();
@@ -452,7 +358,7 @@ async fn listing_filters_by_type_and_environment() {
             environment: environment as i32,
             ..Default::default()
         };
-        let whole = list(&mut client, request.clone()).await.unwrap();
+        let whole = client.try_list(request.clone()).await.unwrap();
         assert_eq!(names(&whole.keys), expected, "{key_type:?} {environment:?}");
         assert_eq!(whole.next_page_token, "");
         // Paging one at a time with the same filter gives the same keys.
@@ -469,33 +375,30 @@ async fn listing_filters_by_type_and_environment() {
         .collect();
         assert_eq!(paged, whole.keys, "{key_type:?} {environment:?}");
     }
-    let all = list(&mut client, list_request(0, "")).await.unwrap();
+    let all = client.try_list(list_request(0, "")).await.unwrap();
     assert_eq!(all.keys, created);
 }
 
 #[tokio::test]
 async fn revoked_keys_are_listed_only_on_request() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (server, mut client) = TestServer::with_client().await;
     let created = create_many(&server, &mut client, 3).await;
-    let revoked = revoke(&mut client, &created[1].key_id, None).await.unwrap();
+    let revoked = client.revoke(&created[1].key_id).await;
     assert!(revoked.revoked_at.is_some());
 
-    let default = list(&mut client, list_request(0, "")).await.unwrap();
+    let default = client.try_list(list_request(0, "")).await.unwrap();
     assert_eq!(
         ids(&default.keys),
         [created[0].key_id.clone(), created[2].key_id.clone()]
     );
 
-    let with_revoked = list(
-        &mut client,
-        pb::ListKeysRequest {
+    let with_revoked = client
+        .try_list(pb::ListKeysRequest {
             include_revoked: true,
             ..list_request(0, "")
-        },
-    )
-    .await
-    .unwrap();
+        })
+        .await
+        .unwrap();
     assert_eq!(ids(&with_revoked.keys), ids(&created));
     assert_eq!(with_revoked.keys[1], revoked);
 
@@ -510,8 +413,7 @@ async fn revoked_keys_are_listed_only_on_request() {
 
 #[tokio::test]
 async fn get_key_returns_the_created_key() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (_server, mut client) = TestServer::with_client().await;
     let mut private = private_key("private", &["tickets:read", "members:read"]);
     private.reveal_later = true;
     for request in [
@@ -523,112 +425,106 @@ async fn get_key_returns_the_created_key() {
             &["app.example.com", "*.example.org"],
         ),
     ] {
-        let (key, _) = create(&mut client, request).await;
-        assert_eq!(get_key(&mut client, &key.key_id).await, key);
+        let (key, _) = client.create(request).await;
+        assert_eq!(client.get_key(&key.key_id).await, key);
     }
 
     let missing = kemon_keys::domain::KeyId::generate(T0_MS).to_string();
-    let status = client
-        .get_key(admin(pb::GetKeyRequest {
-            workspace_id: WORKSPACE.into(),
-            key_id: missing,
-        }))
-        .await
-        .unwrap_err();
+    let status = client.try_get_key(&missing).await.unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
 }
 
 #[tokio::test]
 async fn reveal_returns_public_keys_and_opted_in_private_keys() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (_server, mut client) = TestServer::with_client().await;
 
-    let (public, pk) = create(
-        &mut client,
-        public_key("public", &["tickets:read"], &["app.example.com"]),
-    )
-    .await;
+    let (public, pk) = client
+        .create(public_key(
+            "public",
+            &["tickets:read"],
+            &["app.example.com"],
+        ))
+        .await;
     assert!(public.revealable);
-    let revealed = reveal(&mut client, &public.key_id).await.unwrap();
+    let revealed = client.reveal(&public.key_id).await;
     assert!(revealed.starts_with("pk_"), "{revealed}");
     assert_eq!(revealed, pk);
 
     let mut request = public_key("public test", &["tickets:read"], &[]);
     request.environment = pb::Environment::Test as i32;
-    let (public_test, pk_test) = create(&mut client, request).await;
+    let (public_test, pk_test) = client.create(request).await;
     assert!(public_test.revealable);
-    assert_eq!(
-        reveal(&mut client, &public_test.key_id).await.unwrap(),
-        pk_test
-    );
+    assert_eq!(client.reveal(&public_test.key_id).await, pk_test);
 
-    let (hidden, _) = create(&mut client, private_key("no copy", &[])).await;
+    let (hidden, _) = client.create(private_key("no copy", &[])).await;
     assert!(!hidden.revealable);
-    let status = reveal(&mut client, &hidden.key_id).await.unwrap_err();
+    let status = client.try_reveal(&hidden.key_id).await.unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
 
     let mut request = private_key("copy", &["tickets:read"]);
     request.reveal_later = true;
-    let (kept, sk) = create(&mut client, request).await;
+    let (kept, sk) = client.create(request).await;
     assert!(kept.revealable);
-    assert_eq!(reveal(&mut client, &kept.key_id).await.unwrap(), sk);
-    assert_eq!(
-        reveal(&mut client, &kept.key_id).await.unwrap(),
-        sk,
-        "again"
-    );
+    assert_eq!(client.reveal(&kept.key_id).await, sk);
+    assert_eq!(client.reveal(&kept.key_id).await, sk, "again");
 
     // Revealing records nothing.
-    assert_eq!(get_key(&mut client, &kept.key_id).await, kept);
-    assert_eq!(get_key(&mut client, &public.key_id).await, public);
+    assert_eq!(client.get_key(&kept.key_id).await, kept);
+    assert_eq!(client.get_key(&public.key_id).await, public);
 
     // Revoked keys are not revealable, public ones included.
     for key in [&public, &kept] {
-        let revoked = revoke(&mut client, &key.key_id, None).await.unwrap();
+        let revoked = client.revoke(&key.key_id).await;
         assert!(!revoked.revealable);
-        let status = reveal(&mut client, &key.key_id).await.unwrap_err();
+        let status = client.try_reveal(&key.key_id).await.unwrap_err();
         assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
     }
 }
 
 #[tokio::test]
 async fn revoked_keys_cannot_be_renamed_or_rescoped() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
-    let (key, _) = create(&mut client, private_key("doomed", &["tickets:read"])).await;
-    let revoked = revoke(&mut client, &key.key_id, None).await.unwrap();
+    let (_server, mut client) = TestServer::with_client().await;
+    let (key, _) = client
+        .create(private_key("doomed", &["tickets:read"]))
+        .await;
+    let revoked = client.revoke(&key.key_id).await;
 
-    let status = rename(&mut client, &key.key_id, "new name", None)
+    let status = client
+        .try_rename(&key.key_id, "new name", None)
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
-    let status = rename(&mut client, &key.key_id, "new name", Some(revoked.version))
+    let status = client
+        .try_rename(&key.key_id, "new name", Some(revoked.version))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
-    let status = update_scopes(&mut client, &key.key_id, &["labels:read"])
+    let status = client
+        .try_rescope(&key.key_id, &["labels:read"], None)
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
 
-    assert_eq!(get_key(&mut client, &key.key_id).await, revoked);
+    assert_eq!(client.get_key(&key.key_id).await, revoked);
 }
 
 #[tokio::test]
 async fn public_key_scopes_cannot_be_edited() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
-    let (key, _) = create(
-        &mut client,
-        public_key("public", &["tickets:read"], &["app.example.com"]),
-    )
-    .await;
+    let (_server, mut client) = TestServer::with_client().await;
+    let (key, _) = client
+        .create(public_key(
+            "public",
+            &["tickets:read"],
+            &["app.example.com"],
+        ))
+        .await;
     for scopes in [
         &["labels:read"][..],
         &["tickets:read"],
         &["tickets:read", "teams:read"],
     ] {
-        let status = update_scopes(&mut client, &key.key_id, scopes)
+        let status = client
+            .try_rescope(&key.key_id, scopes, None)
             .await
             .unwrap_err();
         assert_eq!(
@@ -637,87 +533,90 @@ async fn public_key_scopes_cannot_be_edited() {
             "{scopes:?}: {status:?}"
         );
     }
-    assert_eq!(get_key(&mut client, &key.key_id).await, key);
+    assert_eq!(client.get_key(&key.key_id).await, key);
 }
 
 #[tokio::test]
 async fn rescoping_a_full_access_key_makes_it_scoped() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
-    let (key, secret) = create(&mut client, private_key("everything", &[])).await;
+    let (_server, mut client) = TestServer::with_client().await;
+    let (key, secret) = client.create(private_key("everything", &[])).await;
     assert!(key.full_access);
     assert_eq!(
-        code(&verify(&mut client, &secret, &["members:read"], "").await),
+        code(&client.verify(&secret, &["members:read"], "").await),
         pb::VerifyCode::Valid
     );
 
-    let rescoped = update_scopes(&mut client, &key.key_id, &["tickets:read"])
+    let rescoped = client
+        .try_rescope(&key.key_id, &["tickets:read"], None)
         .await
         .unwrap();
     assert!(!rescoped.full_access);
     assert_eq!(rescoped.scopes, ["tickets:read"]);
     assert_eq!(rescoped.version, 2);
-    assert_eq!(get_key(&mut client, &key.key_id).await, rescoped);
+    assert_eq!(client.get_key(&key.key_id).await, rescoped);
 
-    let response = verify(&mut client, &secret, &["members:read"], "").await;
+    let response = client.verify(&secret, &["members:read"], "").await;
     assert_eq!(code(&response), pb::VerifyCode::InsufficientScope);
     assert!(!response.full_access);
     assert_eq!(response.missing_scopes, ["members:read"]);
     assert_eq!(
-        code(&verify(&mut client, &secret, &["tickets:read"], "").await),
+        code(&client.verify(&secret, &["tickets:read"], "").await),
         pb::VerifyCode::Valid
     );
 }
 
 #[tokio::test]
 async fn a_second_revoke_returns_the_key_unchanged() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
-    let (key, _) = create(&mut client, private_key("twice", &[])).await;
-    let first = revoke(&mut client, &key.key_id, Some(1)).await.unwrap();
+    let (server, mut client) = TestServer::with_client().await;
+    let (key, _) = client.create(private_key("twice", &[])).await;
+    let first = client.try_revoke(&key.key_id, Some(1)).await.unwrap();
     assert_eq!(first.version, 2);
     assert!(first.revoked_at.is_some());
 
     server.clock.advance(Duration::from_secs(60));
-    let again = revoke(&mut client, &key.key_id, Some(1))
+    let again = client
+        .try_revoke(&key.key_id, Some(1))
         .await
         .expect("a stale expected_version on a revoked key is still fine");
     assert_eq!(again.version, first.version);
     assert_eq!(again.revoked_at, first.revoked_at);
     assert_eq!(again.updated_at, first.updated_at);
-    let unconditional = revoke(&mut client, &key.key_id, None).await.unwrap();
+    let unconditional = client.revoke(&key.key_id).await;
     assert_eq!(unconditional.version, first.version);
     assert_eq!(unconditional.revoked_at, first.revoked_at);
-    assert_eq!(get_key(&mut client, &key.key_id).await, unconditional);
+    assert_eq!(client.get_key(&key.key_id).await, unconditional);
 }
 
 #[tokio::test]
 async fn a_stale_expected_version_is_aborted() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
-    let (key, _) = create(&mut client, private_key("original", &[])).await;
-    let renamed = rename(&mut client, &key.key_id, "first rename", Some(1))
+    let (_server, mut client) = TestServer::with_client().await;
+    let (key, _) = client.create(private_key("original", &[])).await;
+    let renamed = client
+        .try_rename(&key.key_id, "first rename", Some(1))
         .await
         .unwrap();
     assert_eq!(renamed.version, 2);
 
-    let status = rename(&mut client, &key.key_id, "second rename", Some(1))
+    let status = client
+        .try_rename(&key.key_id, "second rename", Some(1))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Aborted, "{status:?}");
-    let status = rename(&mut client, &key.key_id, "second rename", Some(3))
+    let status = client
+        .try_rename(&key.key_id, "second rename", Some(3))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Aborted, "{status:?}");
-    let after = get_key(&mut client, &key.key_id).await;
+    let after = client.get_key(&key.key_id).await;
     assert_eq!(after.name, "first rename");
     assert_eq!(after, renamed);
 
-    let status = revoke(&mut client, &key.key_id, Some(1)).await.unwrap_err();
+    let status = client.try_revoke(&key.key_id, Some(1)).await.unwrap_err();
     assert_eq!(status.code(), Code::Aborted, "{status:?}");
-    assert!(get_key(&mut client, &key.key_id).await.revoked_at.is_none());
+    assert!(client.get_key(&key.key_id).await.revoked_at.is_none());
 
-    let current = rename(&mut client, &key.key_id, "second rename", Some(2))
+    let current = client
+        .try_rename(&key.key_id, "second rename", Some(2))
         .await
         .unwrap();
     assert_eq!(current.name, "second rename");

@@ -61,22 +61,21 @@ async fn each_call_logs_one_line_with_its_method_code_and_key() {
     let mut client = server.client().await;
     let mut audit = AuditServiceClient::new(channel.clone());
 
-    let (key, secret) = create(&mut client, private_key("logged", &["tickets:read"])).await;
-    let verified = verify(&mut client, &secret, &["tickets:write"], "").await;
+    let (key, secret) = client
+        .create(private_key("logged", &["tickets:read"]))
+        .await;
+    let verified = client.verify(&secret, &["tickets:write"], "").await;
     assert_eq!(code(&verified), pb::VerifyCode::InsufficientScope);
     let missing = KeyId::generate(T0_MS).to_string();
     let not_found = client
-        .get_key(admin(pb::GetKeyRequest {
-            workspace_id: WORKSPACE.into(),
-            key_id: missing.clone(),
-        }))
+        .try_get_key(&missing)
         .await
         .expect_err("a missing key");
     assert_eq!(not_found.code(), Code::NotFound);
 
     // A stream read to its end: its code comes from the trailers.
     let mut events = audit
-        .read_events(as_role("auditor", pb::ReadEventsRequest::default()))
+        .read_events(auditor(pb::ReadEventsRequest::default()))
         .await
         .expect("read_events")
         .into_inner();
@@ -84,7 +83,7 @@ async fn each_call_logs_one_line_with_its_method_code_and_key() {
 
     // A stream the client leaves.
     let mut left = audit
-        .subscribe_events(as_role("auditor", pb::SubscribeEventsRequest::default()))
+        .subscribe_events(auditor(pb::SubscribeEventsRequest::default()))
         .await
         .expect("subscribe_events")
         .into_inner();
@@ -93,7 +92,7 @@ async fn each_call_logs_one_line_with_its_method_code_and_key() {
 
     // A stream the server ends on shutdown, with a status in its trailers.
     let mut open = audit
-        .subscribe_events(as_role("auditor", pb::SubscribeEventsRequest::default()))
+        .subscribe_events(auditor(pb::SubscribeEventsRequest::default()))
         .await
         .expect("subscribe_events")
         .into_inner();

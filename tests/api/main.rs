@@ -1,5 +1,7 @@
 //! Integration tests: each starts the real server on a random port with a fresh SQLite file
-//! and talks to it over gRPC. One test binary, one module per feature.
+//! and talks to it over gRPC. One test binary, one module per feature, and three shared ones:
+//! `helpers` (servers, clients, callers, the CLI runner), `inspect` (every direct look at the
+//! database) and `story` (the multi-workspace scenario).
 
 mod audit;
 mod auth;
@@ -8,12 +10,14 @@ mod group_commit;
 mod helpers;
 mod hostile;
 mod idempotency;
+mod inspect;
 mod lifecycle;
 mod listing;
 mod logs;
 mod persistence;
 mod readme;
 mod storage;
+mod story;
 mod surface;
 mod tamper;
 mod validation;

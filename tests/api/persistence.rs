@@ -1,208 +1,18 @@
 //! Durability: restarts, the event log, projection rebuilds, secrets at rest and master keys.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use kemon_keys::app::{Application, MasterKeySource, Settings};
+use kemon_keys::app::{Application, MasterKeySource};
 use kemon_keys::clock::ManualClock;
 use kemon_keys::proto::v1 as pb;
-use kemon_keys::proto::v1::key_service_client::KeyServiceClient;
 use kemon_keys::vault::MasterKey;
 use sha3::Digest;
-use sqlx::{Connection, Row, SqliteConnection};
-use tonic::transport::Channel;
-use tonic::{Code, Request, Status};
+use tonic::Code;
 
 use crate::helpers::*;
-
-const BIN: &str = env!("CARGO_BIN_EXE_kemon-keys");
-
-/// A request acting as `actor` with the admin role.
-fn by<T>(actor: &str, message: T) -> Request<T> {
-    let mut request = Request::new(message);
-    request
-        .metadata_mut()
-        .insert("x-kemon-actor", actor.parse().unwrap());
-    request
-        .metadata_mut()
-        .insert("x-kemon-role", "admin".parse().unwrap());
-    request
-}
-
-/// Graceful stop, failing (instead of hanging) if it does not finish within 10 s. Keeps the
-/// data directory alive through the returned handle.
-async fn stop(server: TestServer) -> Option<Arc<tempfile::TempDir>> {
-    let (tmp, result) = tokio::time::timeout(Duration::from_secs(10), server.stop())
-        .await
-        .expect("graceful stop did not finish within 10 s");
-    result.expect("clean shutdown");
-    tmp
-}
-
-/// [`TestServer::restart`], failing (instead of hanging) if it takes more than 10 s.
-async fn restart(server: TestServer) -> TestServer {
-    tokio::time::timeout(Duration::from_secs(10), server.restart())
-        .await
-        .expect("restart (graceful stop, then start) did not finish within 10 s")
-}
-
-async fn get(client: &mut KeyServiceClient<Channel>, key_id: &str) -> Result<pb::Key, Status> {
-    client
-        .get_key(admin(pb::GetKeyRequest {
-            workspace_id: WORKSPACE.into(),
-            key_id: key_id.into(),
-        }))
-        .await
-        .map(|r| r.into_inner())
-}
-
-async fn reveal(client: &mut KeyServiceClient<Channel>, key_id: &str) -> Result<String, Status> {
-    client
-        .reveal_key(admin(pb::RevealKeyRequest {
-            workspace_id: WORKSPACE.into(),
-            key_id: key_id.into(),
-        }))
-        .await
-        .map(|r| r.into_inner().secret)
-}
-
-async fn rename(client: &mut KeyServiceClient<Channel>, key_id: &str, name: &str) -> pb::Key {
-    client
-        .rename_key(admin(pb::RenameKeyRequest {
-            workspace_id: WORKSPACE.into(),
-            key_id: key_id.into(),
-            name: name.into(),
-            expected_version: None,
-        }))
-        .await
-        .expect("rename_key")
-        .into_inner()
-}
-
-async fn rescope(client: &mut KeyServiceClient<Channel>, key_id: &str, scopes: &[&str]) -> pb::Key {
-    client
-        .update_key_scopes(admin(pb::UpdateKeyScopesRequest {
-            workspace_id: WORKSPACE.into(),
-            key_id: key_id.into(),
-            scopes: scopes.iter().map(|s| s.to_string()).collect(),
-            expected_version: None,
-        }))
-        .await
-        .expect("update_key_scopes")
-        .into_inner()
-}
-
-async fn revoke(client: &mut KeyServiceClient<Channel>, key_id: &str) -> pb::Key {
-    client
-        .revoke_key(admin(pb::RevokeKeyRequest {
-            workspace_id: WORKSPACE.into(),
-            key_id: key_id.into(),
-            expected_version: None,
-        }))
-        .await
-        .expect("revoke_key")
-        .into_inner()
-}
-
-async fn list_all(client: &mut KeyServiceClient<Channel>) -> Vec<pb::Key> {
-    client
-        .list_keys(admin(pb::ListKeysRequest {
-            workspace_id: WORKSPACE.into(),
-            page_size: 200,
-            include_revoked: true,
-            ..Default::default()
-        }))
-        .await
-        .expect("list_keys")
-        .into_inner()
-        .keys
-}
-
-fn test_private_key(name: &str) -> pb::CreateKeyRequest {
-    pb::CreateKeyRequest {
-        environment: pb::Environment::Test as i32,
-        ..private_key(name, &[])
-    }
-}
-
-async fn db(path: &Path) -> SqliteConnection {
-    kemon_keys::store::connect(path)
-        .await
-        .expect("open database")
-}
-
-/// Every row of `keys` (every column, SQL-quoted) in key id order, and the checkpoint.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Projection {
-    rows: Vec<Vec<String>>,
-    checkpoint: i64,
-}
-
-async fn snapshot(path: &Path) -> Projection {
-    let mut conn = db(path).await;
-    let columns: Vec<String> =
-        sqlx::query_scalar("SELECT name FROM pragma_table_info('keys') ORDER BY cid")
-            .fetch_all(&mut conn)
-            .await
-            .unwrap();
-    assert!(columns.len() >= 18, "keys columns: {columns:?}");
-    let select = columns
-        .iter()
-        .map(|c| format!("quote(\"{c}\")"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {select} FROM keys ORDER BY key_id"
-    )))
-    .fetch_all(&mut conn)
-    .await
-    .unwrap()
-    .into_iter()
-    .map(|row| {
-        columns
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c}={}", row.get::<String, _>(i)))
-            .collect()
-    })
-    .collect();
-    let checkpoint = sqlx::query_scalar("SELECT last_sequence FROM projection_checkpoint")
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
-    conn.close().await.unwrap();
-    Projection { rows, checkpoint }
-}
-
-async fn event_count(path: &Path, key_id: Option<&str>) -> i64 {
-    let mut conn = db(path).await;
-    let n = match key_id {
-        Some(id) => sqlx::query_scalar("SELECT count(*) FROM events WHERE key_id = ?")
-            .bind(id)
-            .fetch_one(&mut conn)
-            .await
-            .unwrap(),
-        None => sqlx::query_scalar("SELECT count(*) FROM events")
-            .fetch_one(&mut conn)
-            .await
-            .unwrap(),
-    };
-    conn.close().await.unwrap();
-    n
-}
-
-async fn sealed_count(path: &Path, key_id: &str) -> i64 {
-    let mut conn = db(path).await;
-    let n = sqlx::query_scalar("SELECT count(*) FROM sealed_secrets WHERE key_id = ?")
-        .bind(key_id)
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
-    conn.close().await.unwrap();
-    n
-}
+use crate::inspect::{Db, Events, StoredEvent};
 
 /// Every file under `dir`, recursively, with its bytes.
 fn all_files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
@@ -222,17 +32,6 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-fn settings(dir: &Path, master_key: MasterKeySource) -> Settings {
-    Settings {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.to_owned(),
-        master_key,
-        write_batch_max: 64,
-        audit_live_buffer: 4096,
-        connection_limits: Default::default(),
-    }
-}
-
 /// The error `Application::build` fails with, with its whole context chain.
 async fn build_error(dir: &Path, master_key: MasterKeySource) -> String {
     let error = Application::build(settings(dir, master_key), Arc::new(ManualClock::new(T0_MS)))
@@ -241,60 +40,29 @@ async fn build_error(dir: &Path, master_key: MasterKeySource) -> String {
     format!("{error:#}")
 }
 
-/// Runs the real binary; kills it and fails if it has not exited within 10 s.
-fn run_binary(configure: impl FnOnce(&mut Command)) -> std::process::Output {
-    let mut command = Command::new(BIN);
-    command
-        .env_remove("KEMON_MASTER_KEY")
-        .env_remove("KEMON_MASTER_KEY_FILE")
-        .env_remove("KEMON_DATA_DIR")
-        .env_remove("KEMON_LISTEN")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    configure(&mut command);
-    let mut child = command.spawn().expect("spawn kemon-keys");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if child.try_wait().expect("try_wait").is_some() {
-            return child.wait_with_output().expect("collect output");
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("kemon-keys did not exit within 10 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[tokio::test]
 async fn keys_survive_a_restart() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (server, mut client) = TestServer::with_client().await;
 
-    let (plain, plain_secret) = create(&mut client, private_key("plain", &["tickets:read"])).await;
+    let (plain, plain_secret) = client.create(private_key("plain", &["tickets:read"])).await;
     let mut request = private_key("reveal later", &[]);
     request.reveal_later = true;
-    let (revealable, revealable_secret) = create(&mut client, request).await;
-    let (public, public_secret) = create(
-        &mut client,
-        public_key("widget", &["tickets:read"], &["app.example.com"]),
-    )
-    .await;
-    let (revoked, revoked_secret) = create(&mut client, private_key("to revoke", &[])).await;
-    revoke(&mut client, &revoked.key_id).await;
-    let (renamed, renamed_secret) = create(&mut client, private_key("old name", &[])).await;
-    assert_eq!(
-        rename(&mut client, &renamed.key_id, "new name")
-            .await
-            .version,
-        2
-    );
-    let (test_key, test_secret) = create(&mut client, test_private_key("local dev")).await;
+    let (revealable, revealable_secret) = client.create(request).await;
+    let (public, public_secret) = client
+        .create(public_key(
+            "widget",
+            &["tickets:read"],
+            &["app.example.com"],
+        ))
+        .await;
+    let (revoked, revoked_secret) = client.create(private_key("to revoke", &[])).await;
+    client.revoke(&revoked.key_id).await;
+    let (renamed, renamed_secret) = client.create(private_key("old name", &[])).await;
+    assert_eq!(client.rename(&renamed.key_id, "new name").await.version, 2);
+    let (test_key, test_secret) = client.create(test_env(private_key("local dev", &[]))).await;
     let mut request = private_key("short lived", &[]);
     request.expiration = pb::Expiration::Expiration30Days as i32;
-    let (short, short_secret) = create(&mut client, request).await;
+    let (short, short_secret) = client.create(request).await;
     server
         .clock
         .advance(Duration::from_millis((31 * DAY_MS) as u64));
@@ -318,7 +86,7 @@ async fn keys_survive_a_restart() {
     ];
     let mut before = Vec::new();
     for (key, scopes, origin) in &probes {
-        before.push(verify(&mut client, key, scopes, origin).await);
+        before.push(client.verify(key, scopes, origin).await);
     }
     use pb::VerifyCode as C;
     assert_eq!(
@@ -348,53 +116,44 @@ async fn keys_survive_a_restart() {
     ];
     let mut keys_before = Vec::new();
     for id in ids {
-        keys_before.push(get(&mut client, id).await.expect("get_key"));
+        keys_before.push(client.try_get_key(id).await.expect("get_key"));
     }
     assert_eq!(keys_before[4].name, "new name");
     assert!(keys_before[3].revoked_at.is_some());
-    let listed_before = list_all(&mut client).await;
+    let listed_before = client.list_all().await;
     assert_eq!(listed_before.len(), ids.len());
 
-    let server = restart(server).await;
+    let server = server.restart().await;
     let mut client = server.client().await;
 
     let mut after = Vec::new();
     for (key, scopes, origin) in &probes {
-        after.push(verify(&mut client, key, scopes, origin).await);
+        after.push(client.verify(key, scopes, origin).await);
     }
     assert_eq!(after, before, "VerifyKey answers changed across a restart");
     let mut keys_after = Vec::new();
     for id in ids {
-        keys_after.push(get(&mut client, id).await.expect("get_key after restart"));
+        keys_after.push(client.try_get_key(id).await.expect("get_key after restart"));
     }
     assert_eq!(
         keys_after, keys_before,
         "GetKey answers changed across a restart"
     );
-    assert_eq!(list_all(&mut client).await, listed_before);
+    assert_eq!(client.list_all().await, listed_before);
 
+    assert_eq!(client.reveal(&revealable.key_id).await, revealable_secret);
+    assert_eq!(client.reveal(&public.key_id).await, public_secret);
     assert_eq!(
-        reveal(&mut client, &revealable.key_id).await.unwrap(),
-        revealable_secret
-    );
-    assert_eq!(
-        reveal(&mut client, &public.key_id).await.unwrap(),
-        public_secret
-    );
-    assert_eq!(
-        reveal(&mut client, &revoked.key_id)
-            .await
-            .unwrap_err()
-            .code(),
+        client.try_reveal(&revoked.key_id).await.unwrap_err().code(),
         Code::FailedPrecondition
     );
     assert_eq!(
-        reveal(&mut client, &plain.key_id).await.unwrap_err().code(),
+        client.try_reveal(&plain.key_id).await.unwrap_err().code(),
         Code::FailedPrecondition
     );
 
     // Stream versions continue where they were.
-    let again = rename(&mut client, &renamed.key_id, "newer name").await;
+    let again = client.rename(&renamed.key_id, "newer name").await;
     assert_eq!(again.version, 3);
 }
 
@@ -402,45 +161,41 @@ async fn keys_survive_a_restart() {
 async fn populate(server: &TestServer) -> usize {
     let mut client = server.client().await;
     let step = || server.clock.advance(Duration::from_millis(1_234));
-    let (a, _) = create(&mut client, private_key("full access", &[])).await;
+    let (a, _) = client.create(private_key("full access", &[])).await;
     step();
-    let (b, _) = create(
-        &mut client,
-        private_key("scoped", &["tickets:read", "teams:read"]),
-    )
-    .await;
+    let (b, _) = client
+        .create(private_key("scoped", &["tickets:read", "teams:read"]))
+        .await;
     step();
     let mut request = private_key("revealable", &["labels:read"]);
     request.reveal_later = true;
     request.expiration = pb::Expiration::Never as i32;
-    let (c, _) = create(&mut client, request).await;
+    let (c, _) = client.create(request).await;
     step();
-    let (d, _) = create(
-        &mut client,
-        public_key(
+    let (d, _) = client
+        .create(public_key(
             "public",
             &["tickets:read"],
             &["app.example.com", "*.example.org"],
-        ),
-    )
-    .await;
+        ))
+        .await;
     step();
-    let (e, _) = create(&mut client, test_private_key("test")).await;
+    let (e, _) = client.create(test_env(private_key("test", &[]))).await;
     step();
-    rename(&mut client, &a.key_id, "full access, renamed").await;
+    client.rename(&a.key_id, "full access, renamed").await;
     step();
-    rescope(&mut client, &a.key_id, &["members:read"]).await;
+    client.rescope(&a.key_id, &["members:read"]).await;
     step();
-    rescope(&mut client, &b.key_id, &["tickets:write"]).await;
+    client.rescope(&b.key_id, &["tickets:write"]).await;
     step();
-    rename(&mut client, &c.key_id, "revealable, renamed").await;
+    client.rename(&c.key_id, "revealable, renamed").await;
     step();
-    revoke(&mut client, &c.key_id).await;
+    client.revoke(&c.key_id).await;
     step();
-    revoke(&mut client, &d.key_id).await;
+    client.revoke(&d.key_id).await;
     step();
-    rename(&mut client, &e.key_id, "test, renamed").await;
-    rename(&mut client, &e.key_id, "test, renamed twice").await;
+    client.rename(&e.key_id, "test, renamed").await;
+    client.rename(&e.key_id, "test, renamed twice").await;
     5
 }
 
@@ -449,13 +204,14 @@ async fn rebuild_recreates_the_projection_exactly() {
     let server = TestServer::start().await;
     let keys = populate(&server).await;
     let db_path = server.db_path();
+    let db = server.db();
     let data_dir = server.data_dir.clone();
     let clock = server.clock.clone();
     let master_key = server.master_key_hex.clone();
-    let tmp = stop(server).await;
+    let tmp = server.shut_down().await;
 
-    let original = snapshot(&db_path).await;
-    let events = event_count(&db_path, None).await;
+    let original = db.projection().await;
+    let events = db.event_count(None).await;
     assert_eq!(original.rows.len(), keys);
     assert_eq!(events, 13);
     assert_eq!(original.checkpoint, events, "checkpoint = last sequence");
@@ -465,90 +221,52 @@ async fn rebuild_recreates_the_projection_exactly() {
     assert_eq!(report.events, events as u64);
     assert_eq!(report.keys, keys as u64);
     assert_eq!(report.last_sequence, original.checkpoint);
-    assert_eq!(snapshot(&db_path).await, original);
+    assert_eq!(db.projection().await, original);
 
     // An emptied projection comes back exactly.
-    let mut conn = db(&db_path).await;
-    sqlx::query("DELETE FROM keys")
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    sqlx::query("UPDATE projection_checkpoint SET last_sequence = 0")
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    conn.close().await.unwrap();
-    assert_ne!(snapshot(&db_path).await, original);
+    db.delete_key_rows(None).await;
+    db.set_checkpoint(0).await;
+    assert_ne!(db.projection().await, original);
     kemon_keys::store::rebuild(&db_path).await.expect("rebuild");
-    assert_eq!(snapshot(&db_path).await, original);
+    assert_eq!(db.projection().await, original);
 
     // So does a tampered one.
-    let mut conn = db(&db_path).await;
-    sqlx::query("UPDATE keys SET name = 'tampered', version = version + 7, revoked_at = NULL")
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    sqlx::query("DELETE FROM keys WHERE key_type = 'public'")
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    conn.close().await.unwrap();
-    assert_ne!(snapshot(&db_path).await, original);
+    db.rename_key_rows(None, "tampered").await;
+    db.unrevoke_and_bump_key_rows().await;
+    db.delete_key_rows(Some("public")).await;
+    assert_ne!(db.projection().await, original);
     kemon_keys::store::rebuild(&db_path).await.expect("rebuild");
-    assert_eq!(snapshot(&db_path).await, original);
+    assert_eq!(db.projection().await, original);
 
     // And the command-line tool does the same.
-    let mut conn = db(&db_path).await;
-    sqlx::query("UPDATE keys SET scopes = '', full_access = 1, name = 'tampered again'")
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    sqlx::query("UPDATE projection_checkpoint SET last_sequence = 1")
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    conn.close().await.unwrap();
-    assert_ne!(snapshot(&db_path).await, original);
-    let output = run_binary(|c| {
-        c.arg("rebuild").arg("--data-dir").arg(&data_dir);
-    });
+    db.grant_full_access_to_key_rows().await;
+    db.rename_key_rows(None, "tampered again").await;
+    db.set_checkpoint(1).await;
+    assert_ne!(db.projection().await, original);
+    let output = Cli::kemon(&["rebuild", "--data-dir"])
+        .arg(&data_dir)
+        .run()
+        .await;
     assert!(
         output.status.success(),
         "kemon-keys rebuild failed: {:?}\n{}",
         output.status,
-        String::from_utf8_lossy(&output.stderr)
+        output.stderr
     );
-    assert_eq!(snapshot(&db_path).await, original);
-    assert_eq!(
-        event_count(&db_path, None).await,
-        events,
-        "the log is untouched"
-    );
+    assert_eq!(db.projection().await, original);
+    assert_eq!(db.event_count(None).await, events, "the log is untouched");
 
     // The schema is as the migrations left it: the rebuild recreates the index it drops,
     // and returns the database to WAL.
-    let mut conn = db(&db_path).await;
-    let indexes: Vec<String> = sqlx::query_scalar(
-        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'keys' \
-         AND name NOT LIKE 'sqlite_autoindex%' ORDER BY name",
-    )
-    .fetch_all(&mut conn)
-    .await
-    .unwrap();
-    assert_eq!(indexes, ["keys_by_workspace"]);
-    let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(mode, "wal");
-    conn.close().await.unwrap();
+    assert_eq!(db.key_indexes().await, ["keys_by_workspace"]);
+    assert_eq!(db.journal_mode().await, "wal");
 
     // The server starts on the rebuilt projection.
     let server = TestServer::start_in(&data_dir, clock, MasterKeySource::Hex(master_key))
         .await
         .expect("start after rebuild");
     let mut client = server.client().await;
-    assert_eq!(list_all(&mut client).await.len(), keys);
+    assert_eq!(client.list_all().await.len(), keys);
 
     // A rebuild beside the live server is refused and changes nothing.
     let error = kemon_keys::store::rebuild(&db_path)
@@ -558,117 +276,72 @@ async fn rebuild_recreates_the_projection_exactly() {
         error.to_string().contains("stop the server"),
         "unexpected error: {error}"
     );
-    assert_eq!(list_all(&mut client).await.len(), keys);
+    assert_eq!(client.list_all().await.len(), keys);
     drop(client);
-    stop(server).await;
-    assert_eq!(snapshot(&db_path).await, original);
+    server.shut_down().await;
+    assert_eq!(db.projection().await, original);
     drop(tmp);
 }
 
 #[tokio::test]
 async fn the_event_log_refuses_update_and_delete() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
-    let (key, _) = create(&mut client, private_key("log", &[])).await;
-    rename(&mut client, &key.key_id, "log, renamed").await;
+    let (server, mut client) = TestServer::with_client().await;
+    let (key, _) = client.create(private_key("log", &[])).await;
+    client.rename(&key.key_id, "log, renamed").await;
 
-    let mut conn = db(&server.db_path()).await;
-    let before: Vec<(i64, String, String)> =
-        sqlx::query_as("SELECT sequence, event_type, actor FROM events ORDER BY sequence")
-            .fetch_all(&mut conn)
-            .await
-            .unwrap();
+    let db = server.db();
+    let before = db.events(None).await;
     assert_eq!(before.len(), 2);
 
-    let update = sqlx::query("UPDATE events SET actor = 'mallory'")
-        .execute(&mut conn)
+    let update = db
+        .set_actor(Events::All, "mallory")
         .await
         .expect_err("UPDATE on events must fail");
-    assert!(update.to_string().contains("append-only"), "{update}");
-    let delete = sqlx::query("DELETE FROM events")
-        .execute(&mut conn)
+    assert!(update.contains("append-only"), "{update}");
+    let delete = db
+        .delete_events(Events::All)
         .await
         .expect_err("DELETE on events must fail");
-    assert!(delete.to_string().contains("append-only"), "{delete}");
-    let delete_one = sqlx::query("DELETE FROM events WHERE key_id = ?")
-        .bind(&key.key_id)
-        .execute(&mut conn)
+    assert!(delete.contains("append-only"), "{delete}");
+    let delete_one = db
+        .delete_events(Events::Key(&key.key_id))
         .await
         .expect_err("DELETE on events must fail");
-    assert!(
-        delete_one.to_string().contains("append-only"),
-        "{delete_one}"
-    );
+    assert!(delete_one.contains("append-only"), "{delete_one}");
 
-    let after: Vec<(i64, String, String)> =
-        sqlx::query_as("SELECT sequence, event_type, actor FROM events ORDER BY sequence")
-            .fetch_all(&mut conn)
-            .await
-            .unwrap();
-    assert_eq!(after, before);
-    conn.close().await.unwrap();
+    assert_eq!(db.events(None).await, before);
 }
 
 #[tokio::test]
 async fn the_event_log_records_each_change_once() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
-    let (other, _) = create(&mut client, private_key("another key", &[])).await;
-    let created = client
-        .create_key(by("user_carol", private_key("logged", &[])))
-        .await
-        .expect("create_key")
-        .into_inner()
-        .key
-        .unwrap();
+    let (server, mut client) = TestServer::with_client().await;
+    let (other, _) = client.create(private_key("another key", &[])).await;
+    let (created, _) = client
+        .acting("user_carol", "admin")
+        .create(private_key("logged", &[]))
+        .await;
     let id = created.key_id.clone();
     let renamed = client
-        .rename_key(by(
-            "user_bob",
-            pb::RenameKeyRequest {
-                workspace_id: WORKSPACE.into(),
-                key_id: id.clone(),
-                name: "logged, renamed".into(),
-                expected_version: Some(1),
-            },
-        ))
+        .acting("user_bob", "admin")
+        .try_rename(&id, "logged, renamed", Some(1))
         .await
-        .expect("rename_key")
-        .into_inner();
+        .expect("rename_key");
     assert_eq!(renamed.version, 2);
-    let revoked = client
-        .revoke_key(by(
-            "user_dave",
-            pb::RevokeKeyRequest {
-                workspace_id: WORKSPACE.into(),
-                key_id: id.clone(),
-                expected_version: None,
-            },
-        ))
-        .await
-        .expect("revoke_key")
-        .into_inner();
+    let revoked = client.acting("user_dave", "admin").revoke(&id).await;
     assert_eq!(revoked.version, 3);
 
-    let mut conn = db(&server.db_path()).await;
-    let rows = sqlx::query(
-        "SELECT workspace_id, stream_version, event_type, actor, recorded_at \
-         FROM events WHERE key_id = ? ORDER BY sequence",
-    )
-    .bind(&id)
-    .fetch_all(&mut conn)
-    .await
-    .unwrap();
-    assert_eq!(rows.len(), 3);
-    let summary: Vec<(String, i64, String, String, i64)> = rows
-        .iter()
-        .map(|r| {
+    let db = server.db();
+    let events = db.events(Some(&id)).await;
+    assert_eq!(events.len(), 3);
+    let summary: Vec<(String, i64, String, String, i64)> = events
+        .into_iter()
+        .map(|e: StoredEvent| {
             (
-                r.get("workspace_id"),
-                r.get("stream_version"),
-                r.get("event_type"),
-                r.get("actor"),
-                r.get("recorded_at"),
+                e.workspace_id,
+                e.stream_version,
+                e.event_type,
+                e.actor,
+                e.recorded_at,
             )
         })
         .collect();
@@ -690,69 +363,49 @@ async fn the_event_log_records_each_change_once() {
         ]
     );
     assert_eq!(created.created_by, "user_carol");
-    let max: i64 = sqlx::query_scalar("SELECT max(sequence) FROM events")
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
-    let checkpoint: i64 = sqlx::query_scalar("SELECT last_sequence FROM projection_checkpoint")
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
+    let max = db.max_sequence().await;
+    let checkpoint = db.checkpoint().await;
     assert_eq!(checkpoint, max);
     assert_eq!(max, 4, "one event for the other key, three for this one");
-    conn.close().await.unwrap();
 
     // Revoking again answers the same key and records nothing.
-    let again = revoke(&mut client, &id).await;
+    let again = client.revoke(&id).await;
     assert_eq!(again, revoked);
     let again = client
-        .revoke_key(admin(pb::RevokeKeyRequest {
-            workspace_id: WORKSPACE.into(),
-            key_id: id.clone(),
-            expected_version: Some(3),
-        }))
+        .try_revoke(&id, Some(3))
         .await
-        .expect("revoke_key at the current version")
-        .into_inner();
+        .expect("revoke_key at the current version");
     assert_eq!(again.version, 3);
-    assert_eq!(event_count(&server.db_path(), Some(&id)).await, 3);
-    assert_eq!(event_count(&server.db_path(), None).await, 4);
-    assert_eq!(event_count(&server.db_path(), Some(&other.key_id)).await, 1);
-    let mut conn = db(&server.db_path()).await;
-    let checkpoint: i64 = sqlx::query_scalar("SELECT last_sequence FROM projection_checkpoint")
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(checkpoint, 4);
-    conn.close().await.unwrap();
+    assert_eq!(db.event_count(Some(&id)).await, 3);
+    assert_eq!(db.event_count(None).await, 4);
+    assert_eq!(db.event_count(Some(&other.key_id)).await, 1);
+    assert_eq!(db.checkpoint().await, 4);
 }
 
 #[tokio::test]
 async fn private_secrets_are_never_stored() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
-    let (plain, plain_secret) = create(&mut client, private_key("plain", &["tickets:read"])).await;
+    let (server, mut client) = TestServer::with_client().await;
+    let (plain, plain_secret) = client.create(private_key("plain", &["tickets:read"])).await;
     let mut request = private_key("revealable", &[]);
     request.reveal_later = true;
-    let (revealable, revealable_secret) = create(&mut client, request).await;
-    let (test_key, test_secret) = create(&mut client, test_private_key("test")).await;
-    let mut request = test_private_key("test, revealable");
+    let (revealable, revealable_secret) = client.create(request).await;
+    let (test_key, test_secret) = client.create(test_env(private_key("test", &[]))).await;
+    let mut request = test_env(private_key("test, revealable", &[]));
     request.reveal_later = true;
-    let (test_revealable, test_revealable_secret) = create(&mut client, request).await;
-    let (_, public_secret) = create(
-        &mut client,
-        public_key("public", &["tickets:read"], &["app.example.com"]),
-    )
-    .await;
+    let (test_revealable, test_revealable_secret) = client.create(request).await;
+    let (_, public_secret) = client
+        .create(public_key(
+            "public",
+            &["tickets:read"],
+            &["app.example.com"],
+        ))
+        .await;
+    assert_eq!(client.reveal(&revealable.key_id).await, revealable_secret);
     assert_eq!(
-        reveal(&mut client, &revealable.key_id).await.unwrap(),
-        revealable_secret
-    );
-    assert_eq!(
-        reveal(&mut client, &test_revealable.key_id).await.unwrap(),
+        client.reveal(&test_revealable.key_id).await,
         test_revealable_secret
     );
-    rename(&mut client, &plain.key_id, "plain, renamed").await;
+    client.rename(&plain.key_id, "plain, renamed").await;
 
     let private = [
         (&plain.key_id, &plain_secret),
@@ -788,62 +441,36 @@ async fn private_secrets_are_never_stored() {
     // While running (the WAL holds the recent writes) ...
     scan(&server.data_dir);
     for (id, secret) in &private {
-        let mut conn = db(&server.db_path()).await;
-        let hash: Vec<u8> = sqlx::query_scalar("SELECT secret_hash FROM keys WHERE key_id = ?")
-            .bind(id.as_str())
-            .fetch_one(&mut conn)
-            .await
-            .unwrap();
-        conn.close().await.unwrap();
+        let hash = server.db().secret_hash(id).await;
         assert_eq!(hash, sha3::Sha3_256::digest(secret.as_bytes()).to_vec());
     }
     // ... and after a clean stop.
     let data_dir = server.data_dir.clone();
-    let tmp = stop(server).await;
+    let tmp = server.shut_down().await;
     scan(&data_dir);
     drop(tmp);
 }
 
 #[tokio::test]
 async fn revoking_destroys_the_encrypted_copy() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (server, mut client) = TestServer::with_client().await;
     let mut request = private_key("revealable", &[]);
     request.reveal_later = true;
-    let (key, secret) = create(&mut client, request).await;
-    let (kept, _) = create(&mut client, {
-        let mut r = private_key("kept", &[]);
-        r.reveal_later = true;
-        r
-    })
-    .await;
-    let (plain, _) = create(&mut client, private_key("plain", &[])).await;
-    assert_eq!(sealed_count(&server.db_path(), &key.key_id).await, 1);
-    assert_eq!(sealed_count(&server.db_path(), &plain.key_id).await, 0);
-    assert_eq!(reveal(&mut client, &key.key_id).await.unwrap(), secret);
+    let (key, secret) = client.create(request).await;
+    let (kept, _) = client.create(revealable(private_key("kept", &[]))).await;
+    let (plain, _) = client.create(private_key("plain", &[])).await;
+    assert_eq!(server.db().sealed_count(&key.key_id).await, 1);
+    assert_eq!(server.db().sealed_count(&plain.key_id).await, 0);
+    assert_eq!(client.reveal(&key.key_id).await, secret);
 
-    let sealed_of = |key_id: String| {
-        let path = server.db_path();
-        async move {
-            let mut conn = db(&path).await;
-            let bytes: Vec<u8> =
-                sqlx::query_scalar("SELECT sealed FROM sealed_secrets WHERE key_id = ?")
-                    .bind(key_id)
-                    .fetch_one(&mut conn)
-                    .await
-                    .unwrap();
-            conn.close().await.unwrap();
-            bytes
-        }
-    };
-    let destroyed = sealed_of(key.key_id.clone()).await;
-    let still_kept = sealed_of(kept.key_id.clone()).await;
+    let destroyed = server.db().sealed_copy(&key.key_id).await;
+    let still_kept = server.db().sealed_copy(&kept.key_id).await;
 
-    revoke(&mut client, &key.key_id).await;
-    assert_eq!(sealed_count(&server.db_path(), &key.key_id).await, 0);
-    assert_eq!(sealed_count(&server.db_path(), &kept.key_id).await, 1);
+    client.revoke(&key.key_id).await;
+    assert_eq!(server.db().sealed_count(&key.key_id).await, 0);
+    assert_eq!(server.db().sealed_count(&kept.key_id).await, 1);
     assert_eq!(
-        reveal(&mut client, &key.key_id).await.unwrap_err().code(),
+        client.try_reveal(&key.key_id).await.unwrap_err().code(),
         Code::FailedPrecondition
     );
     // Gone from every file once RevokeKey has answered, WAL included; the kept copy is
@@ -861,7 +488,7 @@ async fn revoking_destroys_the_encrypted_copy() {
     // A clean stop leaves one self-contained database file: no WAL to copy along.
     drop(client);
     let data_dir = server.data_dir.clone();
-    let tmp = stop(server).await;
+    let tmp = server.shut_down().await;
     let names: Vec<String> = all_files(&data_dir)
         .iter()
         .map(|(p, _)| p.file_name().unwrap().to_string_lossy().into_owned())
@@ -875,8 +502,8 @@ async fn revoking_destroys_the_encrypted_copy() {
     let copy = tempfile::tempdir().unwrap();
     let copied = copy.path().join("copy.db");
     std::fs::copy(data_dir.join(kemon_keys::store::DATABASE_FILE), &copied).unwrap();
-    assert_eq!(sealed_count(&copied, &kept.key_id).await, 1);
-    assert_eq!(sealed_count(&copied, &key.key_id).await, 0);
+    assert_eq!(Db::at(&copied).sealed_count(&kept.key_id).await, 1);
+    assert_eq!(Db::at(&copied).sealed_count(&key.key_id).await, 0);
     for (path, bytes) in all_files(&data_dir) {
         assert!(!contains(&bytes, &destroyed), "{}", path.display());
     }
@@ -905,27 +532,26 @@ async fn malformed_master_keys_are_refused() {
 #[tokio::test]
 async fn the_binary_exits_on_a_malformed_master_key() {
     let tmp = tempfile::tempdir().unwrap();
-    let output = run_binary(|c| {
-        c.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(tmp.path())
-            .env("KEMON_MASTER_KEY", "nothex");
-    });
+    let output = Cli::kemon(&["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(tmp.path())
+        .env("KEMON_MASTER_KEY", "nothex")
+        .run()
+        .await;
     assert!(!output.status.success(), "exited with {:?}", output.status);
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = &output.stderr;
     assert!(stderr.contains("64 hexadecimal characters"), "{stderr}");
 }
 
 #[tokio::test]
 async fn a_different_master_key_is_refused() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (server, mut client) = TestServer::with_client().await;
     let mut request = private_key("revealable", &[]);
     request.reveal_later = true;
-    let (key, secret) = create(&mut client, request).await;
+    let (key, secret) = client.create(request).await;
     let data_dir = server.data_dir.clone();
     let clock = server.clock.clone();
     let original = server.master_key_hex.clone();
-    let tmp = stop(server).await;
+    let tmp = server.shut_down().await;
 
     let other = MasterKey::generate().to_hex();
     let error = build_error(&data_dir, MasterKeySource::Hex(other)).await;
@@ -937,8 +563,8 @@ async fn a_different_master_key_is_refused() {
         .await
         .expect("start with the original master key");
     let mut client = server.client().await;
-    assert_eq!(reveal(&mut client, &key.key_id).await.unwrap(), secret);
-    stop(server).await;
+    assert_eq!(client.reveal(&key.key_id).await, secret);
+    server.shut_down().await;
     drop(tmp);
 }
 
@@ -966,8 +592,8 @@ async fn a_development_master_key_is_generated_and_reused() {
     let mut client = server.client().await;
     let mut request = private_key("revealable", &[]);
     request.reveal_later = true;
-    let (key, secret) = create(&mut client, request).await;
-    stop(server).await;
+    let (key, secret) = client.create(request).await;
+    server.shut_down().await;
 
     let server = TestServer::start_in(dir, clock, MasterKeySource::Development)
         .await
@@ -978,12 +604,12 @@ async fn a_development_master_key_is_generated_and_reused() {
         "the development key was replaced"
     );
     let mut client = server.client().await;
-    assert_eq!(reveal(&mut client, &key.key_id).await.unwrap(), secret);
+    assert_eq!(client.reveal(&key.key_id).await, secret);
     assert_eq!(
-        code(&verify(&mut client, &secret, &[], "").await),
+        code(&client.verify(&secret, &[], "").await),
         pb::VerifyCode::Valid
     );
-    stop(server).await;
+    server.shut_down().await;
 }
 
 #[tokio::test]
@@ -992,28 +618,28 @@ async fn a_start_that_fails_leaves_nothing_behind() {
     let data_dir = tmp.path().join("data");
 
     // A malformed master key.
-    let output = run_binary(|c| {
-        c.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(&data_dir)
-            .env("KEMON_MASTER_KEY", "nothex");
-    });
+    let output = Cli::kemon(&["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data_dir)
+        .env("KEMON_MASTER_KEY", "nothex")
+        .run()
+        .await;
     assert!(!output.status.success());
     assert!(!data_dir.exists(), "the data directory was created");
 
     // A port that is taken (by a listener of this test), with a development master key.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
-    let output = run_binary(|c| {
-        c.args([
-            "serve",
-            "--listen",
-            &format!("localhost:{port}"),
-            "--data-dir",
-        ])
-        .arg(&data_dir);
-    });
+    let output = Cli::kemon(&[
+        "serve",
+        "--listen",
+        &format!("localhost:{port}"),
+        "--data-dir",
+    ])
+    .arg(&data_dir)
+    .run()
+    .await;
     assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = &output.stderr;
     assert_eq!(
         stderr.matches("binding localhost:").count(),
         1,
@@ -1032,7 +658,7 @@ async fn the_listen_address_may_be_a_host_name() {
     let master_key = MasterKey::generate().to_hex();
     let server = ServerProcess::start_listening(tmp.path(), &master_key, "localhost:0").await;
     let mut client = server.client().await;
-    create(&mut client, private_key("over a host name", &[])).await;
+    client.create(private_key("over a host name", &[])).await;
     drop(client);
     server.stop().await;
 }

@@ -10,7 +10,6 @@
 //! `PATH`; `scripts/test` installs it. A missing grpcurl fails the test: it never skips.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use crate::helpers::*;
 
@@ -214,20 +213,14 @@ async fn the_readme_walkthrough_and_audit_steps_work_as_written() {
             for step in steps {
                 let command = printed.fill(&step.command, &addr);
                 let script = format!("{}\n{command}", assignments.join("\n"));
-                let mut bash = Command::new("bash");
-                bash.arg("-c")
+                let output = Cli::program("bash")
+                    .arg("-c")
                     .arg(&script)
                     .current_dir(scratch.path())
                     .env("PATH", &path)
-                    .env_remove("KEMON_AUDIT_ACTOR")
-                    .env_remove("KEMON_AUDIT_ROLE");
-                // Off the runtime's thread: the server under test runs on it.
-                let output = tokio::task::spawn_blocking(move || bash.output())
-                    .await
-                    .expect("bash task")
-                    .expect("run bash");
-                let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-                let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+                    .run()
+                    .await;
+                let (stdout, stderr) = (&output.stdout, &output.stderr);
                 let all = format!("{stdout}{stderr}");
                 // Expectations are not filled in: their placeholders stand for values that
                 // differ every run, and are skipped as illustrative.
@@ -252,7 +245,7 @@ async fn the_readme_walkthrough_and_audit_steps_work_as_written() {
                         "{command}\nshows {text}, printed:\n{all}"
                     );
                 }
-                printed.learn(&stdout);
+                printed.learn(stdout);
                 ran += 1;
             }
         }

@@ -5,19 +5,14 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use kemon_keys::proto::v1 as pb;
-use kemon_keys::proto::v1::key_service_client::KeyServiceClient;
 use kemon_keys::vault::MasterKey;
-use tonic::Code;
-use tonic::transport::Channel;
+use tonic::{Code, Status};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_types::StatusExt;
 
 use crate::helpers::*;
-
-const BIN: &str = env!("CARGO_BIN_EXE_kemon-keys");
 
 /// What the test believes about one key, from acknowledged writes only.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,52 +52,18 @@ fn data_files(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-async fn create_named(
-    client: &mut KeyServiceClient<Channel>,
-    name: &str,
-) -> Result<(pb::Key, String), tonic::Status> {
-    let mut request = private_key(name, &["tickets:read"]);
-    request.reveal_later = true;
-    client.create_key(admin(request)).await.map(|r| {
-        let r = r.into_inner();
-        (r.key.expect("key"), r.secret)
-    })
-}
-
-async fn rename_key(
-    client: &mut KeyServiceClient<Channel>,
-    key_id: &str,
-    name: &str,
-) -> Result<pb::Key, tonic::Status> {
+async fn create_named(client: &mut TestClient, name: &str) -> Result<(pb::Key, String), Status> {
+    let request = revealable(private_key(name, &["tickets:read"]));
     client
-        .rename_key(admin(pb::RenameKeyRequest {
-            workspace_id: WORKSPACE.into(),
-            key_id: key_id.into(),
-            name: name.into(),
-            ..Default::default()
-        }))
+        .try_create(request)
         .await
-        .map(tonic::Response::into_inner)
-}
-
-async fn revoke_key(
-    client: &mut KeyServiceClient<Channel>,
-    key_id: &str,
-) -> Result<pb::Key, tonic::Status> {
-    client
-        .revoke_key(admin(pb::RevokeKeyRequest {
-            workspace_id: WORKSPACE.into(),
-            key_id: key_id.into(),
-            ..Default::default()
-        }))
-        .await
-        .map(tonic::Response::into_inner)
+        .map(|r| (r.key.expect("key"), r.secret))
 }
 
 /// One round of writes: a create, a rename and a revoke of earlier keys. Updates `expected`
 /// from acknowledged writes only; returns how many writes the server refused.
 async fn write_round(
-    client: &mut KeyServiceClient<Channel>,
+    client: &mut TestClient,
     round: usize,
     expected: &mut BTreeMap<String, Expected>,
     refused_names: &mut Vec<String>,
@@ -133,7 +94,7 @@ async fn write_round(
         .collect();
     if let Some(id) = live.first() {
         let new_name = format!("renamed in round {round}");
-        match rename_key(client, id, &new_name).await {
+        match client.try_rename(id, &new_name, None).await {
             Ok(key) => {
                 assert_eq!(key.name, new_name);
                 expected.get_mut(id).unwrap().name = new_name;
@@ -147,7 +108,7 @@ async fn write_round(
     if round.is_multiple_of(2)
         && let Some(id) = live.last()
     {
-        match revoke_key(client, id).await {
+        match client.try_revoke(id, None).await {
             Ok(key) => {
                 assert!(key.revoked_at.is_some());
                 expected.get_mut(id).unwrap().revoked = true;
@@ -162,12 +123,9 @@ async fn write_round(
 }
 
 /// Verify answers what the acknowledged writes say, from the cache.
-async fn assert_verify_agrees(
-    client: &mut KeyServiceClient<Channel>,
-    expected: &BTreeMap<String, Expected>,
-) {
+async fn assert_verify_agrees(client: &mut TestClient, expected: &BTreeMap<String, Expected>) {
     for (id, e) in expected {
-        let response = verify(client, &e.secret, &["tickets:read"], "").await;
+        let response = client.verify(&e.secret, &["tickets:read"], "").await;
         let want = if e.revoked {
             pb::VerifyCode::Revoked
         } else {
@@ -178,27 +136,10 @@ async fn assert_verify_agrees(
 }
 
 /// Everything in the workspace, revoked keys included, by key id.
-async fn all_keys(client: &mut KeyServiceClient<Channel>) -> BTreeMap<String, pb::Key> {
-    let mut keys = BTreeMap::new();
-    let mut page_token = String::new();
-    loop {
-        let page = client
-            .list_keys(admin(pb::ListKeysRequest {
-                workspace_id: WORKSPACE.into(),
-                include_revoked: true,
-                page_size: 200,
-                page_token: page_token.clone(),
-                ..Default::default()
-            }))
-            .await
-            .expect("list_keys")
-            .into_inner();
-        keys.extend(page.keys.into_iter().map(|k| (k.key_id.clone(), k)));
-        if page.next_page_token.is_empty() {
-            return keys;
-        }
-        page_token = page.next_page_token;
-    }
+async fn all_keys(client: &mut TestClient) -> BTreeMap<String, pb::Key> {
+    let keys = client.list_all().await;
+    assert!(keys.len() < 200, "more keys than one page holds");
+    keys.into_iter().map(|k| (k.key_id.clone(), k)).collect()
 }
 
 #[tokio::test]
@@ -286,30 +227,26 @@ async fn a_second_server_on_the_same_data_directory_refuses_to_start() {
     let master_key = MasterKey::generate().to_hex();
     let first = ServerProcess::start(tmp.path(), &master_key, &[]).await;
 
-    let output = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+    let output = Cli::kemon(&["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(tmp.path())
         .env("KEMON_MASTER_KEY", &master_key)
         .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run a second server");
+        .run()
+        .await;
     assert!(!output.status.success(), "a second server started");
-    let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("in use by another kemon-keys process"),
-        "{stderr}"
+        output
+            .stderr
+            .contains("in use by another kemon-keys process"),
+        "{}",
+        output.stderr
     );
 
     // The same with a development master key: the refused start leaves no key behind.
-    let output = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+    let output = Cli::kemon(&["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(tmp.path())
-        .env_remove("KEMON_MASTER_KEY")
-        .env_remove("KEMON_MASTER_KEY_FILE")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run a second server");
+        .run()
+        .await;
     assert!(!output.status.success(), "a second server started");
     assert!(
         !tmp.path()
@@ -319,20 +256,20 @@ async fn a_second_server_on_the_same_data_directory_refuses_to_start() {
     );
 
     // rebuild writes too: refused while the server runs.
-    let output = Command::new(BIN)
-        .args(["rebuild", "--data-dir"])
+    let output = Cli::kemon(&["rebuild", "--data-dir"])
         .arg(tmp.path())
-        .stdin(Stdio::null())
-        .output()
-        .expect("run rebuild");
+        .run()
+        .await;
     assert!(!output.status.success(), "rebuild ran beside a server");
     assert!(
-        String::from_utf8_lossy(&output.stderr).contains("in use by another kemon-keys process")
+        output
+            .stderr
+            .contains("in use by another kemon-keys process")
     );
 
     // The first server is unaffected, and once it stops the directory is free again.
     let mut client = first.client().await;
-    create(&mut client, private_key("still writable", &[])).await;
+    client.create(private_key("still writable", &[])).await;
     drop(client);
     first.stop().await;
     let files = data_files(tmp.path());
@@ -342,7 +279,7 @@ async fn a_second_server_on_the_same_data_directory_refuses_to_start() {
     );
     let second = ServerProcess::start(tmp.path(), &master_key, &[]).await;
     let mut client = second.client().await;
-    create(&mut client, private_key("second", &[])).await;
+    client.create(private_key("second", &[])).await;
     drop(client);
     second.stop().await;
 }

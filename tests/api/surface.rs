@@ -190,18 +190,14 @@ async fn graceful_shutdown_loses_nothing_acknowledged() {
     let data_dir = server.data_dir.clone();
     let clock = server.clock.clone();
     let master_key = server.master_key_hex.clone();
-    let mut pool = Vec::new();
-    for _ in 0..5 {
-        pool.push(server.client().await);
-    }
+    let pool = server.clients(5).await;
 
     let mut tasks = Vec::new();
     for i in 0..50 {
         let mut c = pool[i % pool.len()].clone();
         tasks.push(tokio::spawn(async move {
-            c.create_key(admin(private_key(&format!("in flight {i}"), &[])))
+            c.try_create(private_key(&format!("in flight {i}"), &[]))
                 .await
-                .map(|r| r.into_inner())
         }));
     }
     let (tmp, result) = tokio::time::timeout(Duration::from_secs(10), server.stop())
@@ -228,16 +224,12 @@ async fn graceful_shutdown_loses_nothing_acknowledged() {
     let mut client = server.client().await;
     for (key, secret) in &acknowledged {
         let stored = client
-            .get_key(admin(pb::GetKeyRequest {
-                workspace_id: WORKSPACE.into(),
-                key_id: key.key_id.clone(),
-            }))
+            .try_get_key(&key.key_id)
             .await
-            .unwrap_or_else(|s| panic!("acknowledged key {} lost: {s:?}", key.key_id))
-            .into_inner();
+            .unwrap_or_else(|s| panic!("acknowledged key {} lost: {s:?}", key.key_id));
         assert_eq!(&stored, key);
         assert_eq!(
-            code(&verify(&mut client, secret, &[], "").await),
+            code(&client.verify(secret, &[], "").await),
             pb::VerifyCode::Valid
         );
     }

@@ -2,42 +2,24 @@
 
 use kemon_keys::domain::Event;
 use kemon_keys::proto::v1 as pb;
-use kemon_keys::proto::v1::audit_service_client::AuditServiceClient;
-use kemon_keys::proto::v1::key_service_client::KeyServiceClient;
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::helpers::*;
 
-/// Every key of [`WORKSPACE`], revoked ones included.
-async fn all_keys(client: &mut KeyServiceClient<Channel>) -> Vec<pb::Key> {
-    client
-        .list_keys(admin(pb::ListKeysRequest {
-            workspace_id: WORKSPACE.into(),
-            page_size: 200,
-            include_revoked: true,
-            ..Default::default()
-        }))
-        .await
-        .expect("list_keys")
-        .into_inner()
-        .keys
-}
-
 /// Asserts that CreateKey refuses `request` with INVALID_ARGUMENT naming `field`, and that no
 /// key was written. Returns the reasons given for `field`.
 async fn refused(
-    client: &mut KeyServiceClient<Channel>,
+    client: &mut TestClient,
     request: pb::CreateKeyRequest,
     field: &str,
 ) -> Vec<String> {
-    let before = all_keys(client).await;
+    let before = client.list_all().await;
     let shown = format!("{request:?}");
-    let result = client.create_key(admin(request)).await;
+    let result = client.try_create(request).await;
     let status = result.as_ref().err().cloned();
     let reasons = assert_invalid(result, field);
     assert_eq!(
-        all_keys(client).await,
+        client.list_all().await,
         before,
         "a refused create wrote something: {shown} -> {status:?}"
     );
@@ -58,8 +40,7 @@ fn ms(ts: Option<prost_types::Timestamp>) -> Option<i64> {
 
 #[tokio::test]
 async fn bad_names_are_refused_naming_name() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (_server, mut client) = TestServer::with_client().await;
     let too_long = "a".repeat(101);
     let too_long_multibyte = "é".repeat(101);
     for name in [
@@ -76,36 +57,34 @@ async fn bad_names_are_refused_naming_name() {
         let reasons = refused(&mut client, private_key(name, &[]), "name").await;
         assert_eq!(reasons.len(), 1, "{name:?}: {reasons:?}");
     }
-    assert!(all_keys(&mut client).await.is_empty());
+    assert!(client.list_all().await.is_empty());
 }
 
 #[tokio::test]
 async fn names_of_up_to_100_characters_are_accepted_after_trimming() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (_server, mut client) = TestServer::with_client().await;
 
     let hundred = "a".repeat(100);
-    let (key, _) = create(&mut client, private_key(&hundred, &[])).await;
+    let (key, _) = client.create(private_key(&hundred, &[])).await;
     assert_eq!(key.name, hundred);
 
     let hundred_multibyte = "é".repeat(100);
-    let (key, _) = create(&mut client, private_key(&hundred_multibyte, &[])).await;
+    let (key, _) = client.create(private_key(&hundred_multibyte, &[])).await;
     assert_eq!(key.name, hundred_multibyte);
 
-    let (key, _) = create(&mut client, private_key("  CI deploy \t", &[])).await;
+    let (key, _) = client.create(private_key("  CI deploy \t", &[])).await;
     assert_eq!(key.name, "CI deploy", "surrounding whitespace is trimmed");
 
     let padded = format!("   {hundred}   ");
-    let (key, _) = create(&mut client, private_key(&padded, &[])).await;
+    let (key, _) = client.create(private_key(&padded, &[])).await;
     assert_eq!(key.name, hundred, "the limit applies after trimming");
 
-    assert_eq!(all_keys(&mut client).await.len(), 4);
+    assert_eq!(client.list_all().await.len(), 4);
 }
 
 #[tokio::test]
 async fn type_and_environment_are_required() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (_server, mut client) = TestServer::with_client().await;
 
     let mut request = private_key("no type", &[]);
     request.r#type = pb::KeyType::Unspecified as i32;
@@ -126,8 +105,7 @@ async fn type_and_environment_are_required() {
 
 #[tokio::test]
 async fn an_unknown_expiration_value_is_refused() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (_server, mut client) = TestServer::with_client().await;
     for value in [7, 99, -1] {
         let mut request = private_key("odd expiry", &[]);
         request.expiration = value;
@@ -137,8 +115,7 @@ async fn an_unknown_expiration_value_is_refused() {
 
 #[tokio::test]
 async fn each_unknown_scope_gets_its_own_violation() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (_server, mut client) = TestServer::with_client().await;
 
     let reasons = refused(
         &mut client,
@@ -165,23 +142,21 @@ async fn each_unknown_scope_gets_its_own_violation() {
 
 #[tokio::test]
 async fn at_most_16_scope_entries() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (_server, mut client) = TestServer::with_client().await;
 
     let seventeen = vec!["tickets:read"; 17];
     refused(&mut client, private_key("too many", &seventeen), "scopes").await;
 
     // Sixteen entries are fine, and duplicates collapse.
     let sixteen = vec!["tickets:read"; 16];
-    let (key, _) = create(&mut client, private_key("sixteen", &sixteen)).await;
+    let (key, _) = client.create(private_key("sixteen", &sixteen)).await;
     assert_eq!(key.scopes, ["tickets:read"]);
     assert!(!key.full_access);
 }
 
 #[tokio::test]
 async fn bad_workspace_ids_are_refused() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (_server, mut client) = TestServer::with_client().await;
     let long = "a".repeat(65);
     for workspace_id in [
         "",
@@ -197,27 +172,25 @@ async fn bad_workspace_ids_are_refused() {
         refused(&mut client, request, "workspace_id").await;
 
         let status = client
-            .list_keys(admin(pb::ListKeysRequest {
+            .try_list(pb::ListKeysRequest {
                 workspace_id: workspace_id.into(),
                 ..Default::default()
-            }))
-            .await
-            .map(|_| ());
+            })
+            .await;
         assert_invalid(status, "workspace_id");
     }
 
     let longest = "a".repeat(64);
     let mut request = private_key("ws", &[]);
     request.workspace_id = longest.clone();
-    let (key, _) = create(&mut client, request).await;
+    let (key, _) = client.create(request).await;
     assert_eq!(key.workspace_id, longest);
 }
 
 #[tokio::test]
 async fn bad_key_ids_are_refused_on_get_and_rename() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
-    let (key, _) = create(&mut client, private_key("target", &[])).await;
+    let (_server, mut client) = TestServer::with_client().await;
+    let (key, _) = client.create(private_key("target", &[])).await;
     let lower = key.key_id.to_lowercase();
     let bare = key.key_id.trim_start_matches("key_").to_owned();
     let longer = format!("{}0", key.key_id);
@@ -230,55 +203,30 @@ async fn bad_key_ids_are_refused_on_get_and_rename() {
         bare.as_str(),
         longer.as_str(),
     ] {
-        let result = client
-            .get_key(admin(pb::GetKeyRequest {
-                workspace_id: WORKSPACE.into(),
-                key_id: key_id.into(),
-            }))
-            .await;
+        let result = client.try_get_key(key_id).await;
         assert_invalid(result, "key_id");
 
-        let result = client
-            .rename_key(admin(pb::RenameKeyRequest {
-                workspace_id: WORKSPACE.into(),
-                key_id: key_id.into(),
-                name: "renamed".into(),
-                expected_version: None,
-            }))
-            .await;
+        let result = client.try_rename(key_id, "renamed", None).await;
         assert_invalid(result, "key_id");
     }
-    assert_eq!(
-        get_key(&mut client, &key.key_id).await,
-        key,
-        "nothing changed"
-    );
+    assert_eq!(client.get_key(&key.key_id).await, key, "nothing changed");
 }
 
 #[tokio::test]
 async fn bad_names_are_refused_on_rename_and_change_nothing() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
-    let (key, _) = create(&mut client, private_key("original", &[])).await;
+    let (_server, mut client) = TestServer::with_client().await;
+    let (key, _) = client.create(private_key("original", &[])).await;
     let too_long = "x".repeat(101);
     for name in ["", "   ", too_long.as_str(), "a\u{0}b"] {
-        let result = client
-            .rename_key(admin(pb::RenameKeyRequest {
-                workspace_id: WORKSPACE.into(),
-                key_id: key.key_id.clone(),
-                name: name.into(),
-                expected_version: None,
-            }))
-            .await;
+        let result = client.try_rename(&key.key_id, name, None).await;
         assert_invalid(result, "name");
     }
-    assert_eq!(get_key(&mut client, &key.key_id).await, key);
+    assert_eq!(client.get_key(&key.key_id).await, key);
 }
 
 #[tokio::test]
 async fn public_key_rules() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (_server, mut client) = TestServer::with_client().await;
 
     let reasons = refused(
         &mut client,
@@ -325,23 +273,20 @@ async fn public_key_rules() {
     refused(&mut client, request, "allowed_domains").await;
 
     // The valid forms, for contrast.
-    let (prod, _) = create(
-        &mut client,
-        public_key("ok", &["tickets:read"], &["app.example.com"]),
-    )
-    .await;
+    let (prod, _) = client
+        .create(public_key("ok", &["tickets:read"], &["app.example.com"]))
+        .await;
     assert_eq!(prod.allowed_domains, ["app.example.com"]);
     let mut request = public_key("ok test", &["tickets:read"], &[]);
     request.environment = pb::Environment::Test as i32;
-    let (test, _) = create(&mut client, request).await;
+    let (test, _) = client.create(request).await;
     assert!(test.allowed_domains.is_empty());
-    assert_eq!(all_keys(&mut client).await.len(), 2);
+    assert_eq!(client.list_all().await.len(), 2);
 }
 
 #[tokio::test]
 async fn private_keys_take_no_allowed_domains() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (_server, mut client) = TestServer::with_client().await;
 
     let mut request = private_key("prod", &[]);
     request.allowed_domains = vec!["app.example.com".into()];
@@ -355,8 +300,7 @@ async fn private_keys_take_no_allowed_domains() {
 
 #[tokio::test]
 async fn malformed_and_too_many_domains_are_refused() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (_server, mut client) = TestServer::with_client().await;
 
     for domain in [
         "https://a.com",
@@ -385,22 +329,18 @@ async fn malformed_and_too_many_domains_are_refused() {
     )
     .await;
 
-    let (key, _) = create(
-        &mut client,
-        public_key("twenty", &["tickets:read"], &too_many[..20]),
-    )
-    .await;
+    let (key, _) = client
+        .create(public_key("twenty", &["tickets:read"], &too_many[..20]))
+        .await;
     assert_eq!(key.allowed_domains.len(), 20);
 
-    let (key, _) = create(
-        &mut client,
-        public_key(
+    let (key, _) = client
+        .create(public_key(
             "case",
             &["tickets:read"],
             &["App.Example.COM", "*.Example.Org"],
-        ),
-    )
-    .await;
+        ))
+        .await;
     assert_eq!(
         key.allowed_domains,
         ["app.example.com", "*.example.org"],
@@ -410,30 +350,21 @@ async fn malformed_and_too_many_domains_are_refused() {
 
 #[tokio::test]
 async fn update_scopes_needs_at_least_one_known_scope() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
-    let (key, _) = create(&mut client, private_key("full", &[])).await;
+    let (_server, mut client) = TestServer::with_client().await;
+    let (key, _) = client.create(private_key("full", &[])).await;
     assert!(key.full_access);
 
     for scopes in [vec![], vec!["tickets:read", "nope:read"]] {
-        let result = client
-            .update_key_scopes(admin(pb::UpdateKeyScopesRequest {
-                workspace_id: WORKSPACE.into(),
-                key_id: key.key_id.clone(),
-                scopes: scopes.iter().map(|s| s.to_string()).collect(),
-                expected_version: None,
-            }))
-            .await;
+        let result = client.try_rescope(&key.key_id, &scopes, None).await;
         assert_invalid(result, "scopes");
     }
-    let after = get_key(&mut client, &key.key_id).await;
+    let after = client.get_key(&key.key_id).await;
     assert_eq!(after, key, "still full access, version 1");
 }
 
 #[tokio::test]
 async fn several_bad_fields_give_several_violations() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (_server, mut client) = TestServer::with_client().await;
     let request = pb::CreateKeyRequest {
         workspace_id: "bad workspace".into(),
         name: "   ".into(),
@@ -445,7 +376,7 @@ async fn several_bad_fields_give_several_violations() {
         allowed_domains: vec!["https://a.com".into()],
         request_id: "not an id".into(),
     };
-    let status = client.create_key(admin(request)).await.unwrap_err();
+    let status = client.try_create(request).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     let mut got = fields(&status);
     got.sort();
@@ -463,11 +394,11 @@ async fn several_bad_fields_give_several_violations() {
         ],
         "{status:?}"
     );
-    assert!(all_keys(&mut client).await.is_empty());
+    assert!(client.list_all().await.is_empty());
 
     let mut request = public_key("public", &["tickets:write"], &[]);
     request.reveal_later = true;
-    let status = client.create_key(admin(request)).await.unwrap_err();
+    let status = client.try_create(request).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     let mut got = fields(&status);
     got.sort();
@@ -478,25 +409,20 @@ async fn several_bad_fields_give_several_violations() {
     );
 
     let status = client
-        .rename_key(admin(pb::RenameKeyRequest {
-            workspace_id: "".into(),
-            key_id: "nope".into(),
-            name: "".into(),
-            expected_version: None,
-        }))
+        .in_workspace("")
+        .try_rename("nope", "", None)
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     let mut got = fields(&status);
     got.sort();
     assert_eq!(got, ["key_id", "name", "workspace_id"], "{status:?}");
-    assert!(all_keys(&mut client).await.is_empty());
+    assert!(client.list_all().await.is_empty());
 }
 
 #[tokio::test]
 async fn expiration_options_set_exact_expiry_instants() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (server, mut client) = TestServer::with_client().await;
     let now = T0_MS + 1_234;
     server.clock.set_ms(now);
     let cases = [
@@ -511,7 +437,7 @@ async fn expiration_options_set_exact_expiry_instants() {
     for (expiration, days) in cases {
         let mut request = private_key("expiring", &[]);
         request.expiration = expiration as i32;
-        let (key, secret) = create(&mut client, request).await;
+        let (key, secret) = client.create(request).await;
         assert_eq!(ms(key.created_at), Some(now), "{expiration:?}");
         assert_eq!(
             ms(key.expires_at),
@@ -519,7 +445,7 @@ async fn expiration_options_set_exact_expiry_instants() {
             "{expiration:?}"
         );
         assert!(!key.expired);
-        let verified = verify(&mut client, &secret, &[], "").await;
+        let verified = client.verify(&secret, &[], "").await;
         assert_eq!(code(&verified), pb::VerifyCode::Valid);
         assert_eq!(
             ms(verified.expires_at),
@@ -531,45 +457,36 @@ async fn expiration_options_set_exact_expiry_instants() {
 
 #[tokio::test]
 async fn a_private_key_without_scopes_has_full_access() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
-    let (key, _) = create(&mut client, private_key("everything", &[])).await;
+    let (_server, mut client) = TestServer::with_client().await;
+    let (key, _) = client.create(private_key("everything", &[])).await;
     assert!(key.full_access);
     assert!(key.scopes.is_empty());
-    assert!(get_key(&mut client, &key.key_id).await.full_access);
+    assert!(client.get_key(&key.key_id).await.full_access);
 
-    let (scoped, _) = create(&mut client, private_key("scoped", &["teams:read"])).await;
+    let (scoped, _) = client.create(private_key("scoped", &["teams:read"])).await;
     assert!(!scoped.full_access);
     assert_eq!(scoped.scopes, ["teams:read"]);
 }
 
 #[tokio::test]
 async fn reserved_scopes_are_accepted_on_private_keys() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
-    let (key, secret) = create(
-        &mut client,
-        private_key("reserved", &["projects:write", "labels:write"]),
-    )
-    .await;
+    let (_server, mut client) = TestServer::with_client().await;
+    let (key, secret) = client
+        .create(private_key("reserved", &["projects:write", "labels:write"]))
+        .await;
     assert!(!key.full_access);
     let mut scopes = key.scopes.clone();
     scopes.sort();
     assert_eq!(scopes, ["labels:write", "projects:write"]);
-    let verified = verify(
-        &mut client,
-        &secret,
-        &["projects:write", "labels:write"],
-        "",
-    )
-    .await;
+    let verified = client
+        .verify(&secret, &["projects:write", "labels:write"], "")
+        .await;
     assert_eq!(code(&verified), pb::VerifyCode::Valid);
 }
 
 #[tokio::test]
 async fn list_scopes_returns_the_catalog_without_metadata() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (_server, mut client) = TestServer::with_client().await;
     let scopes = client
         .list_scopes(pb::ListScopesRequest {})
         .await
@@ -609,30 +526,24 @@ async fn list_scopes_returns_the_catalog_without_metadata() {
 /// ReadEvents and SubscribeEvents, as an auditor, filtered to `event_types`: the status of
 /// each, or `None` for a call that was accepted.
 async fn filter_by_types(server: &TestServer, event_types: &[String]) -> [Option<Status>; 2] {
-    let mut audit = AuditServiceClient::new(server.channel().await);
+    let mut audit = server.audit().await;
     let filter = pb::EventFilter {
         event_types: event_types.to_vec(),
         ..Default::default()
     };
     let read = audit
-        .read_events(as_role(
-            "auditor",
-            pb::ReadEventsRequest {
-                after_sequence: 0,
-                limit: 0,
-                filter: Some(filter.clone()),
-            },
-        ))
+        .read_events(auditor(pb::ReadEventsRequest {
+            after_sequence: 0,
+            limit: 0,
+            filter: Some(filter.clone()),
+        }))
         .await
         .err();
     let subscribe = audit
-        .subscribe_events(as_role(
-            "auditor",
-            pb::SubscribeEventsRequest {
-                after_sequence: 0,
-                filter: Some(filter),
-            },
-        ))
+        .subscribe_events(auditor(pb::SubscribeEventsRequest {
+            after_sequence: 0,
+            filter: Some(filter),
+        }))
         .await
         .err();
     [read, subscribe]
@@ -712,15 +623,14 @@ async fn event_type_lists_are_capped_before_any_entry_is_checked() {
 
 #[tokio::test]
 async fn many_bad_entries_are_listed_a_few_at_a_time() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (_server, mut client) = TestServer::with_client().await;
 
     let hosts: Vec<String> = (0..20)
         .map(|i| format!("https://h{i}.example.com"))
         .collect();
     let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
     let request = public_key("bad hosts", &["tickets:read"], &hosts);
-    let status = client.create_key(admin(request)).await.unwrap_err();
+    let status = client.try_create(request).await.unwrap_err();
     let reasons = small_invalid(&status, "allowed_domains");
     assert_eq!(reasons.len(), 4, "{reasons:?}");
     assert!(
@@ -740,7 +650,7 @@ async fn many_bad_entries_are_listed_a_few_at_a_time() {
     let reasons = small_invalid(&status, "required_scopes");
     assert_eq!(reasons.len(), 4, "{reasons:?}");
     assert!(reasons[3].contains("13 more"), "{reasons:?}");
-    assert!(all_keys(&mut client).await.is_empty());
+    assert!(client.list_all().await.is_empty());
 }
 
 /// Asserts that no 8 characters in a row of `body` (a key's random part and checksum) appear
@@ -762,9 +672,8 @@ fn assert_not_repeated(status: &Status, body: &str) {
 
 #[tokio::test]
 async fn a_key_pasted_into_a_scope_list_is_never_repeated() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
-    let (key, secret) = create(&mut client, private_key("pasted", &[])).await;
+    let (_server, mut client) = TestServer::with_client().await;
+    let (key, secret) = client.create(private_key("pasted", &[])).await;
     // What follows `sk_`: 32 random characters, then the 6 of the checksum.
     let body = secret.rsplit('_').next().unwrap().to_owned();
     assert_eq!(body.len(), 38, "{secret}");
@@ -780,7 +689,7 @@ async fn a_key_pasted_into_a_scope_list_is_never_repeated() {
         // The typo next to it is still shown, so the caller can fix it.
         let scopes = ["tickets:reed", pasted.as_str()];
         let status = client
-            .create_key(admin(private_key("pasted", &scopes)))
+            .try_create(private_key("pasted", &scopes))
             .await
             .unwrap_err();
         let reasons = small_invalid(&status, "scopes");
@@ -788,30 +697,21 @@ async fn a_key_pasted_into_a_scope_list_is_never_repeated() {
         assert_not_repeated(&status, &body);
 
         let status = client
-            .update_key_scopes(admin(pb::UpdateKeyScopesRequest {
-                workspace_id: WORKSPACE.into(),
-                key_id: key.key_id.clone(),
-                scopes: scopes.iter().map(|s| s.to_string()).collect(),
-                expected_version: None,
-            }))
+            .try_rescope(&key.key_id, &scopes, None)
             .await
             .unwrap_err();
         small_invalid(&status, "scopes");
         assert_not_repeated(&status, &body);
 
         let status = client
-            .verify_key(pb::VerifyKeyRequest {
-                key: secret.clone(),
-                required_scopes: vec!["tickets:writee".into(), pasted.clone()],
-                origin: String::new(),
-            })
+            .try_verify(&secret, &["tickets:writee", &pasted], "")
             .await
             .unwrap_err();
         let reasons = small_invalid(&status, "required_scopes");
         assert!(reasons[0].contains("`tickets:writee`"), "{reasons:?}");
         assert_not_repeated(&status, &body);
     }
-    assert_eq!(all_keys(&mut client).await, [key]);
+    assert_eq!(client.list_all().await, [key]);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -819,8 +719,7 @@ async fn a_key_pasted_into_a_scope_list_is_never_repeated() {
 
 #[tokio::test]
 async fn create_key_names_every_bad_field() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (_server, mut client) = TestServer::with_client().await;
     let request = pb::CreateKeyRequest {
         workspace_id: String::new(),
         name: "CI\ndeploy".into(),
@@ -829,24 +728,23 @@ async fn create_key_names_every_bad_field() {
         scopes: vec!["tickets:delete".into()],
         ..Default::default()
     };
-    let status = client.create_key(admin(request)).await.unwrap_err();
+    let status = client.try_create(request).await.unwrap_err();
     assert_eq!(
         bad_fields(&status),
         ["name", "scopes", "type", "workspace_id"]
     );
-    assert!(all_keys(&mut client).await.is_empty());
+    assert!(client.list_all().await.is_empty());
 }
 
 #[tokio::test]
 async fn create_key_names_bad_fields_and_broken_rules_together() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (_server, mut client) = TestServer::with_client().await;
 
     // Bad fields and the rules a public key breaks, in one answer.
     let mut request = public_key("", &["tickets:write"], &[]);
     request.workspace_id = "ws acme".into();
     request.reveal_later = true;
-    let status = client.create_key(admin(request)).await.unwrap_err();
+    let status = client.try_create(request).await.unwrap_err();
     assert_eq!(
         bad_fields(&status),
         [
@@ -863,20 +761,19 @@ async fn create_key_names_bad_fields_and_broken_rules_together() {
     let mut request = public_key("test with domains", &["tickets:read"], &["app.example.com"]);
     request.environment = pb::Environment::Test as i32;
     request.expiration = 99;
-    let status = client.create_key(admin(request)).await.unwrap_err();
+    let status = client.try_create(request).await.unwrap_err();
     assert_eq!(bad_fields(&status), ["allowed_domains", "expiration"]);
 
     let mut request = private_key("private with domains", &["tickets:read", "nope:read"]);
     request.allowed_domains = vec!["app.example.com".into()];
-    let status = client.create_key(admin(request)).await.unwrap_err();
+    let status = client.try_create(request).await.unwrap_err();
     assert_eq!(bad_fields(&status), ["allowed_domains", "scopes"]);
-    assert!(all_keys(&mut client).await.is_empty());
+    assert!(client.list_all().await.is_empty());
 }
 
 #[tokio::test]
 async fn a_bad_field_is_not_reported_again_as_a_broken_rule() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (_server, mut client) = TestServer::with_client().await;
 
     // An unknown scope is not also "no read scope"; a malformed domain is not also "no
     // allowed domain"; a list over its cap is reported once.
@@ -890,7 +787,7 @@ async fn a_bad_field_is_not_reported_again_as_a_broken_rule() {
         (vec!["tickets:read"; 17], vec!["app.example.com"], "scopes"),
     ] {
         let status = client
-            .create_key(admin(public_key("public", &scopes, &domains)))
+            .try_create(public_key("public", &scopes, &domains))
             .await
             .unwrap_err();
         assert_eq!(bad_fields(&status), [field], "{status:?}");
@@ -900,77 +797,55 @@ async fn a_bad_field_is_not_reported_again_as_a_broken_rule() {
     // An unknown type leaves the rules of both types unjudged.
     let mut request = public_key("typeless", &["tickets:write"], &[]);
     request.r#type = 9;
-    let status = client.create_key(admin(request)).await.unwrap_err();
+    let status = client.try_create(request).await.unwrap_err();
     assert_eq!(bad_fields(&status), ["type"]);
-    assert!(all_keys(&mut client).await.is_empty());
+    assert!(client.list_all().await.is_empty());
 }
 
 #[tokio::test]
 async fn rename_key_names_every_bad_field() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
-    let (key, _) = create(&mut client, private_key("original", &[])).await;
+    let (_server, mut client) = TestServer::with_client().await;
+    let (key, _) = client.create(private_key("original", &[])).await;
 
     let status = client
-        .rename_key(admin(pb::RenameKeyRequest {
-            workspace_id: WORKSPACE.into(),
-            key_id: "key_123".into(),
-            name: "\u{7}".into(),
-            expected_version: Some(1),
-        }))
+        .try_rename("key_123", "\u{7}", Some(1))
         .await
         .unwrap_err();
     assert_eq!(bad_fields(&status), ["key_id", "name"]);
 
     let status = client
-        .rename_key(admin(pb::RenameKeyRequest {
-            workspace_id: "ws/acme".into(),
-            key_id: key.key_id.to_lowercase(),
-            name: "x".repeat(101),
-            expected_version: None,
-        }))
+        .in_workspace("ws/acme")
+        .try_rename(&key.key_id.to_lowercase(), &"x".repeat(101), None)
         .await
         .unwrap_err();
     assert_eq!(bad_fields(&status), ["key_id", "name", "workspace_id"]);
-    assert_eq!(get_key(&mut client, &key.key_id).await, key, "unchanged");
+    assert_eq!(client.get_key(&key.key_id).await, key, "unchanged");
 }
 
 #[tokio::test]
 async fn update_key_scopes_names_every_bad_field() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
-    let (key, _) = create(&mut client, private_key("scoped", &["tickets:read"])).await;
+    let (_server, mut client) = TestServer::with_client().await;
+    let (key, _) = client
+        .create(private_key("scoped", &["tickets:read"]))
+        .await;
 
     let status = client
-        .update_key_scopes(admin(pb::UpdateKeyScopesRequest {
-            workspace_id: String::new(),
-            key_id: "nope".into(),
-            scopes: vec!["tickets:read".into(), "tickets:nope".into()],
-            expected_version: None,
-        }))
+        .in_workspace("")
+        .try_rescope("nope", &["tickets:read", "tickets:nope"], None)
         .await
         .unwrap_err();
     assert_eq!(bad_fields(&status), ["key_id", "scopes", "workspace_id"]);
 
-    let status = client
-        .update_key_scopes(admin(pb::UpdateKeyScopesRequest {
-            workspace_id: WORKSPACE.into(),
-            key_id: String::new(),
-            scopes: vec![],
-            expected_version: Some(1),
-        }))
-        .await
-        .unwrap_err();
+    let status = client.try_rescope("", &[], Some(1)).await.unwrap_err();
     assert_eq!(bad_fields(&status), ["key_id", "scopes"]);
-    assert_eq!(get_key(&mut client, &key.key_id).await, key, "unchanged");
+    assert_eq!(client.get_key(&key.key_id).await, key, "unchanged");
 }
 
 #[tokio::test]
 async fn list_keys_names_every_bad_field() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (_server, mut client) = TestServer::with_client().await;
     let status = client
-        .list_keys(admin(pb::ListKeysRequest {
+        .try_list(pb::ListKeysRequest {
             workspace_id: " ws_acme".into(),
             // Over the maximum is coerced (AIP-158), not a bad field.
             page_size: 500,
@@ -978,7 +853,7 @@ async fn list_keys_names_every_bad_field() {
             r#type: 9,
             environment: 9,
             include_revoked: false,
-        }))
+        })
         .await
         .unwrap_err();
     assert_eq!(
@@ -990,30 +865,10 @@ async fn list_keys_names_every_bad_field() {
 #[tokio::test]
 async fn calls_about_one_key_name_both_bad_ids() {
     let server = TestServer::start().await;
-    let mut client = server.client().await;
-    let (workspace_id, key_id) = (String::from("ws acme"), String::from("key_"));
-    let get = client
-        .get_key(admin(pb::GetKeyRequest {
-            workspace_id: workspace_id.clone(),
-            key_id: key_id.clone(),
-        }))
-        .await
-        .map(drop);
-    let revoke = client
-        .revoke_key(admin(pb::RevokeKeyRequest {
-            workspace_id: workspace_id.clone(),
-            key_id: key_id.clone(),
-            expected_version: None,
-        }))
-        .await
-        .map(drop);
-    let reveal = client
-        .reveal_key(admin(pb::RevealKeyRequest {
-            workspace_id,
-            key_id,
-        }))
-        .await
-        .map(drop);
+    let mut client = server.client().await.in_workspace("ws acme");
+    let get = client.try_get_key("key_").await.map(drop);
+    let revoke = client.try_revoke("key_", None).await.map(drop);
+    let reveal = client.try_reveal("key_").await.map(drop);
     for (rpc, result) in [
         ("GetKey", get),
         ("RevokeKey", revoke),
@@ -1033,34 +888,15 @@ const UNKNOWN_KEY_ID: &str = "key_01ARZ3NDEKTSV4RRFFQ69G5FAV";
 
 /// Calls every RPC that changes or reveals `key_id`, as an admin of [`WORKSPACE`].
 async fn every_change(
-    client: &mut KeyServiceClient<Channel>,
+    client: &mut TestClient,
     key_id: &str,
 ) -> Vec<(&'static str, Result<(), Status>)> {
-    let rename = client
-        .rename_key(admin(pb::RenameKeyRequest {
-            workspace_id: WORKSPACE.into(),
-            key_id: key_id.into(),
-            name: "renamed".into(),
-            expected_version: None,
-        }))
-        .await
-        .map(drop);
+    let rename = client.try_rename(key_id, "renamed", None).await.map(drop);
     let update = client
-        .update_key_scopes(admin(pb::UpdateKeyScopesRequest {
-            workspace_id: WORKSPACE.into(),
-            key_id: key_id.into(),
-            scopes: vec!["teams:read".into()],
-            expected_version: None,
-        }))
+        .try_rescope(key_id, &["teams:read"], None)
         .await
         .map(drop);
-    let reveal = client
-        .reveal_key(admin(pb::RevealKeyRequest {
-            workspace_id: WORKSPACE.into(),
-            key_id: key_id.into(),
-        }))
-        .await
-        .map(drop);
+    let reveal = client.try_reveal(key_id).await.map(drop);
     vec![
         ("RenameKey", rename),
         ("UpdateKeyScopes", update),
@@ -1070,29 +906,12 @@ async fn every_change(
 
 #[tokio::test]
 async fn a_key_that_is_not_there_is_key_not_found_naming_it() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (_server, mut client) = TestServer::with_client().await;
     let mut outcomes = every_change(&mut client, UNKNOWN_KEY_ID).await;
-    outcomes.push((
-        "GetKey",
-        client
-            .get_key(admin(pb::GetKeyRequest {
-                workspace_id: WORKSPACE.into(),
-                key_id: UNKNOWN_KEY_ID.into(),
-            }))
-            .await
-            .map(drop),
-    ));
+    outcomes.push(("GetKey", client.try_get_key(UNKNOWN_KEY_ID).await.map(drop)));
     outcomes.push((
         "RevokeKey",
-        client
-            .revoke_key(admin(pb::RevokeKeyRequest {
-                workspace_id: WORKSPACE.into(),
-                key_id: UNKNOWN_KEY_ID.into(),
-                expected_version: None,
-            }))
-            .await
-            .map(drop),
+        client.try_revoke(UNKNOWN_KEY_ID, None).await.map(drop),
     ));
     for (rpc, outcome) in outcomes {
         let status = outcome.expect_err(rpc);
@@ -1107,19 +926,11 @@ async fn a_key_that_is_not_there_is_key_not_found_naming_it() {
 
 #[tokio::test]
 async fn changing_or_revealing_a_revoked_key_is_key_revoked() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
-    let mut request = private_key("revoked", &["tickets:read"]);
-    request.reveal_later = true;
-    let (key, _) = create(&mut client, request).await;
-    client
-        .revoke_key(admin(pb::RevokeKeyRequest {
-            workspace_id: WORKSPACE.into(),
-            key_id: key.key_id.clone(),
-            expected_version: None,
-        }))
-        .await
-        .expect("revoke");
+    let (_server, mut client) = TestServer::with_client().await;
+    let (key, _) = client
+        .create(revealable(private_key("revoked", &["tickets:read"])))
+        .await;
+    client.revoke(&key.key_id).await;
     for (rpc, outcome) in every_change(&mut client, &key.key_id).await {
         let status = outcome.expect_err(rpc);
         let metadata = assert_reason(&status, Code::FailedPrecondition, "KEY_REVOKED");
@@ -1129,36 +940,25 @@ async fn changing_or_revealing_a_revoked_key_is_key_revoked() {
 
 #[tokio::test]
 async fn revealing_a_key_without_a_copy_is_key_not_revealable() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
-    let (key, _) = create(&mut client, private_key("no copy", &[])).await;
-    let status = client
-        .reveal_key(admin(pb::RevealKeyRequest {
-            workspace_id: WORKSPACE.into(),
-            key_id: key.key_id.clone(),
-        }))
-        .await
-        .unwrap_err();
+    let (_server, mut client) = TestServer::with_client().await;
+    let (key, _) = client.create(private_key("no copy", &[])).await;
+    let status = client.try_reveal(&key.key_id).await.unwrap_err();
     let metadata = assert_reason(&status, Code::FailedPrecondition, "KEY_NOT_REVEALABLE");
     assert_eq!(metadata["key_id"], key.key_id);
 }
 
 #[tokio::test]
 async fn editing_a_public_key_s_scopes_is_public_key_scopes_immutable() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
-    let (key, _) = create(
-        &mut client,
-        public_key("widget", &["tickets:read"], &["app.example.com"]),
-    )
-    .await;
+    let (_server, mut client) = TestServer::with_client().await;
+    let (key, _) = client
+        .create(public_key(
+            "widget",
+            &["tickets:read"],
+            &["app.example.com"],
+        ))
+        .await;
     let status = client
-        .update_key_scopes(admin(pb::UpdateKeyScopesRequest {
-            workspace_id: WORKSPACE.into(),
-            key_id: key.key_id.clone(),
-            scopes: vec!["teams:read".into()],
-            expected_version: None,
-        }))
+        .try_rescope(&key.key_id, &["teams:read"], None)
         .await
         .unwrap_err();
     let metadata = assert_reason(
@@ -1167,22 +967,14 @@ async fn editing_a_public_key_s_scopes_is_public_key_scopes_immutable() {
         "PUBLIC_KEY_SCOPES_IMMUTABLE",
     );
     assert_eq!(metadata["key_id"], key.key_id);
-    assert_eq!(get_key(&mut client, &key.key_id).await, key, "unchanged");
+    assert_eq!(client.get_key(&key.key_id).await, key, "unchanged");
 }
 
 #[tokio::test]
 async fn a_stale_expected_version_is_version_conflict_naming_both_versions_and_the_key() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
-    let (key, _) = create(&mut client, private_key("versioned", &[])).await;
-    let status = client
-        .revoke_key(admin(pb::RevokeKeyRequest {
-            workspace_id: WORKSPACE.into(),
-            key_id: key.key_id.clone(),
-            expected_version: Some(7),
-        }))
-        .await
-        .unwrap_err();
+    let (_server, mut client) = TestServer::with_client().await;
+    let (key, _) = client.create(private_key("versioned", &[])).await;
+    let status = client.try_revoke(&key.key_id, Some(7)).await.unwrap_err();
     let metadata = assert_reason(&status, Code::Aborted, "VERSION_CONFLICT");
     assert_eq!(
         metadata,
@@ -1203,7 +995,8 @@ async fn calls_before_the_cache_is_loaded_are_not_ready() {
     let (server, release) = TestServer::start_loading_held().await;
     let channel = server.channel().await;
     wait_for_health(&channel, "", ServingStatus::NotServing).await;
-    let mut client = KeyServiceClient::new(channel.clone());
+    let mut client =
+        kemon_keys::proto::v1::key_service_client::KeyServiceClient::new(channel.clone());
     let created = client
         .create_key(admin(private_key("early", &[])))
         .await
@@ -1222,8 +1015,8 @@ async fn calls_before_the_cache_is_loaded_are_not_ready() {
         .list_scopes(pb::ListScopesRequest::default())
         .await
         .expect("ListScopes while the cache loads");
-    AuditServiceClient::new(channel.clone())
-        .get_log_head(as_role("auditor", pb::GetLogHeadRequest::default()))
+    kemon_keys::proto::v1::audit_service_client::AuditServiceClient::new(channel.clone())
+        .get_log_head(auditor(pb::GetLogHeadRequest::default()))
         .await
         .expect("GetLogHead while the cache loads");
 
@@ -1231,5 +1024,8 @@ async fn calls_before_the_cache_is_loaded_are_not_ready() {
         .send(())
         .expect("the server waits to load its cache");
     wait_for_health(&channel, "", ServingStatus::Serving).await;
-    create(&mut client, private_key("later", &[])).await;
+    client
+        .create_key(admin(private_key("later", &[])))
+        .await
+        .expect("CreateKey once the cache is loaded");
 }

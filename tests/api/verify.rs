@@ -2,8 +2,6 @@
 
 use kemon_keys::domain::{ApiKey, Environment, KeyType};
 use kemon_keys::proto::v1 as pb;
-use kemon_keys::proto::v1::key_service_client::KeyServiceClient;
-use tonic::transport::Channel;
 
 use crate::helpers::*;
 
@@ -39,13 +37,13 @@ fn assert_anonymous(response: &pb::VerifyKeyResponse) {
 
 /// Asserts the code of a verification, and that `valid` agrees with it.
 async fn assert_code(
-    client: &mut KeyServiceClient<Channel>,
+    client: &mut TestClient,
     secret: &str,
     required: &[&str],
     origin: &str,
     expected: pb::VerifyCode,
 ) -> pb::VerifyKeyResponse {
-    let response = verify(client, secret, required, origin).await;
+    let response = client.verify(secret, required, origin).await;
     assert_eq!(
         code(&response),
         expected,
@@ -59,32 +57,12 @@ async fn assert_code(
     response
 }
 
-fn test_env(mut request: pb::CreateKeyRequest) -> pb::CreateKeyRequest {
-    request.environment = pb::Environment::Test as i32;
-    request
-}
-
-async fn revoke(client: &mut KeyServiceClient<Channel>, key_id: &str) -> pb::Key {
-    client
-        .revoke_key(admin(pb::RevokeKeyRequest {
-            workspace_id: WORKSPACE.into(),
-            key_id: key_id.into(),
-            expected_version: None,
-        }))
-        .await
-        .expect("revoke_key")
-        .into_inner()
-}
-
 #[tokio::test]
 async fn a_valid_key_is_valid_and_identified() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
-    let (key, secret) = create(
-        &mut client,
-        private_key("server", &["tickets:read", "labels:read"]),
-    )
-    .await;
+    let (_server, mut client) = TestServer::with_client().await;
+    let (key, secret) = client
+        .create(private_key("server", &["tickets:read", "labels:read"]))
+        .await;
     let response = assert_code(
         &mut client,
         &secret,
@@ -104,10 +82,9 @@ async fn a_valid_key_is_valid_and_identified() {
 
 #[tokio::test]
 async fn malformed_strings_are_malformed_and_anonymous() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
-    let (_, secret) = create(&mut client, private_key("real", &[])).await;
-    let (_, test_secret) = create(&mut client, test_env(private_key("real test", &[]))).await;
+    let (_server, mut client) = TestServer::with_client().await;
+    let (_, secret) = client.create(private_key("real", &[])).await;
+    let (_, test_secret) = client.create(test_env(private_key("real test", &[]))).await;
 
     // One character of the random part changed: the checksum no longer matches.
     let changed = {
@@ -152,7 +129,7 @@ async fn malformed_strings_are_malformed_and_anonymous() {
     ];
     for candidate in cases {
         assert_ne!(candidate, secret);
-        let response = verify(&mut client, candidate, &[], "").await;
+        let response = client.verify(candidate, &[], "").await;
         assert_eq!(
             code(&response),
             pb::VerifyCode::Malformed,
@@ -174,13 +151,12 @@ async fn malformed_strings_are_malformed_and_anonymous() {
 
 #[tokio::test]
 async fn a_well_formed_key_never_issued_is_not_found() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
-    create(&mut client, private_key("some other key", &[])).await;
+    let (_server, mut client) = TestServer::with_client().await;
+    client.create(private_key("some other key", &[])).await;
     for key_type in [KeyType::Private, KeyType::Public] {
         for environment in [Environment::Production, Environment::Test] {
             let invented = ApiKey::generate(key_type, environment);
-            let response = verify(&mut client, invented.expose(), &[], "localhost").await;
+            let response = client.verify(invented.expose(), &[], "localhost").await;
             assert_eq!(
                 code(&response),
                 pb::VerifyCode::NotFound,
@@ -193,38 +169,23 @@ async fn a_well_formed_key_never_issued_is_not_found() {
 
 #[tokio::test]
 async fn a_key_expires_at_its_exact_instant() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (server, mut client) = TestServer::with_client().await;
     let mut request = private_key("monthly", &["tickets:read"]);
     request.expiration = pb::Expiration::Expiration30Days as i32;
-    let (key, secret) = create(&mut client, request).await;
+    let (key, secret) = client.create(request).await;
     let expires_at = T0_MS + 30 * DAY_MS;
     assert_eq!(ms(key.expires_at), Some(expires_at));
 
     server.clock.set_ms(expires_at - 1);
     let response = assert_code(&mut client, &secret, &[], "", pb::VerifyCode::Valid).await;
     assert_identifies(&response, &key);
-    let seen = client
-        .get_key(admin(pb::GetKeyRequest {
-            workspace_id: WORKSPACE.into(),
-            key_id: key.key_id.clone(),
-        }))
-        .await
-        .unwrap()
-        .into_inner();
+    let seen = client.get_key(&key.key_id).await;
     assert!(!seen.expired);
 
     server.clock.set_ms(expires_at);
     let response = assert_code(&mut client, &secret, &[], "", pb::VerifyCode::Expired).await;
     assert_identifies(&response, &key);
-    let seen = client
-        .get_key(admin(pb::GetKeyRequest {
-            workspace_id: WORKSPACE.into(),
-            key_id: key.key_id.clone(),
-        }))
-        .await
-        .unwrap()
-        .into_inner();
+    let seen = client.get_key(&key.key_id).await;
     assert!(seen.expired);
 
     server.clock.set_ms(expires_at + 365 * DAY_MS);
@@ -233,11 +194,10 @@ async fn a_key_expires_at_its_exact_instant() {
 
 #[tokio::test]
 async fn a_never_expiring_key_is_valid_ten_years_on() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (server, mut client) = TestServer::with_client().await;
     let mut request = private_key("forever", &[]);
     request.expiration = pb::Expiration::Never as i32;
-    let (key, secret) = create(&mut client, request).await;
+    let (key, secret) = client.create(request).await;
     assert_eq!(key.expires_at, None);
 
     server.clock.set_ms(T0_MS + 10 * 366 * DAY_MS);
@@ -248,26 +208,20 @@ async fn a_never_expiring_key_is_valid_ten_years_on() {
 
 #[tokio::test]
 async fn a_revoked_key_is_revoked_at_once() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
-    let (key, secret) = create(&mut client, private_key("soon gone", &["teams:read"])).await;
+    let (server, mut client) = TestServer::with_client().await;
+    let (key, secret) = client
+        .create(private_key("soon gone", &["teams:read"]))
+        .await;
     assert_code(&mut client, &secret, &[], "", pb::VerifyCode::Valid).await;
 
-    revoke(&mut client, &key.key_id).await;
+    client.revoke(&key.key_id).await;
     let response = assert_code(&mut client, &secret, &[], "", pb::VerifyCode::Revoked).await;
     assert_identifies(&response, &key);
 
     // Still revoked, not expired, long after the expiry date.
     server.clock.set_ms(T0_MS + 400 * DAY_MS);
     assert_code(&mut client, &secret, &[], "", pb::VerifyCode::Revoked).await;
-    let seen = client
-        .get_key(admin(pb::GetKeyRequest {
-            workspace_id: WORKSPACE.into(),
-            key_id: key.key_id.clone(),
-        }))
-        .await
-        .unwrap()
-        .into_inner();
+    let seen = client.get_key(&key.key_id).await;
     assert!(seen.revoked_at.is_some());
     assert!(
         !seen.expired,
@@ -276,21 +230,18 @@ async fn a_revoked_key_is_revoked_at_once() {
 }
 
 /// A private and a public test key, with their secrets.
-async fn create_test_keys(client: &mut KeyServiceClient<Channel>) -> [(pb::Key, String); 2] {
+async fn create_test_keys(client: &mut TestClient) -> [(pb::Key, String); 2] {
     [
-        create(client, test_env(private_key("local", &[]))).await,
-        create(
-            client,
-            test_env(public_key("local public", &["tickets:read"], &[])),
-        )
-        .await,
+        client.create(test_env(private_key("local", &[]))).await,
+        client
+            .create(test_env(public_key("local public", &["tickets:read"], &[])))
+            .await,
     ]
 }
 
 #[tokio::test]
 async fn test_keys_verify_only_from_localhost() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (_server, mut client) = TestServer::with_client().await;
     let [(private, sk), (public, pk)] = create_test_keys(&mut client).await;
     assert!(sk.starts_with("sk_test_"), "{sk}");
     assert!(pk.starts_with("pk_test_"), "{pk}");
@@ -340,17 +291,14 @@ async fn test_keys_verify_only_from_localhost() {
 
 #[tokio::test]
 async fn production_public_keys_verify_only_from_allowed_domains() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
-    let (key, secret) = create(
-        &mut client,
-        public_key(
+    let (_server, mut client) = TestServer::with_client().await;
+    let (key, secret) = client
+        .create(public_key(
             "browser",
             &["tickets:read"],
             &["app.example.com", "*.example.org"],
-        ),
-    )
-    .await;
+        ))
+        .await;
     assert!(secret.starts_with("pk_") && !secret.starts_with("pk_test_"));
 
     for origin in [
@@ -443,8 +391,7 @@ fn hostile_origins(scheme: &str, host: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn origins_that_are_not_hosts_are_refused_for_test_keys() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (_server, mut client) = TestServer::with_client().await;
     let [(private, sk), (public, pk)] = create_test_keys(&mut client).await;
     for (key, secret) in [(&private, &sk), (&public, &pk)] {
         for scheme in ["http", "https"] {
@@ -468,17 +415,14 @@ async fn origins_that_are_not_hosts_are_refused_for_test_keys() {
 
 #[tokio::test]
 async fn origins_that_are_not_hosts_are_refused_for_production_public_keys() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
-    let (key, secret) = create(
-        &mut client,
-        public_key(
+    let (_server, mut client) = TestServer::with_client().await;
+    let (key, secret) = client
+        .create(public_key(
             "browser",
             &["tickets:read"],
             &["example.com", "*.example.com", "localhost"],
-        ),
-    )
-    .await;
+        ))
+        .await;
     for host in ["example.com", "app.example.com", "localhost"] {
         for origin in hostile_origins("https", host) {
             let response = assert_code(
@@ -510,9 +454,8 @@ async fn origins_that_are_not_hosts_are_refused_for_production_public_keys() {
 
 #[tokio::test]
 async fn production_private_keys_verify_from_any_origin() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
-    let (key, secret) = create(&mut client, private_key("server", &[])).await;
+    let (_server, mut client) = TestServer::with_client().await;
+    let (key, secret) = client.create(private_key("server", &[])).await;
     for origin in [
         "",
         "https://evil.com",
@@ -530,13 +473,10 @@ async fn production_private_keys_verify_from_any_origin() {
 
 #[tokio::test]
 async fn missing_scopes_are_listed_exactly() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
-    let (key, secret) = create(
-        &mut client,
-        private_key("scoped", &["tickets:read", "labels:read"]),
-    )
-    .await;
+    let (_server, mut client) = TestServer::with_client().await;
+    let (key, secret) = client
+        .create(private_key("scoped", &["tickets:read", "labels:read"]))
+        .await;
 
     let response = assert_code(
         &mut client,
@@ -572,11 +512,13 @@ async fn missing_scopes_are_listed_exactly() {
     assert!(response.missing_scopes.is_empty());
 
     // A public key's read scopes do not stretch to writes.
-    let (public, pk) = create(
-        &mut client,
-        public_key("browser", &["tickets:read"], &["app.example.com"]),
-    )
-    .await;
+    let (public, pk) = client
+        .create(public_key(
+            "browser",
+            &["tickets:read"],
+            &["app.example.com"],
+        ))
+        .await;
     let response = assert_code(
         &mut client,
         &pk,
@@ -591,9 +533,8 @@ async fn missing_scopes_are_listed_exactly() {
 
 #[tokio::test]
 async fn a_full_access_key_passes_any_required_scopes() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
-    let (key, secret) = create(&mut client, private_key("everything", &[])).await;
+    let (_server, mut client) = TestServer::with_client().await;
+    let (key, secret) = client.create(private_key("everything", &[])).await;
     let all = [
         "tickets:read",
         "tickets:write",
@@ -613,9 +554,8 @@ async fn a_full_access_key_passes_any_required_scopes() {
 
 #[tokio::test]
 async fn unknown_or_too_many_required_scopes_are_invalid_argument() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
-    let (_, secret) = create(&mut client, private_key("everything", &[])).await;
+    let (_server, mut client) = TestServer::with_client().await;
+    let (_, secret) = client.create(private_key("everything", &[])).await;
     for (key, required) in [
         (secret.as_str(), vec!["tickets:delete".to_owned()]),
         (
@@ -625,21 +565,15 @@ async fn unknown_or_too_many_required_scopes_are_invalid_argument() {
         ("garbage", vec!["nope".into()]),
         (secret.as_str(), vec!["tickets:read".into(); 17]),
     ] {
-        let result = client
-            .verify_key(pb::VerifyKeyRequest {
-                key: key.into(),
-                required_scopes: required.clone(),
-                origin: String::new(),
-            })
-            .await;
+        let required: Vec<&str> = required.iter().map(String::as_str).collect();
+        let result = client.try_verify(key, &required, "").await;
         assert_invalid(result, "required_scopes");
     }
 }
 
 #[tokio::test]
 async fn key_strings_carry_their_type_and_environment() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let (_server, mut client) = TestServer::with_client().await;
     let cases = [
         (private_key("sk", &[]), "sk_"),
         (test_env(private_key("sk test", &[])), "sk_test_"),
@@ -654,7 +588,7 @@ async fn key_strings_carry_their_type_and_environment() {
     ];
     for (request, prefix) in cases {
         let (r#type, environment) = (request.r#type, request.environment);
-        let (key, secret) = create(&mut client, request).await;
+        let (key, secret) = client.create(request).await;
         assert!(secret.starts_with(prefix), "{secret}");
         assert_eq!(secret.len(), prefix.len() + 38, "{secret}");
         assert!(
