@@ -24,10 +24,7 @@ use crate::clock::Clock;
 use crate::domain::{Command, DomainError, Environment, KeyId, KeyState, KeyType, WorkspaceId};
 use crate::log::chain::{Hash, LogRecord};
 pub use backend::{Answered, Backend, Effects, Snapshot, WriteSession};
-pub use sqlite::{
-    DATABASE_FILE, DatabaseLock, RebuildReport, SqliteBackend, connect, lock_path, open_read_only,
-    read_projection, read_records, rebuild,
-};
+pub use sqlite::{DATABASE_FILE, RebuildReport, SqliteBackend, rebuild};
 pub use writer::CommitListener;
 
 /// Why a store call failed. Cheap to clone: a failed batch answers every caller in it.

@@ -69,9 +69,9 @@ impl Db {
 
     async fn with<T>(&self, f: impl AsyncFnOnce(&mut SqliteConnection) -> T) -> T {
         let mut conn = if self.read_only {
-            store::open_read_only(&self.path).await
+            store::sqlite::open_read_only(&self.path).await
         } else {
-            store::connect(&self.path).await
+            store::sqlite::connect(&self.path).await
         }
         .expect("open the database");
         let out = f(&mut conn).await;
@@ -175,7 +175,7 @@ impl Db {
     /// Every event, whole, in log order, as the audit code reads them.
     pub async fn records(&self) -> Vec<LogRecord> {
         self.with(async |c| {
-            store::read_records(c, 0, 10_000, &RecordFilter::default())
+            store::sqlite::read_records(c, 0, 10_000, &RecordFilter::default())
                 .await
                 .expect("read the events")
         })

@@ -96,7 +96,7 @@ pub async fn seed_events(path: &Path, n: usize) -> anyhow::Result<()> {
 
 /// Reads every event row into owned values, as any consumer of the log must.
 async fn raw_event_scan(path: &Path) -> anyhow::Result<(u64, f64)> {
-    let mut conn = store::open_read_only(path).await?;
+    let mut conn = store::sqlite::open_read_only(path).await?;
     let start = Instant::now();
     let mut rows = sqlx::query(
         "SELECT sequence, key_id, workspace_id, stream_version, event_type, schema_version, \
@@ -132,7 +132,7 @@ async fn raw_event_scan(path: &Path) -> anyhow::Result<(u64, f64)> {
 /// Reads every `keys` row into a [`KeyRow`]: the same query and decoding the cache load
 /// starts from.
 async fn raw_key_scan(path: &Path) -> anyhow::Result<(u64, f64)> {
-    let mut conn = store::open_read_only(path).await?;
+    let mut conn = store::sqlite::open_read_only(path).await?;
     let start = Instant::now();
     let mut rows = sqlx::query_as::<_, KeyRow>(sqlx::AssertSqlSafe(format!(
         "SELECT {KEY_COLUMNS} FROM keys"
