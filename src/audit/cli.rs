@@ -20,6 +20,26 @@ use crate::store::{Backend, RecordFilter, Snapshot, SqliteBackend};
 /// Records per page read from a database.
 const PAGE: u32 = 1000;
 
+async fn audit_client(url: &str) -> anyhow::Result<AuditServiceClient<tonic::transport::Channel>> {
+    AuditServiceClient::connect(url.to_owned())
+        .await
+        .with_context(|| format!("connecting to {url}"))
+}
+
+impl AuditActor {
+    /// `message` as a call of this actor and role.
+    fn request<T>(&self, message: T) -> anyhow::Result<tonic::Request<T>> {
+        let mut request = tonic::Request::new(message);
+        request
+            .metadata_mut()
+            .insert("x-kemon-actor", self.actor.parse().context("--actor")?);
+        request
+            .metadata_mut()
+            .insert("x-kemon-role", self.role.parse().context("--role")?);
+        Ok(request)
+    }
+}
+
 /// Reads records in log order from one of the sources.
 enum Reader {
     Db {
@@ -62,24 +82,19 @@ impl Reader {
             ));
         }
         if let Some(url) = &source.server {
-            let mut client = AuditServiceClient::connect(url.clone())
-                .await
-                .with_context(|| format!("connecting to {url}"))?;
-            let mut request = tonic::Request::new(pb::ReadEventsRequest {
+            let request = actor.request(pb::ReadEventsRequest {
                 after_sequence: 0,
                 limit: 0,
                 filter: Some(pb::EventFilter {
                     workspace_id: workspace.unwrap_or_default().to_owned(),
                     ..Default::default()
                 }),
-            });
-            request
-                .metadata_mut()
-                .insert("x-kemon-actor", actor.actor.parse().context("--actor")?);
-            request
-                .metadata_mut()
-                .insert("x-kemon-role", actor.role.parse().context("--role")?);
-            let stream = client.read_events(request).await?.into_inner();
+            })?;
+            let stream = audit_client(url)
+                .await?
+                .read_events(request)
+                .await?
+                .into_inner();
             return Ok((Reader::Server(stream), None));
         }
         let path = source
@@ -231,17 +246,12 @@ async fn log_end(source: &LogSource, actor: &AuditActor) -> anyhow::Result<Optio
         return Ok(Some(snapshot.log_end().await?));
     }
     if let Some(url) = &source.server {
-        let mut client = AuditServiceClient::connect(url.clone())
-            .await
-            .with_context(|| format!("connecting to {url}"))?;
-        let mut request = tonic::Request::new(pb::GetLogHeadRequest::default());
-        request
-            .metadata_mut()
-            .insert("x-kemon-actor", actor.actor.parse().context("--actor")?);
-        request
-            .metadata_mut()
-            .insert("x-kemon-role", actor.role.parse().context("--role")?);
-        let head = client.get_log_head(request).await?.into_inner();
+        let request = actor.request(pb::GetLogHeadRequest::default())?;
+        let head = audit_client(url)
+            .await?
+            .get_log_head(request)
+            .await?
+            .into_inner();
         return Ok(Some(head.sequence));
     }
     Ok(None)

@@ -117,8 +117,9 @@ pub trait WriteSession: Send {
         since_ms: i64,
     ) -> Result<Option<Answered>, StoreError>;
 
-    /// Writes a batch's effects inside the open transaction.
-    async fn write(&mut self, effects: &Effects) -> Result<(), StoreError>;
+    /// Writes a batch's effects inside the open transaction. True when an encrypted copy was
+    /// actually destroyed, so that [`WriteSession::scrub`] is due once committed.
+    async fn write(&mut self, effects: &Effects) -> Result<bool, StoreError>;
 
     /// Commits durably. An error may mean the commit landed anyway: the writer reads the log
     /// back through a new session to find out.

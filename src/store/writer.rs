@@ -182,10 +182,10 @@ impl Writer {
         let before = self.heads.mark();
         let now = self.clock.now_ms();
         match write_batch(session.as_mut(), &mut self.heads, now, batch).await {
-            Ok((outcomes, effects)) => {
+            Ok((outcomes, effects, destroyed)) => {
                 self.heads.settle();
                 self.publish(&effects.changed, effects.records);
-                self.scrub_pending |= !effects.sealed_deletes.is_empty();
+                self.scrub_pending |= destroyed;
                 Ok(outcomes)
             }
             Err(Failure::Before(e)) => {
@@ -290,15 +290,15 @@ async fn write_batch(
     heads: &mut Heads,
     now: i64,
     batch: &mut [Request],
-) -> Result<(Vec<Outcome>, Effects), Failure> {
+) -> Result<(Vec<Outcome>, Effects, bool), Failure> {
     session.begin().await.map_err(Failure::Before)?;
     let loaded = plan::load(session, batch, now)
         .await
         .map_err(Failure::Before)?;
     let (outcomes, effects) = plan::plan(loaded, heads, now, batch).map_err(Failure::Before)?;
-    session.write(&effects).await.map_err(Failure::Before)?;
+    let destroyed = session.write(&effects).await.map_err(Failure::Before)?;
     match session.commit().await {
-        Ok(()) => Ok((outcomes, effects)),
+        Ok(()) => Ok((outcomes, effects, destroyed)),
         Err(e) => Err(Failure::AtCommit(e, outcomes)),
     }
 }

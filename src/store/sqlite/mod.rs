@@ -304,7 +304,7 @@ impl WriteSession for SqliteSession {
         answered_create(&mut self.conn, workspace_id, request_id, since_ms).await
     }
 
-    async fn write(&mut self, effects: &Effects) -> Result<(), StoreError> {
+    async fn write(&mut self, effects: &Effects) -> Result<bool, StoreError> {
         Ok(write_effects(&mut self.conn, effects).await?)
     }
 
@@ -837,7 +837,10 @@ async fn answered_create(
     }))
 }
 
-async fn write_effects(tx: &mut SqliteConnection, effects: &Effects) -> Result<(), sqlx::Error> {
+/// Writes `effects`; true when an encrypted copy was destroyed (most revoked keys never had
+/// one, and need no scrub).
+async fn write_effects(tx: &mut SqliteConnection, effects: &Effects) -> Result<bool, sqlx::Error> {
+    let mut destroyed = false;
     insert_records(tx, &effects.records).await?;
     project_many(tx, &effects.changed).await?;
     for (key_id, sealed) in &effects.sealed_inserts {
@@ -849,14 +852,18 @@ async fn write_effects(tx: &mut SqliteConnection, effects: &Effects) -> Result<(
             .await?;
     }
     for key_id in &effects.sealed_deletes {
-        sqlx::query("DELETE FROM sealed_secrets WHERE key_id = ?")
+        let deleted = sqlx::query("DELETE FROM sealed_secrets WHERE key_id = ?")
             .bind(key_id)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("UPDATE create_requests SET sealed_secret = NULL WHERE key_id = ?")
-            .bind(key_id)
-            .execute(&mut *tx)
-            .await?;
+        let cleared = sqlx::query(
+            "UPDATE create_requests SET sealed_secret = NULL \
+             WHERE key_id = ? AND sealed_secret IS NOT NULL",
+        )
+        .bind(key_id)
+        .execute(&mut *tx)
+        .await?;
+        destroyed |= deleted.rows_affected() + cleared.rows_affected() > 0;
     }
     if !effects.create_requests.is_empty() {
         let now = effects.records.last().map_or(0, |r| r.recorded_at_ms);
@@ -889,7 +896,7 @@ async fn write_effects(tx: &mut SqliteConnection, effects: &Effects) -> Result<(
             .execute(&mut *tx)
             .await?;
     }
-    Ok(())
+    Ok(destroyed)
 }
 
 /// Splits `rows` into chunks of 256, 64, 16, 4 and 1 rows. Multi-row statements save a round
