@@ -37,6 +37,14 @@ pub struct Effects {
     pub create_requests: Vec<(String, String, CreateRequest)>,
 }
 
+/// Statistics of a [`Backend::rebuild`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RebuildReport {
+    pub events: u64,
+    pub keys: u64,
+    pub last_sequence: i64,
+}
+
 /// A create request id already answered, in the log or earlier in the batch.
 #[derive(Debug, Clone)]
 pub struct Answered {
@@ -90,6 +98,10 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<u64, StoreError>;
 
     async fn count_keys(&self) -> Result<u64, StoreError>;
+
+    /// Recreates the projection from the log alone, with the domain's own `apply`, in one
+    /// transaction. Only with no server running: the backend's readers are closed by it.
+    async fn rebuild(&self) -> Result<RebuildReport, StoreError>;
 
     /// A consistent read-only view of the whole database, for the audit tools.
     async fn snapshot(&self) -> Result<Box<dyn Snapshot>, StoreError>;

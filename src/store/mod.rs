@@ -23,8 +23,8 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use crate::clock::Clock;
 use crate::domain::{Command, DomainError, Environment, KeyId, KeyState, KeyType, WorkspaceId};
 use crate::log::chain::{Hash, LogRecord};
-pub use backend::{Answered, Backend, Effects, Snapshot, WriteSession};
-pub use sqlite::{DATABASE_FILE, RebuildReport, SqliteBackend, rebuild};
+pub use backend::{Answered, Backend, Effects, RebuildReport, Snapshot, WriteSession};
+pub use sqlite::{DATABASE_FILE, SqliteBackend, rebuild};
 pub use writer::CommitListener;
 
 /// Why a store call failed. Cheap to clone: a failed batch answers every caller in it.

@@ -13,7 +13,7 @@ use sqlx::{Connection, Row, SqliteConnection, SqlitePool};
 
 pub mod rows;
 
-use super::backend::{Answered, Backend, Effects, Snapshot, WriteSession};
+use super::backend::{Answered, Backend, Effects, RebuildReport, Snapshot, WriteSession};
 use super::{CREATE_REQUEST_WINDOW_MS, Cause, Head, ListFilter, RecordFilter, StoreError};
 use crate::domain::{self, KeyId, KeyState, Recorded, WorkspaceId};
 use crate::log::chain::{self, Chains, Hash, LogRecord};
@@ -265,6 +265,12 @@ impl Backend for SqliteBackend {
         // the same snapshot even while a server keeps writing.
         sqlx::query("BEGIN").execute(&mut conn).await?;
         Ok(Box::new(SqliteSnapshot { conn }))
+    }
+
+    async fn rebuild(&self) -> Result<RebuildReport, StoreError> {
+        // Exclusive use: the rebuild leaves WAL mode for its one big transaction.
+        self.pool.close().await;
+        rebuild_locked(&self.path).await
     }
 
     async fn close_readers(&self) {
@@ -667,24 +673,16 @@ fn recorded_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Recorded, StoreErr
     })
 }
 
-/// Statistics of a [`rebuild`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RebuildReport {
-    pub events: u64,
-    pub keys: u64,
-    pub last_sequence: i64,
-}
-
 /// Recreates the `keys` projection from the event log alone, in one transaction: the table is
 /// emptied, every event is folded with the service's own `apply`, and each key's final state
 /// is written with the same row encoding the live path uses. Run it with the server stopped.
 pub async fn rebuild(path: &Path) -> Result<RebuildReport, StoreError> {
-    let Opened {
-        lock: _lock,
-        pool,
-        mut conn,
-    } = open_database(path).await?;
-    pool.close().await;
+    SqliteBackend::open(path).await?.rebuild().await
+}
+
+/// [`rebuild`] on a database whose lock this process holds and whose readers are closed.
+async fn rebuild_locked(path: &Path) -> Result<RebuildReport, StoreError> {
+    let mut conn = SqliteConnection::connect_with(&writer_options(path)).await?;
     let started = std::time::Instant::now();
     // A rebuild rewrites the whole table in one transaction. Through the WAL every page
     // would be written twice (log, then checkpoint); a rollback journal writes the new pages
