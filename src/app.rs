@@ -50,6 +50,8 @@ pub struct Settings {
     pub audit_live_buffer: usize,
     /// What one client may hold of the server.
     pub connection_limits: ConnectionLimits,
+    /// A quota on the database's size, in MiB.
+    pub max_database_mib: Option<u32>,
 }
 
 impl Settings {
@@ -65,6 +67,7 @@ impl Settings {
             master_key,
             write_batch_max: usize::from(args.write_batch_max),
             audit_live_buffer: args.audit_live_buffer as usize,
+            max_database_mib: args.max_database_mib,
             connection_limits: ConnectionLimits {
                 max_connections: args.max_connections as usize,
                 max_streams: args.max_streams_per_connection,
@@ -141,6 +144,7 @@ async fn open_data(
         StoreOptions {
             max_batch: settings.write_batch_max,
             live_buffer: settings.audit_live_buffer,
+            max_database_bytes: settings.max_database_mib.map(|m| u64::from(m) << 20),
         },
     )
     .await

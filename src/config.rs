@@ -150,6 +150,12 @@ pub struct ServeArgs {
     #[arg(long, env = "KEMON_AUDIT_LIVE_BUFFER", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     pub audit_live_buffer: u32,
 
+    /// A quota on the database's size, in MiB: past it writes answer RESOURCE_EXHAUSTED
+    /// (STORAGE_FULL) and nothing is written, while VerifyKey and reads go on. Keeps the log
+    /// from filling a volume it shares. None by default.
+    #[arg(long, env = "KEMON_MAX_DATABASE_MIB", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_database_mib: Option<u32>,
+
     /// Most client connections open at once; further clients wait in the kernel's accept
     /// queue until one closes.
     #[arg(long, env = "KEMON_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]

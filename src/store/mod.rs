@@ -167,6 +167,8 @@ pub struct StoreOptions {
     /// Committed records buffered for live subscribers; one that falls further behind is
     /// told so and pages instead.
     pub live_buffer: usize,
+    /// A quota on the database's size; writes past it fail as storage full.
+    pub max_database_bytes: Option<u64>,
 }
 
 impl Default for StoreOptions {
@@ -174,6 +176,7 @@ impl Default for StoreOptions {
         StoreOptions {
             max_batch: 256,
             live_buffer: 4096,
+            max_database_bytes: None,
         }
     }
 }
@@ -235,7 +238,7 @@ impl Store {
         listener: Arc<dyn CommitListener>,
         options: StoreOptions,
     ) -> Result<Store, StoreError> {
-        let backend = SqliteBackend::open(path).await?;
+        let backend = SqliteBackend::open_with_quota(path, options.max_database_bytes).await?;
         Store::with_backend(Arc::new(backend), master_key_id, clock, listener, options).await
     }
 

@@ -260,6 +260,7 @@ pub fn settings(data_dir: &Path, master_key: MasterKeySource) -> Settings {
         write_batch_max: 64,
         audit_live_buffer: 4096,
         connection_limits: Default::default(),
+        max_database_mib: None,
     }
 }
 
@@ -684,15 +685,25 @@ impl TestClient {
             .map(tonic::Response::into_inner)
     }
 
-    /// Every key of the workspace (up to 200), revoked ones included, oldest first.
+    /// Every key of the workspace, revoked ones included, oldest first, page after page.
     pub async fn list_all(&mut self) -> Vec<pb::Key> {
-        let request = pb::ListKeysRequest {
-            workspace_id: self.workspace.clone(),
-            page_size: 200,
-            include_revoked: true,
-            ..Default::default()
-        };
-        self.try_list(request).await.expect("list_keys").keys
+        let mut keys = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let request = pb::ListKeysRequest {
+                workspace_id: self.workspace.clone(),
+                page_size: 200,
+                include_revoked: true,
+                page_token,
+                ..Default::default()
+            };
+            let page = self.try_list(request).await.expect("list_keys");
+            keys.extend(page.keys);
+            if page.next_page_token.is_empty() {
+                return keys;
+            }
+            page_token = page.next_page_token;
+        }
     }
 
     /// VerifyKey with the given required scopes and origin. Sends no metadata: verification

@@ -283,3 +283,61 @@ async fn a_second_server_on_the_same_data_directory_refuses_to_start() {
     drop(client);
     second.stop().await;
 }
+
+#[tokio::test]
+async fn a_full_database_refuses_writes_as_resource_exhausted_and_keeps_verifying() {
+    let tmp = tempfile::tempdir().unwrap();
+    let master_key = MasterKey::generate().to_hex();
+    // SQLite's max_page_count: past 1 MiB every write fails with SQLITE_FULL.
+    let server = ServerProcess::start(tmp.path(), &master_key, &["--max-database-mib", "1"]).await;
+    let mut client = server.client().await;
+    let mut acknowledged = Vec::new();
+    let full = loop {
+        assert!(acknowledged.len() < 20_000, "1 MiB never filled");
+        let name = format!("filler {}", acknowledged.len());
+        match create_named(&mut client, &name).await {
+            Ok((key, secret)) => acknowledged.push((key.key_id, secret)),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(full.code(), Code::ResourceExhausted, "{full:?}");
+    assert_eq!(
+        full.get_details_error_info().map(|i| i.reason).as_deref(),
+        Some("STORAGE_FULL")
+    );
+    assert!(full.message().contains("nothing was written"), "{full:?}");
+    assert!(
+        acknowledged.len() > 100,
+        "only {} keys fit",
+        acknowledged.len()
+    );
+
+    // Still full on the next try, and Verify goes on from the cache meanwhile.
+    let again = create_named(&mut client, "one more").await.unwrap_err();
+    assert_eq!(again.code(), Code::ResourceExhausted);
+    for (_, secret) in acknowledged.iter().step_by(50) {
+        let response = client.verify(secret, &["tickets:read"], "").await;
+        assert_eq!(code(&response), pb::VerifyCode::Valid);
+    }
+    server
+        .wait_for_health(
+            kemon_keys::app::WRITES_HEALTH_SERVICE,
+            ServingStatus::NotServing,
+        )
+        .await;
+    assert_eq!(server.health("").await, Some(ServingStatus::Serving));
+    drop(client);
+    server.stop().await;
+
+    // With room again: every acknowledged key is there, nothing refused is, writes work.
+    let server = ServerProcess::start(tmp.path(), &master_key, &["--max-database-mib", "64"]).await;
+    let mut client = server.client().await;
+    let keys = client.list_all().await;
+    assert_eq!(keys.len(), acknowledged.len());
+    assert!(keys.iter().all(|k| k.name.starts_with("filler ")));
+    create_named(&mut client, "after the quota was raised")
+        .await
+        .expect("writes once there is room");
+    drop(client);
+    server.stop().await;
+}

@@ -25,17 +25,33 @@ pub struct SqliteBackend {
     path: std::path::PathBuf,
     pool: SqlitePool,
     lock: Mutex<Option<DatabaseLock>>,
+    /// The writer's `max_page_count`: a quota past which writes fail with SQLITE_FULL.
+    max_pages: Option<u64>,
 }
+
+/// SQLite's default page size, which the quota is counted in.
+const PAGE_BYTES: u64 = 4096;
 
 impl SqliteBackend {
     /// Takes the database's lock, creates the database if needed and applies the migrations.
     pub async fn open(path: &Path) -> Result<SqliteBackend, StoreError> {
+        SqliteBackend::open_with_quota(path, None).await
+    }
+
+    /// [`SqliteBackend::open`] with a size quota: once the database would grow past
+    /// `max_bytes`, writes fail as storage full (RESOURCE_EXHAUSTED) and nothing is written,
+    /// while reads and VerifyKey go on.
+    pub async fn open_with_quota(
+        path: &Path,
+        max_bytes: Option<u64>,
+    ) -> Result<SqliteBackend, StoreError> {
         let Opened { lock, pool, conn } = open_database(path).await?;
         conn.close().await?;
         Ok(SqliteBackend {
             path: path.to_owned(),
             pool,
             lock: Mutex::new(Some(lock)),
+            max_pages: max_bytes.map(|b| (b / PAGE_BYTES).max(1)),
         })
     }
 
@@ -56,6 +72,7 @@ impl SqliteBackend {
             path: path.to_owned(),
             pool,
             lock: Mutex::new(None),
+            max_pages: None,
         })
     }
 
@@ -208,7 +225,11 @@ impl Backend for SqliteBackend {
     }
 
     async fn write_session(&self) -> Result<Box<dyn WriteSession>, StoreError> {
-        let conn = SqliteConnection::connect_with(&writer_options(&self.path)).await?;
+        let mut options = writer_options(&self.path);
+        if let Some(pages) = self.max_pages {
+            options = options.pragma("max_page_count", pages.to_string());
+        }
+        let conn = SqliteConnection::connect_with(&options).await?;
         Ok(Box::new(SqliteSession { conn }))
     }
 
