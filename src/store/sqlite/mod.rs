@@ -75,131 +75,6 @@ impl SqliteBackend {
             max_pages: None,
         })
     }
-
-    /// Up to `limit` records after `after`, in log order, matching `filter`.
-    async fn inherent_read_records(
-        &self,
-        after: u64,
-        limit: u32,
-        filter: &RecordFilter,
-    ) -> Result<Vec<LogRecord>, StoreError> {
-        read_records(&self.pool, after, limit, filter).await
-    }
-
-    /// The log's head, and the head of one workspace's chain (sequence 0 and the workspace
-    /// genesis when it has no events).
-    async fn inherent_head(
-        &self,
-        workspace_id: Option<&str>,
-    ) -> Result<(Head, Option<Head>), StoreError> {
-        // One read transaction: both heads from the same snapshot of the log.
-        let mut tx = self.pool.begin().await?;
-        let log = log_head(&mut tx).await?;
-        let workspace = match workspace_id {
-            None => None,
-            Some(w) => {
-                let row: Option<(i64, Vec<u8>)> = sqlx::query_as(
-                    "SELECT sequence, workspace_hash FROM events WHERE workspace_id = ? \
-                     ORDER BY sequence DESC LIMIT 1",
-                )
-                .bind(w)
-                .fetch_optional(&mut *tx)
-                .await?;
-                Some(head_from(row, chain::workspace_genesis(w))?)
-            }
-        };
-        tx.commit().await?;
-        Ok((log, workspace))
-    }
-
-    async fn inherent_get_key(
-        &self,
-        workspace_id: &WorkspaceId,
-        key_id: KeyId,
-    ) -> Result<Option<KeyState>, StoreError> {
-        let row: Option<KeyRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {KEY_COLUMNS} FROM keys WHERE key_id = ? AND workspace_id = ?"
-        )))
-        .bind(key_id.to_string())
-        .bind(workspace_id.as_str())
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(KeyRow::into_state)
-            .transpose()
-            .map_err(StoreError::Corrupt)
-    }
-
-    /// A page of a workspace's keys in key id order (oldest first), after `after`.
-    async fn inherent_list_keys(
-        &self,
-        workspace_id: &WorkspaceId,
-        filter: &ListFilter,
-        after: Option<KeyId>,
-        limit: u32,
-    ) -> Result<Vec<KeyState>, StoreError> {
-        let mut sql =
-            format!("SELECT {KEY_COLUMNS} FROM keys WHERE workspace_id = ? AND key_id > ?");
-        if filter.key_type.is_some() {
-            sql.push_str(" AND key_type = ?");
-        }
-        if filter.environment.is_some() {
-            sql.push_str(" AND environment = ?");
-        }
-        if !filter.include_revoked {
-            sql.push_str(" AND revoked_at IS NULL");
-        }
-        sql.push_str(" ORDER BY key_id LIMIT ?");
-        let mut query = sqlx::query_as::<_, KeyRow>(sqlx::AssertSqlSafe(sql))
-            .bind(workspace_id.as_str())
-            .bind(after.map(|k| k.to_string()).unwrap_or_default());
-        if let Some(t) = filter.key_type {
-            query = query.bind(t.as_str());
-        }
-        if let Some(e) = filter.environment {
-            query = query.bind(e.as_str());
-        }
-        let rows = query.bind(i64::from(limit)).fetch_all(&self.pool).await?;
-        rows.into_iter()
-            .map(KeyRow::into_state)
-            .collect::<Result<_, _>>()
-            .map_err(StoreError::Corrupt)
-    }
-
-    /// The encrypted copy of a key's secret, if one is kept.
-    async fn inherent_sealed_secret(&self, key_id: KeyId) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(
-            sqlx::query_scalar("SELECT sealed FROM sealed_secrets WHERE key_id = ?")
-                .bind(key_id.to_string())
-                .fetch_optional(&self.pool)
-                .await?,
-        )
-    }
-
-    /// Streams every key's current state from the projection to `each` (for loading the
-    /// verification cache without holding all rows at once). Returns how many there were.
-    async fn inherent_for_each_key(
-        &self,
-        each: &mut (dyn FnMut(KeyState) + Send),
-    ) -> Result<u64, StoreError> {
-        let mut rows = sqlx::query_as::<_, KeyRow>(sqlx::AssertSqlSafe(format!(
-            "SELECT {KEY_COLUMNS} FROM keys"
-        )))
-        .fetch(&self.pool);
-        let mut count = 0;
-        while let Some(row) = rows.try_next().await? {
-            each(row.into_state().map_err(StoreError::Corrupt)?);
-            count += 1;
-        }
-        Ok(count)
-    }
-
-    /// How many keys the projection holds.
-    async fn inherent_count_keys(&self) -> Result<u64, StoreError> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM keys")
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(u64::try_from(n).unwrap_or(0))
-    }
 }
 
 #[async_trait]
@@ -239,11 +114,28 @@ impl Backend for SqliteBackend {
         limit: u32,
         filter: &RecordFilter,
     ) -> Result<Vec<LogRecord>, StoreError> {
-        self.inherent_read_records(after, limit, filter).await
+        read_records(&self.pool, after, limit, filter).await
     }
 
     async fn head(&self, workspace_id: Option<&str>) -> Result<(Head, Option<Head>), StoreError> {
-        self.inherent_head(workspace_id).await
+        // One read transaction: both heads from the same snapshot of the log.
+        let mut tx = self.pool.begin().await?;
+        let log = log_head(&mut tx).await?;
+        let workspace = match workspace_id {
+            None => None,
+            Some(w) => {
+                let row: Option<(i64, Vec<u8>)> = sqlx::query_as(
+                    "SELECT sequence, workspace_hash FROM events WHERE workspace_id = ? \
+                     ORDER BY sequence DESC LIMIT 1",
+                )
+                .bind(w)
+                .fetch_optional(&mut *tx)
+                .await?;
+                Some(head_from(row, chain::workspace_genesis(w))?)
+            }
+        };
+        tx.commit().await?;
+        Ok((log, workspace))
     }
 
     async fn get_key(
@@ -251,7 +143,16 @@ impl Backend for SqliteBackend {
         workspace_id: &WorkspaceId,
         key_id: KeyId,
     ) -> Result<Option<KeyState>, StoreError> {
-        self.inherent_get_key(workspace_id, key_id).await
+        let row: Option<KeyRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {KEY_COLUMNS} FROM keys WHERE key_id = ? AND workspace_id = ?"
+        )))
+        .bind(key_id.to_string())
+        .bind(workspace_id.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(KeyRow::into_state)
+            .transpose()
+            .map_err(StoreError::Corrupt)
     }
 
     async fn list_keys(
@@ -261,23 +162,64 @@ impl Backend for SqliteBackend {
         after: Option<KeyId>,
         limit: u32,
     ) -> Result<Vec<KeyState>, StoreError> {
-        self.inherent_list_keys(workspace_id, filter, after, limit)
-            .await
+        let mut sql =
+            format!("SELECT {KEY_COLUMNS} FROM keys WHERE workspace_id = ? AND key_id > ?");
+        if filter.key_type.is_some() {
+            sql.push_str(" AND key_type = ?");
+        }
+        if filter.environment.is_some() {
+            sql.push_str(" AND environment = ?");
+        }
+        if !filter.include_revoked {
+            sql.push_str(" AND revoked_at IS NULL");
+        }
+        sql.push_str(" ORDER BY key_id LIMIT ?");
+        let mut query = sqlx::query_as::<_, KeyRow>(sqlx::AssertSqlSafe(sql))
+            .bind(workspace_id.as_str())
+            .bind(after.map(|k| k.to_string()).unwrap_or_default());
+        if let Some(t) = filter.key_type {
+            query = query.bind(t.as_str());
+        }
+        if let Some(e) = filter.environment {
+            query = query.bind(e.as_str());
+        }
+        let rows = query.bind(i64::from(limit)).fetch_all(&self.pool).await?;
+        rows.into_iter()
+            .map(KeyRow::into_state)
+            .collect::<Result<_, _>>()
+            .map_err(StoreError::Corrupt)
     }
 
     async fn sealed_secret(&self, key_id: KeyId) -> Result<Option<Vec<u8>>, StoreError> {
-        self.inherent_sealed_secret(key_id).await
+        Ok(
+            sqlx::query_scalar("SELECT sealed FROM sealed_secrets WHERE key_id = ?")
+                .bind(key_id.to_string())
+                .fetch_optional(&self.pool)
+                .await?,
+        )
     }
 
     async fn for_each_key(
         &self,
         each: &mut (dyn FnMut(KeyState) + Send),
     ) -> Result<u64, StoreError> {
-        self.inherent_for_each_key(each).await
+        let mut rows = sqlx::query_as::<_, KeyRow>(sqlx::AssertSqlSafe(format!(
+            "SELECT {KEY_COLUMNS} FROM keys"
+        )))
+        .fetch(&self.pool);
+        let mut count = 0;
+        while let Some(row) = rows.try_next().await? {
+            each(row.into_state().map_err(StoreError::Corrupt)?);
+            count += 1;
+        }
+        Ok(count)
     }
 
     async fn count_keys(&self) -> Result<u64, StoreError> {
-        self.inherent_count_keys().await
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM keys")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
     }
 
     async fn snapshot(&self) -> Result<Box<dyn Snapshot>, StoreError> {
