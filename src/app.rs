@@ -21,7 +21,12 @@ use crate::clock::Clock;
 use crate::config::{LogFormat, ServeArgs};
 use crate::grpc::calls::CallLayer;
 use crate::grpc::connections::{ConnectionLimits, MAX_REQUEST_BYTES, TrackCallsLayer};
+use crate::grpc::ext_authz::ExtAuthzApi;
 use crate::grpc::{AuditApi, KeyApi};
+use envoy_types::ext_authz::v3::pb::AuthorizationServer;
+
+/// Largest Check request: Envoy's default limit on a request's headers is 60 KiB.
+const CHECK_REQUEST_BYTES: usize = 96 * 1024;
 use crate::proto::v1::audit_service_server::AuditServiceServer;
 use crate::proto::v1::key_service_server::KeyServiceServer;
 use crate::store::{self, Store, StoreOptions};
@@ -52,6 +57,8 @@ pub struct Settings {
     pub connection_limits: ConnectionLimits,
     /// A quota on the database's size, in MiB.
     pub max_database_mib: Option<u32>,
+    /// The header Envoy's Check reads a key from besides `authorization: Bearer`.
+    pub ext_authz_api_key_header: String,
 }
 
 impl Settings {
@@ -68,6 +75,7 @@ impl Settings {
             write_batch_max: usize::from(args.write_batch_max),
             audit_live_buffer: args.audit_live_buffer as usize,
             max_database_mib: args.max_database_mib,
+            ext_authz_api_key_header: args.ext_authz_api_key_header.clone(),
             connection_limits: ConnectionLimits {
                 max_connections: args.max_connections as usize,
                 max_streams: args.max_streams_per_connection,
@@ -163,6 +171,7 @@ pub struct Application {
     audit: AuditApi,
     /// Set when shutdown begins, to end live subscriptions.
     stopping: tokio::sync::watch::Sender<bool>,
+    ext_authz_api_key_header: String,
 }
 
 /// How often a live subscriber is sent a checkpoint when the log has moved.
@@ -214,6 +223,7 @@ impl Application {
             api,
             audit,
             stopping,
+            ext_authz_api_key_header: settings.ext_authz_api_key_header.clone(),
         })
     }
 
@@ -248,6 +258,7 @@ impl Application {
             api,
             audit,
             stopping,
+            ext_authz_api_key_header,
         } = self;
         // Key calls that need the cache are refused (NOT_READY) until it is loaded.
         let ready = Arc::new(AtomicBool::new(false));
@@ -284,6 +295,16 @@ impl Application {
             .add_service(
                 AuditServiceServer::new(audit).max_decoding_message_size(MAX_REQUEST_BYTES),
             )
+            .add_service(
+                // A Check describes the whole HTTP request's headers: Envoy allows up to
+                // 60 KiB of them by default.
+                AuthorizationServer::new(ExtAuthzApi::new(
+                    cache.clone(),
+                    ready.clone(),
+                    &ext_authz_api_key_header,
+                ))
+                .max_decoding_message_size(CHECK_REQUEST_BYTES),
+            )
             .serve_with_incoming_shutdown(limits.incoming(listener), shutdown);
         let server = tokio::spawn(server);
         tracing::info!(%local_addr, "listening");
@@ -295,6 +316,9 @@ impl Application {
         health.set_service_status("", ServingStatus::Serving).await;
         health.set_serving::<KeyServiceServer<KeyApi>>().await;
         health.set_serving::<AuditServiceServer<AuditApi>>().await;
+        health
+            .set_serving::<AuthorizationServer<ExtAuthzApi>>()
+            .await;
         tokio::spawn(report_writes(store.writable(), health.clone()));
         tracing::info!(
             keys = cache.len(),

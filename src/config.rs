@@ -178,6 +178,15 @@ pub struct ServeArgs {
     #[arg(long, env = "KEMON_REQUEST_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     pub request_timeout_secs: u64,
 
+    /// The header Envoy's ext_authz Check reads an API key from when there is no
+    /// `authorization: Bearer` header.
+    #[arg(
+        long,
+        env = "KEMON_EXT_AUTHZ_API_KEY_HEADER",
+        default_value = "x-api-key"
+    )]
+    pub ext_authz_api_key_header: String,
+
     /// Log line format.
     #[arg(long, env = "KEMON_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod calls;
 pub mod connections;
 pub mod error;
+pub mod ext_authz;
 pub mod keys;
 pub mod paging;
 

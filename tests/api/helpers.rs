@@ -261,6 +261,7 @@ pub fn settings(data_dir: &Path, master_key: MasterKeySource) -> Settings {
         audit_live_buffer: 4096,
         connection_limits: Default::default(),
         max_database_mib: None,
+        ext_authz_api_key_header: "x-api-key".into(),
     }
 }
 
