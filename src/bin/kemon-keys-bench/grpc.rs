@@ -127,6 +127,68 @@ async fn verify_load(
     .await
 }
 
+/// Envoy's ext_authz Check for a request carrying one of `secrets` as `x-api-key`, on a
+/// route requiring `tickets:read`: what an Envoy sidecar sends per request.
+async fn check_load(
+    channels: &[Channel],
+    secrets: Arc<Vec<String>>,
+    concurrency: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> LoadResult {
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{
+        HttpRequest, Request as HttpAttributes,
+    };
+    use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+    use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+    load::run(
+        channels,
+        concurrency,
+        warmup,
+        duration,
+        move |channel, worker, i| {
+            let secrets = secrets.clone();
+            async move {
+                let key = secrets[(worker * 7919 + i as usize * 31) % secrets.len()].clone();
+                let request = CheckRequest {
+                    attributes: Some(AttributeContext {
+                        request: Some(HttpAttributes {
+                            http: Some(HttpRequest {
+                                method: "GET".into(),
+                                path: "/tickets".into(),
+                                headers: [
+                                    ("x-api-key".to_owned(), key),
+                                    (":authority".to_owned(), "api.kemon.test".to_owned()),
+                                ]
+                                .into(),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        }),
+                        context_extensions: [(
+                            "kemon_scopes".to_owned(),
+                            "tickets:read".to_owned(),
+                        )]
+                        .into(),
+                        ..Default::default()
+                    }),
+                };
+                let response = AuthorizationClient::new(channel)
+                    .check(request)
+                    .await?
+                    .into_inner();
+                match response.status.map(|s| s.code) {
+                    Some(0) => Ok(()),
+                    other => Err(tonic::Status::internal(format!(
+                        "Check denied a valid key: {other:?}"
+                    ))),
+                }
+            }
+        },
+    )
+    .await
+}
+
 pub struct GrpcSettings<'a> {
     pub server_bin: &'a Path,
     pub keys: usize,
@@ -185,6 +247,46 @@ pub async fn verify_targets(s: &GrpcSettings<'_>, report: &mut Report) -> anyhow
         report.check(
             &format!("1. Verify/Health p99 latency, concurrency {c}"),
             verify.p(0.99) as f64 / health.p(0.99).max(1) as f64,
+            false,
+            1.2,
+        );
+    }
+
+    report.section(&format!(
+        "7. Envoy ext_authz Check against grpc.health.v1.Health/Check, {} keys loaded, {} connections",
+        s.keys, s.connections
+    ));
+    report.line("| Concurrency | RPC | Throughput | p50 | p99 | p99.9 |");
+    report.line("|---|---|---|---|---|---|");
+    for &c in s.concurrency {
+        let round = duration / 2;
+        let mut health = health_load(&channels, c, warmup, round).await;
+        let mut check = check_load(&channels, secrets.clone(), c, warmup, round).await;
+        for _ in 1..6 {
+            health.merge(&health_load(&channels, c, warmup, round).await);
+            check.merge(&check_load(&channels, secrets.clone(), c, warmup, round).await);
+        }
+        for (name, r) in [("Health/Check", &health), ("ext_authz Check", &check)] {
+            report.line(format!(
+                "| {c} | {name} | {:.0}/s | {} µs | {} µs | {} µs |",
+                r.throughput(),
+                r.p(0.5),
+                r.p(0.99),
+                r.p(0.999)
+            ));
+        }
+        if check.errors > 0 {
+            anyhow::bail!("{} Check calls failed", check.errors);
+        }
+        report.check(
+            &format!("7. Check/Health throughput, concurrency {c}"),
+            check.throughput() / health.throughput(),
+            true,
+            0.9,
+        );
+        report.check(
+            &format!("7. Check/Health p99 latency, concurrency {c}"),
+            check.p(0.99) as f64 / health.p(0.99).max(1) as f64,
             false,
             1.2,
         );
