@@ -46,6 +46,16 @@ pub const SCOPES_EXTENSION: &str = "kemon_scopes";
 /// Headers the service sets on allowed requests; clients may never send them.
 const FORWARDED_PREFIX: &str = "x-kemon-";
 
+/// The headers an allowed request carries upstream. Setting them overwrites a forged value;
+/// they must not also be listed for removal, because Envoy removes after it sets.
+const FORWARDED: [&str; 5] = [
+    "x-kemon-key-id",
+    "x-kemon-workspace-id",
+    "x-kemon-key-type",
+    "x-kemon-scopes",
+    "x-kemon-environment",
+];
+
 /// The Check service.
 pub struct ExtAuthzApi {
     cache: Arc<VerifyCache>,
@@ -157,7 +167,10 @@ fn allowed(
 ) -> CheckResponse {
     let overwrite = Some(authz::HeaderAppendAction::OverwriteIfExistsOrAdd);
     let mut ok = OkHttpResponseBuilder::new();
-    for name in headers.keys().filter(|h| h.starts_with(FORWARDED_PREFIX)) {
+    let forged = headers
+        .keys()
+        .filter(|h| h.starts_with(FORWARDED_PREFIX) && !FORWARDED.contains(&h.as_str()));
+    for name in forged {
         ok.remove_header(name.clone());
     }
     ok.remove_header("authorization")
