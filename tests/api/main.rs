@@ -6,6 +6,7 @@
 mod audit;
 mod auth;
 mod concurrency;
+mod envoy;
 mod ext_authz;
 mod group_commit;
 mod helpers;
