@@ -49,6 +49,12 @@ pub struct Settings {
     /// `host:port`; a host name is resolved and the first address bound.
     pub listen: String,
     pub data_dir: PathBuf,
+    /// PostgreSQL instead of SQLite in `data_dir`: several replicas share its log.
+    pub database_url: Option<String>,
+    /// For PostgreSQL: how long a replica may go without confirming it is caught up.
+    pub max_staleness: std::time::Duration,
+    /// For PostgreSQL: this replica's name among the live ones.
+    pub replica_id: String,
     pub master_key: MasterKeySource,
     pub write_batch_max: usize,
     /// Committed events buffered for live audit subscribers (see `SubscribeEvents`).
@@ -71,6 +77,13 @@ impl Settings {
         Settings {
             listen: args.listen.clone(),
             data_dir: args.data.data_dir.clone(),
+            database_url: args.data.database_url.clone(),
+            max_staleness: args.max_staleness,
+            replica_id: args
+                .replica_id
+                .clone()
+                .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+                .unwrap_or_else(|| ulid::Ulid::new().to_string()),
             master_key,
             write_batch_max: usize::from(args.write_batch_max),
             audit_live_buffer: args.audit_live_buffer as usize,
@@ -144,19 +157,47 @@ async fn open_data(
         .with_context(|| format!("creating data directory {}", settings.data_dir.display()))?;
     let master_key = load_master_key(settings)?;
     let cache = Arc::new(VerifyCache::new(clock.clone()));
-    let store = Store::open(
-        &settings.database_path(),
-        &master_key.fingerprint(),
-        clock,
-        cache.clone(),
-        StoreOptions {
-            max_batch: settings.write_batch_max,
-            live_buffer: settings.audit_live_buffer,
-            max_database_bytes: settings.max_database_mib.map(|m| u64::from(m) << 20),
-        },
-    )
-    .await
-    .with_context(|| format!("opening {}", settings.database_path().display()))?;
+    let options = StoreOptions {
+        max_batch: settings.write_batch_max,
+        live_buffer: settings.audit_live_buffer,
+        max_database_bytes: settings.max_database_mib.map(|m| u64::from(m) << 20),
+        max_staleness: settings.max_staleness,
+        replica_id: settings.replica_id.clone(),
+    };
+    let store = match &settings.database_url {
+        Some(url) => {
+            anyhow::ensure!(
+                settings.max_database_mib.is_none(),
+                "--max-database-mib applies to SQLite; set a quota on PostgreSQL itself"
+            );
+            let backend = store::PgBackend::open(url)
+                .await
+                .context("opening the PostgreSQL database")?;
+            tracing::info!(
+                schema = backend.schema(),
+                replica_id = %settings.replica_id,
+                "PostgreSQL: replicas share this schema's log"
+            );
+            Store::with_backend(
+                Arc::new(backend),
+                &master_key.fingerprint(),
+                clock,
+                cache.clone(),
+                options,
+            )
+            .await
+            .context("opening the PostgreSQL database")?
+        }
+        None => Store::open(
+            &settings.database_path(),
+            &master_key.fingerprint(),
+            clock,
+            cache.clone(),
+            options,
+        )
+        .await
+        .with_context(|| format!("opening {}", settings.database_path().display()))?,
+    };
     Ok((master_key, cache, store))
 }
 
@@ -172,6 +213,7 @@ pub struct Application {
     /// Set when shutdown begins, to end live subscriptions.
     stopping: tokio::sync::watch::Sender<bool>,
     ext_authz_api_key_header: String,
+    max_staleness: std::time::Duration,
 }
 
 /// How often a live subscriber is sent a checkpoint when the log has moved.
@@ -224,6 +266,7 @@ impl Application {
             audit,
             stopping,
             ext_authz_api_key_header: settings.ext_authz_api_key_header.clone(),
+            max_staleness: settings.max_staleness,
         })
     }
 
@@ -259,7 +302,10 @@ impl Application {
             audit,
             stopping,
             ext_authz_api_key_header,
+            max_staleness,
         } = self;
+        // For a shared log: whether this replica is caught up, for VerifyKey and Check.
+        let fresh = Arc::new(AtomicBool::new(false));
         // Key calls that need the cache are refused (NOT_READY) until it is loaded.
         let ready = Arc::new(AtomicBool::new(false));
         let shutdown = async move {
@@ -287,7 +333,7 @@ impl Application {
         let server = limits
             .apply(tonic::transport::Server::builder())
             .layer(TrackCallsLayer)
-            .layer(CallLayer::new(ready.clone()))
+            .layer(CallLayer::new(ready.clone()).refusing_stale(fresh.clone(), max_staleness))
             .add_service(health_service.max_decoding_message_size(MAX_REQUEST_BYTES))
             .add_service(reflection_v1.max_decoding_message_size(MAX_REQUEST_BYTES))
             .add_service(reflection_v1alpha.max_decoding_message_size(MAX_REQUEST_BYTES))
@@ -313,12 +359,8 @@ impl Application {
         let started = std::time::Instant::now();
         load_cache(&store, &cache).await?;
         ready.store(true, Ordering::Release);
-        health.set_service_status("", ServingStatus::Serving).await;
-        health.set_serving::<KeyServiceServer<KeyApi>>().await;
         health.set_serving::<AuditServiceServer<AuditApi>>().await;
-        health
-            .set_serving::<AuthorizationServer<ExtAuthzApi>>()
-            .await;
+        tokio::spawn(report_freshness(store.fresh(), fresh, health.clone()));
         tokio::spawn(report_writes(store.writable(), health.clone()));
         tracing::info!(
             keys = cache.len(),
@@ -354,6 +396,47 @@ async fn report_writes(
             .set_service_status(WRITES_HEALTH_SERVICE, status)
             .await;
         if writable.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Mirrors whether this replica may answer Verify into `fresh` (read by [`CallLayer`]) and
+/// the health service: "", KeyService and Authorization are SERVING while it may, so that
+/// load balancers and sidecars move to another replica while it is stale. A log only this
+/// process writes is always fresh.
+async fn report_freshness(
+    mut store_fresh: tokio::sync::watch::Receiver<bool>,
+    fresh: Arc<AtomicBool>,
+    health: tonic_health::server::HealthReporter,
+) {
+    loop {
+        let now = *store_fresh.borrow_and_update();
+        fresh.store(now, Ordering::Release);
+        let status = if now {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        health.set_service_status("", status).await;
+        health
+            .set_service_status(
+                <KeyServiceServer<KeyApi> as tonic::server::NamedService>::NAME,
+                status,
+            )
+            .await;
+        health
+            .set_service_status(
+                <AuthorizationServer<ExtAuthzApi> as tonic::server::NamedService>::NAME,
+                status,
+            )
+            .await;
+        if store_fresh.changed().await.is_err() {
+            // The sender is gone: a log only this process writes (always fresh), or the
+            // store has closed.
+            if now {
+                std::future::pending::<()>().await;
+            }
             return;
         }
     }
@@ -399,10 +482,22 @@ pub async fn shutdown_signal() {
 }
 
 /// `kemon-keys rebuild`.
-pub async fn rebuild(data_dir: &Path) -> anyhow::Result<()> {
-    let path = data_dir.join(store::DATABASE_FILE);
-    anyhow::ensure!(path.exists(), "no database at {}", path.display());
-    let report = store::rebuild(&path).await?;
+pub async fn rebuild(data: &crate::config::DataArgs) -> anyhow::Result<()> {
+    let report = match &data.database_url {
+        Some(url) => {
+            use crate::store::Backend;
+            store::PgBackend::open(url)
+                .await
+                .context("opening the PostgreSQL database")?
+                .rebuild()
+                .await?
+        }
+        None => {
+            let path = data.data_dir.join(store::DATABASE_FILE);
+            anyhow::ensure!(path.exists(), "no database at {}", path.display());
+            store::rebuild(&path).await?
+        }
+    };
     tracing::info!(
         events = report.events,
         keys = report.keys,

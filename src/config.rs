@@ -20,8 +20,9 @@ pub struct Cli {
 pub enum Commands {
     /// Run the gRPC server.
     Serve(ServeArgs),
-    /// Rebuild the `keys` projection from the event log alone. Run it with the server stopped.
-    Rebuild(DataArgs),
+    /// Rebuild the `keys` projection from the event log alone. For SQLite, run it with the
+    /// server stopped; for PostgreSQL, writers wait while it runs.
+    Rebuild(RebuildArgs),
     /// Auditors' tools: verify, export and inspect the event log.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -46,6 +47,9 @@ pub struct LogSource {
     /// A kemon-keys SQLite database file (opened read-only).
     #[arg(long)]
     pub db: Option<PathBuf>,
+    /// A kemon-keys PostgreSQL database, e.g. postgres://host/db (read in one snapshot).
+    #[arg(long)]
+    pub database_url: Option<String>,
     /// A running server, e.g. http://127.0.0.1:50051 (reads through AuditService).
     #[arg(long)]
     pub server: Option<String>,
@@ -114,6 +118,19 @@ pub struct DataArgs {
     /// Directory holding the SQLite database (and, in development, the generated master key).
     #[arg(long, env = "KEMON_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
+
+    /// A PostgreSQL database instead of SQLite, e.g. `postgres://user@host/db`, for several
+    /// replicas sharing one log. The schema is the connection's `search_path` (set it with
+    /// `?options[search_path]=kemon`); migrations run at start. The data directory then
+    /// holds only a development master key, if any.
+    #[arg(long, env = "KEMON_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RebuildArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -187,9 +204,58 @@ pub struct ServeArgs {
     )]
     pub ext_authz_api_key_header: String,
 
+    /// With PostgreSQL: how long a replica may go without confirming it has applied every
+    /// committed change before it reports NOT_SERVING and answers VerifyKey and Check with
+    /// UNAVAILABLE (`REPLICA_STALE`), so that sidecars move to a healthy replica. A duration
+    /// such as `5s` or `500ms`.
+    #[arg(long, env = "KEMON_MAX_STALENESS", default_value = "5s", value_parser = parse_duration)]
+    pub max_staleness: std::time::Duration,
+
+    /// With PostgreSQL: this replica's name among the live replicas (RevokeKey's
+    /// confirmation counts them). Defaults to the host name (the pod name in Kubernetes),
+    /// else a random id.
+    #[arg(long, env = "KEMON_REPLICA_ID")]
+    pub replica_id: Option<String>,
+
     /// Log line format.
     #[arg(long, env = "KEMON_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+/// Parses `250ms`, `5s`, `2m`: a whole number and a unit.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration such as 5s or 500ms"))?;
+    let duration = match unit {
+        "ms" => std::time::Duration::from_millis(n),
+        "s" => std::time::Duration::from_secs(n),
+        "m" => std::time::Duration::from_secs(n.saturating_mul(60)),
+        _ => return Err(format!("{s:?}: the unit must be ms, s or m")),
+    };
+    if duration.is_zero() {
+        return Err("the duration must be more than zero".into());
+    }
+    Ok(duration)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_take_a_whole_number_and_a_unit() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        for bad in ["", "5", "s", "1.5s", "-1s", "0s", "5h"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -23,7 +23,7 @@ async fn main() -> ExitCode {
     let serving = matches!(cli.command, Commands::Serve(_));
     let result = match cli.command {
         Commands::Serve(args) => serve(Settings::from_args(&args)).await,
-        Commands::Rebuild(args) => app::rebuild(&args.data_dir).await,
+        Commands::Rebuild(args) => app::rebuild(&args.data).await,
         Commands::Audit(AuditCommand::Verify(args)) => match audit::cli::verify(&args).await {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::FAILURE,

@@ -66,12 +66,7 @@ impl Reader {
             workspace_id: workspace.map(str::to_owned),
             ..RecordFilter::default()
         };
-        if let Some(path) = &source.db {
-            let snapshot = SqliteBackend::open_read_only(path)
-                .await
-                .with_context(|| format!("opening {}", path.display()))?
-                .snapshot()
-                .await?;
+        if let Some(snapshot) = open_snapshot(source).await? {
             return Ok((
                 Reader::Db {
                     snapshot,
@@ -100,7 +95,7 @@ impl Reader {
         let path = source
             .file
             .as_ref()
-            .context("one of --db, --server, --file")?;
+            .context("one of --db, --database-url, --server, --file")?;
         let file =
             std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
         let mut lines = BufReader::new(file).lines();
@@ -237,12 +232,7 @@ pub async fn export(args: &ExportArgs) -> anyhow::Result<()> {
 /// The sequence of the last record of the whole log at `source` (not only a workspace's),
 /// as GetKeysAsOf compares `at_sequence` with. For an export file, the last record it holds.
 async fn log_end(source: &LogSource, actor: &AuditActor) -> anyhow::Result<Option<u64>> {
-    if let Some(path) = &source.db {
-        let mut snapshot = SqliteBackend::open_read_only(path)
-            .await
-            .with_context(|| format!("opening {}", path.display()))?
-            .snapshot()
-            .await?;
+    if let Some(mut snapshot) = open_snapshot(source).await? {
         return Ok(Some(snapshot.log_end().await?));
     }
     if let Some(url) = &source.server {
@@ -307,4 +297,24 @@ pub async fn keys_as_of(args: &KeysAsOfArgs) -> anyhow::Result<()> {
     }
     eprintln!("as of sequence {}", replay.last_sequence);
     Ok(())
+}
+
+/// One consistent view of the database `source` names (SQLite file or PostgreSQL), if it
+/// names one.
+async fn open_snapshot(
+    source: &LogSource,
+) -> anyhow::Result<Option<Box<dyn crate::store::Snapshot>>> {
+    if let Some(path) = &source.db {
+        let backend = SqliteBackend::open_read_only(path)
+            .await
+            .with_context(|| format!("opening {}", path.display()))?;
+        return Ok(Some(backend.snapshot().await?));
+    }
+    if let Some(url) = &source.database_url {
+        let backend = crate::store::PgBackend::open_read_only(url)
+            .await
+            .context("opening the PostgreSQL database")?;
+        return Ok(Some(backend.snapshot().await?));
+    }
+    Ok(None)
 }

@@ -40,6 +40,9 @@ const TARGET: &str = "kemon_keys::grpc";
 /// This API's services: their calls are named by method alone, as the proto spells it.
 const API_PACKAGE: &str = "kemon.keys.v1.";
 
+/// Envoy's ext_authz service.
+const EXT_AUTHZ_SERVICE: &str = "envoy.service.auth.v3.Authorization";
+
 /// The status header of a gRPC response, in its head (trailers-only) or its trailers.
 const GRPC_STATUS: &str = "grpc-status";
 
@@ -48,12 +51,31 @@ const GRPC_STATUS: &str = "grpc-status";
 #[derive(Debug, Clone)]
 pub struct CallLayer {
     ready: Arc<AtomicBool>,
+    fresh: Arc<AtomicBool>,
+    max_staleness: std::time::Duration,
 }
 
 impl CallLayer {
     /// `ready` turns true once the verification cache is loaded.
     pub fn new(ready: Arc<AtomicBool>) -> CallLayer {
-        CallLayer { ready }
+        CallLayer {
+            ready,
+            fresh: Arc::new(AtomicBool::new(true)),
+            max_staleness: std::time::Duration::ZERO,
+        }
+    }
+
+    /// Also refuses the calls answered from the cache alone (VerifyKey, Envoy's Check) while
+    /// `fresh` is false: a replica of a shared log that has not confirmed it is caught up
+    /// within `max_staleness`.
+    pub fn refusing_stale(
+        mut self,
+        fresh: Arc<AtomicBool>,
+        max_staleness: std::time::Duration,
+    ) -> CallLayer {
+        self.fresh = fresh;
+        self.max_staleness = max_staleness;
+        self
     }
 }
 
@@ -64,6 +86,8 @@ impl<S> tower_layer::Layer<S> for CallLayer {
         Calls {
             inner,
             ready: self.ready.clone(),
+            fresh: self.fresh.clone(),
+            max_staleness: self.max_staleness,
         }
     }
 }
@@ -73,6 +97,8 @@ impl<S> tower_layer::Layer<S> for CallLayer {
 pub struct Calls<S> {
     inner: S,
     ready: Arc<AtomicBool>,
+    fresh: Arc<AtomicBool>,
+    max_staleness: std::time::Duration,
 }
 
 impl<S, ReqBody, ResBody> tower_service::Service<http::Request<ReqBody>> for Calls<S>
@@ -94,6 +120,14 @@ where
         if name.needs_cache() && !self.ready.load(Ordering::Acquire) {
             return CallFuture::Refused {
                 status: Some(Status::from(ApiError::NotReady)),
+                log: Some(log),
+            };
+        }
+        if name.answers_from_cache() && !self.fresh.load(Ordering::Acquire) {
+            return CallFuture::Refused {
+                status: Some(Status::from(ApiError::ReplicaStale {
+                    max_staleness_ms: self.max_staleness.as_millis() as u64,
+                })),
                 log: Some(log),
             };
         }
@@ -154,6 +188,13 @@ impl<'a> CallName<'a> {
     /// reflection read no cache.
     fn needs_cache(&self) -> bool {
         self.service == KEY_SERVICE && self.method != "ListScopes"
+    }
+
+    /// Whether the call's answer comes from the verification cache alone, so that a stale
+    /// cache could answer VALID for a key revoked elsewhere.
+    fn answers_from_cache(&self) -> bool {
+        (self.service == KEY_SERVICE && self.method == "VerifyKey")
+            || (self.service == EXT_AUTHZ_SERVICE && self.method == "Check")
     }
 }
 

@@ -44,6 +44,10 @@ pub enum ApiError {
     },
     /// The key cache is still loading.
     NotReady,
+    /// A replica of a shared log has not confirmed it is caught up within its bound.
+    ReplicaStale {
+        max_staleness_ms: u64,
+    },
     /// The server is shutting down; a subscription resumes after `resume_after`.
     ShuttingDown {
         resume_after: u64,
@@ -411,6 +415,15 @@ impl From<ApiError> for Status {
                 "NOT_READY",
                 "starting: the key cache is still loading",
             ),
+            ApiError::ReplicaStale { max_staleness_ms } => Described::new(
+                Code::Unavailable,
+                "REPLICA_STALE",
+                format!(
+                    "this replica has not confirmed within {max_staleness_ms} ms that it has \
+                     applied every change to the keys; ask another replica"
+                ),
+            )
+            .with("max_staleness_ms", max_staleness_ms),
             ApiError::ShuttingDown { resume_after } => Described::new(
                 Code::Unavailable,
                 "SHUTTING_DOWN",
@@ -605,6 +618,13 @@ mod tests {
                 "SEQUENCE_OUT_OF_RANGE",
             ),
             (ApiError::NotReady, Code::Unavailable, "NOT_READY"),
+            (
+                ApiError::ReplicaStale {
+                    max_staleness_ms: 5000,
+                },
+                Code::Unavailable,
+                "REPLICA_STALE",
+            ),
             (
                 ApiError::ShuttingDown { resume_after: 3 },
                 Code::Unavailable,

@@ -654,7 +654,25 @@ impl KeyService for KeyApi {
         &self,
         request: Request<pb::RevokeKeyRequest>,
     ) -> Result<Response<pb::Key>, Status> {
-        Ok(Response::new(self.revoke(&request).await?))
+        let key = self.revoke(&request).await?;
+        let mut response = Response::new(key);
+        if request.get_ref().wait_for_replicas {
+            // The revocation is committed and answered whatever the confirmation says; a
+            // failure to read the replicas' positions is logged, and the answer then says
+            // that none confirmed.
+            let (confirmed, live) = match self.store.confirm_replicas().await {
+                Ok(Some(counts)) => counts,
+                Ok(None) => (1, 1),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the replicas' positions");
+                    (0, 0)
+                }
+            };
+            let metadata = response.metadata_mut();
+            metadata.insert(REPLICAS_CONFIRMED_HEADER, confirmed.into());
+            metadata.insert(REPLICAS_LIVE_HEADER, live.into());
+        }
+        Ok(response)
     }
 
     async fn reveal_key(
@@ -678,6 +696,11 @@ impl KeyService for KeyApi {
         Ok(Response::new(scope_catalog()))
     }
 }
+
+/// RevokeKey with `wait_for_replicas`: how many live replicas had applied the revocation
+/// when it answered, and how many were live.
+pub const REPLICAS_CONFIRMED_HEADER: &str = "x-kemon-replicas-confirmed";
+pub const REPLICAS_LIVE_HEADER: &str = "x-kemon-replicas-live";
 
 /// Longest CreateKey request id.
 const MAX_REQUEST_ID_CHARS: usize = 64;

@@ -4,8 +4,10 @@
 //! the chains, the API and the audit tools) is the same for every backend; a backend only
 //! stores and reads what it is given. It must:
 //!
-//! - hold the single-writer lock from open to [`Backend::release`], and refuse to open while
-//!   another process holds it (SQLite: an OS file lock; PostgreSQL: an advisory lock);
+//! - serialise writers: SQLite holds a single-writer lock from open to [`Backend::release`]
+//!   and refuses to open while another process holds it (an OS file lock); PostgreSQL lets
+//!   every replica write, and [`WriteSession::begin`] takes the log's lock, held through
+//!   COMMIT, so that each transaction continues from the last committed record;
 //! - apply [`Effects`] atomically inside the session's transaction, and make the commit
 //!   durable before [`WriteSession::commit`] returns;
 //! - keep the log append-only by its own means (SQLite: triggers) and store records'
@@ -111,6 +113,56 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Gives up the single-writer lock.
     async fn release(&self);
+
+    /// For a log that other processes append to as well (PostgreSQL replicas): how to follow
+    /// it. `None` when this process is the only writer, whose own commits are then the only
+    /// changes.
+    fn shared(&self) -> Option<&dyn SharedLog> {
+        None
+    }
+}
+
+/// A log written by several replicas, which each follow it.
+///
+/// Records become visible in sequence order (writers hold the log's lock through commit),
+/// so reading `sequence > applied` never skips a record that commits late.
+#[async_trait]
+pub trait SharedLog: Send + Sync {
+    /// Up to `limit` records after `after`, and the current state of every key they touch,
+    /// from one snapshot (so the states are at least as new as the records).
+    async fn tail(
+        &self,
+        after: u64,
+        limit: u32,
+    ) -> Result<(Vec<LogRecord>, Vec<KeyState>), StoreError>;
+
+    /// Wakeups when other replicas append (a hint only: followers also poll).
+    async fn listen(&self) -> Result<Box<dyn Wakeups>, StoreError>;
+
+    /// Publishes this replica's applied position, with the database's clock as heartbeat.
+    async fn heartbeat(&self, replica_id: &str, applied: u64) -> Result<(), StoreError>;
+
+    /// The replicas whose heartbeat is at most `live_within` old.
+    async fn replicas(&self, live_within: Duration) -> Result<Vec<Replica>, StoreError>;
+
+    /// Removes this replica from the live set (at a clean stop).
+    async fn leave(&self, replica_id: &str) -> Result<(), StoreError>;
+}
+
+/// Notifications that the shared log has moved.
+#[async_trait]
+pub trait Wakeups: Send {
+    /// Resolves at the next notification (or a reconnection, after which notifications sent
+    /// meanwhile are lost). Errors when the database cannot be reached.
+    async fn next(&mut self) -> Result<(), StoreError>;
+}
+
+/// A live replica, as it last reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replica {
+    pub replica_id: String,
+    pub applied_sequence: u64,
+    pub heartbeat_age: Duration,
 }
 
 /// The writer's connection. A session whose transaction failed is closed, never reused.

@@ -11,7 +11,9 @@
 //! holds it. Readers (the audit tools) need no lock.
 
 pub mod backend;
+mod follow;
 mod plan;
+pub mod postgres;
 pub mod sqlite;
 mod writer;
 
@@ -23,7 +25,10 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use crate::clock::Clock;
 use crate::domain::{Command, DomainError, Environment, KeyId, KeyState, KeyType, WorkspaceId};
 use crate::log::chain::{Hash, LogRecord};
-pub use backend::{Answered, Backend, Effects, RebuildReport, Snapshot, WriteSession};
+pub use backend::{
+    Answered, Backend, Effects, RebuildReport, Replica, SharedLog, Snapshot, WriteSession,
+};
+pub use postgres::PgBackend;
 pub use sqlite::{DATABASE_FILE, SqliteBackend, rebuild};
 pub use writer::CommitListener;
 
@@ -72,6 +77,21 @@ impl StoreError {
             self,
             StoreError::Full(_) | StoreError::Unavailable(_) | StoreError::OutcomeUnknown(_)
         )
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> StoreError {
+        let pg_code = match &e {
+            sqlx::Error::Database(db) => db
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .map(|pg| pg.code().to_owned()),
+            _ => None,
+        };
+        match pg_code {
+            Some(code) => postgres::classify(&code, e),
+            None => sqlite::classify(e),
+        }
     }
 }
 
@@ -159,6 +179,11 @@ pub struct ListFilter {
     pub include_revoked: bool,
 }
 
+/// How long a replica of a shared log may go without confirming it has caught up before it
+/// refuses Verify: long enough that a database restart or failover of a few seconds does not
+/// take Verify down everywhere, short enough that a revocation is never missed for long.
+pub const DEFAULT_MAX_STALENESS: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Tuning of the writer.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
@@ -169,6 +194,11 @@ pub struct StoreOptions {
     pub live_buffer: usize,
     /// A quota on the database's size; writes past it fail as storage full.
     pub max_database_bytes: Option<u64>,
+    /// For a shared log: how long this replica may go without confirming it has caught up
+    /// before it refuses Verify.
+    pub max_staleness: std::time::Duration,
+    /// For a shared log: this replica's name in the live set.
+    pub replica_id: String,
 }
 
 impl Default for StoreOptions {
@@ -177,6 +207,8 @@ impl Default for StoreOptions {
             max_batch: 256,
             live_buffer: 4096,
             max_database_bytes: None,
+            max_staleness: DEFAULT_MAX_STALENESS,
+            replica_id: ulid::Ulid::new().to_string(),
         }
     }
 }
@@ -220,12 +252,15 @@ pub struct Store {
     /// Whether the last commit succeeded; see [`Store::writable`].
     writable: watch::Sender<bool>,
     writer: Arc<WriterHandle>,
+    /// For a shared log: this replica's follower.
+    follower: Option<Arc<follow::Follower>>,
 }
 
-/// Stopping and joining the writer task.
+/// Stopping and joining the writer task (and the tailer, for a shared log).
 struct WriterHandle {
     stop: watch::Sender<bool>,
     task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    tailer: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Store {
@@ -258,6 +293,15 @@ impl Store {
         let (tx, rx) = mpsc::channel(options.max_batch.max(1) * 4);
         let (committed, _) = broadcast::channel(options.live_buffer.max(1));
         let (writable, _) = watch::channel(true);
+        let follower = backend.shared().map(|_| {
+            Arc::new(follow::Follower::new(
+                heads.chains.last_sequence,
+                listener.clone(),
+                committed.clone(),
+                options.replica_id.clone(),
+                options.max_staleness,
+            ))
+        });
         let writer = writer::Writer {
             session: Some(session),
             backend: backend.clone(),
@@ -268,8 +312,12 @@ impl Store {
             listener,
             committed: committed.clone(),
             max_batch: options.max_batch.max(1),
+            follower: follower.clone(),
         };
         let (stop, stopped) = watch::channel(false);
+        let tailer = follower
+            .clone()
+            .map(|f| tokio::spawn(follow::run(f, backend.clone(), stopped.clone())));
         let task = tokio::spawn(writer::run(writer, rx, stopped));
         Ok(Store {
             backend,
@@ -279,8 +327,50 @@ impl Store {
             writer: Arc::new(WriterHandle {
                 stop,
                 task: std::sync::Mutex::new(Some(task)),
+                tailer: std::sync::Mutex::new(tailer),
             }),
+            follower,
         })
+    }
+
+    /// Whether the log is shared with other replicas (PostgreSQL).
+    pub fn is_shared(&self) -> bool {
+        self.follower.is_some()
+    }
+
+    /// Whether this replica may answer Verify from its cache: always for a log only this
+    /// process writes; for a shared log, while it has confirmed within the staleness bound
+    /// that it has applied everything committed.
+    pub fn fresh(&self) -> watch::Receiver<bool> {
+        match &self.follower {
+            Some(follower) => follower.fresh(),
+            None => watch::channel(true).1,
+        }
+    }
+
+    /// For a shared log: waits until every live replica has applied everything this replica
+    /// has applied now (its own last commit included), at most the staleness bound. Past
+    /// that bound a replica that has not applied it refuses Verify, so every replica that
+    /// still answers Verify answers with it. Returns (replicas confirmed, replicas live), or
+    /// `None` for a log only this process writes.
+    pub async fn confirm_replicas(&self) -> Result<Option<(usize, usize)>, StoreError> {
+        let Some(follower) = &self.follower else {
+            return Ok(None);
+        };
+        let shared = self
+            .backend
+            .shared()
+            .expect("a follower follows a shared log");
+        let target = follower.position();
+        let deadline = tokio::time::Instant::now() + follower.max_staleness;
+        loop {
+            let live = shared.replicas(follower.max_staleness).await?;
+            let confirmed = live.iter().filter(|r| r.applied_sequence >= target).count();
+            if confirmed == live.len() || tokio::time::Instant::now() >= deadline {
+                return Ok(Some((confirmed, live.len())));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
     }
 
     /// False from the first commit that storage failed until the next one that succeeds.
@@ -389,6 +479,17 @@ impl Store {
             && let Err(e) = task.await
         {
             tracing::error!(error = %e, "the writer task failed");
+        }
+        let tailer = self
+            .writer
+            .tailer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(tailer) = tailer
+            && let Err(e) = tailer.await
+        {
+            tracing::error!(error = %e, "the tailer task failed");
         }
         self.backend.release().await;
     }

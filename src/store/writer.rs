@@ -27,6 +27,7 @@ use std::sync::Arc;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use super::backend::{Backend, Effects, WriteSession};
+use super::follow::Follower;
 use super::plan::{self, Heads};
 use super::{Cause, RecordFilter, StoreError, Write, Written};
 use crate::clock::Clock;
@@ -59,6 +60,9 @@ pub(super) struct Writer {
     /// A revoke destroyed an encrypted copy and the WAL still holds old frames with it.
     pub scrub_pending: bool,
     pub max_batch: usize,
+    /// For a shared log: where committed records go instead of straight to the listener, so
+    /// that they are applied in order with the other replicas' records.
+    pub follower: Option<Arc<Follower>>,
 }
 
 /// How long the scrub at a clean stop waits for readers: none are left by then.
@@ -181,10 +185,18 @@ impl Writer {
         let session = self.session.as_mut().expect("connected above");
         let before = self.heads.mark();
         let now = self.clock.now_ms();
-        match write_batch(session.as_mut(), &mut self.heads, now, batch).await {
+        match write_batch(
+            session.as_mut(),
+            self.follower.is_some(),
+            &mut self.heads,
+            now,
+            batch,
+        )
+        .await
+        {
             Ok((outcomes, effects, destroyed)) => {
                 self.heads.settle();
-                self.publish(&effects.changed, effects.records);
+                self.publish(&effects.changed, effects.records).await;
                 self.scrub_pending |= destroyed;
                 Ok(outcomes)
             }
@@ -199,23 +211,57 @@ impl Writer {
                 self.drop_connection().await;
                 // Reconnecting reads the log back and catches up with whatever is in it, so
                 // if the commit landed after all, the cache and subscribers now have it.
-                if let Err(again) = self.reconnect().await {
-                    tracing::error!(error = %again, "cannot read the log back after a failed commit");
-                    return Err(StoreError::OutcomeUnknown(Cause::new(e)));
-                }
-                if self.heads.head() == landed {
-                    tracing::warn!(error = %e, "the commit reported an error but is in the log");
-                    self.scrub_pending = true;
-                    Ok(outcomes)
-                } else {
-                    Err(e)
+                let found = match self.reconnect().await {
+                    Ok(()) => self.holds(landed).await,
+                    Err(again) => Err(again),
+                };
+                match found {
+                    Err(again) => {
+                        tracing::error!(error = %again, "cannot read the log back after a failed commit");
+                        Err(StoreError::OutcomeUnknown(Cause::new(e)))
+                    }
+                    Ok(true) => {
+                        tracing::warn!(error = %e, "the commit reported an error but is in the log");
+                        self.scrub_pending = true;
+                        if let Some(follower) = self.follower.clone() {
+                            wait_applied(follower, landed.0).await;
+                        }
+                        Ok(outcomes)
+                    }
+                    Ok(false) => Err(e),
                 }
             }
         }
     }
 
-    /// Hands committed states to the listener and records to live subscribers.
-    fn publish(&self, changed: &[KeyState], records: Vec<LogRecord>) {
+    /// Whether the log holds the record `(sequence, hash)`.
+    async fn holds(
+        &mut self,
+        (sequence, hash): (u64, crate::log::chain::Hash),
+    ) -> Result<bool, StoreError> {
+        let Some(session) = self.session.as_mut() else {
+            return Ok(false);
+        };
+        let found = session
+            .read_records(sequence.saturating_sub(1), 1, &RecordFilter::default())
+            .await?;
+        Ok(found
+            .first()
+            .is_some_and(|r| r.sequence == sequence && r.hash == hash))
+    }
+
+    /// Hands committed states to the listener and records to live subscribers. For a shared
+    /// log, through the follower; when other replicas' records come first and the tailer
+    /// has not applied them yet, it is woken and waited for.
+    async fn publish(&mut self, changed: &[KeyState], records: Vec<LogRecord>) {
+        if let Some(follower) = &self.follower {
+            if !follower.deliver(&records, changed)
+                && let Some(last) = records.last()
+            {
+                wait_applied(follower.clone(), last.sequence).await;
+            }
+            return;
+        }
         if !changed.is_empty() {
             self.listener.committed(changed);
         }
@@ -238,7 +284,8 @@ impl Writer {
         let mut session = self.backend.write_session().await?;
         let known = self.heads.chains.last_sequence;
         let mut after = known;
-        loop {
+        // For a shared log the follower applies whatever landed, with the others' records.
+        while self.follower.is_none() {
             let records = session
                 .read_records(after, 1024, &RecordFilter::default())
                 .await?;
@@ -255,7 +302,7 @@ impl Writer {
                     states.push(state);
                 }
             }
-            self.publish(&states, records);
+            self.publish(&states, records).await;
         }
         if after != known {
             tracing::warn!(
@@ -283,15 +330,33 @@ impl Writer {
     }
 }
 
+/// Waits for the tailer to apply records up to `sequence` (at most the staleness bound:
+/// past it this replica refuses Verify anyway, so answering the writer is safe).
+async fn wait_applied(follower: Arc<Follower>, sequence: u64) {
+    follower.wake();
+    if !follower.applied(sequence, follower.max_staleness).await {
+        tracing::warn!(
+            sequence,
+            "the tailer has not applied this commit within max-staleness; answering anyway"
+        );
+    }
+}
+
 /// Decides every command of `batch` against the state the commands before it left, then
 /// appends the events, writes the touched rows and commits, all in one transaction.
 async fn write_batch(
     session: &mut dyn WriteSession,
+    shared: bool,
     heads: &mut Heads,
     now: i64,
     batch: &mut [Request],
 ) -> Result<(Vec<Outcome>, Effects, bool), Failure> {
     session.begin().await.map_err(Failure::Before)?;
+    if shared {
+        catch_up_heads(session, heads)
+            .await
+            .map_err(Failure::Before)?;
+    }
     let loaded = plan::load(session, batch, now)
         .await
         .map_err(Failure::Before)?;
@@ -300,5 +365,25 @@ async fn write_batch(
     match session.commit().await {
         Ok(()) => Ok((outcomes, effects, destroyed)),
         Err(e) => Err(Failure::AtCommit(e, outcomes)),
+    }
+}
+
+/// Moves the heads past records other replicas appended since this writer's last batch. Runs
+/// under the log's lock, so nothing can be appended meanwhile. Every failure drops the
+/// session and the next attempt reloads the heads from the log, so this needs no journal.
+async fn catch_up_heads(
+    session: &mut dyn WriteSession,
+    heads: &mut Heads,
+) -> Result<(), StoreError> {
+    loop {
+        let records = session
+            .read_records(heads.chains.last_sequence, 1024, &RecordFilter::default())
+            .await?;
+        if records.is_empty() {
+            return Ok(());
+        }
+        for record in &records {
+            heads.chains.advance(record);
+        }
     }
 }

@@ -139,8 +139,43 @@ impl TestServer {
     ) -> anyhow::Result<TestServer> {
         let settings = Settings {
             audit_live_buffer: live_buffer,
-            ..settings(data_dir, master_key.clone())
+            database_url: suite_database_url(data_dir).await,
+            ..settings(data_dir, master_key)
         };
+        TestServer::spawn_with(settings, clock, load_after).await
+    }
+
+    /// A replica on the PostgreSQL schema at `database_url`, with a data directory of its
+    /// own, named `replica_id`, serving once it has caught up with the log.
+    pub async fn start_replica(
+        database_url: &str,
+        master_key_hex: &str,
+        replica_id: &str,
+        max_staleness: Duration,
+    ) -> TestServer {
+        let tmp = Arc::new(tempfile::tempdir().expect("temp dir"));
+        let settings = Settings {
+            database_url: Some(database_url.to_owned()),
+            replica_id: replica_id.to_owned(),
+            max_staleness,
+            ..settings(tmp.path(), MasterKeySource::Hex(master_key_hex.to_owned()))
+        };
+        let mut server =
+            TestServer::spawn_with(settings, ManualClock::new(T0_MS), std::future::ready(()))
+                .await
+                .expect("replica starts");
+        server._tmp = Some(tmp);
+        server.wait_until_serving().await;
+        server
+    }
+
+    async fn spawn_with(
+        settings: Settings,
+        clock: ManualClock,
+        load_after: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<TestServer> {
+        let data_dir = settings.data_dir.clone();
+        let master_key = settings.master_key.clone();
         let app = Application::build(settings, Arc::new(clock.clone())).await?;
         let addr = app.local_addr();
         let (tx, rx) = oneshot::channel();
@@ -153,7 +188,7 @@ impl TestServer {
         let server = TestServer {
             addr,
             clock,
-            data_dir: data_dir.to_owned(),
+            data_dir,
             master_key_hex: match master_key {
                 MasterKeySource::Hex(h) => h,
                 _ => String::new(),
@@ -262,7 +297,68 @@ pub fn settings(data_dir: &Path, master_key: MasterKeySource) -> Settings {
         connection_limits: Default::default(),
         max_database_mib: None,
         ext_authz_api_key_header: "x-api-key".into(),
+        database_url: None,
+        max_staleness: Duration::from_secs(5),
+        replica_id: "test".into(),
     }
+}
+
+/// The PostgreSQL server of the tests that need one: `KEMON_TEST_POSTGRES`, by default the
+/// local server. Those tests fail (never skip) when it is unreachable; `scripts/test` says
+/// when it leaves them out.
+pub fn postgres_server() -> String {
+    std::env::var("KEMON_TEST_POSTGRES")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// Whether the whole suite runs on PostgreSQL instead of SQLite (`KEMON_TEST_BACKEND=postgres`).
+pub fn suite_on_postgres() -> bool {
+    std::env::var("KEMON_TEST_BACKEND").is_ok_and(|b| b == "postgres")
+}
+
+/// The database URL a server on `data_dir` uses: none for SQLite; with the suite on
+/// PostgreSQL, a schema of its own, the same at every restart on that directory.
+pub async fn suite_database_url(data_dir: &Path) -> Option<String> {
+    if !suite_on_postgres() {
+        return None;
+    }
+    use sha3::Digest;
+    let digest = sha3::Sha3_256::digest(data_dir.as_os_str().as_encoded_bytes());
+    Some(postgres_schema(&format!("kk_{}", hex::encode(&digest[..8]))).await)
+}
+
+/// A new, empty schema on [`postgres_server`], as a database URL whose `search_path` is it.
+pub async fn fresh_postgres_schema() -> String {
+    postgres_schema(&format!(
+        "kk_{}",
+        ulid::Ulid::new().to_string().to_lowercase()
+    ))
+    .await
+}
+
+/// `schema` on [`postgres_server`] (created if needed), as a database URL.
+pub async fn postgres_schema(schema: &str) -> String {
+    use sqlx::Connection;
+    let server = postgres_server();
+    let mut conn = sqlx::PgConnection::connect(&server)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "PostgreSQL at {server} (KEMON_TEST_POSTGRES) is needed by this test and \
+             unreachable: {e}"
+            )
+        });
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE SCHEMA IF NOT EXISTS \"{schema}\""
+    )))
+    .execute(&mut conn)
+    .await
+    .expect("create schema");
+    let _ = conn.close().await;
+    let separator = if server.contains('?') { '&' } else { '?' };
+    format!("{server}{separator}options[search_path]={schema}")
 }
 
 /// A plaintext HTTP/2 channel to a test server.
@@ -647,6 +743,7 @@ impl TestClient {
             workspace_id: self.workspace.clone(),
             key_id: key_id.into(),
             expected_version,
+            wait_for_replicas: false,
         });
         self.inner
             .revoke_key(request)
@@ -1018,6 +1115,13 @@ impl ServerProcess {
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)
+            .args(
+                suite_database_url(data_dir)
+                    .await
+                    .filter(|_| !extra.contains(&"--database-url"))
+                    .map(|url| vec!["--database-url".to_owned(), url])
+                    .unwrap_or_default(),
+            )
             .env("KEMON_MASTER_KEY", master_key_hex)
             .env("RUST_LOG", filter)
             .stdout(Stdio::null())

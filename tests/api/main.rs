@@ -18,6 +18,7 @@ mod listing;
 mod logs;
 mod persistence;
 mod readme;
+mod replicas;
 mod storage;
 mod story;
 mod surface;

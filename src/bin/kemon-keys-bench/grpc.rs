@@ -386,6 +386,7 @@ async fn verify_under_writes(
                         workspace_id: created.workspace_id,
                         key_id: created.key_id,
                         expected_version: None,
+                        wait_for_replicas: false,
                     }))
                     .await?;
                 writes.fetch_add(2, Ordering::Relaxed);

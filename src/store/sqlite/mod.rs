@@ -373,34 +373,32 @@ const SQLITE_CANTOPEN: i64 = 14;
 const SQLITE_PROTOCOL: i64 = 15;
 const SQLITE_NOTADB: i64 = 26;
 
-impl From<sqlx::Error> for StoreError {
-    fn from(e: sqlx::Error) -> StoreError {
-        let primary = match &e {
-            sqlx::Error::Database(db) => db
-                .code()
-                .and_then(|c| c.parse::<i64>().ok())
-                .map(|c| c & 0xff),
-            _ => None,
-        };
-        match (&e, primary) {
-            (_, Some(SQLITE_FULL)) => StoreError::Full(Cause::new(e)),
-            (
-                _,
-                Some(
-                    SQLITE_PERM | SQLITE_BUSY | SQLITE_LOCKED | SQLITE_NOMEM | SQLITE_READONLY
-                    | SQLITE_IOERR | SQLITE_CORRUPT | SQLITE_CANTOPEN | SQLITE_PROTOCOL
-                    | SQLITE_NOTADB,
-                ),
-            )
-            | (
-                sqlx::Error::Io(_)
-                | sqlx::Error::WorkerCrashed
-                | sqlx::Error::PoolTimedOut
-                | sqlx::Error::PoolClosed,
-                _,
-            ) => StoreError::Unavailable(Cause::new(e)),
-            _ => StoreError::Database(Cause::new(e)),
-        }
+/// Tells SQLite's storage faults from refused statements.
+pub(super) fn classify(e: sqlx::Error) -> StoreError {
+    let primary = match &e {
+        sqlx::Error::Database(db) => db
+            .code()
+            .and_then(|c| c.parse::<i64>().ok())
+            .map(|c| c & 0xff),
+        _ => None,
+    };
+    match (&e, primary) {
+        (_, Some(SQLITE_FULL)) => StoreError::Full(Cause::new(e)),
+        (
+            _,
+            Some(
+                SQLITE_PERM | SQLITE_BUSY | SQLITE_LOCKED | SQLITE_NOMEM | SQLITE_READONLY
+                | SQLITE_IOERR | SQLITE_CORRUPT | SQLITE_CANTOPEN | SQLITE_PROTOCOL | SQLITE_NOTADB,
+            ),
+        )
+        | (
+            sqlx::Error::Io(_)
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed,
+            _,
+        ) => StoreError::Unavailable(Cause::new(e)),
+        _ => StoreError::Database(Cause::new(e)),
     }
 }
 
