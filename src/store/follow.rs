@@ -248,3 +248,63 @@ async fn watch_staleness(follower: Arc<Follower>, mut stop: watch::Receiver<bool
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// No cache: this test follows the records.
+    struct NoCache;
+
+    impl CommitListener for NoCache {
+        fn committed(&self, _: &[KeyState]) {}
+    }
+
+    fn records(sequences: std::ops::RangeInclusive<u64>) -> Vec<LogRecord> {
+        sequences
+            .map(|sequence| LogRecord {
+                sequence,
+                key_id: format!("key_{sequence}"),
+                workspace_id: "ws".into(),
+                stream_version: 1,
+                event_type: "KeyCreated".into(),
+                schema_version: 1,
+                payload: Vec::new(),
+                actor: "a".into(),
+                recorded_at_ms: 0,
+                hash: [0; 32],
+                workspace_hash: [0; 32],
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn records_are_applied_once_in_order_and_a_gap_is_refused() {
+        let (committed, mut live) = broadcast::channel(64);
+        let follower = Follower::new(
+            2,
+            Arc::new(NoCache),
+            committed,
+            "r".into(),
+            Duration::from_secs(1),
+        );
+        // A batch that starts past the next sequence leaves a gap: refused, nothing applied.
+        assert!(!follower.deliver(&records(4..=5), &[]));
+        assert_eq!(follower.position(), 2);
+        assert!(live.try_recv().is_err());
+        // The tailer fills it, overlapping what was applied already.
+        assert!(follower.deliver(&records(1..=4), &[]));
+        // The writer's batch again: only 5 is new.
+        assert!(follower.deliver(&records(4..=5), &[]));
+        // Nothing new at all: accepted, nothing sent.
+        assert!(follower.deliver(&records(3..=5), &[]));
+        let mut sent = Vec::new();
+        while let Ok(record) = live.try_recv() {
+            sent.push(record.sequence);
+        }
+        assert_eq!(sent, [3, 4, 5]);
+        assert_eq!(follower.position(), 5);
+        assert!(follower.applied(5, Duration::ZERO).await);
+        assert!(!follower.applied(6, Duration::from_millis(10)).await);
+    }
+}
