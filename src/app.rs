@@ -153,8 +153,15 @@ async fn open_data(
     if !matches!(settings.master_key, MasterKeySource::Development) {
         load_master_key(settings)?;
     }
-    std::fs::create_dir_all(&settings.data_dir)
-        .with_context(|| format!("creating data directory {}", settings.data_dir.display()))?;
+    // PostgreSQL with a master key of its own needs no local files at all (a read-only
+    // root filesystem is fine); SQLite and the development key live in the data directory.
+    if settings.database_url.is_none()
+        || matches!(settings.master_key, MasterKeySource::Development)
+    {
+        std::fs::create_dir_all(&settings.data_dir).with_context(|| {
+            format!("creating data directory {}", settings.data_dir.display())
+        })?;
+    }
     let master_key = load_master_key(settings)?;
     let cache = Arc::new(VerifyCache::new(clock.clone()));
     let options = StoreOptions {
