@@ -158,9 +158,8 @@ async fn open_data(
     if settings.database_url.is_none()
         || matches!(settings.master_key, MasterKeySource::Development)
     {
-        std::fs::create_dir_all(&settings.data_dir).with_context(|| {
-            format!("creating data directory {}", settings.data_dir.display())
-        })?;
+        std::fs::create_dir_all(&settings.data_dir)
+            .with_context(|| format!("creating data directory {}", settings.data_dir.display()))?;
     }
     let master_key = load_master_key(settings)?;
     let cache = Arc::new(VerifyCache::new(clock.clone()));

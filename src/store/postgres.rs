@@ -48,9 +48,17 @@ pub struct PgBackend {
 
 impl PgBackend {
     /// Connects and applies the migrations (under sqlx's migration lock, so replicas starting
-    /// together are safe).
+    /// together are safe). When every migration is already applied nothing is run, so that
+    /// replicas may use a role without the right to create tables (README, "PostgreSQL").
     pub async fn open(url: &str) -> Result<PgBackend, StoreError> {
         let backend = PgBackend::connect(url, 8).await?;
+        let applied: Result<Vec<i64>, _> =
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(&backend.pool)
+                .await;
+        if applied.is_ok_and(|done| MIGRATOR.iter().all(|m| done.contains(&m.version))) {
+            return Ok(backend);
+        }
         MIGRATOR.run(&backend.pool).await.map_err(|e| match e {
             sqlx::migrate::MigrateError::Execute(e) => StoreError::from(e),
             e => StoreError::Database(Cause::msg(format!("migrations failed: {e}"))),

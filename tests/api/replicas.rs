@@ -549,3 +549,59 @@ async fn rebuild_audit_and_export_work_on_postgres_and_verify_offline() {
     // The projection a rebuild wrote reads the same as before it.
     assert_eq!(client.get_key(&key.key_id).await.name, "exported, renamed");
 }
+
+#[tokio::test]
+async fn replicas_run_as_a_role_that_may_only_append_to_the_log() {
+    // The schema's owner starts the first replica (which creates the tables)...
+    let owner_url = fresh_postgres_schema().await;
+    let key = kemon_keys::vault::MasterKey::generate().to_hex();
+    let first = TestServer::start_replica(&owner_url, &key, "owner", Duration::from_secs(5)).await;
+    let (kept, kept_secret) = first.client().await.create(private_key("kept", &[])).await;
+    drop(first);
+
+    // ...and the others run as a role granted SELECT and INSERT on the log only.
+    let schema = owner_url.rsplit('=').next().unwrap().to_owned();
+    let mut admin = connect_schema(&owner_url).await;
+    for statement in [
+        "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'kemon_keys_test_app') \
+         THEN CREATE ROLE kemon_keys_test_app LOGIN; END IF; END $$"
+            .to_owned(),
+        format!("GRANT USAGE ON SCHEMA {schema} TO kemon_keys_test_app"),
+        format!("GRANT SELECT, INSERT ON {schema}.events TO kemon_keys_test_app"),
+        format!("GRANT SELECT ON {schema}._sqlx_migrations TO kemon_keys_test_app"),
+        format!(
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON {schema}.keys, \
+             {schema}.projection_checkpoint, {schema}.sealed_secrets, {schema}.meta, \
+             {schema}.create_requests, {schema}.replicas TO kemon_keys_test_app"
+        ),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(statement))
+            .execute(&mut admin)
+            .await
+            .expect("grant");
+    }
+    let app_url = owner_url.replacen("postgres@", "kemon_keys_test_app@", 1);
+    assert_ne!(
+        app_url, owner_url,
+        "the test server's URL names the user postgres"
+    );
+    let replica = TestServer::start_replica(&app_url, &key, "app", Duration::from_secs(5)).await;
+    let mut client = replica.client().await;
+    assert_eq!(
+        code(&client.verify(&kept_secret, &[], "").await),
+        pb::VerifyCode::Valid
+    );
+    client.rename(&kept.key_id, "renamed by the app role").await;
+    client.revoke(&kept.key_id).await;
+    assert_eq!(
+        code(&client.verify(&kept_secret, &[], "").await),
+        pb::VerifyCode::Revoked
+    );
+    // The role itself cannot rewrite history, triggers aside.
+    let mut app = connect_schema(&app_url).await;
+    let error = sqlx::query("UPDATE events SET actor = 'mallory'")
+        .execute(&mut app)
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("permission denied"), "{error}");
+}
