@@ -122,7 +122,16 @@ impl Follower {
         loop {
             let began = Instant::now();
             let after = self.position();
-            let (records, states) = shared.tail(after, TAIL_PAGE).await?;
+            // Bounded: a read stuck on a connection the network lost must not keep this
+            // replica stale after the database is reachable again.
+            let (records, states) =
+                tokio::time::timeout(self.max_staleness, shared.tail(after, TAIL_PAGE))
+                    .await
+                    .map_err(|_| {
+                        StoreError::Unavailable(super::Cause::msg(
+                            "reading the shared log took longer than max-staleness",
+                        ))
+                    })??;
             let full = records.len() == TAIL_PAGE as usize;
             if !self.deliver(&records, &states) {
                 // Cannot happen: the read started at the applied position.

@@ -34,6 +34,9 @@ use crate::log::events;
 /// (Tools that must hold the log still, as a writer does, take the same lock.)
 pub const LOG_LOCK_CLASS: i32 = 0x6b6b_6c67; // "kklg"
 
+/// How long opening a connection may take before the database counts as unavailable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
 /// A PostgreSQL schema holding a log and its projection.
@@ -90,7 +93,7 @@ impl PgBackend {
         })?;
         let pool = PgPoolOptions::new()
             .max_connections(connections)
-            .acquire_timeout(Duration::from_secs(5))
+            .acquire_timeout(CONNECT_TIMEOUT)
             .connect_with(options.clone())
             .await?;
         let schema: Option<String> = sqlx::query_scalar("SELECT current_schema()")
@@ -147,7 +150,15 @@ impl Backend for PgBackend {
     }
 
     async fn write_session(&self) -> Result<Box<dyn WriteSession>, StoreError> {
-        let conn = PgConnection::connect_with(&self.options).await?;
+        // Bounded: an unreachable host would otherwise hold the writer for the kernel's TCP
+        // retries (minutes) while writes queue behind it.
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&self.options))
+            .await
+            .map_err(|_| {
+                StoreError::Unavailable(Cause::msg(format!(
+                    "no connection to PostgreSQL within {CONNECT_TIMEOUT:?}"
+                )))
+            })??;
         Ok(Box::new(PgSession {
             conn,
             schema: self.schema.clone(),
@@ -367,7 +378,10 @@ impl SharedLog for PgBackend {
     }
 
     async fn listen(&self) -> Result<Box<dyn Wakeups>, StoreError> {
-        let mut listener = PgListener::connect_with(&self.pool).await?;
+        let mut listener =
+            tokio::time::timeout(CONNECT_TIMEOUT, PgListener::connect_with(&self.pool))
+                .await
+                .map_err(|_| StoreError::Unavailable(Cause::msg("no connection for LISTEN")))??;
         listener.listen(&self.channel).await?;
         Ok(Box::new(PgWakeups { listener }))
     }

@@ -226,9 +226,11 @@ async fn a_replica_killed_mid_write_loses_nothing_acknowledged_and_catches_up_on
     let survivor = start(dirs[1].path(), "survivor").await;
 
     // Writers on the doomed replica until it dies; every acknowledged create is recorded.
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut writers = Vec::new();
     for w in 0..4 {
         let mut client = doomed.client().await;
+        let count = count.clone();
         writers.push(tokio::spawn(async move {
             let mut acknowledged = Vec::new();
             for i in 0.. {
@@ -236,21 +238,31 @@ async fn a_replica_killed_mid_write_loses_nothing_acknowledged_and_catches_up_on
                     .try_create(private_key(&format!("w{w} {i}"), &[]))
                     .await
                 {
-                    Ok(created) => acknowledged.push((created.key.unwrap().key_id, created.secret)),
+                    Ok(created) => {
+                        acknowledged.push((created.key.unwrap().key_id, created.secret));
+                        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     Err(_) => break,
                 }
             }
             acknowledged
         }));
     }
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Killed while the writers are busy: some batch is in flight.
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while count.load(std::sync::atomic::Ordering::Relaxed) < 40 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("40 writes acknowledged within 30 s");
     doomed.kill();
     let mut acknowledged = Vec::new();
     for writer in writers {
         acknowledged.extend(writer.await.expect("writer"));
     }
     assert!(
-        acknowledged.len() > 10,
+        acknowledged.len() >= 40,
         "only {} writes",
         acknowledged.len()
     );
