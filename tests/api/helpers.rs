@@ -376,6 +376,19 @@ pub fn suite_on_postgres() -> bool {
     std::env::var("KEMON_TEST_BACKEND").is_ok_and(|b| b == "postgres")
 }
 
+/// For a test about SQLite's own files (a file size limit, the lock file, the page quota),
+/// which has no meaning on PostgreSQL: `scripts/sqlite-only-tests` lists it, with why, and
+/// the PostgreSQL pass skips it. Run there anyway, it fails here rather than pass for the
+/// wrong reason.
+#[track_caller]
+pub fn sqlite_only() {
+    assert!(
+        !suite_on_postgres(),
+        "this test is about SQLite's files and means nothing on PostgreSQL; \
+         scripts/sqlite-only-tests lists it for the PostgreSQL pass to --skip"
+    );
+}
+
 /// The database URL a server on `data_dir` uses: none for SQLite; with the suite on
 /// PostgreSQL, a schema of its own, the same at every restart on that directory.
 pub async fn suite_database_url(data_dir: &Path) -> Option<String> {
