@@ -927,7 +927,7 @@ async fn a_log_that_no_longer_replays_is_internal_and_tells_nothing_of_why() {
     for name in ["Second", "Third"] {
         keys.rename(&key.key_id, name).await;
     }
-    // Someone with the database file deletes the middle event behind the server's back.
+    // Someone with the database deletes the middle event behind the server's back.
     let db = server.db();
     db.drop_append_only_guards().await;
     assert_eq!(db.delete_events(Events::Sequence(2)).await, Ok(1));
@@ -1205,19 +1205,11 @@ async fn a_workspace_export_of_the_database_verifies_from_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("acme.ndjson");
 
-    let db = server.db_path();
-    let out = Cli::kemon(&[
-        "audit",
-        "export",
-        "--db",
-        path_str(&db),
-        "--workspace",
-        WORKSPACE,
-        "-o",
-        path_str(&file),
-    ])
-    .run()
-    .await;
+    let out = Cli::kemon(&["audit", "export"])
+        .args(server.source_args())
+        .args(["--workspace", WORKSPACE, "-o", path_str(&file)])
+        .run()
+        .await;
     out.assert_success();
     let text = std::fs::read_to_string(&file).unwrap();
     let lines: Vec<Value> = text
@@ -1488,23 +1480,16 @@ async fn cli_at_and_expect_head_mean_what_the_rpcs_mean() {
     Story::write(&server).await;
     let mut audit = server.audit().await;
     let head = log_head(&mut audit, "").await;
-    let workspace = server.data_dir.join(kemon_keys::store::DATABASE_FILE);
+    let source = server.source_args();
     let cli_keys = |at: Option<String>| {
-        let db = workspace.clone();
+        let source = source.clone();
         async move {
-            let mut args = vec![
-                "audit".to_owned(),
-                "keys".to_owned(),
-                "--db".to_owned(),
-                db.to_string_lossy().into_owned(),
-                "--workspace".to_owned(),
-                WORKSPACE.to_owned(),
-            ];
-            if let Some(at) = at {
-                args.extend(["--at".to_owned(), at]);
-            }
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            Cli::kemon(&args).run().await
+            Cli::kemon(&["audit", "keys"])
+                .args(source)
+                .args(["--workspace", WORKSPACE])
+                .args(at.iter().flat_map(|at| ["--at", at]))
+                .run()
+                .await
         }
     };
     let ids = |output: &Ran| -> Vec<String> {
@@ -1559,16 +1544,11 @@ async fn cli_at_and_expect_head_mean_what_the_rpcs_mean() {
         format!("{}:{b64}", head.sequence),
         head_arg(head.sequence, &head.hash),
     ] {
-        let out = Cli::kemon(&[
-            "audit",
-            "verify",
-            "--db",
-            path_str(&workspace),
-            "--expect-head",
-            &expected,
-        ])
-        .run()
-        .await;
+        let out = Cli::kemon(&["audit", "verify"])
+            .args(&source)
+            .args(["--expect-head", &expected])
+            .run()
+            .await;
         assert!(out.assert_success().starts_with("OK"), "{expected}");
     }
 }

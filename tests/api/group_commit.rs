@@ -8,9 +8,9 @@ use kemon_keys::domain::key::NewKeyRequest;
 use kemon_keys::domain::{
     ApiKey, Command, Environment, Expiration, KeyId, KeyName, KeyType, ScopeSet, WorkspaceId,
 };
-use kemon_keys::store::{SealedSecret, Store, StoreError, StoreOptions, Write};
+use kemon_keys::store::{SealedSecret, StoreError, StoreOptions, Write};
 
-use crate::helpers::T0_MS;
+use crate::helpers::{T0_MS, open_store};
 
 fn create(key_id: KeyId, reveal_later: bool) -> Write {
     let key = ApiKey::generate(KeyType::Private, Environment::Production);
@@ -50,12 +50,9 @@ fn create(key_id: KeyId, reveal_later: bool) -> Write {
 #[tokio::test(flavor = "current_thread")]
 async fn a_refused_command_fails_alone_and_the_rest_of_its_batch_keeps_everything() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join(kemon_keys::store::DATABASE_FILE);
     let clock = Arc::new(ManualClock::new(T0_MS));
     let cache = Arc::new(VerifyCache::new(clock.clone()));
-    let store = Store::open(&path, "test", clock, cache.clone(), StoreOptions::default())
-        .await
-        .unwrap();
+    let store = open_store(dir.path(), clock, cache.clone(), StoreOptions::default()).await;
 
     let taken = KeyId::generate(T0_MS);
     store.write(create(taken, false)).await.unwrap();

@@ -43,6 +43,9 @@ pub struct TestServer {
     pub addr: SocketAddr,
     pub clock: ManualClock,
     pub data_dir: PathBuf,
+    /// The PostgreSQL database (its schema the `search_path`) the server uses; `None` for
+    /// the SQLite file in its data directory.
+    pub database_url: Option<String>,
     pub master_key_hex: String,
     /// Keeps the temporary directory alive for the server's (and its restarts') lifetime.
     _tmp: Option<Arc<tempfile::TempDir>>,
@@ -175,6 +178,7 @@ impl TestServer {
         load_after: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<TestServer> {
         let data_dir = settings.data_dir.clone();
+        let database_url = settings.database_url.clone();
         let master_key = settings.master_key.clone();
         let app = Application::build(settings, Arc::new(clock.clone())).await?;
         let addr = app.local_addr();
@@ -189,6 +193,7 @@ impl TestServer {
             addr,
             clock,
             data_dir,
+            database_url,
             master_key_hex: match master_key {
                 MasterKeySource::Hex(h) => h,
                 _ => String::new(),
@@ -227,13 +232,27 @@ impl TestServer {
         AuditServiceClient::new(self.channel().await)
     }
 
+    /// Where the server's SQLite file is (or would be: with the suite on PostgreSQL there is
+    /// none). For tests about the file itself; others look through [`TestServer::db`].
     pub fn db_path(&self) -> PathBuf {
         self.data_dir.join(kemon_keys::store::DATABASE_FILE)
     }
 
-    /// The server's database, for looking behind its back.
+    /// The server's database, whichever backend it uses, for looking behind its back.
     pub fn db(&self) -> Db {
-        Db::at(&self.db_path())
+        Db::of_server(&self.data_dir, self.database_url.as_deref())
+    }
+
+    /// The arguments that name the server's database to `kemon-keys audit …`: `--db FILE`
+    /// or `--database-url URL`.
+    pub fn source_args(&self) -> Vec<String> {
+        self.db().source_args()
+    }
+
+    /// The arguments that give `kemon-keys serve|rebuild` the server's storage:
+    /// `--data-dir DIR`, and `--database-url URL` when it uses PostgreSQL.
+    pub fn data_args(&self) -> Vec<String> {
+        data_args(&self.data_dir, self.database_url.as_deref())
     }
 
     async fn wait_until_serving(&self) {
@@ -303,6 +322,45 @@ pub fn settings(data_dir: &Path, master_key: MasterKeySource) -> Settings {
     }
 }
 
+/// A store (no server) on the suite's backend: the SQLite file in `data_dir`, or with the
+/// suite on PostgreSQL the schema of `data_dir`; master key fingerprint `test`.
+pub async fn open_store(
+    data_dir: &Path,
+    clock: Arc<ManualClock>,
+    listener: Arc<dyn kemon_keys::store::CommitListener>,
+    options: kemon_keys::store::StoreOptions,
+) -> kemon_keys::store::Store {
+    use kemon_keys::store::{PgBackend, Store};
+    match suite_database_url(data_dir).await {
+        Some(url) => {
+            let backend = PgBackend::open(&url).await.expect("open the schema");
+            Store::with_backend(Arc::new(backend), "test", clock, listener, options).await
+        }
+        None => {
+            let path = data_dir.join(kemon_keys::store::DATABASE_FILE);
+            Store::open(&path, "test", clock, listener, options).await
+        }
+    }
+    .expect("open the store")
+}
+
+/// [`data_args`] for a server on `data_dir` on the suite's backend ([`suite_database_url`]).
+pub async fn suite_data_args(data_dir: &Path) -> Vec<String> {
+    data_args(data_dir, suite_database_url(data_dir).await.as_deref())
+}
+
+/// `--data-dir DIR`, and `--database-url URL` for PostgreSQL.
+pub fn data_args(data_dir: &Path, database_url: Option<&str>) -> Vec<String> {
+    let mut args = vec![
+        "--data-dir".to_owned(),
+        data_dir.to_string_lossy().into_owned(),
+    ];
+    if let Some(url) = database_url {
+        args.extend(["--database-url".to_owned(), url.to_owned()]);
+    }
+    args
+}
+
 /// The PostgreSQL server of the tests that need one: `KEMON_TEST_POSTGRES`, by default the
 /// local server. Those tests fail (never skip) when it is unreachable; `scripts/test` says
 /// when it leaves them out.
@@ -316,6 +374,19 @@ pub fn postgres_server() -> String {
 /// Whether the whole suite runs on PostgreSQL instead of SQLite (`KEMON_TEST_BACKEND=postgres`).
 pub fn suite_on_postgres() -> bool {
     std::env::var("KEMON_TEST_BACKEND").is_ok_and(|b| b == "postgres")
+}
+
+/// For a test about SQLite's own files (a file size limit, the lock file, the page quota),
+/// which has no meaning on PostgreSQL: `scripts/sqlite-only-tests` lists it, with why, and
+/// the PostgreSQL pass skips it. Run there anyway, it fails here rather than pass for the
+/// wrong reason.
+#[track_caller]
+pub fn sqlite_only() {
+    assert!(
+        !suite_on_postgres(),
+        "this test is about SQLite's files and means nothing on PostgreSQL; \
+         scripts/sqlite-only-tests lists it for the PostgreSQL pass to --skip"
+    );
 }
 
 /// The database URL a server on `data_dir` uses: none for SQLite; with the suite on
@@ -1061,6 +1132,9 @@ pub const SERVER_BIN: &str = env!("CARGO_BIN_EXE_kemon-keys");
 pub struct ServerProcess {
     pub child: Child,
     pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    /// The PostgreSQL database it was given; `None` for SQLite in its data directory.
+    pub database_url: Option<String>,
     /// Log lines (JSON) as they arrive on stderr.
     pub log: mpsc::Receiver<String>,
 }
@@ -1104,6 +1178,10 @@ impl ServerProcess {
         extra: &[&str],
         filter: &str,
     ) -> ServerProcess {
+        let database_url = match extra.iter().position(|a| *a == "--database-url") {
+            Some(i) => extra.get(i + 1).map(|url| (*url).to_owned()),
+            None => suite_database_url(data_dir).await,
+        };
         let mut command = clean_command("sh");
         command
             .arg("-c")
@@ -1116,11 +1194,10 @@ impl ServerProcess {
             .arg(data_dir)
             .args(extra)
             .args(
-                suite_database_url(data_dir)
-                    .await
+                database_url
+                    .iter()
                     .filter(|_| !extra.contains(&"--database-url"))
-                    .map(|url| vec!["--database-url".to_owned(), url])
-                    .unwrap_or_default(),
+                    .flat_map(|url| ["--database-url", url]),
             )
             .env("KEMON_MASTER_KEY", master_key_hex)
             .env("RUST_LOG", filter)
@@ -1150,13 +1227,24 @@ impl ServerProcess {
                     .expect("socket address");
             }
         };
-        let server = ServerProcess { child, addr, log };
+        let server = ServerProcess {
+            child,
+            addr,
+            data_dir: data_dir.to_owned(),
+            database_url,
+            log,
+        };
         server.wait_for_health("", ServingStatus::Serving).await;
         server
     }
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The server's database, whichever backend it uses.
+    pub fn db(&self) -> Db {
+        Db::of_server(&self.data_dir, self.database_url.as_deref())
     }
 
     pub async fn channel(&self) -> Channel {

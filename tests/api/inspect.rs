@@ -1,14 +1,18 @@
 //! Looking at (and tampering with) a server's database behind its back: every direct read or
-//! write of the storage the tests make goes through here. The storage is SQLite today; pointing
-//! the suite at another backend means changing this module only.
+//! write of the storage the tests make goes through here, on either backend: the SQLite file
+//! in the server's data directory, or the PostgreSQL schema of its database URL (a suite run
+//! with `KEMON_TEST_BACKEND=postgres`). Both store the same values the same way (BLOB/BYTEA,
+//! INTEGER/BIGINT, TEXT; `full_access` and `reveal_later` are 0/1 or BOOLEAN), so each
+//! statement is written once, with `?` placeholders, and runs on both.
 
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use kemon_keys::log::chain::LogRecord;
-use kemon_keys::store::{self, RecordFilter};
-use sqlx::{Connection, Row, SqliteConnection};
+use kemon_keys::store::{self, Backend, PgBackend, RebuildReport, RecordFilter, StoreError};
+use sqlx::{Connection, PgConnection, Row, SqliteConnection};
 
 /// Which events a tampering statement is about.
 #[derive(Clone, Copy, Debug)]
@@ -36,78 +40,267 @@ pub struct StoredEvent {
     pub recorded_at: i64,
 }
 
-/// A database file. Each call opens a connection of its own and closes it before returning,
-/// so nothing is held open between calls (a rebuild, a copy or a stop may follow any of them).
+/// A database: a SQLite file or a PostgreSQL schema. Each call opens a connection of its own
+/// and closes it before returning, so nothing is held open between calls (a rebuild, a copy
+/// or a stop may follow any of them).
 #[derive(Debug, Clone)]
 pub struct Db {
-    path: PathBuf,
+    location: Location,
     read_only: bool,
+    /// Keeps the directory of a copy alive as long as the copy is in use.
+    _dir: Option<Arc<tempfile::TempDir>>,
+}
+
+#[derive(Debug, Clone)]
+enum Location {
+    /// A SQLite database file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database URL; its `search_path` names the schema.
+    Postgres(String),
 }
 
 /// What a refused statement said.
 pub type Refusal = String;
 
+/// An open connection of either backend.
+enum Conn {
+    Sqlite(SqliteConnection),
+    Postgres(PgConnection),
+}
+
+/// Runs `$body` with `$c` bound to a new connection to `$db`, then closes it. The body is
+/// written once and compiled for each backend: `$c` is a `&mut SqliteConnection` in one arm
+/// and a `&mut PgConnection` in the other.
+macro_rules! on_connection {
+    ($db:expr, |$c:ident| $body:expr) => {
+        match $db.connect().await {
+            Conn::Sqlite(mut conn) => {
+                let out = {
+                    let $c = &mut conn;
+                    $body
+                };
+                conn.close().await.expect("close the database");
+                out
+            }
+            Conn::Postgres(mut conn) => {
+                let out = {
+                    let $c = &mut conn;
+                    $body
+                };
+                conn.close().await.expect("close the database");
+                out
+            }
+        }
+    };
+}
+
+/// `$query` with every [`Bind`] of `$binds` bound, in order.
+macro_rules! bind_all {
+    ($query:expr, $binds:expr) => {{
+        let mut query = $query;
+        for bind in $binds {
+            query = match bind {
+                Bind::Int(v) => query.bind(v),
+                Bind::Text(v) => query.bind(v),
+                Bind::Bytes(v) => query.bind(v),
+            };
+        }
+        query
+    }};
+}
+
 impl Db {
+    /// The SQLite database file at `path`.
     pub fn at(path: &Path) -> Db {
         Db {
-            path: path.to_owned(),
+            location: Location::Sqlite(path.to_owned()),
             read_only: false,
+            _dir: None,
         }
     }
 
-    /// Opened read-only: for a stopped server's files, which reading must not change.
-    pub fn read_only(path: &Path) -> Db {
+    /// The PostgreSQL schema at `url` (its `search_path`).
+    pub fn postgres(url: &str) -> Db {
         Db {
-            path: path.to_owned(),
+            location: Location::Postgres(url.to_owned()),
+            read_only: false,
+            _dir: None,
+        }
+    }
+
+    /// The database of a server on `data_dir`: the schema of `database_url` if it has one,
+    /// else the SQLite file in the directory.
+    pub fn of_server(data_dir: &Path, database_url: Option<&str>) -> Db {
+        match database_url {
+            Some(url) => Db::postgres(url),
+            None => Db::at(&data_dir.join(store::DATABASE_FILE)),
+        }
+    }
+
+    /// This database opened read-only: for a stopped server's files, which reading must not
+    /// change.
+    pub fn read_only(&self) -> Db {
+        Db {
             read_only: true,
+            ..self.clone()
         }
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// Whether this is a SQLite file (rather than a PostgreSQL schema).
+    pub fn is_sqlite(&self) -> bool {
+        matches!(self.location, Location::Sqlite(_))
     }
 
-    async fn with<T>(&self, f: impl AsyncFnOnce(&mut SqliteConnection) -> T) -> T {
-        let mut conn = if self.read_only {
-            store::sqlite::open_read_only(&self.path).await
-        } else {
-            store::sqlite::connect(&self.path).await
+    /// The SQLite file, if this is one.
+    pub fn sqlite_file(&self) -> Option<&Path> {
+        match &self.location {
+            Location::Sqlite(path) => Some(path),
+            Location::Postgres(_) => None,
         }
-        .expect("open the database");
-        let out = f(&mut conn).await;
-        conn.close().await.expect("close the database");
-        out
     }
 
-    async fn scalar_i64(&self, sql: &'static str, bind: Option<&str>) -> i64 {
-        self.with(async |c| {
-            let mut query = sqlx::query_scalar(sql);
-            if let Some(value) = bind {
-                query = query.bind(value.to_owned());
+    /// The arguments that name this database to `kemon-keys audit …`: `--db FILE` or
+    /// `--database-url URL`.
+    pub fn source_args(&self) -> Vec<String> {
+        match &self.location {
+            Location::Sqlite(path) => {
+                vec!["--db".into(), path.to_string_lossy().into_owned()]
             }
-            query.fetch_one(c).await.expect(sql)
+            Location::Postgres(url) => vec!["--database-url".into(), url.clone()],
+        }
+    }
+
+    /// A copy of this database, as a stopped server left it, to tamper with: the file (with
+    /// its WAL and shared memory files, should there be any) in a directory of its own, or
+    /// every row in a new schema made by the same migrations (append-only triggers included).
+    pub async fn copy(&self) -> Db {
+        match &self.location {
+            Location::Sqlite(path) => {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let copy = dir.path().join("copy.db");
+                std::fs::copy(path, &copy).expect("copy the database");
+                for suffix in ["-wal", "-shm"] {
+                    let source = with_suffix(path, suffix);
+                    if source.exists() {
+                        std::fs::copy(&source, with_suffix(&copy, suffix)).expect("copy");
+                    }
+                }
+                Db {
+                    _dir: Some(Arc::new(dir)),
+                    ..Db::at(&copy)
+                }
+            }
+            Location::Postgres(_) => {
+                let from = self.schema().await;
+                let url = crate::helpers::fresh_postgres_schema().await;
+                let migrated = PgBackend::open(&url).await.expect("migrate the copy");
+                migrated.release().await;
+                let copy = Db::postgres(&url);
+                let tables: Vec<String> = on_connection!(self, |c| {
+                    sqlx::query_scalar(
+                        "SELECT table_name::text FROM information_schema.tables \
+                         WHERE table_schema = current_schema() AND table_type = 'BASE TABLE' \
+                         AND table_name NOT IN ('_sqlx_migrations', 'events') \
+                         ORDER BY table_name",
+                    )
+                    .fetch_all(&mut *c)
+                    .await
+                    .expect("list the tables")
+                });
+                // The log first, in order (its trigger wants each row one past the last).
+                copy.change(
+                    format!("INSERT INTO events SELECT * FROM \"{from}\".events ORDER BY sequence"),
+                    vec![],
+                )
+                .await
+                .expect("copy the events");
+                for table in tables {
+                    for statement in [
+                        format!("DELETE FROM \"{table}\""),
+                        format!("INSERT INTO \"{table}\" SELECT * FROM \"{from}\".\"{table}\""),
+                    ] {
+                        copy.change(statement, vec![]).await.expect("copy a table");
+                    }
+                }
+                copy
+            }
+        }
+    }
+
+    /// The PostgreSQL schema this database is.
+    async fn schema(&self) -> String {
+        on_connection!(self, |c| {
+            sqlx::query_scalar("SELECT current_schema()::text")
+                .fetch_one(&mut *c)
+                .await
+                .expect("the current schema")
         })
-        .await
+    }
+
+    async fn connect(&self) -> Conn {
+        match &self.location {
+            Location::Sqlite(path) => Conn::Sqlite(
+                if self.read_only {
+                    store::sqlite::open_read_only(path).await
+                } else {
+                    store::sqlite::connect(path).await
+                }
+                .expect("open the database"),
+            ),
+            Location::Postgres(url) => {
+                let mut conn = PgConnection::connect(url)
+                    .await
+                    .expect("connect to the PostgreSQL schema");
+                if self.read_only {
+                    sqlx::query("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+                        .execute(&mut conn)
+                        .await
+                        .expect("read only");
+                }
+                Conn::Postgres(conn)
+            }
+        }
+    }
+
+    /// `sql` (written with `?` placeholders) as this backend takes it: PostgreSQL numbers
+    /// them (`$1`, `$2`, …). No statement here has a `?` in a literal.
+    fn dialect(&self, sql: &str) -> String {
+        match self.location {
+            Location::Sqlite(_) => sql.to_owned(),
+            Location::Postgres(_) => {
+                let mut out = String::with_capacity(sql.len() + 8);
+                let mut n = 0;
+                for ch in sql.chars() {
+                    if ch == '?' {
+                        n += 1;
+                        out.push_str(&format!("${n}"));
+                    } else {
+                        out.push(ch);
+                    }
+                }
+                out
+            }
+        }
+    }
+
+    async fn scalar_i64(&self, sql: &str, binds: Vec<Bind>) -> i64 {
+        let sql = self.dialect(sql);
+        on_connection!(self, |c| {
+            let query = bind_all!(sqlx::query_scalar(sqlx::AssertSqlSafe(sql.clone())), binds);
+            query.fetch_one(&mut *c).await.expect(&sql)
+        })
     }
 
     /// Runs a changing statement; the rows it changed, or what refused it.
     async fn change(&self, sql: String, binds: Vec<Bind>) -> Result<u64, Refusal> {
-        self.with(async |c| {
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for bind in binds {
-                query = match bind {
-                    Bind::Int(v) => query.bind(v),
-                    Bind::Text(v) => query.bind(v),
-                    Bind::Bytes(v) => query.bind(v),
-                };
-            }
-            query
-                .execute(c)
+        let sql = self.dialect(&sql);
+        on_connection!(self, |c| {
+            bind_all!(sqlx::query(sqlx::AssertSqlSafe(sql)), binds)
+                .execute(&mut *c)
                 .await
                 .map(|done| done.rows_affected())
                 .map_err(|e| e.to_string())
         })
-        .await
     }
 
     // ------------------------------------------------------------------------------------------
@@ -116,17 +309,20 @@ impl Db {
     /// How many events the log holds, of one key or of all.
     pub async fn event_count(&self, key_id: Option<&str>) -> i64 {
         match key_id {
-            Some(_) => {
-                self.scalar_i64("SELECT count(*) FROM events WHERE key_id = ?", key_id)
-                    .await
+            Some(id) => {
+                self.scalar_i64(
+                    "SELECT count(*) FROM events WHERE key_id = ?",
+                    vec![Bind::Text(id.into())],
+                )
+                .await
             }
-            None => self.scalar_i64("SELECT count(*) FROM events", None).await,
+            None => self.scalar_i64("SELECT count(*) FROM events", vec![]).await,
         }
     }
 
     /// The last sequence of the log.
     pub async fn max_sequence(&self) -> i64 {
-        self.scalar_i64("SELECT max(sequence) FROM events", None)
+        self.scalar_i64("SELECT max(sequence) FROM events", vec![])
             .await
     }
 
@@ -136,17 +332,16 @@ impl Db {
             "SELECT sequence, workspace_id, stream_version, event_type, actor, recorded_at \
              FROM events",
         );
-        if key_id.is_some() {
+        let mut binds = vec![];
+        if let Some(id) = key_id {
             sql.push_str(" WHERE key_id = ?");
+            binds.push(Bind::Text(id.into()));
         }
         sql.push_str(" ORDER BY sequence");
-        self.with(async |c| {
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-            if let Some(id) = key_id {
-                query = query.bind(id.to_owned());
-            }
-            query
-                .fetch_all(c)
+        let sql = self.dialect(&sql);
+        on_connection!(self, |c| {
+            bind_all!(sqlx::query(sqlx::AssertSqlSafe(sql)), binds)
+                .fetch_all(&mut *c)
                 .await
                 .expect("read events")
                 .iter()
@@ -160,7 +355,6 @@ impl Db {
                 })
                 .collect()
         })
-        .await
     }
 
     /// The stream versions recorded for a key, in log order.
@@ -174,12 +368,30 @@ impl Db {
 
     /// Every event, whole, in log order, as the audit code reads them.
     pub async fn records(&self) -> Vec<LogRecord> {
-        self.with(async |c| {
-            store::sqlite::read_records(c, 0, 10_000, &RecordFilter::default())
-                .await
-                .expect("read the events")
-        })
-        .await
+        match &self.location {
+            Location::Sqlite(_) => {
+                let Conn::Sqlite(mut conn) = self.connect().await else {
+                    unreachable!("a SQLite file opens a SQLite connection")
+                };
+                let records =
+                    store::sqlite::read_records(&mut conn, 0, 10_000, &RecordFilter::default())
+                        .await
+                        .expect("read the events");
+                conn.close().await.expect("close the database");
+                records
+            }
+            Location::Postgres(url) => {
+                let backend = PgBackend::open_read_only(url)
+                    .await
+                    .expect("open the schema");
+                let records = backend
+                    .read_records(0, 10_000, &RecordFilter::default())
+                    .await
+                    .expect("read the events");
+                backend.release().await;
+                records
+            }
+        }
     }
 
     /// Sets the actor of events: refused by an intact log.
@@ -248,26 +460,36 @@ impl Db {
         .await
     }
 
-    /// Takes away what keeps the log append-only, as someone with the file could.
+    /// Takes away what keeps the log append-only, as someone with the file (or the schema's
+    /// owner) could: on PostgreSQL also the check that each appended row is one past the
+    /// last, so that rows can be forged anywhere.
     pub async fn drop_append_only_guards(&self) {
-        for statement in [
-            "DROP TRIGGER events_no_update",
-            "DROP TRIGGER events_no_delete",
-        ] {
-            self.change(statement.into(), vec![])
+        let statements: &[&str] = match self.location {
+            Location::Sqlite(_) => &[
+                "DROP TRIGGER events_no_update",
+                "DROP TRIGGER events_no_delete",
+            ],
+            Location::Postgres(_) => &[
+                "DROP TRIGGER events_no_update ON events",
+                "DROP TRIGGER events_no_truncate ON events",
+                "DROP TRIGGER events_in_order ON events",
+            ],
+        };
+        for statement in statements {
+            self.change((*statement).into(), vec![])
                 .await
                 .expect(statement);
         }
     }
 
     // ------------------------------------------------------------------------------------------
-    // Encrypted copies and stored hashes
+    // Encrypted copies, stored hashes, and everything stored
 
     /// How many encrypted copies of a key's secret are stored.
     pub async fn sealed_count(&self, key_id: &str) -> i64 {
         self.scalar_i64(
             "SELECT count(*) FROM sealed_secrets WHERE key_id = ?",
-            Some(key_id),
+            vec![Bind::Text(key_id.into())],
         )
         .await
     }
@@ -284,15 +506,70 @@ impl Db {
             .await
     }
 
-    async fn bytes(&self, sql: &'static str, key_id: &str) -> Vec<u8> {
-        self.with(async |c| {
-            sqlx::query_scalar(sql)
+    async fn bytes(&self, sql: &str, key_id: &str) -> Vec<u8> {
+        let sql = self.dialect(sql);
+        on_connection!(self, |c| {
+            sqlx::query_scalar(sqlx::AssertSqlSafe(sql.clone()))
                 .bind(key_id.to_owned())
-                .fetch_one(c)
+                .fetch_one(&mut *c)
                 .await
-                .expect(sql)
+                .expect(&sql)
         })
-        .await
+    }
+
+    /// Everything the database holds, raw, as (where, bytes), for scans for what must not be
+    /// stored. For SQLite, every file of the database's directory (the data directory: the
+    /// database, its WAL, its lock file, …) whole; for PostgreSQL, every value of every text
+    /// and bytea column of every table of the schema.
+    pub async fn stored_bytes(&self) -> Vec<(String, Vec<u8>)> {
+        match &self.location {
+            Location::Sqlite(path) => {
+                let files = all_files(path.parent().expect("the database's directory"));
+                assert!(
+                    files.iter().any(|(p, _)| p == path),
+                    "the database file is among the files"
+                );
+                files
+                    .into_iter()
+                    .map(|(p, bytes)| (p.display().to_string(), bytes))
+                    .collect()
+            }
+            Location::Postgres(_) => on_connection!(self, |c| {
+                let columns: Vec<(String, String, String)> = sqlx::query_as(
+                    "SELECT c.table_name::text, c.column_name::text, c.data_type::text \
+                     FROM information_schema.columns c JOIN information_schema.tables t \
+                     ON t.table_schema = c.table_schema AND t.table_name = c.table_name \
+                     WHERE c.table_schema = current_schema() AND t.table_type = 'BASE TABLE' \
+                     AND c.data_type IN ('text', 'bytea', 'character varying', 'character') \
+                     ORDER BY c.table_name, c.ordinal_position",
+                )
+                .fetch_all(&mut *c)
+                .await
+                .expect("list the columns");
+                assert!(
+                    columns
+                        .iter()
+                        .any(|(t, c, _)| t == "events" && c == "payload"),
+                    "the scan covers the log: {columns:?}"
+                );
+                let mut values = Vec::new();
+                for (table, column, data_type) in columns {
+                    let value = if data_type == "bytea" {
+                        format!("\"{column}\"")
+                    } else {
+                        format!("convert_to(\"{column}\", 'UTF8')")
+                    };
+                    let rows: Vec<Vec<u8>> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                        "SELECT {value} FROM \"{table}\" WHERE \"{column}\" IS NOT NULL"
+                    )))
+                    .fetch_all(&mut *c)
+                    .await
+                    .expect("read a column");
+                    values.extend(rows.into_iter().map(|v| (format!("{table}.{column}"), v)));
+                }
+                values
+            }),
+        }
     }
 
     // ------------------------------------------------------------------------------------------
@@ -300,36 +577,45 @@ impl Db {
 
     /// Every row of the projection and its checkpoint.
     pub async fn projection(&self) -> Projection {
-        let rows = self
-            .with(async |c| {
-                let columns: Vec<String> =
-                    sqlx::query_scalar("SELECT name FROM pragma_table_info('keys') ORDER BY cid")
-                        .fetch_all(&mut *c)
-                        .await
-                        .unwrap();
-                assert!(columns.len() >= 18, "keys columns: {columns:?}");
-                let select = columns
-                    .iter()
-                    .map(|c| format!("quote(\"{c}\")"))
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "SELECT {select} FROM keys ORDER BY key_id"
-                )))
+        let (list_columns, quote) = match self.location {
+            Location::Sqlite(_) => (
+                "SELECT name FROM pragma_table_info('keys') ORDER BY cid",
+                "quote",
+            ),
+            Location::Postgres(_) => (
+                "SELECT column_name::text FROM information_schema.columns \
+                 WHERE table_schema = current_schema() AND table_name = 'keys' \
+                 ORDER BY ordinal_position",
+                "quote_nullable",
+            ),
+        };
+        let rows = on_connection!(self, |c| {
+            let columns: Vec<String> = sqlx::query_scalar(list_columns)
                 .fetch_all(&mut *c)
                 .await
-                .unwrap()
-                .into_iter()
-                .map(|row| {
-                    columns
-                        .iter()
-                        .enumerate()
-                        .map(|(i, c)| format!("{c}={}", row.get::<String, _>(i)))
-                        .collect()
-                })
-                .collect()
+                .unwrap();
+            assert!(columns.len() >= 18, "keys columns: {columns:?}");
+            let select = columns
+                .iter()
+                .map(|c| format!("{quote}(\"{c}\")"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {select} FROM keys ORDER BY key_id"
+            )))
+            .fetch_all(&mut *c)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|row| {
+                columns
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| format!("{c}={}", row.get::<String, _>(i)))
+                    .collect()
             })
-            .await;
+            .collect()
+        });
         Projection {
             rows,
             checkpoint: self.checkpoint().await,
@@ -338,7 +624,7 @@ impl Db {
 
     /// The last sequence the projection has applied.
     pub async fn checkpoint(&self) -> i64 {
-        self.scalar_i64("SELECT last_sequence FROM projection_checkpoint", None)
+        self.scalar_i64("SELECT last_sequence FROM projection_checkpoint", vec![])
             .await
     }
 
@@ -391,11 +677,24 @@ impl Db {
     /// Gives every projected key full access.
     pub async fn grant_full_access_to_key_rows(&self) {
         self.change(
-            "UPDATE keys SET scopes = '', full_access = 1".into(),
+            "UPDATE keys SET scopes = '', full_access = TRUE".into(),
             vec![],
         )
         .await
         .expect("tamper with key rows");
+    }
+
+    /// Rebuilds the projection from the log, as `kemon-keys rebuild` does.
+    pub async fn rebuild(&self) -> Result<RebuildReport, StoreError> {
+        match &self.location {
+            Location::Sqlite(path) => store::rebuild(path).await,
+            Location::Postgres(url) => {
+                let backend = PgBackend::open(url).await?;
+                let report = backend.rebuild().await;
+                backend.release().await;
+                report
+            }
+        }
     }
 
     // ------------------------------------------------------------------------------------------
@@ -403,26 +702,36 @@ impl Db {
 
     /// The indexes on the projection, but those the storage makes for its own constraints.
     pub async fn key_indexes(&self) -> Vec<String> {
-        self.with(async |c| {
-            sqlx::query_scalar(
+        let sql = match self.location {
+            Location::Sqlite(_) => {
                 "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'keys' \
-                 AND name NOT LIKE 'sqlite_autoindex%' ORDER BY name",
-            )
-            .fetch_all(c)
-            .await
-            .unwrap()
+                 AND name NOT LIKE 'sqlite_autoindex%' ORDER BY name"
+            }
+            Location::Postgres(_) => {
+                "SELECT i.relname::text FROM pg_index x \
+                 JOIN pg_class i ON i.oid = x.indexrelid \
+                 JOIN pg_class t ON t.oid = x.indrelid \
+                 WHERE t.relname = 'keys' AND t.relnamespace = current_schema()::regnamespace \
+                 AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = x.indexrelid) \
+                 ORDER BY 1"
+            }
+        };
+        on_connection!(self, |c| {
+            sqlx::query_scalar(sql).fetch_all(&mut *c).await.unwrap()
         })
-        .await
     }
 
-    pub async fn journal_mode(&self) -> String {
-        self.with(async |c| {
-            sqlx::query_scalar("PRAGMA journal_mode")
-                .fetch_one(c)
-                .await
-                .unwrap()
-        })
-        .await
+    /// SQLite's journal mode; PostgreSQL has none.
+    pub async fn journal_mode(&self) -> Option<String> {
+        match self.location {
+            Location::Sqlite(_) => Some(on_connection!(self, |c| {
+                sqlx::query_scalar("PRAGMA journal_mode")
+                    .fetch_one(&mut *c)
+                    .await
+                    .unwrap()
+            })),
+            Location::Postgres(_) => None,
+        }
     }
 }
 
@@ -446,4 +755,24 @@ impl Bind {
     fn seq(value: u64) -> Bind {
         Bind::Int(i64::try_from(value).unwrap())
     }
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// Every file under `dir`, recursively, with its bytes.
+pub fn all_files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read the directory") {
+        let path = entry.expect("dir entry").path();
+        if path.is_dir() {
+            files.extend(all_files(&path));
+        } else if let Ok(bytes) = std::fs::read(&path) {
+            files.push((path, bytes));
+        }
+    }
+    files
 }

@@ -1,6 +1,6 @@
 //! Durability: restarts, the event log, projection rebuilds, secrets at rest and master keys.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,29 +12,20 @@ use sha3::Digest;
 use tonic::Code;
 
 use crate::helpers::*;
-use crate::inspect::{Db, Events, StoredEvent};
-
-/// Every file under `dir`, recursively, with its bytes.
-fn all_files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).expect("read data dir") {
-        let path = entry.expect("dir entry").path();
-        if path.is_dir() {
-            files.extend(all_files(&path));
-        } else if let Ok(bytes) = std::fs::read(&path) {
-            files.push((path, bytes));
-        }
-    }
-    files
-}
+use crate::inspect::{Events, StoredEvent, all_files};
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-/// The error `Application::build` fails with, with its whole context chain.
+/// The error `Application::build` fails with (on the suite's backend), with its whole
+/// context chain.
 async fn build_error(dir: &Path, master_key: MasterKeySource) -> String {
-    let error = Application::build(settings(dir, master_key), Arc::new(ManualClock::new(T0_MS)))
+    let settings = kemon_keys::app::Settings {
+        database_url: suite_database_url(dir).await,
+        ..settings(dir, master_key)
+    };
+    let error = Application::build(settings, Arc::new(ManualClock::new(T0_MS)))
         .await
         .expect_err("the server must refuse to start");
     format!("{error:#}")
@@ -203,8 +194,8 @@ async fn populate(server: &TestServer) -> usize {
 async fn rebuild_recreates_the_projection_exactly() {
     let server = TestServer::start().await;
     let keys = populate(&server).await;
-    let db_path = server.db_path();
     let db = server.db();
+    let data_args = server.data_args();
     let data_dir = server.data_dir.clone();
     let clock = server.clock.clone();
     let master_key = server.master_key_hex.clone();
@@ -217,7 +208,7 @@ async fn rebuild_recreates_the_projection_exactly() {
     assert_eq!(original.checkpoint, events, "checkpoint = last sequence");
 
     // Rebuilding an intact projection changes nothing.
-    let report = kemon_keys::store::rebuild(&db_path).await.expect("rebuild");
+    let report = db.rebuild().await.expect("rebuild");
     assert_eq!(report.events, events as u64);
     assert_eq!(report.keys, keys as u64);
     assert_eq!(report.last_sequence, original.checkpoint);
@@ -227,7 +218,7 @@ async fn rebuild_recreates_the_projection_exactly() {
     db.delete_key_rows(None).await;
     db.set_checkpoint(0).await;
     assert_ne!(db.projection().await, original);
-    kemon_keys::store::rebuild(&db_path).await.expect("rebuild");
+    db.rebuild().await.expect("rebuild");
     assert_eq!(db.projection().await, original);
 
     // So does a tampered one.
@@ -235,7 +226,7 @@ async fn rebuild_recreates_the_projection_exactly() {
     db.unrevoke_and_bump_key_rows().await;
     db.delete_key_rows(Some("public")).await;
     assert_ne!(db.projection().await, original);
-    kemon_keys::store::rebuild(&db_path).await.expect("rebuild");
+    db.rebuild().await.expect("rebuild");
     assert_eq!(db.projection().await, original);
 
     // And the command-line tool does the same.
@@ -243,10 +234,7 @@ async fn rebuild_recreates_the_projection_exactly() {
     db.rename_key_rows(None, "tampered again").await;
     db.set_checkpoint(1).await;
     assert_ne!(db.projection().await, original);
-    let output = Cli::kemon(&["rebuild", "--data-dir"])
-        .arg(&data_dir)
-        .run()
-        .await;
+    let output = Cli::kemon(&["rebuild"]).args(&data_args).run().await;
     assert!(
         output.status.success(),
         "kemon-keys rebuild failed: {:?}\n{}",
@@ -256,10 +244,12 @@ async fn rebuild_recreates_the_projection_exactly() {
     assert_eq!(db.projection().await, original);
     assert_eq!(db.event_count(None).await, events, "the log is untouched");
 
-    // The schema is as the migrations left it: the rebuild recreates the index it drops,
-    // and returns the database to WAL.
+    // The schema is as the migrations left it: the rebuild recreates the index it drops
+    // (SQLite), and returns a SQLite database to WAL.
     assert_eq!(db.key_indexes().await, ["keys_by_workspace"]);
-    assert_eq!(db.journal_mode().await, "wal");
+    if db.is_sqlite() {
+        assert_eq!(db.journal_mode().await.as_deref(), Some("wal"));
+    }
 
     // The server starts on the rebuilt projection.
     let server = TestServer::start_in(&data_dir, clock, MasterKeySource::Hex(master_key))
@@ -268,14 +258,23 @@ async fn rebuild_recreates_the_projection_exactly() {
     let mut client = server.client().await;
     assert_eq!(client.list_all().await.len(), keys);
 
-    // A rebuild beside the live server is refused and changes nothing.
-    let error = kemon_keys::store::rebuild(&db_path)
-        .await
-        .expect_err("rebuild must refuse a database in use");
-    assert!(
-        error.to_string().contains("stop the server"),
-        "unexpected error: {error}"
-    );
+    if db.is_sqlite() {
+        // A rebuild beside the live server is refused and changes nothing.
+        let error = db
+            .rebuild()
+            .await
+            .expect_err("rebuild must refuse a database in use");
+        assert!(
+            error.to_string().contains("stop the server"),
+            "unexpected error: {error}"
+        );
+    } else {
+        // PostgreSQL is shared by live replicas: a rebuild beside them waits for the log's
+        // lock, as a writer does, and writes the same projection.
+        let report = db.rebuild().await.expect("rebuild beside a live replica");
+        assert_eq!(report.keys, keys as u64);
+        assert_eq!(db.projection().await, original);
+    }
     assert_eq!(client.list_all().await.len(), keys);
     drop(client);
     server.shut_down().await;
@@ -413,41 +412,35 @@ async fn private_secrets_are_never_stored() {
         (&test_key.key_id, &test_secret),
         (&test_revealable.key_id, &test_revealable_secret),
     ];
-    let scan = |dir: &Path| {
-        let files = all_files(dir);
-        assert!(
-            files
-                .iter()
-                .any(|(p, _)| p.file_name().unwrap() == kemon_keys::store::DATABASE_FILE),
-            "the database file is in the data dir"
-        );
+    // Every file of the data directory, or every text and bytea value of the schema.
+    let db = server.db();
+    let scan = async || {
+        let stored = db.stored_bytes().await;
         // The scan finds what is there: public keys are stored in the clear on purpose.
         assert!(
-            files
+            stored
                 .iter()
                 .any(|(_, bytes)| contains(bytes, public_secret.as_bytes())),
             "public key string not found: the scan is broken"
         );
         for (_, secret) in &private {
-            for (path, bytes) in &files {
+            for (place, bytes) in &stored {
                 assert!(
                     !contains(bytes, secret.as_bytes()),
-                    "a private secret is stored in {}",
-                    path.display()
+                    "a private secret is stored in {place}"
                 );
             }
         }
     };
     // While running (the WAL holds the recent writes) ...
-    scan(&server.data_dir);
+    scan().await;
     for (id, secret) in &private {
-        let hash = server.db().secret_hash(id).await;
+        let hash = db.secret_hash(id).await;
         assert_eq!(hash, sha3::Sha3_256::digest(secret.as_bytes()).to_vec());
     }
     // ... and after a clean stop.
-    let data_dir = server.data_dir.clone();
     let tmp = server.shut_down().await;
-    scan(&data_dir);
+    scan().await;
     drop(tmp);
 }
 
@@ -473,39 +466,40 @@ async fn revoking_destroys_the_encrypted_copy() {
         client.try_reveal(&key.key_id).await.unwrap_err().code(),
         Code::FailedPrecondition
     );
-    // Gone from every file once RevokeKey has answered, WAL included; the kept copy is
-    // found, so the scan can see a copy where there is one.
-    let files = all_files(&server.data_dir);
-    assert!(files.iter().any(|(_, bytes)| contains(bytes, &still_kept)));
-    for (path, bytes) in &files {
+    // Gone from everything stored once RevokeKey has answered (every file, WAL included;
+    // every value of the schema, the idempotency table's included); the kept copy is found,
+    // so the scan can see a copy where there is one.
+    let db = server.db();
+    let stored = db.stored_bytes().await;
+    assert!(stored.iter().any(|(_, bytes)| contains(bytes, &still_kept)));
+    for (place, bytes) in &stored {
         assert!(
             !contains(bytes, &destroyed),
-            "the revoked key's encrypted copy is still in {}",
-            path.display()
+            "the revoked key's encrypted copy is still in {place}"
         );
     }
 
-    // A clean stop leaves one self-contained database file: no WAL to copy along.
     drop(client);
-    let data_dir = server.data_dir.clone();
     let tmp = server.shut_down().await;
-    let names: Vec<String> = all_files(&data_dir)
-        .iter()
-        .map(|(p, _)| p.file_name().unwrap().to_string_lossy().into_owned())
-        .collect();
-    assert!(
-        !names
+    if let Some(file) = db.sqlite_file() {
+        // A clean stop leaves one self-contained database file: no WAL to copy along.
+        let names: Vec<String> = all_files(file.parent().unwrap())
             .iter()
-            .any(|n| n.ends_with("-wal") || n.ends_with("-shm")),
-        "{names:?}"
-    );
-    let copy = tempfile::tempdir().unwrap();
-    let copied = copy.path().join("copy.db");
-    std::fs::copy(data_dir.join(kemon_keys::store::DATABASE_FILE), &copied).unwrap();
-    assert_eq!(Db::at(&copied).sealed_count(&kept.key_id).await, 1);
-    assert_eq!(Db::at(&copied).sealed_count(&key.key_id).await, 0);
-    for (path, bytes) in all_files(&data_dir) {
-        assert!(!contains(&bytes, &destroyed), "{}", path.display());
+            .map(|(p, _)| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            !names
+                .iter()
+                .any(|n| n.ends_with("-wal") || n.ends_with("-shm")),
+            "{names:?}"
+        );
+    }
+    // A copy of the stopped server's database has the kept copy and not the destroyed one.
+    let copy = db.copy().await;
+    assert_eq!(copy.sealed_count(&kept.key_id).await, 1);
+    assert_eq!(copy.sealed_count(&key.key_id).await, 0);
+    for (place, bytes) in db.stored_bytes().await {
+        assert!(!contains(&bytes, &destroyed), "{place}");
     }
     drop(tmp);
 }
@@ -532,8 +526,8 @@ async fn malformed_master_keys_are_refused() {
 #[tokio::test]
 async fn the_binary_exits_on_a_malformed_master_key() {
     let tmp = tempfile::tempdir().unwrap();
-    let output = Cli::kemon(&["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(tmp.path())
+    let output = Cli::kemon(&["serve", "--listen", "127.0.0.1:0"])
+        .args(suite_data_args(tmp.path()).await)
         .env("KEMON_MASTER_KEY", "nothex")
         .run()
         .await;
@@ -618,8 +612,8 @@ async fn a_start_that_fails_leaves_nothing_behind() {
     let data_dir = tmp.path().join("data");
 
     // A malformed master key.
-    let output = Cli::kemon(&["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&data_dir)
+    let output = Cli::kemon(&["serve", "--listen", "127.0.0.1:0"])
+        .args(suite_data_args(&data_dir).await)
         .env("KEMON_MASTER_KEY", "nothex")
         .run()
         .await;
@@ -629,15 +623,10 @@ async fn a_start_that_fails_leaves_nothing_behind() {
     // A port that is taken (by a listener of this test), with a development master key.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
-    let output = Cli::kemon(&[
-        "serve",
-        "--listen",
-        &format!("localhost:{port}"),
-        "--data-dir",
-    ])
-    .arg(&data_dir)
-    .run()
-    .await;
+    let output = Cli::kemon(&["serve", "--listen", &format!("localhost:{port}")])
+        .args(suite_data_args(&data_dir).await)
+        .run()
+        .await;
     assert!(!output.status.success());
     let stderr = &output.stderr;
     assert_eq!(

@@ -2,6 +2,10 @@
 //! (RLIMIT_FSIZE set with `prlimit` on the running process: no root needed), and a crash.
 //! Every write the server acknowledged must be in the log afterwards; every write it refused
 //! must have left nothing; and the writer must recover without a restart.
+//!
+//! All of it is about SQLite's files (their size limit, lock file and page quota): on
+//! PostgreSQL, losing the database is `replicas::replicas_that_lose_the_database_…` and a
+//! crash `replicas::a_replica_killed_mid_write_…`. `scripts/sqlite-only-tests` lists these.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -144,6 +148,7 @@ async fn all_keys(client: &mut TestClient) -> BTreeMap<String, pb::Key> {
 
 #[tokio::test]
 async fn no_acknowledged_write_is_lost_when_storage_fails_and_recovers() {
+    sqlite_only();
     let tmp = tempfile::tempdir().unwrap();
     let master_key = MasterKey::generate().to_hex();
     let server = ServerProcess::start(tmp.path(), &master_key, &[]).await;
@@ -223,6 +228,7 @@ async fn no_acknowledged_write_is_lost_when_storage_fails_and_recovers() {
 
 #[tokio::test]
 async fn a_second_server_on_the_same_data_directory_refuses_to_start() {
+    sqlite_only();
     let tmp = tempfile::tempdir().unwrap();
     let master_key = MasterKey::generate().to_hex();
     let first = ServerProcess::start(tmp.path(), &master_key, &[]).await;
@@ -286,6 +292,7 @@ async fn a_second_server_on_the_same_data_directory_refuses_to_start() {
 
 #[tokio::test]
 async fn a_full_database_refuses_writes_as_resource_exhausted_and_keeps_verifying() {
+    sqlite_only();
     let tmp = tempfile::tempdir().unwrap();
     let master_key = MasterKey::generate().to_hex();
     // SQLite's max_page_count: past 1 MiB every write fails with SQLITE_FULL.

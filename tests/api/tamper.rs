@@ -1,8 +1,8 @@
-//! Tampering with a real database file: `kemon-keys audit verify --db` names the first bad sequence of every kind of change to the event log, and a changed `keys` row.
+//! Tampering with a real database (a SQLite file, or a PostgreSQL schema): `kemon-keys audit
+//! verify --db|--database-url` names the first bad sequence of every kind of change to the
+//! event log, and a changed `keys` row, at the same sequence whichever database holds the log.
 
 use std::collections::HashMap;
-use std::ffi::OsString;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kemon_keys::log::chain::{
@@ -21,7 +21,7 @@ use crate::story::Story;
 struct Populated {
     /// Keeps the server's data directory alive.
     _data: Option<Arc<TempDir>>,
-    db: PathBuf,
+    db: Db,
     /// The head from GetLogHead before the server stopped.
     head_sequence: u64,
     head_hash: Vec<u8>,
@@ -36,10 +36,10 @@ async fn populated() -> Populated {
     Story::write_long(&server).await;
     let head = log_head(&mut server.audit().await, "").await;
     assert_eq!(head.sequence, 15);
-    let db = server.db_path();
+    let db = server.db();
     let data = server.shut_down().await;
 
-    let records = Db::read_only(&db).records().await;
+    let records = db.read_only().records().await;
     assert_eq!(records.len(), 15);
     assert_eq!(records.last().unwrap().hash[..], head.hash[..]);
     Populated {
@@ -51,34 +51,17 @@ async fn populated() -> Populated {
     }
 }
 
-fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
-    let mut name = OsString::from(path.as_os_str());
-    name.push(suffix);
-    PathBuf::from(name)
-}
-
 impl Populated {
-    /// A fresh copy of the database in its own directory (with its WAL and shared memory
-    /// files, should the server have left any).
-    fn copy(&self) -> (TempDir, PathBuf) {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let copy = dir.path().join("copy.db");
-        std::fs::copy(&self.db, &copy).expect("copy the database");
-        for suffix in ["-wal", "-shm"] {
-            let source = with_suffix(&self.db, suffix);
-            if source.exists() {
-                std::fs::copy(&source, with_suffix(&copy, suffix)).expect("copy");
-            }
-        }
-        (dir, copy)
+    /// A fresh copy of the database (see [`Db::copy`]).
+    async fn copy(&self) -> Db {
+        self.db.copy().await
     }
 
-    /// A copy, opened for tampering with the append-only guards taken away.
-    async fn unguarded_copy(&self) -> (TempDir, PathBuf, Db) {
-        let (dir, copy) = self.copy();
-        let db = Db::at(&copy);
+    /// A copy, for tampering with the append-only guards taken away.
+    async fn unguarded_copy(&self) -> Db {
+        let db = self.copy().await;
         db.drop_append_only_guards().await;
-        (dir, copy, db)
+        db
     }
 
     /// A middle sequence.
@@ -95,8 +78,9 @@ impl Populated {
     }
 }
 
-async fn verify_db(db: &Path, expect_head: Option<&str>) -> Ran {
-    Cli::kemon(&["audit", "verify", "--db", path_str(db)])
+async fn verify_db(db: &Db, expect_head: Option<&str>) -> Ran {
+    Cli::kemon(&["audit", "verify"])
+        .args(db.source_args())
         .args(
             expect_head
                 .map(|head| ["--expect-head", head])
@@ -118,7 +102,7 @@ async fn the_untouched_database_and_a_copy_of_it_verify() {
     );
     assert!(stdout.contains("15 events"), "{stdout}");
 
-    let (_dir, copy) = p.copy();
+    let copy = p.copy().await;
     verify_db(&copy, None).await.assert_verified();
     verify_db(&copy, Some(&p.head_arg()))
         .await
@@ -128,8 +112,7 @@ async fn the_untouched_database_and_a_copy_of_it_verify() {
 #[tokio::test]
 async fn the_events_table_refuses_update_and_delete() {
     let p = populated().await;
-    let (_dir, copy) = p.copy();
-    let db = Db::at(&copy);
+    let db = p.copy().await;
 
     let update = db
         .set_actor(Events::Sequence(1), "user_mallory")
@@ -148,32 +131,30 @@ async fn the_events_table_refuses_update_and_delete() {
     assert!(wholesale.contains("append-only"), "{wholesale}");
 
     assert_eq!(db.records().await, p.records, "nothing changed");
-    verify_db(&copy, Some(&p.head_arg()))
-        .await
-        .assert_verified();
+    verify_db(&db, Some(&p.head_arg())).await.assert_verified();
 }
 
 #[tokio::test]
 async fn a_flipped_payload_byte_is_the_first_bad_sequence() {
     let p = populated().await;
     let k = p.middle();
-    let (_dir, copy, db) = p.unguarded_copy().await;
+    let db = p.unguarded_copy().await;
     let mut payload = p.record(k).payload.clone();
     let last = payload.len() - 1;
     payload[last] ^= 0x01;
     assert_eq!(db.set_payload(k, &payload).await, Ok(1));
 
-    verify_db(&copy, None).await.assert_first_bad(k);
+    verify_db(&db, None).await.assert_first_bad(k);
 }
 
 #[tokio::test]
 async fn a_deleted_event_is_the_first_bad_sequence() {
     let p = populated().await;
     let k = p.middle();
-    let (_dir, copy, db) = p.unguarded_copy().await;
+    let db = p.unguarded_copy().await;
     assert_eq!(db.delete_events(Events::Sequence(k)).await, Ok(1));
 
-    verify_db(&copy, None).await.assert_first_bad(k);
+    verify_db(&db, None).await.assert_first_bad(k);
 }
 
 #[tokio::test]
@@ -188,12 +169,12 @@ async fn swapped_payloads_fail_at_the_earlier_of_the_two() {
     let (i, j) = (renames[0], renames[renames.len() - 1]);
     assert!(i.sequence < j.sequence);
     assert_ne!(i.payload, j.payload);
-    let (_dir, copy, db) = p.unguarded_copy().await;
+    let db = p.unguarded_copy().await;
     for (sequence, payload) in [(i.sequence, &j.payload), (j.sequence, &i.payload)] {
         db.set_payload(sequence, payload).await.expect("tamper");
     }
 
-    verify_db(&copy, None).await.assert_first_bad(i.sequence);
+    verify_db(&db, None).await.assert_first_bad(i.sequence);
 }
 
 #[tokio::test]
@@ -201,7 +182,7 @@ async fn a_forged_row_after_the_last_is_the_first_bad_sequence() {
     let p = populated().await;
     let last = p.records.last().unwrap();
     let forged_sequence = last.sequence + 1;
-    let (_dir, copy, db) = p.unguarded_copy().await;
+    let db = p.unguarded_copy().await;
     let forged = LogRecord {
         sequence: forged_sequence,
         key_id: p.records[0].key_id.clone(),
@@ -222,9 +203,7 @@ async fn a_forged_row_after_the_last_is_the_first_bad_sequence() {
     db.insert_event(&forged).await.expect("forge");
     assert_eq!(db.records().await.len(), p.records.len() + 1);
 
-    verify_db(&copy, None)
-        .await
-        .assert_first_bad(forged_sequence);
+    verify_db(&db, None).await.assert_first_bad(forged_sequence);
 }
 
 #[tokio::test]
@@ -237,7 +216,7 @@ async fn a_tail_rewritten_with_recomputed_hashes_is_caught_only_by_the_kept_head
         .find(|r| r.sequence >= p.middle() && r.event_type != "KeyCreated")
         .expect("a non-creation event in the second half")
         .sequence;
-    let (_dir, copy, db) = p.unguarded_copy().await;
+    let db = p.unguarded_copy().await;
     db.set_actor(Events::Sequence(k), "user_mallory")
         .await
         .expect("tamper");
@@ -271,19 +250,19 @@ async fn a_tail_rewritten_with_recomputed_hashes_is_caught_only_by_the_kept_head
     );
 
     // Self-consistent: verifies on its own, with a different head.
-    let out = verify_db(&copy, None).await;
+    let out = verify_db(&db, None).await;
     let stdout = out.assert_verified();
     assert!(!stdout.contains(&p.head_arg()), "{stdout}");
     // The head kept elsewhere exposes it.
-    verify_db(&copy, Some(&p.head_arg())).await.assert_refused();
+    verify_db(&db, Some(&p.head_arg())).await.assert_refused();
 }
 
 #[tokio::test]
 async fn a_changed_keys_row_fails_the_projection_check() {
     let p = populated().await;
     let key_id = p.records[0].key_id.clone();
-    let (_dir, copy) = p.copy();
-    let changed = Db::at(&copy)
+    let copy = p.copy().await;
+    let changed = copy
         .rename_key_rows(Some(&key_id), "Renamed behind the log")
         .await;
     assert_eq!(changed, 1);
