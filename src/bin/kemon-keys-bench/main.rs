@@ -2,6 +2,7 @@
 //! against a baseline measured in the same run by the same client; see BENCHMARKS.md.
 
 mod check;
+mod envoy;
 mod fixtures;
 mod grpc;
 mod inproc;
@@ -39,6 +40,10 @@ enum Command {
     Targets(TargetArgs),
     /// Load a running server: throughput and latency percentiles of one RPC.
     Load(LoadArgs),
+    /// What Envoy's ext_authz adds to an HTTP request: wrk through Envoy with the shipped
+    /// sidecar config, against the same Envoy without the filter and the upstream alone
+    /// (needs Envoy and wrk: scripts/bench-envoy installs and finds them).
+    Envoy(EnvoyArgs),
     /// Write a database of N KeyCreated events (no projection: run `kemon-keys rebuild`),
     /// for measurements of your own.
     Seed {
@@ -97,6 +102,37 @@ struct TargetArgs {
     /// and server do not preempt each other. Needs `taskset` (util-linux).
     #[arg(long)]
     server_cpus: Option<String>,
+    /// The server binary; by default the `kemon-keys` next to this program.
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
+    /// Also write the Markdown report to this file.
+    #[arg(long)]
+    output: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+struct EnvoyArgs {
+    /// The Envoy binary.
+    #[arg(long, env = "KEMON_ENVOY")]
+    envoy: PathBuf,
+    /// The wrk binary (HTTP/1.1 load generator).
+    #[arg(long, default_value = "wrk")]
+    wrk: PathBuf,
+    /// The sidecar config measured; its ports are swapped for free loopback ones.
+    #[arg(long, default_value = "deploy/envoy/envoy.yaml")]
+    config: PathBuf,
+    /// Connections wrk keeps busy (one request in flight on each).
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    concurrency: Vec<usize>,
+    /// Seconds per wrk run (whole seconds).
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Rounds per setup and concurrency, the setups taking turns.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Worker threads of each Envoy (its --concurrency; Istio's sidecars run 2).
+    #[arg(long, default_value_t = 2)]
+    envoy_workers: usize,
     /// The server binary; by default the `kemon-keys` next to this program.
     #[arg(long)]
     server_bin: Option<PathBuf>,
@@ -175,6 +211,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     match cli.command {
         Command::Targets(args) => targets(args).await,
         Command::Load(args) => load(args).await.map(|()| true),
+        Command::Envoy(args) => envoy(args).await.map(|()| true),
         Command::Seed { events, data_dir } => {
             let path = data_dir.join(kemon_keys::store::DATABASE_FILE);
             anyhow::ensure!(!path.exists(), "{} exists already", path.display());
@@ -234,6 +271,35 @@ async fn targets(args: TargetArgs) -> anyhow::Result<bool> {
         std::fs::write(path, &report.markdown)?;
     }
     Ok(!args.check || report.all_passed())
+}
+
+async fn envoy(args: EnvoyArgs) -> anyhow::Result<()> {
+    let server_bin = args
+        .server_bin
+        .clone()
+        .unwrap_or_else(server::default_server_bin);
+    let mut report = Report::default();
+    report.line(format!(
+        "Run on {} logical CPUs, {}, {}.",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        machine(),
+        date()
+    ));
+    let settings = envoy::EnvoySettings {
+        server_bin: &server_bin,
+        envoy_bin: &args.envoy,
+        wrk_bin: &args.wrk,
+        config: &args.config,
+        concurrency: &args.concurrency,
+        seconds: args.seconds,
+        rounds: args.rounds.max(1),
+        envoy_workers: args.envoy_workers,
+    };
+    envoy::run(&settings, &mut report).await?;
+    if let Some(path) = &args.output {
+        std::fs::write(path, &report.markdown)?;
+    }
+    Ok(())
 }
 
 fn machine() -> String {
