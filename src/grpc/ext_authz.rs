@@ -23,21 +23,21 @@
 //!   `failure_mode_allow: false`).
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use envoy_types::ext_authz::v3::pb::{
-    self as authz, Authorization, CheckRequest, CheckResponse, HttpStatusCode,
-};
-use envoy_types::ext_authz::v3::{
-    CheckRequestExt, CheckResponseExt, DeniedHttpResponseBuilder, OkHttpResponseBuilder,
+    Authorization, CheckRequest, CheckResponse, DeniedHttpResponse, HeaderAppendAction,
+    HeaderValue, HeaderValueOption, HttpResponse, HttpStatus, HttpStatusCode, OkHttpResponse,
 };
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
-use tonic::{Request, Response, Status};
+use envoy_types::pb::google::rpc;
+use tonic::{Code, Request, Response, Status};
 
 use super::record_key_id;
 use crate::cache::{CachedKey, Verdict, VerifyCache};
-use crate::domain::ScopeSet;
+use crate::domain::{Scope, ScopeSet};
 use crate::proto::v1::VerifyCode;
 
 /// The route setting (`context_extensions`) that names the scopes a route requires.
@@ -64,6 +64,17 @@ pub struct ExtAuthzApi {
     api_key_header: String,
 }
 
+/// What a Check reads from the request's headers, found in one pass over them (Envoy sends
+/// header names in lower case).
+#[derive(Debug, Default)]
+struct Presented<'r> {
+    authorization: Option<&'r str>,
+    api_key: Option<&'r str>,
+    origin: Option<&'r str>,
+    /// Whether any client-sent `x-kemon-*` header must be removed.
+    forged: bool,
+}
+
 impl ExtAuthzApi {
     pub fn new(cache: Arc<VerifyCache>, ready: Arc<AtomicBool>, api_key_header: &str) -> Self {
         ExtAuthzApi {
@@ -73,22 +84,34 @@ impl ExtAuthzApi {
         }
     }
 
-    /// The key a request carries, and the header it came in.
-    fn credential<'h>(
-        &self,
-        headers: &'h HashMap<String, String>,
-    ) -> Option<(&'static str, &'h str)> {
-        if let Some(value) = headers.get("authorization") {
-            let value = value.trim();
-            if let Some((scheme, token)) = value.split_once(' ')
-                && scheme.eq_ignore_ascii_case("bearer")
-            {
-                return Some(("authorization", token.trim()));
+    /// One pass over the headers rather than a map lookup per header: the map hashes every
+    /// name it is asked for, and the forged-header scan walks every entry anyway.
+    fn presented<'r>(&self, headers: &'r HashMap<String, String>) -> Presented<'r> {
+        let mut presented = Presented::default();
+        for (name, value) in headers {
+            if name == "authorization" {
+                presented.authorization = Some(value);
             }
+            if *name == self.api_key_header {
+                presented.api_key = Some(value);
+            }
+            if name == "origin" {
+                presented.origin = Some(value);
+            }
+            presented.forged |= is_forged(name);
         }
-        headers
-            .get(&self.api_key_header)
-            .map(|v| ("api-key", v.trim()))
+        presented
+    }
+
+    /// The key a request carries: `authorization: Bearer <key>`, else the API key header.
+    fn credential<'r>(presented: &Presented<'r>) -> Option<&'r str> {
+        if let Some(value) = presented.authorization
+            && let Some((scheme, token)) = value.trim().split_once(' ')
+            && scheme.eq_ignore_ascii_case("bearer")
+        {
+            return Some(token.trim());
+        }
+        presented.api_key.map(str::trim)
     }
 
     fn decide(&self, request: &CheckRequest) -> Result<CheckResponse, Status> {
@@ -97,18 +120,21 @@ impl ExtAuthzApi {
                 "starting: the key cache is still loading",
             ));
         }
-        let empty = HashMap::new();
-        let headers = request.get_client_headers().unwrap_or(&empty);
-        let extensions = request
-            .attributes
-            .as_ref()
-            .map(|a| &a.context_extensions)
-            .unwrap_or(&empty);
-        let required = required_scopes(extensions)?;
-        let origin = headers.get("origin").map_or("", String::as_str);
-        let credential = self.credential(headers);
-        let verdict = match credential {
-            Some((_, key)) if !key.is_empty() => self.cache.verify(key, required, origin),
+        let attributes = request.attributes.as_ref();
+        let headers = attributes
+            .and_then(|a| a.request.as_ref())
+            .and_then(|r| r.http.as_ref())
+            .map(|h| &h.headers);
+        let required = match attributes {
+            Some(a) => required_scopes(&a.context_extensions)?,
+            None => ScopeSet::EMPTY,
+        };
+        let presented = headers.map_or_else(Presented::default, |h| self.presented(h));
+        let verdict = match Self::credential(&presented) {
+            Some(key) if !key.is_empty() => {
+                self.cache
+                    .verify(key, required, presented.origin.unwrap_or(""))
+            }
             _ => return Ok(denied(None, VerifyCode::Unspecified)),
         };
         let (code, key) = match verdict {
@@ -125,7 +151,11 @@ impl ExtAuthzApi {
             record_key_id(k.key_id);
         }
         match key {
-            Some(k) if code == VerifyCode::Valid => Ok(allowed(&k, headers, &self.api_key_header)),
+            Some(k) if code == VerifyCode::Valid => Ok(allowed(
+                &k,
+                headers.filter(|_| presented.forged),
+                &self.api_key_header,
+            )),
             other => Ok(denied(other.as_deref(), code)),
         }
     }
@@ -141,150 +171,384 @@ impl Authorization for ExtAuthzApi {
     }
 }
 
+/// A client-sent header of the service's own prefix that the service does not set itself:
+/// removed, so that the upstream never sees it.
+fn is_forged(name: &str) -> bool {
+    name.starts_with(FORWARDED_PREFIX) && !FORWARDED.contains(&name)
+}
+
 /// The scopes a route requires, from its `kemon_scopes` setting. An unknown name is the
 /// route's configuration error: refused as a gRPC error, so that Envoy fails closed.
 fn required_scopes(extensions: &HashMap<String, String>) -> Result<ScopeSet, Status> {
     let Some(names) = extensions.get(SCOPES_EXTENSION) else {
         return Ok(ScopeSet::EMPTY);
     };
-    let names: Vec<&str> = names.split([',', ' ']).filter(|n| !n.is_empty()).collect();
-    ScopeSet::parse(&names).map_err(|unknown| {
-        tracing::error!(
-            ?unknown,
-            "a route's {SCOPES_EXTENSION} names unknown scopes"
-        );
-        Status::invalid_argument(format!(
-            "context_extensions.{SCOPES_EXTENSION} names unknown scopes {unknown:?}"
-        ))
+    let names = || names.split([',', ' ']).filter(|n| !n.is_empty());
+    let mut required = ScopeSet::EMPTY;
+    for name in names() {
+        match Scope::parse(name) {
+            Some(scope) => required.insert(scope),
+            None => {
+                let unknown: Vec<&str> = names().filter(|n| Scope::parse(n).is_none()).collect();
+                tracing::error!(
+                    ?unknown,
+                    "a route's {SCOPES_EXTENSION} names unknown scopes"
+                );
+                return Err(Status::invalid_argument(format!(
+                    "context_extensions.{SCOPES_EXTENSION} names unknown scopes {unknown:?}"
+                )));
+            }
+        }
+    }
+    Ok(required)
+}
+
+/// A header for Envoy to set, with `action` when it exists already. Empty values are dropped
+/// by Envoy (`keep_empty_value: false`).
+fn header(key: &str, value: String, action: HeaderAppendAction) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.to_owned(),
+            value,
+            raw_value: Vec::new(),
+        }),
+        append_action: action.into(),
+        keep_empty_value: false,
+        ..Default::default()
+    }
+}
+
+/// `status` as the gRPC status a Check answer carries (Envoy reads only its code).
+fn check_status(code: Code, message: &str) -> Option<rpc::Status> {
+    Some(rpc::Status {
+        code: code.into(),
+        message: message.to_owned(),
+        details: Vec::new(),
     })
 }
 
 /// An allowed request: what the upstream learns of the key, and the headers it must not see.
+/// `forged` is the request's headers when [`is_forged`] holds for any of them. The answer is
+/// built in place, each vector at its final size, rather than through envoy-types' builders.
 fn allowed(
     key: &CachedKey,
-    headers: &HashMap<String, String>,
+    forged: Option<&HashMap<String, String>>,
     api_key_header: &str,
 ) -> CheckResponse {
-    let overwrite = Some(authz::HeaderAppendAction::OverwriteIfExistsOrAdd);
-    let mut ok = OkHttpResponseBuilder::new();
-    let forged = headers
-        .keys()
-        .filter(|h| h.starts_with(FORWARDED_PREFIX) && !FORWARDED.contains(&h.as_str()));
-    for name in forged {
-        ok.remove_header(name.clone());
-    }
-    ok.remove_header("authorization")
-        .remove_header(api_key_header)
-        .add_header("x-kemon-key-id", key.key_id.to_string(), overwrite, false)
-        .add_header(
+    let forged = forged
+        .into_iter()
+        .flat_map(|headers| headers.keys().filter(|name| is_forged(name)));
+    let mut headers_to_remove: Vec<String> = forged.cloned().collect();
+    headers_to_remove.reserve_exact(2);
+    headers_to_remove.push("authorization".to_owned());
+    headers_to_remove.push(api_key_header.to_owned());
+    let overwrite = HeaderAppendAction::OverwriteIfExistsOrAdd;
+    let upstream = vec![
+        header("x-kemon-key-id", key_id(key), overwrite),
+        header(
             "x-kemon-workspace-id",
-            key.workspace_id.to_string(),
+            key.workspace_id.as_ref().to_owned(),
             overwrite,
-            false,
-        )
-        .add_header("x-kemon-key-type", key.key_type.as_str(), overwrite, false)
-        .add_header(
-            "x-kemon-scopes",
-            key.granted().names().join(" "),
+        ),
+        header(
+            "x-kemon-key-type",
+            key.key_type.as_str().to_owned(),
             overwrite,
-            false,
-        )
-        .add_header(
+        ),
+        header("x-kemon-scopes", scope_names(key.granted()), overwrite),
+        header(
             "x-kemon-environment",
-            key.environment.as_str(),
+            key.environment.as_str().to_owned(),
             overwrite,
-            false,
-        );
-    let mut response = CheckResponse::with_status(Status::ok("allowed"));
-    response
-        .set_http_response(ok)
-        .set_dynamic_metadata(Some(verify_metadata(VerifyCode::Valid)));
-    response
+        ),
+    ];
+    CheckResponse {
+        status: check_status(Code::Ok, "allowed"),
+        http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
+            headers: upstream,
+            headers_to_remove,
+            ..Default::default()
+        })),
+        dynamic_metadata: Some(verify_metadata(VerifyCode::Valid)),
+    }
+}
+
+/// `key_…`, written once into a string of its final size.
+fn key_id(key: &CachedKey) -> String {
+    let mut id = String::with_capacity(32);
+    let _ = write!(id, "{}", key.key_id);
+    id
+}
+
+/// The granted scopes' names separated by spaces, in catalog order.
+fn scope_names(scopes: ScopeSet) -> String {
+    let length = scopes.iter().map(|s| s.name.len() + 1).sum::<usize>();
+    let mut names = String::with_capacity(length);
+    for scope in scopes.iter() {
+        if !names.is_empty() {
+            names.push(' ');
+        }
+        names.push_str(scope.name);
+    }
+    names
 }
 
 /// A denied request: 401 when no usable key was presented, 403 when the key may not do this.
 fn denied(key: Option<&CachedKey>, code: VerifyCode) -> CheckResponse {
-    let (status, http, reason) = match code {
+    let (status, message, http, reason) = match code {
         VerifyCode::Unspecified => (
-            Status::unauthenticated("no API key"),
+            Code::Unauthenticated,
+            "no API key",
             HttpStatusCode::Unauthorized,
             "an API key is required: Authorization: Bearer <key>",
         ),
         VerifyCode::Malformed | VerifyCode::NotFound => (
-            Status::unauthenticated("invalid API key"),
+            Code::Unauthenticated,
+            "invalid API key",
             HttpStatusCode::Unauthorized,
             "the API key is not valid",
         ),
         VerifyCode::Expired => (
-            Status::unauthenticated("expired API key"),
+            Code::Unauthenticated,
+            "expired API key",
             HttpStatusCode::Unauthorized,
             "the API key has expired",
         ),
         VerifyCode::Revoked => (
-            Status::unauthenticated("revoked API key"),
+            Code::Unauthenticated,
+            "revoked API key",
             HttpStatusCode::Unauthorized,
             "the API key was revoked",
         ),
         VerifyCode::InsufficientScope => (
-            Status::permission_denied("insufficient scope"),
+            Code::PermissionDenied,
+            "insufficient scope",
             HttpStatusCode::Forbidden,
             "the API key lacks a scope this route requires",
         ),
         VerifyCode::OriginNotAllowed => (
-            Status::permission_denied("origin not allowed"),
+            Code::PermissionDenied,
+            "origin not allowed",
             HttpStatusCode::Forbidden,
             "the API key may not be used from this origin",
         ),
         VerifyCode::EnvironmentNotAllowed | VerifyCode::Valid => (
-            Status::permission_denied("environment not allowed"),
+            Code::PermissionDenied,
+            "environment not allowed",
             HttpStatusCode::Forbidden,
             "test keys work only from localhost",
         ),
     };
-    let code_name = if code == VerifyCode::Unspecified {
-        "VERIFY_CODE_MISSING"
-    } else {
-        code.as_str_name()
-    };
+    let code_name = verify_code_name(code);
     tracing::Span::current().record("verify_code", code_name);
     let body = serde_json::json!({
         "error": reason,
         "code": code_name,
         "key_id": key.map(|k| k.key_id.to_string()),
     });
-    let mut deny = DeniedHttpResponseBuilder::new();
-    deny.set_http_status(http)
-        .add_header("content-type", "application/json", None, false)
-        .set_body(body.to_string());
+    // Envoy's default for a header it is given without an action: append, or add.
+    let add = HeaderAppendAction::AppendIfExistsOrAdd;
+    let mut headers = Vec::with_capacity(2);
+    headers.push(header("content-type", "application/json".to_owned(), add));
     if http == HttpStatusCode::Unauthorized {
-        deny.add_header(
+        headers.push(header(
             "www-authenticate",
-            "Bearer realm=\"kemon\", error=\"invalid_token\"",
-            None,
-            false,
-        );
+            "Bearer realm=\"kemon\", error=\"invalid_token\"".to_owned(),
+            add,
+        ));
     }
-    let mut response = CheckResponse::with_status(status);
-    response
-        .set_http_response(deny)
-        .set_dynamic_metadata(Some(verify_metadata(code)));
-    response
+    CheckResponse {
+        status: check_status(status, message),
+        http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
+            status: Some(HttpStatus { code: http.into() }),
+            headers,
+            body: body.to_string(),
+        })),
+        dynamic_metadata: Some(verify_metadata(code)),
+    }
+}
+
+/// The verify code's name for logs and Envoy: `VERIFY_CODE_MISSING` when no key was
+/// presented at all.
+fn verify_code_name(code: VerifyCode) -> &'static str {
+    if code == VerifyCode::Unspecified {
+        "VERIFY_CODE_MISSING"
+    } else {
+        code.as_str_name()
+    }
 }
 
 /// `{"verify_code": "VERIFY_CODE_…"}` for Envoy's access log.
 fn verify_metadata(code: VerifyCode) -> Struct {
-    let name = if code == VerifyCode::Unspecified {
-        "VERIFY_CODE_MISSING"
-    } else {
-        code.as_str_name()
-    };
     Struct {
         fields: [(
             "verify_code".to_owned(),
             Value {
-                kind: Some(Kind::StringValue(name.to_owned())),
+                kind: Some(Kind::StringValue(verify_code_name(code).to_owned())),
             },
         )]
         .into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{
+        HttpRequest, Request as HttpAttributes,
+    };
+
+    use super::*;
+    use crate::clock::SystemClock;
+
+    /// A Check service over an empty cache, taking keys from `api_key_header` as well.
+    fn api(api_key_header: &str) -> ExtAuthzApi {
+        ExtAuthzApi::new(
+            Arc::new(VerifyCache::new(Arc::new(SystemClock))),
+            Arc::new(AtomicBool::new(true)),
+            api_key_header,
+        )
+    }
+
+    fn request(headers: &[(&str, &str)], scopes: Option<&str>) -> CheckRequest {
+        CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(HttpAttributes {
+                    http: Some(HttpRequest {
+                        headers: headers
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), v.to_string()))
+                            .collect(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                context_extensions: scopes
+                    .map(|s| HashMap::from([(SCOPES_EXTENSION.to_owned(), s.to_owned())]))
+                    .unwrap_or_default(),
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// The verify code an answer carries for Envoy's access log.
+    fn verify_code(response: &CheckResponse) -> &str {
+        match response
+            .dynamic_metadata
+            .as_ref()
+            .and_then(|m| m.fields.get("verify_code"))
+            .and_then(|v| v.kind.as_ref())
+        {
+            Some(Kind::StringValue(code)) => code,
+            other => panic!("no verify_code: {other:?}"),
+        }
+    }
+
+    fn decided(api: &ExtAuthzApi, headers: &[(&str, &str)]) -> String {
+        let response = api.decide(&request(headers, None)).expect("an answer");
+        verify_code(&response).to_owned()
+    }
+
+    #[test]
+    fn the_key_comes_from_a_bearer_token_else_the_configured_header() {
+        // Not a key: MALFORMED shows the string was read as the key; MISSING that none was.
+        let api = api("X-Client-Key");
+        assert_eq!(
+            decided(&api, &[("x-client-key", "not-a-key")]),
+            "VERIFY_CODE_MALFORMED"
+        );
+        assert_eq!(
+            decided(&api, &[("x-api-key", "not-a-key")]),
+            "VERIFY_CODE_MISSING",
+            "only the configured header is read"
+        );
+        assert_eq!(
+            decided(&api, &[("authorization", "bEaReR  not-a-key ")]),
+            "VERIFY_CODE_MALFORMED"
+        );
+        for authorization in ["Basic abc", "Bearer", "Bearer   "] {
+            assert_eq!(
+                decided(&api, &[("authorization", authorization)]),
+                "VERIFY_CODE_MISSING",
+                "{authorization}"
+            );
+            assert_eq!(
+                decided(
+                    &api,
+                    &[("authorization", authorization), ("x-client-key", "k")]
+                ),
+                "VERIFY_CODE_MALFORMED",
+                "{authorization}: falls back to the API key header"
+            );
+        }
+        assert_eq!(
+            decided(&api, &[("x-client-key", "  ")]),
+            "VERIFY_CODE_MISSING"
+        );
+        let empty = api.decide(&CheckRequest::default()).expect("an answer");
+        assert_eq!(verify_code(&empty), "VERIFY_CODE_MISSING");
+    }
+
+    #[test]
+    fn a_check_before_the_cache_is_loaded_is_an_error() {
+        let api = api("x-api-key");
+        api.ready.store(false, Ordering::Release);
+        let status = api
+            .decide(&request(&[("x-api-key", "k")], None))
+            .expect_err("not ready");
+        assert_eq!(status.code(), Code::Unavailable);
+    }
+
+    #[test]
+    fn route_scopes_are_separated_by_commas_or_spaces_and_unknown_ones_named() {
+        let extensions = |s: &str| HashMap::from([(SCOPES_EXTENSION.to_owned(), s.to_owned())]);
+        let both = ScopeSet::parse(&["tickets:read", "tickets:write"]).unwrap();
+        for names in [
+            "tickets:read,tickets:write",
+            " tickets:read tickets:write ",
+            "tickets:write, tickets:read,,",
+        ] {
+            assert_eq!(
+                required_scopes(&extensions(names)).unwrap(),
+                both,
+                "{names}"
+            );
+        }
+        assert_eq!(required_scopes(&HashMap::new()).unwrap(), ScopeSet::EMPTY);
+        assert_eq!(required_scopes(&extensions(" ")).unwrap(), ScopeSet::EMPTY);
+        let status =
+            required_scopes(&extensions("tickets:reed,tickets:read labels:wrote")).unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(
+            status
+                .message()
+                .ends_with(r#"unknown scopes ["tickets:reed", "labels:wrote"]"#),
+            "{}",
+            status.message()
+        );
+    }
+
+    #[test]
+    fn granted_scopes_are_named_in_catalog_order() {
+        let some = ScopeSet::parse(&["teams:read", "tickets:read"]).unwrap();
+        assert_eq!(scope_names(some), "tickets:read teams:read");
+        assert_eq!(scope_names(ScopeSet::EMPTY), "");
+        let all: Vec<&str> = crate::domain::scope::CATALOG
+            .iter()
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(scope_names(ScopeSet::ALL), all.join(" "));
+    }
+
+    #[test]
+    fn only_foreign_x_kemon_headers_are_forged() {
+        assert!(is_forged("x-kemon-role"));
+        assert!(is_forged("x-kemon-"));
+        for name in FORWARDED
+            .iter()
+            .chain(&["x-api-key", "x-kemonkey", "authorization"])
+        {
+            assert!(!is_forged(name), "{name}");
+        }
     }
 }

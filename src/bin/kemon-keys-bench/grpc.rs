@@ -7,11 +7,13 @@ use std::time::Duration;
 
 use kemon_keys::proto::v1 as pb;
 use kemon_keys::proto::v1::key_service_client::KeyServiceClient;
+use prost::bytes::Bytes;
 use tonic::Request;
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
+use crate::check;
 use crate::load::{self, LoadResult};
 use crate::report::Report;
 use crate::server::ServerProcess;
@@ -72,21 +74,20 @@ pub async fn health_load(
     warmup: Duration,
     duration: Duration,
 ) -> LoadResult {
-    load::run(
-        channels,
-        concurrency,
-        warmup,
-        duration,
-        |channel, _, _| async move {
-            HealthClient::new(channel)
-                .check(HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await
-                .map(|_| ())
-        },
-    )
+    load::run(channels, concurrency, warmup, duration, |channel, _, _| {
+        health_call(channel)
+    })
     .await
+}
+
+/// One Health/Check.
+pub async fn health_call(channel: Channel) -> Result<(), tonic::Status> {
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .map(|_| ())
 }
 
 async fn verify_load(
@@ -127,63 +128,24 @@ async fn verify_load(
     .await
 }
 
-/// Envoy's ext_authz Check for a request carrying one of `secrets` as `x-api-key`, on a
-/// route requiring `tickets:read`: what an Envoy sidecar sends per request.
+/// Envoy's ext_authz Check for requests carrying one of the keys as `x-api-key`, on a route
+/// requiring `tickets:read`: what an Envoy sidecar sends per request, pre-encoded (see
+/// [`check`](crate::check)).
 async fn check_load(
     channels: &[Channel],
-    secrets: Arc<Vec<String>>,
+    requests: Arc<Vec<Bytes>>,
     concurrency: usize,
     warmup: Duration,
     duration: Duration,
 ) -> LoadResult {
-    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{
-        HttpRequest, Request as HttpAttributes,
-    };
-    use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
-    use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
     load::run(
         channels,
         concurrency,
         warmup,
         duration,
         move |channel, worker, i| {
-            let secrets = secrets.clone();
-            async move {
-                let key = secrets[(worker * 7919 + i as usize * 31) % secrets.len()].clone();
-                let request = CheckRequest {
-                    attributes: Some(AttributeContext {
-                        request: Some(HttpAttributes {
-                            http: Some(HttpRequest {
-                                method: "GET".into(),
-                                path: "/tickets".into(),
-                                headers: [
-                                    ("x-api-key".to_owned(), key),
-                                    (":authority".to_owned(), "api.kemon.test".to_owned()),
-                                ]
-                                .into(),
-                                ..Default::default()
-                            }),
-                            ..Default::default()
-                        }),
-                        context_extensions: [(
-                            "kemon_scopes".to_owned(),
-                            "tickets:read".to_owned(),
-                        )]
-                        .into(),
-                        ..Default::default()
-                    }),
-                };
-                let response = AuthorizationClient::new(channel)
-                    .check(request)
-                    .await?
-                    .into_inner();
-                match response.status.map(|s| s.code) {
-                    Some(0) => Ok(()),
-                    other => Err(tonic::Status::internal(format!(
-                        "Check denied a valid key: {other:?}"
-                    ))),
-                }
-            }
+            let request = requests[(worker * 7919 + i as usize * 31) % requests.len()].clone();
+            check::call(channel, request)
         },
     )
     .await
@@ -199,14 +161,26 @@ pub struct GrpcSettings<'a> {
     pub write_rate: f64,
 }
 
-/// Targets 1 and 3.
-pub async fn verify_targets(s: &GrpcSettings<'_>, report: &mut Report) -> anyhow::Result<()> {
+/// A server with `s.keys` keys, connections to it, and the keys' secrets.
+async fn seeded_server(
+    s: &GrpcSettings<'_>,
+) -> anyhow::Result<(
+    tempfile::TempDir,
+    ServerProcess,
+    Vec<Channel>,
+    Arc<Vec<String>>,
+)> {
     let dir = tempfile::tempdir()?;
     let server = ServerProcess::start(s.server_bin, dir.path(), &[]).await?;
     let channels = load::connect(&server.endpoint, s.connections).await?;
     let seeded = seed_keys(&channels, s.keys).await?;
-    let secrets: Arc<Vec<String>> =
-        Arc::new(seeded.into_iter().map(|(secret, _)| secret).collect());
+    let secrets = Arc::new(seeded.into_iter().map(|(secret, _)| secret).collect());
+    Ok((dir, server, channels, secrets))
+}
+
+/// Targets 1, 7 and 3.
+pub async fn verify_targets(s: &GrpcSettings<'_>, report: &mut Report) -> anyhow::Result<()> {
+    let (_dir, _server, channels, secrets) = seeded_server(s).await?;
     let duration = Duration::from_secs_f64(s.seconds);
     let warmup = Duration::from_secs_f64((s.seconds / 5.0).min(1.0));
 
@@ -252,45 +226,7 @@ pub async fn verify_targets(s: &GrpcSettings<'_>, report: &mut Report) -> anyhow
         );
     }
 
-    report.section(&format!(
-        "7. Envoy ext_authz Check against grpc.health.v1.Health/Check, {} keys loaded, {} connections",
-        s.keys, s.connections
-    ));
-    report.line("| Concurrency | RPC | Throughput | p50 | p99 | p99.9 |");
-    report.line("|---|---|---|---|---|---|");
-    for &c in s.concurrency {
-        let round = duration / 2;
-        let mut health = health_load(&channels, c, warmup, round).await;
-        let mut check = check_load(&channels, secrets.clone(), c, warmup, round).await;
-        for _ in 1..6 {
-            health.merge(&health_load(&channels, c, warmup, round).await);
-            check.merge(&check_load(&channels, secrets.clone(), c, warmup, round).await);
-        }
-        for (name, r) in [("Health/Check", &health), ("ext_authz Check", &check)] {
-            report.line(format!(
-                "| {c} | {name} | {:.0}/s | {} µs | {} µs | {} µs |",
-                r.throughput(),
-                r.p(0.5),
-                r.p(0.99),
-                r.p(0.999)
-            ));
-        }
-        if check.errors > 0 {
-            anyhow::bail!("{} Check calls failed", check.errors);
-        }
-        report.check(
-            &format!("7. Check/Health throughput, concurrency {c}"),
-            check.throughput() / health.throughput(),
-            true,
-            0.9,
-        );
-        report.check(
-            &format!("7. Check/Health p99 latency, concurrency {c}"),
-            check.p(0.99) as f64 / health.p(0.99).max(1) as f64,
-            false,
-            1.2,
-        );
-    }
+    check_against_health(s, &channels, &secrets, report).await?;
 
     report.section("3. VerifyKey at concurrency 16 while CreateKey and RevokeKey run");
     let mut read_only = verify_load(&channels, secrets.clone(), 16, warmup, duration).await;
@@ -342,6 +278,66 @@ pub async fn verify_targets(s: &GrpcSettings<'_>, report: &mut Report) -> anyhow
          check: see BENCHMARKS.md on CPU sharing).",
         flat_out.throughput() / read_only.throughput()
     ));
+    Ok(())
+}
+
+/// Target 7 alone, on a server of its own.
+pub async fn check_targets(s: &GrpcSettings<'_>, report: &mut Report) -> anyhow::Result<()> {
+    let (_dir, _server, channels, secrets) = seeded_server(s).await?;
+    check_against_health(s, &channels, &secrets, report).await
+}
+
+/// Target 7: Envoy's Check against Health/Check over the same connections, in alternating
+/// rounds, with VerifyKey's bounds.
+async fn check_against_health(
+    s: &GrpcSettings<'_>,
+    channels: &[Channel],
+    secrets: &[String],
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let duration = Duration::from_secs_f64(s.seconds);
+    let warmup = Duration::from_secs_f64((s.seconds / 5.0).min(1.0));
+    report.section(&format!(
+        "7. Envoy ext_authz Check against grpc.health.v1.Health/Check, {} keys loaded, {} connections",
+        s.keys, s.connections
+    ));
+    report.line("| Concurrency | RPC | Throughput | p50 | p99 | p99.9 |");
+    report.line("|---|---|---|---|---|---|");
+    let requests: Arc<Vec<Bytes>> =
+        Arc::new(secrets.iter().map(|k| check::encoded_request(k)).collect());
+    for &c in s.concurrency {
+        let round = duration / 2;
+        let mut health = health_load(channels, c, warmup, round).await;
+        let mut check = check_load(channels, requests.clone(), c, warmup, round).await;
+        for _ in 1..6 {
+            health.merge(&health_load(channels, c, warmup, round).await);
+            check.merge(&check_load(channels, requests.clone(), c, warmup, round).await);
+        }
+        for (name, r) in [("Health/Check", &health), ("ext_authz Check", &check)] {
+            report.line(format!(
+                "| {c} | {name} | {:.0}/s | {} µs | {} µs | {} µs |",
+                r.throughput(),
+                r.p(0.5),
+                r.p(0.99),
+                r.p(0.999)
+            ));
+        }
+        if check.errors > 0 {
+            anyhow::bail!("{} Check calls failed", check.errors);
+        }
+        report.check(
+            &format!("7. Check/Health throughput, concurrency {c}"),
+            check.throughput() / health.throughput(),
+            true,
+            0.9,
+        );
+        report.check(
+            &format!("7. Check/Health p99 latency, concurrency {c}"),
+            check.p(0.99) as f64 / health.p(0.99).max(1) as f64,
+            false,
+            1.2,
+        );
+    }
     Ok(())
 }
 
@@ -412,19 +408,15 @@ pub async fn create_load(
     warmup: Duration,
     duration: Duration,
 ) -> LoadResult {
-    load::run(
-        channels,
-        concurrency,
-        warmup,
-        duration,
-        |channel, worker, i| async move {
-            KeyServiceClient::new(channel)
-                .create_key(admin(create_request(worker as u64 * 1_000_000 + i)))
-                .await
-                .map(|_| ())
-        },
-    )
-    .await
+    load::run(channels, concurrency, warmup, duration, create_call).await
+}
+
+/// One CreateKey, the `i`th of caller `worker`.
+pub async fn create_call(channel: Channel, worker: usize, i: u64) -> Result<(), tonic::Status> {
+    KeyServiceClient::new(channel)
+        .create_key(admin(create_request(worker as u64 * 1_000_000 + i)))
+        .await
+        .map(|_| ())
 }
 
 /// Target 4: CreateKey at concurrency 64 with group commit, and with one transaction per

@@ -120,3 +120,57 @@ where
     }
     result
 }
+
+/// Makes exactly `calls` calls with `concurrency` callers spread over `channels`, with no
+/// warm-up: for instruction-count profiles (callgrind), where what matters is how many calls
+/// were made, not how long they took.
+pub async fn run_count<F, Fut>(
+    channels: &[Channel],
+    concurrency: usize,
+    calls: u64,
+    call: F,
+) -> LoadResult
+where
+    F: Fn(Channel, usize, u64) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), tonic::Status>> + Send,
+{
+    let began = Instant::now();
+    let concurrency = concurrency.max(1);
+    let mut workers = Vec::with_capacity(concurrency);
+    for worker in 0..concurrency {
+        let channel = channels[worker % channels.len()].clone();
+        let call = call.clone();
+        // The first `calls % concurrency` callers make one call more.
+        let share =
+            calls / concurrency as u64 + u64::from((worker as u64) < calls % concurrency as u64);
+        workers.push(tokio::spawn(async move {
+            let mut latency = histogram();
+            let (mut made, mut errors) = (0u64, 0u64);
+            for i in 0..share {
+                let started = Instant::now();
+                match call(channel.clone(), worker, i).await {
+                    Ok(()) => {
+                        made += 1;
+                        latency.saturating_record(started.elapsed().as_micros() as u64);
+                    }
+                    Err(_) => errors += 1,
+                }
+            }
+            (made, errors, latency)
+        }));
+    }
+    let mut result = LoadResult {
+        calls: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+        latency_us: histogram(),
+    };
+    for worker in workers {
+        let (calls, errors, latency) = worker.await.expect("load worker");
+        result.calls += calls;
+        result.errors += errors;
+        result.latency_us.add(&latency).expect("same bounds");
+    }
+    result.elapsed = began.elapsed();
+    result
+}

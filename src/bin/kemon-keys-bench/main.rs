@@ -1,6 +1,8 @@
 //! `kemon-keys-bench`: the benchmark harness and load generator. Every target is a ratio
 //! against a baseline measured in the same run by the same client; see BENCHMARKS.md.
 
+mod check;
+mod envoy;
 mod fixtures;
 mod grpc;
 mod inproc;
@@ -9,6 +11,7 @@ mod replay;
 mod report;
 mod server;
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -17,6 +20,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use kemon_keys::proto::v1 as pb;
 use kemon_keys::proto::v1::key_service_client::KeyServiceClient;
+use tonic::transport::Channel;
 
 use report::Report;
 
@@ -36,6 +40,10 @@ enum Command {
     Targets(TargetArgs),
     /// Load a running server: throughput and latency percentiles of one RPC.
     Load(LoadArgs),
+    /// What Envoy's ext_authz adds to an HTTP request: wrk through Envoy with the shipped
+    /// sidecar config, against the same Envoy without the filter and the upstream alone
+    /// (needs Envoy and wrk: scripts/bench-envoy installs and finds them).
+    Envoy(EnvoyArgs),
     /// Write a database of N KeyCreated events (no projection: run `kemon-keys rebuild`),
     /// for measurements of your own.
     Seed {
@@ -50,8 +58,11 @@ enum Command {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Which {
     All,
-    /// 1 and 3: VerifyKey over gRPC against Health/Check, and under writes.
+    /// 1, 7 and 3: VerifyKey and Envoy's Check over gRPC against Health/Check, and
+    /// VerifyKey under writes.
     Verify,
+    /// 7 alone: Envoy's ext_authz Check against Health/Check.
+    Check,
     /// 2: Verify in process against SHA3-256.
     Inproc,
     /// 4: group commit against one transaction per write.
@@ -99,6 +110,37 @@ struct TargetArgs {
     output: Option<PathBuf>,
 }
 
+#[derive(Debug, clap::Args)]
+struct EnvoyArgs {
+    /// The Envoy binary.
+    #[arg(long, env = "KEMON_ENVOY")]
+    envoy: PathBuf,
+    /// The wrk binary (HTTP/1.1 load generator).
+    #[arg(long, default_value = "wrk")]
+    wrk: PathBuf,
+    /// The sidecar config measured; its ports are swapped for free loopback ones.
+    #[arg(long, default_value = "deploy/envoy/envoy.yaml")]
+    config: PathBuf,
+    /// Connections wrk keeps busy (one request in flight on each).
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    concurrency: Vec<usize>,
+    /// Seconds per wrk run (whole seconds).
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Rounds per setup and concurrency, the setups taking turns.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Worker threads of each Envoy (its --concurrency; Istio's sidecars run 2).
+    #[arg(long, default_value_t = 2)]
+    envoy_workers: usize,
+    /// The server binary; by default the `kemon-keys` next to this program.
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
+    /// Also write the Markdown report to this file.
+    #[arg(long)]
+    output: Option<PathBuf>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Rpc {
     /// grpc.health.v1.Health/Check
@@ -110,6 +152,9 @@ enum Rpc {
     Create,
     /// ListScopes: a handler that touches no key, with a response larger than Verify's
     Scopes,
+    /// Envoy's ext_authz Check (`envoy.service.auth.v3.Authorization/Check`) of a request
+    /// carrying --key as `x-api-key`, on a route requiring `tickets:read`
+    Check,
 }
 
 #[derive(Debug, clap::Args)]
@@ -119,8 +164,9 @@ struct LoadArgs {
     addr: String,
     #[arg(long, value_enum)]
     rpc: Rpc,
-    /// The key string to verify (for --rpc verify); without it, one production private key
-    /// with `tickets:read` is created first (as an admin) and verified.
+    /// The key string to verify (for --rpc verify and check); without it, one production
+    /// private key with `tickets:read` is created first (as an admin), printed on stderr, and
+    /// verified.
     #[arg(long)]
     key: Option<String>,
     /// Origin sent with VerifyKey.
@@ -134,6 +180,10 @@ struct LoadArgs {
     connections: usize,
     #[arg(long, default_value_t = 10.0)]
     seconds: f64,
+    /// Make exactly this many calls (spread over the callers, no warm-up) instead of running
+    /// for --seconds: for instruction-count profiles of the server (callgrind).
+    #[arg(long, conflicts_with = "seconds")]
+    calls: Option<u64>,
 }
 
 /// The same allocator as the `kemon-keys` binary, so in-process measurements (rebuild,
@@ -161,6 +211,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     match cli.command {
         Command::Targets(args) => targets(args).await,
         Command::Load(args) => load(args).await.map(|()| true),
+        Command::Envoy(args) => envoy(args).await.map(|()| true),
         Command::Seed { events, data_dir } => {
             let path = data_dir.join(kemon_keys::store::DATABASE_FILE);
             anyhow::ensure!(!path.exists(), "{} exists already", path.display());
@@ -205,6 +256,9 @@ async fn targets(args: TargetArgs) -> anyhow::Result<bool> {
     if all || args.only == Which::Verify {
         grpc::verify_targets(&settings, &mut report).await?;
     }
+    if args.only == Which::Check {
+        grpc::check_targets(&settings, &mut report).await?;
+    }
     if all || args.only == Which::Writes {
         grpc::write_targets(&settings, &mut report).await?;
     }
@@ -217,6 +271,35 @@ async fn targets(args: TargetArgs) -> anyhow::Result<bool> {
         std::fs::write(path, &report.markdown)?;
     }
     Ok(!args.check || report.all_passed())
+}
+
+async fn envoy(args: EnvoyArgs) -> anyhow::Result<()> {
+    let server_bin = args
+        .server_bin
+        .clone()
+        .unwrap_or_else(server::default_server_bin);
+    let mut report = Report::default();
+    report.line(format!(
+        "Run on {} logical CPUs, {}, {}.",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        machine(),
+        date()
+    ));
+    let settings = envoy::EnvoySettings {
+        server_bin: &server_bin,
+        envoy_bin: &args.envoy,
+        wrk_bin: &args.wrk,
+        config: &args.config,
+        concurrency: &args.concurrency,
+        seconds: args.seconds,
+        rounds: args.rounds.max(1),
+        envoy_workers: args.envoy_workers,
+    };
+    envoy::run(&settings, &mut report).await?;
+    if let Some(path) = &args.output {
+        std::fs::write(path, &report.markdown)?;
+    }
+    Ok(())
 }
 
 fn machine() -> String {
@@ -255,78 +338,63 @@ fn date() -> String {
 
 async fn load(args: LoadArgs) -> anyhow::Result<()> {
     let channels = load::connect(&args.addr, args.connections).await?;
-    let duration = Duration::from_secs_f64(args.seconds);
-    let warmup = Duration::from_secs_f64((args.seconds / 5.0).min(1.0));
     let result = match args.rpc {
-        Rpc::Health => grpc::health_load(&channels, args.concurrency, warmup, duration).await,
+        Rpc::Health => drive(&args, &channels, |channel, _, _| grpc::health_call(channel)).await,
         Rpc::Verify => {
-            let key = match args.key.clone() {
-                Some(key) => key,
-                None => {
-                    let seeded = grpc::seed_keys(&channels[..1], 1).await?;
-                    seeded
-                        .into_iter()
-                        .next()
-                        .map(|(secret, _)| secret)
-                        .unwrap_or_default()
-                }
-            };
-            let key: Arc<str> = Arc::from(key);
+            let key: Arc<str> = Arc::from(key_to_verify(&args, &channels).await?);
             let origin: Arc<str> = Arc::from(args.origin.as_str());
-            load::run(
-                &channels,
-                args.concurrency,
-                warmup,
-                duration,
-                move |channel, _, _| {
-                    let (key, origin) = (key.clone(), origin.clone());
-                    async move {
-                        KeyServiceClient::new(channel)
-                            .verify_key(pb::VerifyKeyRequest {
-                                key: key.to_string(),
-                                required_scopes: vec![],
-                                origin: origin.to_string(),
+            drive(&args, &channels, move |channel, _, _| {
+                let (key, origin) = (key.clone(), origin.clone());
+                async move {
+                    KeyServiceClient::new(channel)
+                        .verify_key(pb::VerifyKeyRequest {
+                            key: key.to_string(),
+                            required_scopes: vec![],
+                            origin: origin.to_string(),
+                        })
+                        .await
+                        .and_then(|r| {
+                            // A MALFORMED or NOT_FOUND answer is fast and measures
+                            // nothing: count it as a failure, not a success.
+                            let r = r.into_inner();
+                            r.valid.then_some(()).ok_or_else(|| {
+                                tonic::Status::failed_precondition(format!(
+                                    "verdict {} is not VALID",
+                                    r.code
+                                ))
                             })
-                            .await
-                            .and_then(|r| {
-                                // A MALFORMED or NOT_FOUND answer is fast and measures
-                                // nothing: count it as a failure, not a success.
-                                let r = r.into_inner();
-                                r.valid.then_some(()).ok_or_else(|| {
-                                    tonic::Status::failed_precondition(format!(
-                                        "verdict {} is not VALID",
-                                        r.code
-                                    ))
-                                })
-                            })
-                    }
-                },
-            )
+                        })
+                }
+            })
+            .await
+        }
+        Rpc::Check => {
+            let request = check::encoded_request(&key_to_verify(&args, &channels).await?);
+            drive(&args, &channels, move |channel, _, _| {
+                check::call(channel, request.clone())
+            })
             .await
         }
         Rpc::Scopes => {
-            load::run(
-                &channels,
-                args.concurrency,
-                warmup,
-                duration,
-                |channel, _, _| async move {
-                    KeyServiceClient::new(channel)
-                        .list_scopes(pb::ListScopesRequest {})
-                        .await
-                        .map(|_| ())
-                },
-            )
+            drive(&args, &channels, |channel, _, _| async move {
+                KeyServiceClient::new(channel)
+                    .list_scopes(pb::ListScopesRequest {})
+                    .await
+                    .map(|_| ())
+            })
             .await
         }
-        Rpc::Create => grpc::create_load(&channels, args.concurrency, warmup, duration).await,
+        Rpc::Create => drive(&args, &channels, grpc::create_call).await,
+    };
+    let length = match args.calls {
+        Some(calls) => format!("{calls} calls in {:.1} s", result.elapsed.as_secs_f64()),
+        None => format!("{:.1} s", args.seconds),
     };
     println!(
-        "{:?} at concurrency {} over {} connections for {:.1} s: {}",
+        "{:?} at concurrency {} over {} connections for {length}: {}",
         args.rpc,
         args.concurrency,
         args.connections,
-        args.seconds,
         result.summary()
     );
     // A run whose calls failed (the server died, or Verify did not say VALID) measured
@@ -338,4 +406,33 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
         result.calls + result.errors
     );
     Ok(())
+}
+
+/// Runs `call` for `--seconds` after a warm-up, or exactly `--calls` times.
+async fn drive<F, Fut>(args: &LoadArgs, channels: &[Channel], call: F) -> load::LoadResult
+where
+    F: Fn(Channel, usize, u64) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), tonic::Status>> + Send,
+{
+    match args.calls {
+        Some(calls) => load::run_count(channels, args.concurrency, calls, call).await,
+        None => {
+            let duration = Duration::from_secs_f64(args.seconds);
+            let warmup = Duration::from_secs_f64((args.seconds / 5.0).min(1.0));
+            load::run(channels, args.concurrency, warmup, duration, call).await
+        }
+    }
+}
+
+/// `--key`, or else a production private key with `tickets:read` created (as an admin) for
+/// this run. A created key is printed on stderr, so that further runs (and other load tools)
+/// can use it: it only ever exists on a benchmark's server.
+async fn key_to_verify(args: &LoadArgs, channels: &[Channel]) -> anyhow::Result<String> {
+    if let Some(key) = &args.key {
+        return Ok(key.clone());
+    }
+    let seeded = grpc::seed_keys(&channels[..1], 1).await?;
+    let (secret, key_id) = seeded.into_iter().next().unwrap_or_default();
+    eprintln!("created {key_id} for this run: --key {secret}");
+    Ok(secret)
 }
