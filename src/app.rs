@@ -448,12 +448,13 @@ async fn report_freshness(
     }
 }
 
-/// Fills the verification cache from the projection.
-pub async fn load_cache(store: &Store, cache: &VerifyCache) -> anyhow::Result<u64> {
+/// Fills the verification cache from the projection, on every core.
+pub async fn load_cache(store: &Store, cache: &Arc<VerifyCache>) -> anyhow::Result<u64> {
     let expected = store.count_keys().await?;
     cache.reserve(usize::try_from(expected).unwrap_or(0));
+    let filling = cache.clone();
     store
-        .for_each_key(|state| cache.upsert(&state))
+        .for_each_key_concurrently(Arc::new(move |state| filling.upsert(&state)))
         .await
         .context("loading the verification cache")
 }

@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 
 use crate::clock::Clock;
 use crate::domain::api_key;
@@ -103,8 +103,9 @@ type Shard = RwLock<HashMap<SecretHash, Arc<CachedKey>, BuildHasherDefault<Diges
 
 pub struct VerifyCache {
     shards: Box<[Shard]>,
-    /// One shared copy of each workspace id: most workspaces have several keys.
-    workspaces: Mutex<HashSet<Arc<str>>>,
+    /// One shared copy of each workspace id: most workspaces have several keys. Read-locked
+    /// on the common path, so that loading threads do not queue for it.
+    workspaces: RwLock<HashSet<Arc<str>>>,
     clock: Arc<dyn Clock>,
 }
 
@@ -112,7 +113,7 @@ impl VerifyCache {
     pub fn new(clock: Arc<dyn Clock>) -> VerifyCache {
         VerifyCache {
             shards: (0..SHARDS).map(|_| Shard::default()).collect(),
-            workspaces: Mutex::default(),
+            workspaces: RwLock::default(),
             clock,
         }
     }
@@ -123,7 +124,15 @@ impl VerifyCache {
     }
 
     fn intern(&self, workspace_id: &str) -> Arc<str> {
-        let mut workspaces = self.workspaces.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(shared) = self
+            .workspaces
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(workspace_id)
+        {
+            return shared.clone();
+        }
+        let mut workspaces = self.workspaces.write().unwrap_or_else(|p| p.into_inner());
         if let Some(shared) = workspaces.get(workspace_id) {
             return shared.clone();
         }

@@ -119,6 +119,30 @@ impl Reader {
         ))
     }
 
+    /// Hands every record, in log order, to `each` a batch at a time until it returns false.
+    /// The whole log of a database is read by the backend's bulk scan, up to the end of the
+    /// snapshot.
+    async fn for_each_batch(
+        &mut self,
+        each: &mut (dyn FnMut(Vec<LogRecord>) -> bool + Send),
+    ) -> anyhow::Result<()> {
+        if let Reader::Db {
+            snapshot, filter, ..
+        } = self
+            && filter.workspace_id.is_none()
+        {
+            let end = snapshot.log_end().await?;
+            snapshot.scan_records(end, each).await?;
+            return Ok(());
+        }
+        loop {
+            let batch = self.next_batch().await?;
+            if batch.is_empty() || !each(batch) {
+                return Ok(());
+            }
+        }
+    }
+
     /// The next records; empty at the end.
     async fn next_batch(&mut self) -> anyhow::Result<Vec<LogRecord>> {
         match self {
@@ -181,22 +205,22 @@ pub async fn verify(args: &VerifyArgs) -> anyhow::Result<bool> {
         None => Scope::Log,
     };
     let mut verifier = Verifier::new(scope.clone(), expect_head);
-    'read: loop {
-        let batch = reader.next_batch().await?;
-        if batch.is_empty() {
-            break;
-        }
-        for record in &batch {
-            if !verifier.push(record) {
-                break 'read;
-            }
-        }
-    }
-    let projection = match (&mut reader, &scope) {
-        (Reader::Db { snapshot, .. }, Scope::Log) => Some(snapshot.projection().await?),
+    reader
+        .for_each_batch(&mut |batch| verifier.push_batch(&batch))
+        .await?;
+    // A database's projection is compared with the replay row by row, from the same snapshot.
+    let checkpoint = match (&mut reader, &scope) {
+        (Reader::Db { snapshot, .. }, Scope::Log) => Some(
+            snapshot
+                .scan_projection(&mut |rows| {
+                    verifier.check_rows(rows);
+                    true
+                })
+                .await?,
+        ),
         _ => None,
     };
-    let report = verifier.finish(projection);
+    let report = verifier.finish(checkpoint);
     println!("{report}");
     Ok(report.ok())
 }
@@ -206,24 +230,23 @@ pub async fn export(args: &ExportArgs) -> anyhow::Result<()> {
     let (mut reader, exported) =
         Reader::open(&args.source, args.workspace.as_deref(), &args.actor).await?;
     let workspace = args.workspace.clone().or(exported);
-    let mut out: Box<dyn Write> = match &args.output {
+    let mut out: Box<dyn Write + Send> = match &args.output {
         Some(path) => Box::new(std::io::BufWriter::new(
             std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
         )),
-        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout())),
     };
     writeln!(out, "{}", export::header_line(workspace.as_deref()))?;
     let mut events = 0u64;
-    loop {
-        let batch = reader.next_batch().await?;
-        if batch.is_empty() {
-            break;
-        }
-        for record in &batch {
-            writeln!(out, "{}", export::record_line(record))?;
-            events += 1;
-        }
-    }
+    let mut written = Ok(());
+    reader
+        .for_each_batch(&mut |batch| {
+            events += batch.len() as u64;
+            written = export::write_lines(&batch, &mut out);
+            written.is_ok()
+        })
+        .await?;
+    written?;
     out.flush()?;
     eprintln!("exported {events} events");
     Ok(())

@@ -50,24 +50,165 @@ pub fn parse_header(line: &str) -> Result<Option<String>, String> {
 
 /// One event as an export line.
 pub fn record_line(r: &LogRecord) -> String {
-    let event = events::decode_payload(&r.event_type, r.schema_version, &r.payload)
-        .map(|p| payload_json(&p))
-        .unwrap_or_else(|e| json!({ "undecodable": e }));
-    json!({
-        "sequence": r.sequence,
-        "key_id": r.key_id,
-        "workspace_id": r.workspace_id,
-        "stream_version": r.stream_version,
-        "event_type": r.event_type,
-        "schema_version": r.schema_version,
-        "payload": BASE64.encode(&r.payload),
-        "actor": r.actor,
-        "recorded_at_ms": r.recorded_at_ms,
-        "hash": hex::encode(r.hash),
-        "workspace_hash": hex::encode(r.workspace_hash),
-        "event": event,
-    })
-    .to_string()
+    let mut line = Vec::with_capacity(1024);
+    write_record(&mut line, r);
+    String::from_utf8(line).expect("JSON text is UTF-8")
+}
+
+/// Writes records as export lines (each followed by a newline), formatting a long batch on
+/// two threads.
+pub fn write_lines(records: &[LogRecord], out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    const SPLIT_AT: usize = 2048;
+    let format = |records: &[LogRecord]| {
+        let mut text = Vec::with_capacity(records.len() * 1024);
+        for r in records {
+            write_record(&mut text, r);
+            text.push(b'\n');
+        }
+        text
+    };
+    if records.len() < SPLIT_AT {
+        return out.write_all(&format(records));
+    }
+    let (first, second) = records.split_at(records.len() / 2);
+    let (first, second) = std::thread::scope(|scope| {
+        let later = scope.spawn(|| format(second));
+        let first = format(first);
+        (first, later.join())
+    });
+    out.write_all(&first)?;
+    out.write_all(&second.map_err(|_| std::io::Error::other("formatting export lines failed"))?)
+}
+
+/// One event as an export line, without its newline, appended to `out`: members in the
+/// order of their names, as `serde_json` writes an object, written straight from the record
+/// rather than through a `serde_json::Value` (the export's lines are the same bytes).
+pub fn write_record(out: &mut Vec<u8>, r: &LogRecord) {
+    out.extend_from_slice(b"{\"actor\":");
+    json_string(out, &r.actor);
+    out.extend_from_slice(b",\"event\":");
+    match events::decode_payload(&r.event_type, r.schema_version, &r.payload) {
+        Ok(payload) => write_payload(out, &payload),
+        Err(e) => {
+            out.extend_from_slice(b"{\"undecodable\":");
+            json_string(out, &e);
+            out.push(b'}');
+        }
+    }
+    out.extend_from_slice(b",\"event_type\":");
+    json_string(out, &r.event_type);
+    out.extend_from_slice(b",\"hash\":\"");
+    hex_into(out, &r.hash);
+    out.extend_from_slice(b"\",\"key_id\":");
+    json_string(out, &r.key_id);
+    out.extend_from_slice(b",\"payload\":\"");
+    let start = out.len();
+    out.resize(
+        start + base64::encoded_len(r.payload.len(), true).unwrap_or(0),
+        0,
+    );
+    let written = BASE64
+        .encode_slice(&r.payload, &mut out[start..])
+        .unwrap_or(0);
+    out.truncate(start + written);
+    out.extend_from_slice(b"\",\"recorded_at_ms\":");
+    json_number(out, r.recorded_at_ms);
+    out.extend_from_slice(b",\"schema_version\":");
+    json_number(out, r.schema_version);
+    out.extend_from_slice(b",\"sequence\":");
+    json_number(out, r.sequence);
+    out.extend_from_slice(b",\"stream_version\":");
+    json_number(out, r.stream_version);
+    out.extend_from_slice(b",\"workspace_hash\":\"");
+    hex_into(out, &r.workspace_hash);
+    out.extend_from_slice(b"\",\"workspace_id\":");
+    json_string(out, &r.workspace_id);
+    out.push(b'}');
+}
+
+/// [`payload_json`], written straight to `out`.
+fn write_payload(out: &mut Vec<u8>, payload: &Payload) {
+    let strings = |out: &mut Vec<u8>, items: &[String]| {
+        out.push(b'[');
+        for (i, item) in items.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            json_string(out, item);
+        }
+        out.push(b']');
+    };
+    let optional = |out: &mut Vec<u8>, value: Option<i64>| match value {
+        Some(v) => json_number(out, v),
+        None => out.extend_from_slice(b"null"),
+    };
+    match payload {
+        Payload::KeyCreated(e) => {
+            out.extend_from_slice(b"{\"allowed_domains\":");
+            strings(out, &e.allowed_domains);
+            out.extend_from_slice(b",\"created_at_ms\":");
+            optional(out, e.created_at.as_ref().map(timestamp_ms));
+            out.extend_from_slice(b",\"environment\":");
+            json_string(
+                out,
+                pb::Environment::try_from(e.environment).map_or("?", |v| v.as_str_name()),
+            );
+            out.extend_from_slice(b",\"expires_at_ms\":");
+            optional(out, e.expires_at.as_ref().map(timestamp_ms));
+            out.extend_from_slice(b",\"full_access\":");
+            out.extend_from_slice(if e.full_access { b"true" } else { b"false" });
+            out.extend_from_slice(b",\"key_id\":");
+            json_string(out, &e.key_id);
+            out.extend_from_slice(b",\"masked\":");
+            json_string(out, &e.masked);
+            out.extend_from_slice(b",\"name\":");
+            json_string(out, &e.name);
+            out.extend_from_slice(b",\"reveal_later\":");
+            out.extend_from_slice(if e.reveal_later { b"true" } else { b"false" });
+            out.extend_from_slice(b",\"scopes\":");
+            strings(out, &e.scopes);
+            out.extend_from_slice(b",\"secret_hash\":\"");
+            hex_into(out, &e.secret_hash);
+            out.extend_from_slice(b"\",\"type\":");
+            json_string(
+                out,
+                pb::KeyType::try_from(e.r#type).map_or("?", |v| v.as_str_name()),
+            );
+            out.extend_from_slice(b",\"workspace_id\":");
+            json_string(out, &e.workspace_id);
+            out.push(b'}');
+        }
+        Payload::KeyRenamed(e) => {
+            out.extend_from_slice(b"{\"name\":");
+            json_string(out, &e.name);
+            out.push(b'}');
+        }
+        Payload::KeyScopesChanged(e) => {
+            out.extend_from_slice(b"{\"scopes\":");
+            strings(out, &e.scopes);
+            out.push(b'}');
+        }
+        Payload::KeyRevoked(_) | Payload::KeyRevealed(_) => out.extend_from_slice(b"{}"),
+    }
+}
+
+/// A JSON string, escaped exactly as `serde_json` escapes it.
+fn json_string(out: &mut Vec<u8>, text: &str) {
+    // Serializing a `str` into a vector cannot fail.
+    let _ = serde_json::to_writer(&mut *out, text);
+}
+
+fn json_number(out: &mut Vec<u8>, n: impl std::fmt::Display) {
+    use std::io::Write as _;
+    let _ = write!(out, "{n}");
+}
+
+fn hex_into(out: &mut Vec<u8>, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)]);
+        out.push(DIGITS[usize::from(b & 0xf)]);
+    }
 }
 
 /// Parses an event line back into the record it came from.
@@ -162,6 +303,119 @@ mod tests {
         assert!(!line.contains('\n'));
         assert_eq!(parse_record(&line), Ok(record));
         assert!(line.contains(r#""event":{"name":"n"}"#), "{line}");
+    }
+
+    /// The line as the export wrote it before lines were written by hand: a
+    /// `serde_json::Value`, whose object members serialize in name order.
+    fn line_through_a_json_tree(r: &LogRecord) -> String {
+        let event = events::decode_payload(&r.event_type, r.schema_version, &r.payload)
+            .map(|p| payload_json(&p))
+            .unwrap_or_else(|e| json!({ "undecodable": e }));
+        json!({
+            "sequence": r.sequence,
+            "key_id": r.key_id,
+            "workspace_id": r.workspace_id,
+            "stream_version": r.stream_version,
+            "event_type": r.event_type,
+            "schema_version": r.schema_version,
+            "payload": BASE64.encode(&r.payload),
+            "actor": r.actor,
+            "recorded_at_ms": r.recorded_at_ms,
+            "hash": hex::encode(r.hash),
+            "workspace_hash": hex::encode(r.workspace_hash),
+            "event": event,
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn lines_are_the_bytes_a_json_tree_gives() {
+        let created = |expires: Option<i64>, domains: Vec<String>| pb::KeyCreated {
+            schema_version: 2,
+            key_id: "key_01JGFJJZ000000000000000001".into(),
+            workspace_id: "ws_\u{e9}t\u{e9}".into(),
+            name: "Deploy \"prod\" \\ key \u{1f511}\u{7f}".into(),
+            r#type: pb::KeyType::Public as i32,
+            environment: pb::Environment::Production as i32,
+            scopes: vec!["tickets:read".into(), "teams:read".into()],
+            full_access: false,
+            secret_hash: vec![0xab; 32],
+            masked: "pk_\u{2026}Ab12".into(),
+            public_key: "pk_x".into(),
+            allowed_domains: domains,
+            reveal_later: true,
+            created_at: Some(crate::proto::convert::timestamp(1_767_225_600_123)),
+            expires_at: expires.map(crate::proto::convert::timestamp),
+        };
+        let record = |event_type: &str, schema_version: u32, payload: Vec<u8>| LogRecord {
+            sequence: u64::MAX,
+            key_id: "key_\n\u{1}".into(),
+            workspace_id: "ws</script>".into(),
+            stream_version: 7,
+            event_type: event_type.into(),
+            schema_version,
+            payload,
+            actor: "user \t\r\u{8}\u{c}\"".into(),
+            recorded_at_ms: i64::MIN,
+            hash: std::array::from_fn(|i| i as u8),
+            workspace_hash: [0xff; 32],
+        };
+        use prost::Message as _;
+        let records = [
+            record(
+                "KeyCreated",
+                2,
+                created(Some(-1), vec!["app.example.com".into(), "*.b.org".into()]).encode_to_vec(),
+            ),
+            record("KeyCreated", 2, created(None, vec![]).encode_to_vec()),
+            record(
+                "KeyCreated",
+                1,
+                pb::KeyCreatedV1 {
+                    key_id: "key_01".into(),
+                    created_at_ms: 5,
+                    expires_at_ms: Some(6),
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+            ),
+            record(
+                "KeyRenamed",
+                1,
+                pb::KeyRenamed {
+                    schema_version: 1,
+                    name: "\u{0}\u{1f}x".into(),
+                }
+                .encode_to_vec(),
+            ),
+            record(
+                "KeyScopesChanged",
+                1,
+                pb::KeyScopesChanged {
+                    schema_version: 1,
+                    scopes: vec!["members:read".into()],
+                }
+                .encode_to_vec(),
+            ),
+            record("KeyScopesChanged", 1, vec![]),
+            record("KeyRevoked", 1, vec![8, 1]),
+            record("KeyRevealed", 1, vec![]),
+            record("KeyRenamed", 1, vec![0xff, 0xff, 0xff]),
+            record("KeyDeleted", 1, vec![1, 2, 3]),
+            record("KeyRevoked", 9, vec![]),
+        ];
+        for r in &records {
+            assert_eq!(record_line(r), line_through_a_json_tree(r), "{r:?}");
+            assert_eq!(parse_record(&record_line(r)).as_ref(), Ok(r));
+        }
+        let mut written = Vec::new();
+        let many: Vec<LogRecord> = records.iter().cycle().take(5000).cloned().collect();
+        write_lines(&many, &mut written).unwrap();
+        let expected: String = many
+            .iter()
+            .map(|r| line_through_a_json_tree(r) + "\n")
+            .collect();
+        assert_eq!(String::from_utf8(written).unwrap(), expected);
     }
 
     #[test]

@@ -14,9 +14,10 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use super::replay::{Replay, ReplayError};
-use crate::domain::KeyState;
-use crate::log::chain::{Chains, Hash, LogRecord};
+use super::replay::{CompactReplay, ReplayError};
+use crate::domain::{KeyId, KeyState};
+use crate::log::chain::{Chains, Hash, LogRecord, canonical_bytes, chain};
+use crate::log::fold::{self, Compared, FoldedKeys};
 
 /// Which chain a set of records can be checked against.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,11 +76,20 @@ pub struct Verifier {
     /// The heads as recomputed from the records seen; in a workspace scope only the
     /// workspace chain is checked (the log chain is followed as the records say).
     chains: Chains,
-    replay: Replay,
+    replay: CompactReplay,
     events: u64,
     failure: Option<ReplayError>,
     expect_head: Option<(u64, Hash)>,
+    /// What the stored projection's rows have shown so far ([`Verifier::check_rows`]).
+    projection: ProjectionCheck,
 }
+
+/// Batches at least this long are hashed on a second thread while this one replays them.
+const PARALLEL_BATCH: usize = 256;
+
+/// The hashes one record must carry: the log chain's (`None` where it is not checked) and its
+/// workspace chain's.
+type Expected = (Option<Hash>, Hash);
 
 impl Verifier {
     /// `expect_head`: a `(sequence, hash)` kept elsewhere (the log chain's, or the workspace
@@ -89,25 +99,74 @@ impl Verifier {
             expect_head,
             scope,
             chains: Chains::default(),
-            replay: Replay::default(),
+            replay: CompactReplay::default(),
             events: 0,
             failure: None,
+            projection: ProjectionCheck::default(),
         }
     }
 
     /// Checks the next record. Returns false once a problem has been found.
     pub fn push(&mut self, record: &LogRecord) -> bool {
+        self.push_batch(std::slice::from_ref(record))
+    }
+
+    /// Checks the next records, in order: exactly as pushing them one by one, with the
+    /// hashing of a long batch on a second core while this one replays it. Returns false once
+    /// a problem has been found.
+    ///
+    /// Every record is checked against the hashes the records before it carry, which is what
+    /// recomputing the chains from genesis gives as long as no record before it failed; and
+    /// the first failure ends the verification. So the hashes of a batch can be computed
+    /// before any of its records is checked, and its replay can run ahead (each key's fold
+    /// depends only on the key's earlier records); the checks then run in order and the first
+    /// failing one is reported, as one record at a time would.
+    pub fn push_batch(&mut self, records: &[LogRecord]) -> bool {
         if self.failure.is_some() {
             return false;
         }
-        if let Err(e) = self.check(record) {
-            self.failure = Some(e);
-            return false;
+        let check_log = self.scope == Scope::Log;
+        let jobs = predecessors(&self.chains, records, check_log);
+        let replay = &mut self.replay;
+        let (expected, replayed) = if records.len() >= PARALLEL_BATCH {
+            std::thread::scope(|scope| {
+                let hashing = scope.spawn(|| expected_hashes(records, &jobs));
+                let replayed = replay_until_failure(replay, records);
+                let expected = hashing.join().unwrap_or_default();
+                (expected, replayed)
+            })
+        } else {
+            (
+                expected_hashes(records, &jobs),
+                replay_until_failure(replay, records),
+            )
+        };
+        for (i, record) in records.iter().enumerate() {
+            let replay_failure = match &replayed {
+                Some((at, e)) if *at == i => Some(e.clone()),
+                _ => None,
+            };
+            let Some(&expected) = expected.get(i) else {
+                self.failure = Some(ReplayError {
+                    sequence: record.sequence,
+                    reason: "hashing failed".into(),
+                });
+                return false;
+            };
+            if let Err(e) = self.check(record, expected, replay_failure) {
+                self.failure = Some(e);
+                return false;
+            }
         }
         true
     }
 
-    fn check(&mut self, r: &LogRecord) -> Result<(), ReplayError> {
+    fn check(
+        &mut self,
+        r: &LogRecord,
+        (hash, workspace_hash): Expected,
+        replay_failure: Option<ReplayError>,
+    ) -> Result<(), ReplayError> {
         let fail = |sequence: u64, reason: String| ReplayError { sequence, reason };
         match &self.scope {
             Scope::Log if r.sequence != self.chains.last_sequence + 1 => {
@@ -130,8 +189,7 @@ impl Verifier {
             }
             _ => {}
         }
-        let (hash, workspace_hash) = self.chains.next(r);
-        if self.scope == Scope::Log && hash != r.hash {
+        if hash.is_some_and(|h| h != r.hash) {
             return Err(fail(
                 r.sequence,
                 "hash does not match the chain: the record or one before it was altered, \
@@ -159,10 +217,11 @@ impl Verifier {
             ));
         }
         if let Some((seq, expected)) = self.expect_head.filter(|(seq, _)| *seq == r.sequence) {
+            // Up to here every record carries the hash recomputed from genesis.
             let chained = if self.scope == Scope::Log {
-                hash
+                r.hash
             } else {
-                workspace_hash
+                r.workspace_hash
             };
             if chained != expected {
                 return Err(fail(
@@ -171,19 +230,32 @@ impl Verifier {
                 ));
             }
         }
-        self.replay.apply(r)?;
+        if let Some(e) = replay_failure {
+            return Err(e);
+        }
         self.chains.advance(r);
         self.events += 1;
         Ok(())
     }
 
-    /// Finishes: checks that the expected head was reached and, when given, the stored
-    /// projection (`keys` rows and checkpoint) against the replay.
-    pub fn finish(mut self, projection: Option<(Vec<KeyState>, u64)>) -> Report {
+    /// Compares stored projection rows (`keys`) with the replay, once every record has been
+    /// pushed; rows may come in any order and in as many calls as suit the reader. Uses up
+    /// the replay's states as it goes.
+    pub fn check_rows(&mut self, rows: Vec<KeyState>) {
+        for row in rows {
+            self.projection.row(&mut self.replay.keys, row);
+        }
+    }
+
+    /// Finishes: checks that the expected head was reached and, when given the stored
+    /// projection's checkpoint, the projection: the checkpoint, then the rows passed to
+    /// [`Verifier::check_rows`] against the replay.
+    pub fn finish(mut self, checkpoint: Option<u64>) -> Report {
         let head = match &self.scope {
             Scope::Log => (self.chains.last_sequence, self.chains.log),
             Scope::Workspace(w) => (self.chains.last_sequence, self.chains.workspace(w)),
         };
+        let keys = self.replay.keys.len();
         if self.failure.is_none() {
             self.failure = self
                 .expect_head
@@ -196,55 +268,120 @@ impl Verifier {
                     ),
                 })
                 .or_else(|| {
-                    projection.and_then(|(keys, checkpoint)| {
-                        check_projection(&self.replay, keys, checkpoint)
+                    checkpoint.and_then(|checkpoint| {
+                        self.projection.finish(&self.replay, checkpoint)
                     })
                 });
         }
         Report {
             scope: self.scope,
             events: self.events,
-            keys: self.replay.keys.len(),
+            keys,
             head,
             failure: self.failure,
         }
     }
 }
 
-fn check_projection(
-    replay: &Replay,
-    stored: Vec<KeyState>,
-    checkpoint: u64,
-) -> Option<ReplayError> {
-    let projection_error = |reason: String| ReplayError {
-        sequence: 0,
-        reason: format!("keys table: {reason}"),
-    };
-    if checkpoint != replay.last_sequence {
-        return Some(projection_error(format!(
-            "checkpoint is {checkpoint} but the log ends at {}",
-            replay.last_sequence
-        )));
-    }
-    let mut stored: HashMap<String, KeyState> = stored
-        .into_iter()
-        .map(|s| (s.key_id.to_string(), s))
-        .collect();
-    for (key_id, state) in &replay.keys {
-        match stored.remove(key_id) {
-            None => return Some(projection_error(format!("{key_id} is missing"))),
-            Some(row) if row != *state => {
-                return Some(projection_error(format!(
-                    "{key_id} differs from the replay of its events"
-                )));
+/// For each record, the chain heads it must follow, from the hashes the records before it
+/// carry: the log chain's (when checked) and its workspace's.
+fn predecessors(chains: &Chains, records: &[LogRecord], check_log: bool) -> Vec<Expected> {
+    let mut log = chains.log;
+    let mut workspaces: HashMap<&str, Hash> = HashMap::new();
+    records
+        .iter()
+        .map(|r| {
+            let workspace = match workspaces.get(r.workspace_id.as_str()) {
+                Some(h) => *h,
+                None => chains.workspace(&r.workspace_id),
+            };
+            let previous = (check_log.then_some(log), workspace);
+            log = r.hash;
+            workspaces.insert(&r.workspace_id, r.workspace_hash);
+            previous
+        })
+        .collect()
+}
+
+/// The hashes each record must carry after its predecessors.
+fn expected_hashes(records: &[LogRecord], predecessors: &[Expected]) -> Vec<Expected> {
+    records
+        .iter()
+        .zip(predecessors)
+        .map(|(r, (log, workspace))| {
+            let canonical = canonical_bytes(r);
+            (
+                log.map(|log| chain(&log, &canonical)),
+                chain(workspace, &canonical),
+            )
+        })
+        .collect()
+}
+
+/// Replays `records` in order up to the first that fails: its index and why.
+fn replay_until_failure(
+    replay: &mut CompactReplay,
+    records: &[LogRecord],
+) -> Option<(usize, ReplayError)> {
+    records
+        .iter()
+        .enumerate()
+        .find_map(|(i, r)| replay.apply(r).err().map(|e| (i, e)))
+}
+
+/// The stored projection's rows against the replay, a row at a time.
+#[derive(Debug, Default)]
+struct ProjectionCheck {
+    /// The first key id (in key id order) whose row differs from the replay.
+    differs: Option<KeyId>,
+    /// The first key id of a row with no events in the log.
+    extra: Option<KeyId>,
+}
+
+impl ProjectionCheck {
+    fn row(&mut self, replayed: &mut FoldedKeys, row: KeyState) {
+        let first = |slot: &mut Option<KeyId>, key_id: KeyId| {
+            if slot.is_none_or(|k| key_id < k) {
+                *slot = Some(key_id);
             }
-            Some(_) => {}
+        };
+        match replayed.take_to_compare(&row.key_id) {
+            Compared::Encoded(state) if *state == *fold::encode(&row) => {}
+            // A second row for one key (the table is keyed by workspace and key) differs
+            // from the replay as much as a wrong one does.
+            Compared::Encoded(_) | Compared::Again => first(&mut self.differs, row.key_id),
+            Compared::Absent => first(&mut self.extra, row.key_id),
         }
     }
-    stored
-        .into_keys()
-        .next()
-        .map(|extra| projection_error(format!("{extra} has no events in the log")))
+
+    /// The first problem, in the order the checks were always made: the checkpoint; then the
+    /// first key, in key id order, whose row is missing or differs from the replay; then a
+    /// row whose key has no events.
+    fn finish(&self, replay: &CompactReplay, checkpoint: u64) -> Option<ReplayError> {
+        let projection_error = |reason: String| ReplayError {
+            sequence: 0,
+            reason: format!("keys table: {reason}"),
+        };
+        if checkpoint != replay.last_sequence {
+            return Some(projection_error(format!(
+                "checkpoint is {checkpoint} but the log ends at {}",
+                replay.last_sequence
+            )));
+        }
+        let missing = replay.keys.not_compared().min().copied();
+        let first_bad = match (missing, self.differs) {
+            (Some(m), Some(d)) if d < m => Some((d, "differs from the replay of its events")),
+            (Some(m), _) => Some((m, "is missing")),
+            (None, Some(d)) => Some((d, "differs from the replay of its events")),
+            (None, None) => None,
+        };
+        first_bad
+            .map(|(key_id, what)| projection_error(format!("{key_id} {what}")))
+            .or_else(|| {
+                self.extra
+                    .map(|extra| projection_error(format!("{extra} has no events in the log")))
+            })
+    }
 }
 
 #[cfg(test)]
@@ -330,5 +467,434 @@ mod tests {
         let original = workspace_records(&[3, 4]);
         let report = verify(&original, (4, [7; 32]));
         assert_eq!(report.failure.map(|f| f.sequence), Some(4));
+    }
+
+    // ------------------------------------------------------------------------------------
+    // The batched, parallel verifier against the one-record-at-a-time verifier it replaced.
+
+    use crate::audit::replay::Replay;
+
+    /// The verifier as it was before batches: chains recomputed with `Chains::next`, a
+    /// `Replay` of full states, the stored projection compared whole.
+    struct Reference {
+        scope: Scope,
+        chains: Chains,
+        replay: Replay,
+        failure: Option<ReplayError>,
+        expect_head: Option<(u64, Hash)>,
+    }
+
+    impl Reference {
+        fn run(
+            scope: Scope,
+            expect_head: Option<(u64, Hash)>,
+            records: &[LogRecord],
+            projection: Option<(Vec<KeyState>, u64)>,
+        ) -> Option<ReplayError> {
+            let mut v = Reference {
+                scope,
+                chains: Chains::default(),
+                replay: Replay::default(),
+                failure: None,
+                expect_head,
+            };
+            for r in records {
+                if let Err(e) = v.check(r) {
+                    v.failure = Some(e);
+                    break;
+                }
+            }
+            if v.failure.is_some() {
+                return v.failure;
+            }
+            if let Some((seq, _)) = v
+                .expect_head
+                .filter(|(seq, _)| *seq > v.chains.last_sequence)
+            {
+                return Some(ReplayError {
+                    sequence: v.chains.last_sequence + 1,
+                    reason: format!(
+                        "the log ends at {} before the expected head at {seq}: records were removed",
+                        v.chains.last_sequence
+                    ),
+                });
+            }
+            let (stored, checkpoint) = projection?;
+            let error = |reason: String| {
+                Some(ReplayError {
+                    sequence: 0,
+                    reason: format!("keys table: {reason}"),
+                })
+            };
+            if checkpoint != v.replay.last_sequence {
+                return error(format!(
+                    "checkpoint is {checkpoint} but the log ends at {}",
+                    v.replay.last_sequence
+                ));
+            }
+            let mut stored: HashMap<String, KeyState> = stored
+                .into_iter()
+                .map(|s| (s.key_id.to_string(), s))
+                .collect();
+            for (key_id, state) in &v.replay.keys {
+                match stored.remove(key_id) {
+                    None => return error(format!("{key_id} is missing")),
+                    Some(row) if row != *state => {
+                        return error(format!("{key_id} differs from the replay of its events"));
+                    }
+                    Some(_) => {}
+                }
+            }
+            let extra = stored.into_keys().min()?;
+            error(format!("{extra} has no events in the log"))
+        }
+
+        fn check(&mut self, r: &LogRecord) -> Result<(), ReplayError> {
+            let fail = |sequence: u64, reason: String| ReplayError { sequence, reason };
+            match &self.scope {
+                Scope::Log if r.sequence != self.chains.last_sequence + 1 => {
+                    return Err(fail(
+                        self.chains.last_sequence + 1,
+                        format!("missing: the next record is sequence {}", r.sequence),
+                    ));
+                }
+                Scope::Workspace(w) if *w != r.workspace_id => {
+                    return Err(fail(
+                        r.sequence,
+                        format!("belongs to workspace {}, not {w}", r.workspace_id),
+                    ));
+                }
+                _ if r.sequence <= self.chains.last_sequence => {
+                    return Err(fail(
+                        r.sequence,
+                        format!("out of order after sequence {}", self.chains.last_sequence),
+                    ));
+                }
+                _ => {}
+            }
+            let (hash, workspace_hash) = self.chains.next(r);
+            if self.scope == Scope::Log && hash != r.hash {
+                return Err(fail(
+                    r.sequence,
+                    "hash does not match the chain: the record or one before it was altered, \
+                     inserted or removed"
+                        .into(),
+                ));
+            }
+            if workspace_hash != r.workspace_hash {
+                return Err(fail(
+                    r.sequence,
+                    "workspace_hash does not match the workspace chain: the record or an \
+                     earlier one of its workspace was altered, inserted or removed"
+                        .into(),
+                ));
+            }
+            if let Some((seq, _)) = self
+                .expect_head
+                .filter(|(seq, _)| *seq > self.chains.last_sequence && *seq < r.sequence)
+            {
+                return Err(fail(
+                    seq,
+                    "the record at the expected head is missing: records were removed".into(),
+                ));
+            }
+            if let Some((seq, expected)) = self.expect_head.filter(|(seq, _)| *seq == r.sequence) {
+                let chained = if self.scope == Scope::Log {
+                    hash
+                } else {
+                    workspace_hash
+                };
+                if chained != expected {
+                    return Err(fail(
+                        seq,
+                        "the hash at the expected head differs: the log up to it was rewritten"
+                            .into(),
+                    ));
+                }
+            }
+            self.replay.apply(r)?;
+            self.chains.advance(r);
+            Ok(())
+        }
+    }
+
+    fn new_key(workspace: &str, at: i64) -> (KeyId, Event) {
+        let key = ApiKey::generate(KeyType::Private, Environment::Production);
+        let key_id = KeyId::generate(at);
+        let new = NewKeyRequest {
+            key_id,
+            workspace_id: WorkspaceId::parse(workspace).unwrap(),
+            name: KeyName::parse("k").unwrap(),
+            key_type: KeyType::Private,
+            environment: Environment::Production,
+            expiration: Expiration::Days90,
+            scopes: ScopeSet::parse(&["tickets:read"]).unwrap(),
+            reveal_later: false,
+            allowed_domains: vec![],
+            secret_hash: key.hash(),
+            masked: key.masked(),
+            public_key: None,
+        }
+        .validate(at)
+        .unwrap();
+        (key_id, Event::KeyCreated(Box::new(new)))
+    }
+
+    /// A log of `n` records over four workspaces: creations, renames, scope changes, reveals
+    /// and revocations, chained as the writer chains them.
+    fn log(n: usize) -> Vec<LogRecord> {
+        let mut chains = Chains::default();
+        let mut keys: Vec<(KeyId, String, u64, bool)> = Vec::new();
+        let mut records = Vec::with_capacity(n);
+        for i in 0..n {
+            let at = 1_767_225_600_000 + i as i64;
+            let live: Vec<usize> = (0..keys.len()).filter(|&k| !keys[k].3).collect();
+            let (key_id, workspace, stream_version, event) = if i % 3 == 0 || live.is_empty() {
+                let workspace = format!("ws_{}", i % 4);
+                let (key_id, event) = new_key(&workspace, at);
+                keys.push((key_id, workspace.clone(), 1, false));
+                (key_id, workspace, 1, event)
+            } else {
+                let k = live[(i * 7) % live.len()];
+                let event = match i % 5 {
+                    0 => Event::KeyRevoked,
+                    1 => Event::KeyRevealed,
+                    2 => Event::KeyScopesChanged {
+                        scopes: ScopeSet::parse(&["teams:read"]).unwrap(),
+                    },
+                    _ => Event::KeyRenamed {
+                        name: KeyName::parse(&format!("name {i}")).unwrap(),
+                    },
+                };
+                keys[k].2 += 1;
+                keys[k].3 = matches!(event, Event::KeyRevoked);
+                (keys[k].0, keys[k].1.clone(), keys[k].2, event)
+            };
+            let encoded = encode_event(&event);
+            let mut r = LogRecord {
+                sequence: 0,
+                key_id: key_id.to_string(),
+                workspace_id: workspace,
+                stream_version,
+                event_type: encoded.event_type.into(),
+                schema_version: encoded.schema_version,
+                payload: encoded.payload,
+                actor: format!("user_{}", i % 3),
+                recorded_at_ms: at,
+                hash: [0; 32],
+                workspace_hash: [0; 32],
+            };
+            chains.append(&mut r);
+            records.push(r);
+        }
+        records
+    }
+
+    /// Both chains recomputed from genesis over the records as they are.
+    fn rechain(records: &mut [LogRecord]) {
+        let mut chains = Chains::default();
+        for r in records {
+            (r.hash, r.workspace_hash) = chains.next(r);
+            chains.advance(r);
+        }
+    }
+
+    fn projection_of(records: &[LogRecord]) -> (Vec<KeyState>, u64) {
+        let mut replay = Replay::default();
+        for r in records {
+            replay.apply(r).unwrap();
+        }
+        let last = replay.last_sequence;
+        (replay.keys.into_values().collect(), last)
+    }
+
+    /// The new verifier, fed in batches of `batch` records.
+    fn batched(
+        scope: Scope,
+        expect_head: Option<(u64, Hash)>,
+        records: &[LogRecord],
+        projection: Option<(Vec<KeyState>, u64)>,
+        batch: usize,
+    ) -> Option<ReplayError> {
+        let mut verifier = Verifier::new(scope, expect_head);
+        for chunk in records.chunks(batch) {
+            if !verifier.push_batch(chunk) {
+                break;
+            }
+        }
+        let checkpoint = projection.map(|(rows, checkpoint)| {
+            // In any order, in pieces.
+            let mut rows = rows;
+            rows.reverse();
+            for piece in rows.chunks(7) {
+                verifier.check_rows(piece.to_vec());
+            }
+            checkpoint
+        });
+        verifier.finish(checkpoint).failure
+    }
+
+    fn same_verdict(
+        what: &str,
+        scope: Scope,
+        expect_head: Option<(u64, Hash)>,
+        records: &[LogRecord],
+        projection: Option<(Vec<KeyState>, u64)>,
+    ) -> Option<ReplayError> {
+        let expected = Reference::run(scope.clone(), expect_head, records, projection.clone());
+        // Small batches, and one long enough to be hashed on a second thread.
+        for batch in [7, records.len().max(PARALLEL_BATCH)] {
+            let got = batched(
+                scope.clone(),
+                expect_head,
+                records,
+                projection.clone(),
+                batch,
+            );
+            assert_eq!(got, expected, "{what}, batches of {batch}");
+        }
+        expected
+    }
+
+    #[test]
+    fn batches_find_the_first_failure_the_record_by_record_verifier_found() {
+        let original = log(280);
+        let projection = projection_of(&original);
+        let head = (280, original[279].hash);
+        let k = 150;
+        assert_eq!(
+            same_verdict(
+                "untouched",
+                Scope::Log,
+                Some(head),
+                &original,
+                Some(projection.clone())
+            ),
+            None
+        );
+
+        type Case = (&'static str, Vec<LogRecord>, Option<(u64, Hash)>);
+        let mut cases: Vec<Case> = Vec::new();
+        let mut t = original.clone();
+        let last = t[k].payload.len() - 1;
+        t[k].payload[last] ^= 1;
+        cases.push(("flipped payload byte", t, None));
+        let mut t = original.clone();
+        t[k].actor = "user_mallory".into();
+        cases.push(("changed actor", t, Some(head)));
+        let mut t = original.clone();
+        t.remove(k);
+        cases.push(("deleted record", t, None));
+        let mut t = original.clone();
+        let a = k;
+        let b = (k + 1..t.len())
+            .find(|&b| t[b].payload != t[a].payload)
+            .unwrap();
+        let payload = t[a].payload.clone();
+        t[a].payload = t[b].payload.clone();
+        t[b].payload = payload;
+        cases.push(("swapped payloads", t, None));
+        let mut t = original.clone();
+        t[k].workspace_hash[0] ^= 1;
+        cases.push(("changed workspace hash", t, None));
+        let mut t = original.clone();
+        t[k].actor = "user_mallory".into();
+        rechain(&mut t[..]);
+        cases.push(("rewritten tail, no head", t.clone(), None));
+        cases.push(("rewritten tail, kept head", t, Some(head)));
+        let mut t = original.clone();
+        t[k].stream_version += 5;
+        rechain(&mut t[..]);
+        cases.push(("rechained stream version", t, None));
+        let mut t = original.clone();
+        // A revoked key's later event, rechained: replays badly far after its creation.
+        let revoked = t
+            .iter()
+            .position(|r| r.event_type == "KeyRevoked" && r.sequence > 100)
+            .unwrap();
+        let mut forged = t[revoked].clone();
+        forged.event_type = "KeyRevealed".into();
+        forged.stream_version += 1;
+        t.insert(revoked + 30, forged);
+        for (i, r) in t.iter_mut().enumerate() {
+            r.sequence = i as u64 + 1;
+        }
+        rechain(&mut t[..]);
+        cases.push(("event after revocation, rechained", t, None));
+        let mut t = original.clone();
+        t.truncate(260);
+        cases.push(("tail cut before the kept head", t, Some(head)));
+        cases.push((
+            "a different hash at the kept head",
+            original.clone(),
+            Some((200, [1; 32])),
+        ));
+        let mut t = original.clone();
+        t[k].key_id = t[k].key_id.to_lowercase();
+        rechain(&mut t[..]);
+        cases.push(("a stream spelled in lower case", t, None));
+        for (what, records, expect_head) in cases {
+            let failure = same_verdict(
+                what,
+                Scope::Log,
+                expect_head,
+                &records,
+                Some(projection.clone()),
+            );
+            if what != "rewritten tail, no head" {
+                assert!(failure.is_some(), "{what} is caught");
+            }
+        }
+
+        // The projection against the replay.
+        let (rows, checkpoint) = projection.clone();
+        let mut changed = rows.clone();
+        changed[10].name = KeyName::parse("behind the log").unwrap();
+        changed[3].version += 1;
+        let mut missing = rows.clone();
+        missing.remove(5);
+        let mut extra = rows.clone();
+        let (key_id, created) = new_key("ws_0", 1);
+        let Event::KeyCreated(new) = created else {
+            unreachable!()
+        };
+        let mut ghost = rows[0].clone();
+        ghost.key_id = key_id;
+        ghost.secret_hash = new.secret_hash;
+        extra.push(ghost);
+        for (what, projection) in [
+            ("changed rows", (changed, checkpoint)),
+            ("a missing row", (missing, checkpoint)),
+            ("an extra row", (extra, checkpoint)),
+            ("a stale checkpoint", (rows.clone(), checkpoint - 1)),
+        ] {
+            let failure = same_verdict(what, Scope::Log, None, &original, Some(projection));
+            assert!(failure.is_some(), "{what} is caught");
+        }
+
+        // One workspace's records, as a workspace export holds them.
+        let workspace: Vec<LogRecord> = original
+            .iter()
+            .filter(|r| r.workspace_id == "ws_1")
+            .cloned()
+            .collect();
+        let w = Scope::Workspace("ws_1".into());
+        let kept = workspace[50].sequence;
+        let ws_head = (kept, workspace[50].workspace_hash);
+        assert_eq!(
+            same_verdict("workspace", w.clone(), Some(ws_head), &workspace, None),
+            None
+        );
+        let mut t = workspace.clone();
+        t.remove(50);
+        assert!(
+            same_verdict("workspace head removed", w.clone(), Some(ws_head), &t, None).is_some()
+        );
+        let mut t = workspace.clone();
+        t.insert(40, original[0].clone());
+        assert!(same_verdict("another workspace's record", w.clone(), None, &t, None).is_some());
+        let mut t = workspace.clone();
+        t.swap(30, 31);
+        assert!(same_verdict("records out of order", w, None, &t, None).is_some());
     }
 }

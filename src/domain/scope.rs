@@ -92,6 +92,18 @@ impl ScopeSet {
         }
     }
 
+    /// The set as one bit per catalog scope, for compact encodings (see
+    /// [`ScopeSet::from_bits`]).
+    pub fn bits(self) -> u8 {
+        self.0
+    }
+
+    /// The inverse of [`ScopeSet::bits`]. The catalog has a scope for every bit, so any value
+    /// is a set of catalog scopes.
+    pub fn from_bits(bits: u8) -> ScopeSet {
+        ScopeSet(bits)
+    }
+
     pub fn insert(&mut self, scope: Scope) {
         self.0 |= 1 << scope.bit;
     }

@@ -15,6 +15,7 @@
 //! - map its errors into [`StoreError`], telling storage faults (retryable, nothing written)
 //!   from everything else.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -98,6 +99,19 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         each: &mut (dyn FnMut(KeyState) + Send),
     ) -> Result<u64, StoreError>;
+
+    /// For loading the verification cache at start-up: every key's state from the projection,
+    /// handed to `each` possibly from several threads at once and in no particular order.
+    /// Returns how many there were. A backend that can tell refuses (`Corrupt`) a projection
+    /// that does not hold the whole log, rather than serve without some keys or revocations.
+    ///
+    /// Optional: the default is [`Backend::for_each_key`] on the calling task.
+    async fn for_each_key_concurrently(
+        &self,
+        each: Arc<dyn Fn(KeyState) + Send + Sync>,
+    ) -> Result<u64, StoreError> {
+        self.for_each_key(&mut |state| each(state)).await
+    }
 
     async fn count_keys(&self) -> Result<u64, StoreError>;
 
@@ -221,4 +235,53 @@ pub trait Snapshot: Send {
 
     /// The sequence of the log's last record.
     async fn log_end(&mut self) -> Result<u64, StoreError>;
+
+    /// Every record up to sequence `up_to`, in log order, handed to `each` a batch at a time
+    /// until it returns false: for reading a whole log at the speed of the database.
+    ///
+    /// Optional: the default pages through [`Snapshot::read_records`].
+    async fn scan_records(
+        &mut self,
+        up_to: u64,
+        each: &mut (dyn FnMut(Vec<LogRecord>) -> bool + Send),
+    ) -> Result<(), StoreError> {
+        let filter = RecordFilter {
+            up_to: Some(up_to),
+            ..RecordFilter::default()
+        };
+        let mut after = 0;
+        loop {
+            let page = self.read_records(after, SCAN_PAGE, &filter).await?;
+            let Some(last) = page.last() else {
+                return Ok(());
+            };
+            after = last.sequence;
+            if !each(page) {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Every projection row, in any order, handed to `each` a batch at a time until it
+    /// returns false; returns the projection's checkpoint. For comparing a projection of
+    /// millions of rows with a replay without holding it whole.
+    ///
+    /// Optional: the default reads [`Snapshot::projection`] whole.
+    async fn scan_projection(
+        &mut self,
+        each: &mut (dyn FnMut(Vec<KeyState>) -> bool + Send),
+    ) -> Result<u64, StoreError> {
+        let (states, checkpoint) = self.projection().await?;
+        let mut states = states.into_iter().peekable();
+        while states.peek().is_some() {
+            if !each(states.by_ref().take(SCAN_PAGE as usize).collect()) {
+                break;
+            }
+        }
+        Ok(checkpoint)
+    }
 }
+
+/// Records or rows per batch of the default [`Snapshot::scan_records`] and
+/// [`Snapshot::scan_projection`].
+const SCAN_PAGE: u32 = 1000;

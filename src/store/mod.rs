@@ -457,6 +457,16 @@ impl Store {
         self.backend.for_each_key(&mut each).await
     }
 
+    /// [`Store::for_each_key`] for loading the verification cache: `each` may be called from
+    /// several threads at once, in any order. Refuses a projection that does not hold the
+    /// whole log (where the backend can tell).
+    pub async fn for_each_key_concurrently(
+        &self,
+        each: Arc<dyn Fn(KeyState) + Send + Sync>,
+    ) -> Result<u64, StoreError> {
+        self.backend.for_each_key_concurrently(each).await
+    }
+
     /// How many keys the projection holds.
     pub async fn count_keys(&self) -> Result<u64, StoreError> {
         self.backend.count_keys().await

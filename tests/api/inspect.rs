@@ -721,6 +721,53 @@ impl Db {
         })
     }
 
+    /// Puts the `keys` table back as migration 0001 made it (a rowid table keyed by key id,
+    /// with `keys_by_workspace`), every row with it, and forgets migration 3: the database as
+    /// a server from before the projection was clustered by workspace left it.
+    pub async fn unmigrate_clustered_keys(&self) {
+        {
+            assert!(self.is_sqlite(), "SQLite's schema");
+            on_connection!(self, |c| {
+                for statement in [
+                    "CREATE TABLE keys_0001 (key_id TEXT PRIMARY KEY, workspace_id TEXT NOT NULL, \
+                 name TEXT NOT NULL, key_type TEXT NOT NULL, environment TEXT NOT NULL, \
+                 scopes TEXT NOT NULL, full_access INTEGER NOT NULL, secret_hash BLOB NOT NULL, \
+                 masked TEXT NOT NULL, public_key TEXT, allowed_domains TEXT NOT NULL, \
+                 created_at INTEGER NOT NULL, expires_at INTEGER, revoked_at INTEGER, \
+                 reveal_later INTEGER NOT NULL, version INTEGER NOT NULL, \
+                 stream_version INTEGER NOT NULL, created_by TEXT NOT NULL, \
+                 updated_at INTEGER NOT NULL, last_revealed_at INTEGER)",
+                    "INSERT INTO keys_0001 SELECT * FROM keys ORDER BY key_id",
+                    "DROP TABLE keys",
+                    "ALTER TABLE keys_0001 RENAME TO keys",
+                    "CREATE INDEX keys_by_workspace ON keys (workspace_id, key_id)",
+                    "DELETE FROM _sqlx_migrations WHERE version = 3",
+                ] {
+                    sqlx::query(statement)
+                        .execute(&mut *c)
+                        .await
+                        .expect(statement);
+                }
+            })
+        }
+    }
+
+    /// The definitions of the `keys` table and its indexes, as the schema holds them.
+    pub async fn keys_schema(&self) -> Vec<(String, String, Option<String>)> {
+        {
+            assert!(self.is_sqlite(), "SQLite's schema");
+            on_connection!(self, |c| {
+                sqlx::query_as(
+                    "SELECT type, name, sql FROM sqlite_master WHERE tbl_name = 'keys' \
+                 ORDER BY type, name",
+                )
+                .fetch_all(&mut *c)
+                .await
+                .unwrap()
+            })
+        }
+    }
+
     /// SQLite's journal mode; PostgreSQL has none.
     pub async fn journal_mode(&self) -> Option<String> {
         match self.location {

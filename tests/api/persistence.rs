@@ -202,6 +202,19 @@ async fn rebuild_recreates_the_projection_exactly() {
     let tmp = server.shut_down().await;
 
     let original = db.projection().await;
+    let schema = if db.is_sqlite() {
+        Some(db.keys_schema().await)
+    } else {
+        None
+    };
+    if let Some(schema) = &schema {
+        assert!(
+            schema
+                .iter()
+                .any(|(_, _, sql)| sql.as_deref().is_some_and(|s| s.contains("WITHOUT ROWID"))),
+            "the projection is clustered by workspace: {schema:?}"
+        );
+    }
     let events = db.event_count(None).await;
     assert_eq!(original.rows.len(), keys);
     assert_eq!(events, 13);
@@ -244,11 +257,13 @@ async fn rebuild_recreates_the_projection_exactly() {
     assert_eq!(db.projection().await, original);
     assert_eq!(db.event_count(None).await, events, "the log is untouched");
 
-    // The schema is as the migrations left it: the rebuild recreates the index it drops
-    // (SQLite), and returns a SQLite database to WAL.
-    assert_eq!(db.key_indexes().await, ["keys_by_workspace"]);
+    // The schema is as the migrations left it (a rebuild recreates what it drops), and a
+    // SQLite database is back in WAL.
     if db.is_sqlite() {
+        assert_eq!(Some(db.keys_schema().await), schema);
         assert_eq!(db.journal_mode().await.as_deref(), Some("wal"));
+    } else {
+        assert_eq!(db.key_indexes().await, ["keys_by_workspace"]);
     }
 
     // The server starts on the rebuilt projection.
@@ -279,6 +294,197 @@ async fn rebuild_recreates_the_projection_exactly() {
     drop(client);
     server.shut_down().await;
     assert_eq!(db.projection().await, original);
+    drop(tmp);
+}
+
+/// Whether the projection is the clustered table of migration 3.
+async fn clustered(db: &crate::inspect::Db) -> bool {
+    db.keys_schema()
+        .await
+        .iter()
+        .any(|(_, _, sql)| sql.as_deref().is_some_and(|s| s.contains("WITHOUT ROWID")))
+}
+
+#[tokio::test]
+async fn a_database_from_before_the_clustered_projection_keeps_every_row() {
+    sqlite_only();
+    let server = TestServer::start().await;
+    let keys = populate(&server).await;
+    let (dir, clock, key) = (
+        server.data_dir.clone(),
+        server.clock.clone(),
+        server.master_key_hex.clone(),
+    );
+    let db = server.db();
+    let tmp = server.shut_down().await;
+    let original = db.projection().await;
+    db.unmigrate_clustered_keys().await;
+    assert!(!clustered(&db).await);
+    assert_eq!(
+        db.projection().await,
+        original,
+        "the same rows, laid out as before"
+    );
+
+    let server = TestServer::start_in(&dir, clock, MasterKeySource::Hex(key))
+        .await
+        .expect("start on the old layout");
+    let mut client = server.client().await;
+    assert_eq!(client.list_all().await.len(), keys);
+    drop(client);
+    server.shut_down().await;
+    assert!(clustered(&db).await, "migrated");
+    assert_eq!(db.projection().await, original);
+    Cli::kemon(&["audit", "verify"])
+        .args(db.source_args())
+        .run()
+        .await
+        .assert_verified();
+    drop(tmp);
+}
+
+#[tokio::test]
+async fn a_projection_behind_its_log_is_refused_at_start() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let (key, secret) = client.create(private_key("soon revoked", &[])).await;
+    client.revoke(&key.key_id).await;
+    let (dir, clock, master_key) = (
+        server.data_dir.clone(),
+        server.clock.clone(),
+        server.master_key_hex.clone(),
+    );
+    let db = server.db();
+    drop(client);
+    let tmp = server.shut_down().await;
+
+    // As if the revocation had reached the log but not the keys table: a server starting
+    // on it would accept the revoked key. It refuses to serve instead.
+    db.set_checkpoint(1).await;
+    let out = Cli::kemon(&["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&dir)
+        .env("KEMON_MASTER_KEY", &master_key)
+        .run()
+        .await;
+    out.assert_failure();
+    assert!(
+        out.stderr.contains("kemon-keys rebuild"),
+        "names the remedy: {}",
+        out.report()
+    );
+
+    Cli::kemon(&["rebuild", "--data-dir"])
+        .arg(&dir)
+        .run()
+        .await
+        .assert_success();
+    let server = TestServer::start_in(&dir, clock, MasterKeySource::Hex(master_key))
+        .await
+        .expect("start after the rebuild");
+    let mut client = server.client().await;
+    let verdict = client.verify(&secret, &[], "").await;
+    assert_eq!(code(&verdict), pb::VerifyCode::Revoked);
+    drop(client);
+    server.shut_down().await;
+    drop(tmp);
+}
+
+/// More events and keys than one batch of the bulk paths holds (4096), over many workspaces,
+/// with streams of several events: the rebuild, the start-up load and `audit verify` read
+/// them on several threads and must agree with the live projection row for row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_keys_rebuild_load_and_verify_exactly() {
+    const TASKS: usize = 16;
+    const PER_TASK: usize = 400;
+    let server = TestServer::start().await;
+    let mut tasks = Vec::new();
+    for (t, client) in server.clients(TASKS).await.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let workspace = format!("ws_bulk_{t}");
+            let mut client = client.in_workspace(&workspace);
+            let mut kept = Vec::new();
+            for i in 0..PER_TASK {
+                let (key, secret) = client
+                    .create(in_workspace(
+                        &workspace,
+                        private_key(&format!("key {i}"), &["tickets:read"]),
+                    ))
+                    .await;
+                let revoked = i % 5 == 0;
+                if i % 3 == 0 {
+                    client
+                        .rename(&key.key_id, &format!("key {i}, renamed"))
+                        .await;
+                }
+                if revoked {
+                    client.revoke(&key.key_id).await;
+                }
+                if i % 40 == 0 {
+                    kept.push((secret, revoked));
+                }
+            }
+            (client, kept)
+        }));
+    }
+    let mut samples = Vec::new();
+    for task in tasks {
+        let (_, kept) = task.await.expect("writer task");
+        samples.extend(kept);
+    }
+    let (dir, clock, master_key) = (
+        server.data_dir.clone(),
+        server.clock.clone(),
+        server.master_key_hex.clone(),
+    );
+    let db = server.db();
+    let tmp = server.shut_down().await;
+    let live = db.projection().await;
+    assert_eq!(live.rows.len(), TASKS * PER_TASK);
+    let events = db.event_count(None).await;
+    assert!(events > 2 * 4096, "{events} events");
+
+    // The rebuild writes what the live path wrote, from a full table and from an empty one.
+    let rebuild = || async {
+        Cli::kemon(&["rebuild", "--data-dir"])
+            .arg(&dir)
+            .timeout(Duration::from_secs(120))
+            .run()
+            .await
+            .assert_success();
+    };
+    rebuild().await;
+    assert_eq!(db.projection().await, live);
+    db.delete_key_rows(None).await;
+    rebuild().await;
+    assert_eq!(db.projection().await, live);
+
+    let verified = Cli::kemon(&["audit", "verify"])
+        .args(db.source_args())
+        .timeout(Duration::from_secs(120))
+        .run()
+        .await;
+    let stdout = verified.assert_verified();
+    assert!(
+        stdout.contains(&format!("{events} events, {} keys", TASKS * PER_TASK)),
+        "{stdout}"
+    );
+
+    // Every key is loaded at start, revocations included.
+    let server = TestServer::start_in(&dir, clock, MasterKeySource::Hex(master_key))
+        .await
+        .expect("restart");
+    let mut client = server.client().await;
+    for (secret, revoked) in &samples {
+        let verdict = client.verify(secret, &["tickets:read"], "").await;
+        let expected = if *revoked {
+            pb::VerifyCode::Revoked
+        } else {
+            pb::VerifyCode::Valid
+        };
+        assert_eq!(code(&verdict), expected);
+    }
+    drop(client);
+    server.shut_down().await;
     drop(tmp);
 }
 

@@ -93,11 +93,20 @@ impl ServerProcess {
 
     /// Resident set size of the server process, in bytes (Linux).
     pub fn rss_bytes(&self) -> anyhow::Result<u64> {
+        self.status_bytes("VmRSS:")
+    }
+
+    /// The most the server process has held resident so far, in bytes (Linux).
+    pub fn peak_rss_bytes(&self) -> anyhow::Result<u64> {
+        self.status_bytes("VmHWM:")
+    }
+
+    fn status_bytes(&self, field: &str) -> anyhow::Result<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
         let kb: u64 = status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .context("no VmRSS")?
+            .find_map(|l| l.strip_prefix(field))
+            .with_context(|| format!("no {field}"))?
             .trim()
             .trim_end_matches("kB")
             .trim()

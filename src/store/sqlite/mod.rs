@@ -11,6 +11,7 @@ use futures::TryStreamExt;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Connection, Row, SqliteConnection, SqlitePool};
 
+mod bulk;
 pub mod rows;
 
 use super::backend::{Answered, Backend, Effects, RebuildReport, Snapshot, WriteSession};
@@ -18,6 +19,7 @@ use super::{CREATE_REQUEST_WINDOW_MS, Cause, Head, ListFilter, RecordFilter, Sto
 use crate::domain::{self, KeyId, KeyState, Recorded, WorkspaceId};
 use crate::log::chain::{self, Chains, Hash, LogRecord};
 use crate::log::events;
+use bulk::BulkSnapshot;
 use rows::{KEY_COLUMNS, KeyRow};
 
 /// A SQLite database opened for writing (holding its lock) or for reading only.
@@ -215,6 +217,13 @@ impl Backend for SqliteBackend {
         Ok(count)
     }
 
+    async fn for_each_key_concurrently(
+        &self,
+        each: std::sync::Arc<dyn Fn(KeyState) + Send + Sync>,
+    ) -> Result<u64, StoreError> {
+        bulk::for_each_key_concurrently(&self.path, each).await
+    }
+
     async fn count_keys(&self) -> Result<u64, StoreError> {
         let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM keys")
             .fetch_one(&self.pool)
@@ -223,17 +232,18 @@ impl Backend for SqliteBackend {
     }
 
     async fn snapshot(&self) -> Result<Box<dyn Snapshot>, StoreError> {
-        let mut conn = self.pool.acquire().await?.detach();
         // One read transaction for the whole view: the log and the projection are read from
         // the same snapshot even while a server keeps writing.
-        sqlx::query("BEGIN").execute(&mut conn).await?;
-        Ok(Box::new(SqliteSnapshot { conn }))
+        Ok(Box::new(BulkSnapshot::open(&self.path).await?))
     }
 
     async fn rebuild(&self) -> Result<RebuildReport, StoreError> {
         // Exclusive use: the rebuild leaves WAL mode for its one big transaction.
         self.pool.close().await;
-        rebuild_locked(&self.path).await
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || bulk::rebuild(&path))
+            .await
+            .map_err(|e| StoreError::Invariant(format!("the rebuild failed: {e}")))?
     }
 
     async fn close_readers(&self) {
@@ -319,31 +329,6 @@ impl WriteSession for SqliteSession {
     async fn close(self: Box<Self>) {
         // Closing rolls back whatever SQLite still holds open.
         let _ = self.conn.close().await;
-    }
-}
-
-/// One read transaction on a connection of its own.
-struct SqliteSnapshot {
-    conn: SqliteConnection,
-}
-
-#[async_trait]
-impl Snapshot for SqliteSnapshot {
-    async fn read_records(
-        &mut self,
-        after: u64,
-        limit: u32,
-        filter: &RecordFilter,
-    ) -> Result<Vec<LogRecord>, StoreError> {
-        read_records(&mut self.conn, after, limit, filter).await
-    }
-
-    async fn projection(&mut self) -> Result<(Vec<KeyState>, u64), StoreError> {
-        read_projection(&mut self.conn).await
-    }
-
-    async fn log_end(&mut self) -> Result<u64, StoreError> {
-        Ok(log_head(&mut self.conn).await?.sequence)
     }
 }
 
@@ -511,9 +496,17 @@ fn head_from(row: Option<(i64, Vec<u8>)>, genesis: Hash) -> Result<Head, StoreEr
 /// The chain heads the writer continues from: the last record's, and each workspace's last.
 async fn load_chains(conn: &mut SqliteConnection) -> Result<Chains, StoreError> {
     let last = log_head(conn).await?;
+    // Workspace by workspace along events_by_workspace (two index seeks each) rather than a
+    // GROUP BY over every entry: start-up reads a few pages per workspace, not the index.
     let rows: Vec<(String, Vec<u8>)> = sqlx::query_as(
-        "SELECT workspace_id, workspace_hash FROM events WHERE sequence IN \
-         (SELECT MAX(sequence) FROM events GROUP BY workspace_id)",
+        "WITH RECURSIVE workspaces(id) AS ( \
+             SELECT MIN(workspace_id) FROM events \
+             UNION ALL \
+             SELECT (SELECT MIN(workspace_id) FROM events WHERE workspace_id > id) \
+             FROM workspaces WHERE id IS NOT NULL) \
+         SELECT id, (SELECT workspace_hash FROM events WHERE workspace_id = id \
+                     ORDER BY sequence DESC LIMIT 1) \
+         FROM workspaces WHERE id IS NOT NULL",
     )
     .fetch_all(&mut *conn)
     .await?;
@@ -530,6 +523,40 @@ async fn load_chains(conn: &mut SqliteConnection) -> Result<Chains, StoreError> 
 const RECORD_COLUMNS: &str = "sequence, key_id, workspace_id, stream_version, event_type, \
     schema_version, payload, actor, recorded_at, hash, workspace_hash";
 
+/// A value bound to a statement built at run time.
+enum Param {
+    Int(i64),
+    Text(String),
+}
+
+/// The statement reading up to `limit` records after `after` that match `filter`, in log
+/// order, and its values: one text for the sqlx and the rusqlite readers.
+fn records_query(after: u64, limit: u32, filter: &RecordFilter) -> (String, Vec<Param>) {
+    let mut sql = format!("SELECT {RECORD_COLUMNS} FROM events WHERE sequence > ?");
+    let mut params = vec![Param::Int(i64::try_from(after).unwrap_or(i64::MAX))];
+    if let Some(w) = &filter.workspace_id {
+        sql.push_str(" AND workspace_id = ?");
+        params.push(Param::Text(w.clone()));
+    }
+    if let Some(k) = &filter.key_id {
+        sql.push_str(" AND key_id = ?");
+        params.push(Param::Text(k.clone()));
+    }
+    if let Some(last) = filter.up_to {
+        sql.push_str(" AND sequence <= ?");
+        params.push(Param::Int(i64::try_from(last).unwrap_or(i64::MAX)));
+    }
+    if !filter.event_types.is_empty() {
+        sql.push_str(" AND event_type IN (");
+        sql.push_str(&vec!["?"; filter.event_types.len()].join(", "));
+        sql.push(')');
+        params.extend(filter.event_types.iter().cloned().map(Param::Text));
+    }
+    sql.push_str(" ORDER BY sequence LIMIT ?");
+    params.push(Param::Int(i64::from(limit)));
+    (sql, params)
+}
+
 /// Reads records in log order from any connection or pool.
 pub async fn read_records<'c, E>(
     executor: E,
@@ -540,37 +567,15 @@ pub async fn read_records<'c, E>(
 where
     E: sqlx::Executor<'c, Database = sqlx::Sqlite>,
 {
-    let mut sql = format!("SELECT {RECORD_COLUMNS} FROM events WHERE sequence > ?");
-    if filter.workspace_id.is_some() {
-        sql.push_str(" AND workspace_id = ?");
+    let (sql, params) = records_query(after, limit, filter);
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for param in params {
+        query = match param {
+            Param::Int(v) => query.bind(v),
+            Param::Text(v) => query.bind(v),
+        };
     }
-    if filter.key_id.is_some() {
-        sql.push_str(" AND key_id = ?");
-    }
-    if filter.up_to.is_some() {
-        sql.push_str(" AND sequence <= ?");
-    }
-    if !filter.event_types.is_empty() {
-        sql.push_str(" AND event_type IN (");
-        sql.push_str(&vec!["?"; filter.event_types.len()].join(", "));
-        sql.push(')');
-    }
-    sql.push_str(" ORDER BY sequence LIMIT ?");
-    let mut query =
-        sqlx::query(sqlx::AssertSqlSafe(sql)).bind(i64::try_from(after).unwrap_or(i64::MAX));
-    if let Some(w) = &filter.workspace_id {
-        query = query.bind(w.clone());
-    }
-    if let Some(k) = &filter.key_id {
-        query = query.bind(k.clone());
-    }
-    if let Some(last) = filter.up_to {
-        query = query.bind(i64::try_from(last).unwrap_or(i64::MAX));
-    }
-    for t in &filter.event_types {
-        query = query.bind(t.clone());
-    }
-    let rows = query.bind(i64::from(limit)).fetch_all(executor).await?;
+    let rows = query.fetch_all(executor).await?;
     rows.iter().map(record_from_row).collect()
 }
 
@@ -641,99 +646,6 @@ pub async fn rebuild(path: &Path) -> Result<RebuildReport, StoreError> {
     SqliteBackend::open(path).await?.rebuild().await
 }
 
-/// [`rebuild`] on a database whose lock this process holds and whose readers are closed.
-async fn rebuild_locked(path: &Path) -> Result<RebuildReport, StoreError> {
-    let mut conn = SqliteConnection::connect_with(&writer_options(path)).await?;
-    let started = std::time::Instant::now();
-    // A rebuild rewrites the whole table in one transaction. Through the WAL every page
-    // would be written twice (log, then checkpoint); a rollback journal writes the new pages
-    // once and journals only the old ones. Switching modes needs exclusive use of the
-    // database, so this also refuses to run beside a live server.
-    let mode: Result<String, _> = sqlx::query_scalar("PRAGMA journal_mode = TRUNCATE")
-        .fetch_one(&mut conn)
-        .await;
-    if !mode.is_ok_and(|m| m.eq_ignore_ascii_case("truncate")) {
-        return Err(StoreError::Refused(
-            "the database is in use: stop the server before rebuilding".into(),
-        ));
-    }
-    let mut tx = conn.begin().await?;
-    // Sized for the worst case (one key per event). Capacity that is never written is
-    // never touched, so the over-estimate costs address space, not memory.
-    let max_sequence: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(sequence), 0) FROM events")
-        .fetch_one(&mut *tx)
-        .await?;
-    let capacity = usize::try_from(max_sequence).unwrap_or(0);
-    let mut index: std::collections::HashMap<KeyId, usize> =
-        std::collections::HashMap::with_capacity(capacity);
-    let mut states: Vec<Option<KeyState>> = Vec::with_capacity(capacity);
-    let mut events = 0u64;
-    let mut last_sequence = 0i64;
-    {
-        let mut rows = sqlx::query(
-            "SELECT sequence, key_id, stream_version, event_type, schema_version, payload, \
-             actor, recorded_at FROM events ORDER BY sequence",
-        )
-        .fetch(&mut *tx);
-        while let Some(row) = rows.try_next().await? {
-            let sequence: i64 = row.try_get("sequence")?;
-            let key_id: &str = row.try_get("key_id")?;
-            let key_id = KeyId::parse(key_id)
-                .map_err(|e| StoreError::Corrupt(format!("sequence {sequence}: key_id {e}")))?;
-            let recorded = recorded_from_row(&row)?;
-            let slot = *index.entry(key_id).or_insert_with(|| {
-                states.push(None);
-                states.len() - 1
-            });
-            let state = domain::apply(states[slot].take(), &recorded)
-                .map_err(|e| StoreError::Corrupt(format!("sequence {sequence}: {e}")))?;
-            states[slot] = Some(state);
-            events += 1;
-            last_sequence = sequence;
-        }
-    }
-    let folded = started.elapsed();
-    sqlx::query("DELETE FROM keys").execute(&mut *tx).await?;
-    // Building the secondary index once, by sorting, is cheaper than maintaining it for
-    // every row inserted; the migration's definition is repeated here.
-    sqlx::query("DROP INDEX keys_by_workspace")
-        .execute(&mut *tx)
-        .await?;
-    let mut keys = Vec::with_capacity(index.len());
-    drop(index);
-    keys.extend(states.into_iter().flatten());
-    // In key id order the primary key index fills sequentially. In place: no second copy.
-    keys.sort_unstable_by_key(|s| s.key_id);
-    let states = keys;
-    project_many(&mut tx, &states).await?;
-    sqlx::query("CREATE INDEX keys_by_workspace ON keys (workspace_id, key_id)")
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("UPDATE projection_checkpoint SET last_sequence = ? WHERE id = 1")
-        .bind(last_sequence)
-        .execute(&mut *tx)
-        .await?;
-    let written = started.elapsed();
-    tx.commit().await?;
-    sqlx::query("PRAGMA journal_mode = WAL")
-        .execute(&mut conn)
-        .await?;
-    conn.close().await?;
-    let report = RebuildReport {
-        events,
-        keys: states.len() as u64,
-        last_sequence,
-    };
-    tracing::debug!(
-        ?report,
-        fold_ms = folded.as_millis() as u64,
-        write_ms = (written - folded).as_millis() as u64,
-        commit_and_close_ms = (started.elapsed() - written).as_millis() as u64,
-        "rebuild phases"
-    );
-    Ok(report)
-}
-
 /// A read-only connection to an existing database, without migrating it: for the benchmark's
 /// raw scans and for tests that inspect the files.
 pub async fn open_read_only(path: &Path) -> Result<SqliteConnection, StoreError> {
@@ -745,27 +657,6 @@ pub async fn open_read_only(path: &Path) -> Result<SqliteConnection, StoreError>
     }
     let options = SqliteConnectOptions::new().filename(path).read_only(true);
     Ok(SqliteConnection::connect_with(&options).await?)
-}
-
-/// The stored projection: every `keys` row and the checkpoint.
-pub async fn read_projection(
-    conn: &mut SqliteConnection,
-) -> Result<(Vec<KeyState>, u64), StoreError> {
-    let rows: Vec<KeyRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {KEY_COLUMNS} FROM keys ORDER BY key_id"
-    )))
-    .fetch_all(&mut *conn)
-    .await?;
-    let states = rows
-        .into_iter()
-        .map(KeyRow::into_state)
-        .collect::<Result<_, _>>()
-        .map_err(StoreError::Corrupt)?;
-    let checkpoint: i64 =
-        sqlx::query_scalar("SELECT last_sequence FROM projection_checkpoint WHERE id = 1")
-            .fetch_one(&mut *conn)
-            .await?;
-    Ok((states, u64::try_from(checkpoint).unwrap_or(0)))
 }
 
 /// Opens a database for tools and tests that inspect it directly.
@@ -901,15 +792,15 @@ async fn insert_records(
     Ok(())
 }
 
-/// Writes keys' states into the projection, a few hundred rows per statement. The one row
-/// encoding, shared by the live path and [`super::rebuild`].
+/// Writes keys' states into the projection, a few hundred rows per statement, with the one
+/// row encoding ([`rows::values`]) that the rebuild ([`bulk`]) writes too.
 async fn project_many(conn: &mut SqliteConnection, states: &[KeyState]) -> Result<(), sqlx::Error> {
     let columns = KEY_COLUMNS.split(',').count();
     let row = format!("({})", vec!["?"; columns].join(", "));
     let updates = KEY_COLUMNS
         .split(',')
         .map(str::trim)
-        .filter(|c| *c != "key_id")
+        .filter(|c| !matches!(*c, "key_id" | "workspace_id"))
         .map(|c| format!("{c} = excluded.{c}"))
         .collect::<Vec<_>>()
         .join(", ");
@@ -917,7 +808,7 @@ async fn project_many(conn: &mut SqliteConnection, states: &[KeyState]) -> Resul
         let values = vec![row.as_str(); chunk.len()].join(", ");
         let sql = format!(
             "INSERT INTO keys ({KEY_COLUMNS}) VALUES {values} \
-             ON CONFLICT (key_id) DO UPDATE SET {updates}"
+             ON CONFLICT (workspace_id, key_id) DO UPDATE SET {updates}"
         );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
         for state in chunk {

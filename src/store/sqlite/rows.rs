@@ -1,5 +1,8 @@
-//! Key states to and from the SQLite `keys` projection's rows. Reading re-validates every
+//! Key states to and from the SQLite `keys` projection's rows: one row encoding, bound by
+//! sqlx on the live path and by rusqlite in bulk ([`super::bulk`]). Reading re-validates every
 //! value: a row that would not pass the API's own checks is reported as corrupt, not trusted.
+
+use std::borrow::Cow;
 
 use crate::domain::{
     DomainPattern, Environment, KeyId, KeyName, KeyState, KeyType, ScopeSet, SecretHash,
@@ -33,25 +36,79 @@ pub struct KeyRow {
 
 impl KeyRow {
     pub fn into_state(self) -> Result<KeyState, String> {
-        let words = |s: &str| s.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
+        KeyRowRef {
+            key_id: &self.key_id,
+            workspace_id: &self.workspace_id,
+            name: &self.name,
+            key_type: &self.key_type,
+            environment: &self.environment,
+            scopes: &self.scopes,
+            full_access: self.full_access,
+            secret_hash: &self.secret_hash,
+            masked: &self.masked,
+            public_key: self.public_key.as_deref(),
+            allowed_domains: &self.allowed_domains,
+            created_at: self.created_at,
+            expires_at: self.expires_at,
+            revoked_at: self.revoked_at,
+            reveal_later: self.reveal_later,
+            version: self.version,
+            stream_version: self.stream_version,
+            created_by: &self.created_by,
+            updated_at: self.updated_at,
+            last_revealed_at: self.last_revealed_at,
+        }
+        .to_state()
+    }
+}
+
+/// A `keys` row borrowed from the driver's buffers, before validation.
+pub struct KeyRowRef<'a> {
+    pub key_id: &'a str,
+    pub workspace_id: &'a str,
+    pub name: &'a str,
+    pub key_type: &'a str,
+    pub environment: &'a str,
+    pub scopes: &'a str,
+    pub full_access: bool,
+    pub secret_hash: &'a [u8],
+    pub masked: &'a str,
+    pub public_key: Option<&'a str>,
+    pub allowed_domains: &'a str,
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+    pub reveal_later: bool,
+    pub version: i64,
+    pub stream_version: i64,
+    pub created_by: &'a str,
+    pub updated_at: i64,
+    pub last_revealed_at: Option<i64>,
+}
+
+impl KeyRowRef<'_> {
+    /// The state the row holds, every value validated.
+    pub fn to_state(&self) -> Result<KeyState, String> {
+        let scopes: Vec<&str> = self.scopes.split_whitespace().collect();
         Ok(KeyState {
-            key_id: KeyId::parse(&self.key_id)?,
-            workspace_id: WorkspaceId::parse(&self.workspace_id)?,
-            name: KeyName::parse(&self.name)?,
-            key_type: KeyType::parse(&self.key_type)
+            key_id: KeyId::parse(self.key_id)?,
+            workspace_id: WorkspaceId::parse(self.workspace_id)?,
+            name: KeyName::parse(self.name)?,
+            key_type: KeyType::parse(self.key_type)
                 .ok_or_else(|| format!("unknown key_type {:?}", self.key_type))?,
-            environment: Environment::parse(&self.environment)
+            environment: Environment::parse(self.environment)
                 .ok_or_else(|| format!("unknown environment {:?}", self.environment))?,
-            scopes: ScopeSet::parse(&words(&self.scopes))
+            scopes: ScopeSet::parse(&scopes)
                 .map_err(|unknown| format!("unknown scopes {unknown:?}"))?,
             full_access: self.full_access,
-            secret_hash: SecretHash::from_slice(&self.secret_hash)
+            secret_hash: SecretHash::from_slice(self.secret_hash)
                 .ok_or("secret_hash is not 32 bytes")?,
-            masked: self.masked,
-            public_key: self.public_key,
-            allowed_domains: words(&self.allowed_domains)
-                .iter()
-                .map(|d| DomainPattern::parse(d))
+            masked: self.masked.to_owned(),
+            public_key: self.public_key.map(str::to_owned),
+            allowed_domains: self
+                .allowed_domains
+                .split_whitespace()
+                .map(DomainPattern::parse)
                 .collect::<Result<_, _>>()?,
             created_at_ms: self.created_at,
             expires_at_ms: self.expires_at,
@@ -61,7 +118,7 @@ impl KeyRow {
             stream_version: u64::try_from(self.stream_version)
                 .map_err(|_| "negative stream_version")?,
             last_revealed_at_ms: self.last_revealed_at,
-            created_by: self.created_by,
+            created_by: self.created_by.to_owned(),
             updated_at_ms: self.updated_at,
         })
     }
@@ -72,35 +129,241 @@ pub const KEY_COLUMNS: &str = "key_id, workspace_id, name, key_type, environment
     full_access, secret_hash, masked, public_key, allowed_domains, created_at, expires_at, \
     revoked_at, reveal_later, version, stream_version, created_by, updated_at, last_revealed_at";
 
-/// Values of a `keys` row for a state, bound in [`KEY_COLUMNS`] order.
-pub fn bind_state<'q>(
-    query: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
-    s: &KeyState,
-) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
+/// The number of columns in [`KEY_COLUMNS`].
+pub const KEY_COLUMN_COUNT: usize = 20;
+
+/// One value of a row, as SQLite stores it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value<'a> {
+    Text(Cow<'a, str>),
+    Int(i64),
+    Blob(&'a [u8]),
+    Null,
+}
+
+impl<'a> Value<'a> {
+    fn text(s: &'a str) -> Value<'a> {
+        Value::Text(Cow::Borrowed(s))
+    }
+
+    fn int_or_null(v: Option<i64>) -> Value<'a> {
+        v.map_or(Value::Null, Value::Int)
+    }
+}
+
+/// The values of a state's `keys` row, in [`KEY_COLUMNS`] order: the one row encoding of the
+/// projection, written by the live path and by the rebuild alike.
+pub fn values(s: &KeyState) -> [Value<'_>; KEY_COLUMN_COUNT] {
     let domains: Vec<&str> = s
         .allowed_domains
         .iter()
         .map(DomainPattern::as_str)
         .collect();
+    [
+        Value::Text(Cow::Owned(s.key_id.to_string())),
+        Value::text(s.workspace_id.as_str()),
+        Value::text(s.name.as_str()),
+        Value::text(s.key_type.as_str()),
+        Value::text(s.environment.as_str()),
+        Value::Text(Cow::Owned(s.scopes.names().join(" "))),
+        Value::Int(i64::from(s.full_access)),
+        Value::Blob(&s.secret_hash.0),
+        Value::text(&s.masked),
+        s.public_key.as_deref().map_or(Value::Null, Value::text),
+        Value::Text(Cow::Owned(domains.join(" "))),
+        Value::Int(s.created_at_ms),
+        Value::int_or_null(s.expires_at_ms),
+        Value::int_or_null(s.revoked_at_ms),
+        Value::Int(i64::from(s.reveal_later)),
+        Value::Int(i64::try_from(s.version).unwrap_or(i64::MAX)),
+        Value::Int(i64::try_from(s.stream_version).unwrap_or(i64::MAX)),
+        Value::text(&s.created_by),
+        Value::Int(s.updated_at_ms),
+        Value::int_or_null(s.last_revealed_at_ms),
+    ]
+}
+
+/// Binds a state's row values to a sqlx query, in [`KEY_COLUMNS`] order.
+pub fn bind_state<'q>(
+    mut query: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
+    s: &'q KeyState,
+) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
+    for value in values(s) {
+        query = match value {
+            Value::Text(Cow::Borrowed(text)) => query.bind(text),
+            Value::Text(Cow::Owned(text)) => query.bind(text),
+            Value::Int(v) => query.bind(v),
+            Value::Blob(bytes) => query.bind(bytes),
+            Value::Null => query.bind(None::<i64>),
+        };
+    }
     query
-        .bind(s.key_id.to_string())
-        .bind(s.workspace_id.to_string())
-        .bind(s.name.as_str().to_owned())
-        .bind(s.key_type.as_str())
-        .bind(s.environment.as_str())
-        .bind(s.scopes.names().join(" "))
-        .bind(s.full_access)
-        .bind(s.secret_hash.0.to_vec())
-        .bind(s.masked.clone())
-        .bind(s.public_key.clone())
-        .bind(domains.join(" "))
-        .bind(s.created_at_ms)
-        .bind(s.expires_at_ms)
-        .bind(s.revoked_at_ms)
-        .bind(s.reveal_later)
-        .bind(i64::try_from(s.version).unwrap_or(i64::MAX))
-        .bind(i64::try_from(s.stream_version).unwrap_or(i64::MAX))
-        .bind(s.created_by.clone())
-        .bind(s.updated_at_ms)
-        .bind(s.last_revealed_at_ms)
+}
+
+/// A row of `SELECT {KEY_COLUMNS}` read through rusqlite, borrowed.
+pub fn row_ref<'a>(row: &'a rusqlite::Row<'_>) -> rusqlite::Result<KeyRowRef<'a>> {
+    fn text<'a>(row: &'a rusqlite::Row<'_>, i: usize) -> rusqlite::Result<&'a str> {
+        Ok(row.get_ref(i)?.as_str()?)
+    }
+    fn int(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<i64> {
+        Ok(row.get_ref(i)?.as_i64()?)
+    }
+    fn int_or_null(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Option<i64>> {
+        Ok(row.get_ref(i)?.as_i64_or_null()?)
+    }
+    Ok(KeyRowRef {
+        key_id: text(row, 0)?,
+        workspace_id: text(row, 1)?,
+        name: text(row, 2)?,
+        key_type: text(row, 3)?,
+        environment: text(row, 4)?,
+        scopes: text(row, 5)?,
+        full_access: int(row, 6)? != 0,
+        secret_hash: row.get_ref(7)?.as_blob()?,
+        masked: text(row, 8)?,
+        public_key: row.get_ref(9)?.as_str_or_null()?,
+        allowed_domains: text(row, 10)?,
+        created_at: int(row, 11)?,
+        expires_at: int_or_null(row, 12)?,
+        revoked_at: int_or_null(row, 13)?,
+        reveal_later: int(row, 14)? != 0,
+        version: int(row, 15)?,
+        stream_version: int(row, 16)?,
+        created_by: text(row, 17)?,
+        updated_at: int(row, 18)?,
+        last_revealed_at: int_or_null(row, 19)?,
+    })
+}
+
+/// Binds a state's row values to a rusqlite statement, in [`KEY_COLUMNS`] order starting at
+/// parameter `first` (1-based, as SQLite counts).
+pub fn bind_rusqlite(
+    statement: &mut rusqlite::Statement<'_>,
+    first: usize,
+    s: &KeyState,
+) -> rusqlite::Result<()> {
+    for (i, value) in values(s).into_iter().enumerate() {
+        let at = first + i;
+        match value {
+            Value::Text(text) => statement.raw_bind_parameter(at, text.as_ref())?,
+            Value::Int(v) => statement.raw_bind_parameter(at, v)?,
+            Value::Blob(bytes) => statement.raw_bind_parameter(at, bytes)?,
+            Value::Null => statement.raw_bind_parameter(at, rusqlite::types::Null)?,
+        }
+    }
+    Ok(())
+}
+
+/// Many `keys` rows copied out of the driver's buffers into one allocation, to hand to another
+/// thread for validation without an allocation per value.
+#[derive(Default)]
+pub struct RowBatch {
+    bytes: Vec<u8>,
+    rows: Vec<CopiedRow>,
+}
+
+/// Spans of [`RowBatch::bytes`]: key_id, workspace_id, name, key_type, environment, scopes,
+/// secret_hash, masked, allowed_domains, created_by, public_key.
+struct CopiedRow {
+    spans: [(u32, u32); 11],
+    has_public_key: bool,
+    full_access: bool,
+    reveal_later: bool,
+    created_at: i64,
+    expires_at: Option<i64>,
+    revoked_at: Option<i64>,
+    version: i64,
+    stream_version: i64,
+    updated_at: i64,
+    last_revealed_at: Option<i64>,
+}
+
+impl RowBatch {
+    pub fn with_capacity(rows: usize) -> RowBatch {
+        RowBatch {
+            bytes: Vec::with_capacity(rows * 160),
+            rows: Vec::with_capacity(rows),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    fn copy(&mut self, value: &[u8]) -> (u32, u32) {
+        let start = u32::try_from(self.bytes.len()).unwrap_or(u32::MAX);
+        self.bytes.extend_from_slice(value);
+        (start, u32::try_from(value.len()).unwrap_or(u32::MAX))
+    }
+
+    pub fn push(&mut self, r: &KeyRowRef<'_>) {
+        let spans = [
+            self.copy(r.key_id.as_bytes()),
+            self.copy(r.workspace_id.as_bytes()),
+            self.copy(r.name.as_bytes()),
+            self.copy(r.key_type.as_bytes()),
+            self.copy(r.environment.as_bytes()),
+            self.copy(r.scopes.as_bytes()),
+            self.copy(r.secret_hash),
+            self.copy(r.masked.as_bytes()),
+            self.copy(r.allowed_domains.as_bytes()),
+            self.copy(r.created_by.as_bytes()),
+            self.copy(r.public_key.unwrap_or_default().as_bytes()),
+        ];
+        self.rows.push(CopiedRow {
+            spans,
+            has_public_key: r.public_key.is_some(),
+            full_access: r.full_access,
+            reveal_later: r.reveal_later,
+            created_at: r.created_at,
+            expires_at: r.expires_at,
+            revoked_at: r.revoked_at,
+            version: r.version,
+            stream_version: r.stream_version,
+            updated_at: r.updated_at,
+            last_revealed_at: r.last_revealed_at,
+        });
+    }
+
+    /// The rows, borrowed from the batch. Text copied from SQLite as `&str` is UTF-8, so the
+    /// checks here never fail on a batch built by [`RowBatch::push`].
+    pub fn iter(&self) -> impl Iterator<Item = Result<KeyRowRef<'_>, String>> {
+        self.rows.iter().map(|row| {
+            let bytes = |i: usize| {
+                let (start, len) = row.spans[i];
+                &self.bytes[start as usize..start as usize + len as usize]
+            };
+            let text = |i: usize| std::str::from_utf8(bytes(i)).map_err(|e| e.to_string());
+            Ok(KeyRowRef {
+                key_id: text(0)?,
+                workspace_id: text(1)?,
+                name: text(2)?,
+                key_type: text(3)?,
+                environment: text(4)?,
+                scopes: text(5)?,
+                full_access: row.full_access,
+                secret_hash: bytes(6),
+                masked: text(7)?,
+                public_key: if row.has_public_key {
+                    Some(text(10)?)
+                } else {
+                    None
+                },
+                allowed_domains: text(8)?,
+                created_at: row.created_at,
+                expires_at: row.expires_at,
+                revoked_at: row.revoked_at,
+                reveal_later: row.reveal_later,
+                version: row.version,
+                stream_version: row.stream_version,
+                created_by: text(9)?,
+                updated_at: row.updated_at,
+                last_revealed_at: row.last_revealed_at,
+            })
+        })
+    }
 }

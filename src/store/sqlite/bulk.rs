@@ -1,0 +1,743 @@
+//! Bulk work on SQLite through rusqlite: loading every key at start-up, reading a whole log for
+//! the audit tools, and rebuilding the projection.
+//!
+//! sqlx runs each connection on a worker thread of its own and hands every row, as owned
+//! values, to the task reading it: right for the live path's short statements, but at a
+//! million rows that hand-off costs several times what SQLite spends reading the page
+//! (BENCHMARKS.md). rusqlite steps the statement on the calling thread and lends each value
+//! in place, from the same libsqlite3-sys (one SQLite in the binary). These functions block:
+//! they run under `spawn_blocking`, and spread the CPU work (validating rows, decoding and
+//! folding events) over the other cores while one thread reads.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OpenFlags, Row};
+
+use super::rows::{self, KEY_COLUMN_COUNT, KEY_COLUMNS, RowBatch};
+use super::{BUSY_TIMEOUT, Param, records_query};
+use crate::domain::{self, KeyId, KeyState, Recorded};
+use crate::log::chain::{Hash, LogRecord};
+use crate::log::events;
+use crate::log::fold::{self, FoldedKeys};
+use crate::store::backend::{RebuildReport, Snapshot};
+use crate::store::{Cause, RecordFilter, StoreError};
+
+/// Rows per batch handed between threads.
+const BATCH: usize = 4096;
+
+/// SQLite's page cache for a bulk connection: scans read each page once, so a small cache
+/// does; memory is for the data being built.
+const CACHE_KIB: i64 = 16 * 1024;
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> StoreError {
+        use rusqlite::ErrorCode as C;
+        match e.sqlite_error_code() {
+            Some(C::DiskFull) => StoreError::Full(Cause::new(e)),
+            Some(
+                C::PermissionDenied
+                | C::DatabaseBusy
+                | C::DatabaseLocked
+                | C::OutOfMemory
+                | C::ReadOnly
+                | C::SystemIoFailure
+                | C::DatabaseCorrupt
+                | C::CannotOpen
+                | C::FileLockingProtocolFailed
+                | C::NotADatabase,
+            ) => StoreError::Unavailable(Cause::new(e)),
+            _ => StoreError::Database(Cause::new(e)),
+        }
+    }
+}
+
+/// A read-only connection for scans.
+fn open_read_only(path: &Path) -> Result<Connection, StoreError> {
+    if !path.exists() {
+        return Err(StoreError::Refused(format!(
+            "no database at {}",
+            path.display()
+        )));
+    }
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.pragma_update(None, "cache_size", -CACHE_KIB)?;
+    Ok(conn)
+}
+
+/// How many threads to spread CPU work over besides the reading one.
+fn workers() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4))
+}
+
+fn corrupt(e: String) -> StoreError {
+    StoreError::Corrupt(e)
+}
+
+/// Runs blocking work on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| StoreError::Unavailable(Cause::msg(format!("a bulk read failed: {e}"))))?
+}
+
+// ---------------------------------------------------------------------------------------------
+// Start-up: every key, validated, on every core
+
+/// Hands every projection row, validated, to `each` from `workers()` threads while this one
+/// reads, all in one read transaction. Refuses a projection whose checkpoint is not the
+/// log's last sequence: serving from it would miss keys or revocations.
+pub(super) async fn for_each_key_concurrently(
+    path: &Path,
+    each: std::sync::Arc<dyn Fn(KeyState) + Send + Sync>,
+) -> Result<u64, StoreError> {
+    let path = path.to_owned();
+    blocking(move || {
+        let conn = open_read_only(&path)?;
+        conn.execute_batch("BEGIN")?;
+        let (checkpoint, end) = checkpoint_and_end(&conn)?;
+        if checkpoint != end {
+            return Err(StoreError::Corrupt(format!(
+                "the keys table was last brought up to sequence {checkpoint} but the log ends \
+                 at {end}; run `kemon-keys rebuild` with the server stopped"
+            )));
+        }
+        let loaded = fan_out_key_rows(&conn, &*each);
+        conn.execute_batch("COMMIT")?;
+        loaded
+    })
+    .await
+}
+
+/// The projection's checkpoint and the log's last sequence, read in the caller's transaction.
+fn checkpoint_and_end(conn: &Connection) -> Result<(u64, u64), StoreError> {
+    let checkpoint: i64 = conn.query_row(
+        "SELECT last_sequence FROM projection_checkpoint WHERE id = 1",
+        [],
+        |r| r.get(0),
+    )?;
+    let end: i64 = conn.query_row("SELECT COALESCE(MAX(sequence), 0) FROM events", [], |r| {
+        r.get(0)
+    })?;
+    Ok((
+        u64::try_from(checkpoint).unwrap_or(0),
+        u64::try_from(end).unwrap_or(0),
+    ))
+}
+
+/// Reads every `keys` row on this thread and validates them on `workers()` others, handing each
+/// state to `each` there.
+fn fan_out_key_rows(
+    conn: &Connection,
+    each: &(dyn Fn(KeyState) + Send + Sync),
+) -> Result<u64, StoreError> {
+    let workers = workers();
+    std::thread::scope(|scope| {
+        let mut senders: Vec<SyncSender<RowBatch>> = Vec::with_capacity(workers);
+        let mut handles = Vec::with_capacity(workers);
+        for _ in 0..workers {
+            let (tx, rx) = sync_channel::<RowBatch>(2);
+            senders.push(tx);
+            handles.push(scope.spawn(move || -> Result<u64, StoreError> {
+                let mut n = 0;
+                for batch in rx {
+                    for row in batch.iter() {
+                        each(row.and_then(|r| r.to_state()).map_err(corrupt)?);
+                        n += 1;
+                    }
+                }
+                Ok(n)
+            }));
+        }
+        let read = (|| -> Result<(), StoreError> {
+            let mut statement = conn.prepare(&format!("SELECT {KEY_COLUMNS} FROM keys"))?;
+            let mut rows = statement.query([])?;
+            let mut batch = RowBatch::with_capacity(BATCH);
+            let mut next = 0;
+            while let Some(row) = rows.next()? {
+                batch.push(&rows::row_ref(row)?);
+                if batch.len() == BATCH {
+                    let full = std::mem::replace(&mut batch, RowBatch::with_capacity(BATCH));
+                    if senders[next].send(full).is_err() {
+                        // That worker stopped on a bad row: its error is the answer.
+                        return Ok(());
+                    }
+                    next = (next + 1) % workers;
+                }
+            }
+            if !batch.is_empty() {
+                let _ = senders[next].send(batch);
+            }
+            Ok(())
+        })();
+        drop(senders);
+        let mut loaded = 0;
+        let mut failure = read.err();
+        for handle in handles {
+            match handle.join() {
+                Ok(Ok(n)) => loaded += n,
+                Ok(Err(e)) => failure = failure.or(Some(e)),
+                Err(_) => {
+                    failure = failure.or(Some(StoreError::Invariant(
+                        "a thread loading keys panicked".into(),
+                    )))
+                }
+            }
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(loaded),
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The audit tools: a snapshot read by rusqlite
+
+const RECORD_COLUMNS: &str = "sequence, key_id, workspace_id, stream_version, event_type, \
+    schema_version, payload, actor, recorded_at, hash, workspace_hash";
+
+/// A record from a row of `SELECT {RECORD_COLUMNS}`.
+fn record(row: &Row<'_>) -> Result<LogRecord, StoreError> {
+    let hash = |i: usize, name: &str| -> Result<Hash, StoreError> {
+        row.get_ref(i)?
+            .as_blob()
+            .map_err(rusqlite::Error::from)?
+            .try_into()
+            .map_err(|_| StoreError::Corrupt(format!("{name} is not 32 bytes")))
+    };
+    Ok(LogRecord {
+        sequence: u64::try_from(row.get::<_, i64>(0)?).unwrap_or(0),
+        key_id: row.get(1)?,
+        workspace_id: row.get(2)?,
+        stream_version: u64::try_from(row.get::<_, i64>(3)?).unwrap_or(0),
+        event_type: row.get(4)?,
+        schema_version: u32::try_from(row.get::<_, i64>(5)?).unwrap_or(u32::MAX),
+        payload: row.get(6)?,
+        actor: row.get(7)?,
+        recorded_at_ms: row.get(8)?,
+        hash: hash(9, "hash")?,
+        workspace_hash: hash(10, "workspace_hash")?,
+    })
+}
+
+fn bind_params(statement: &mut rusqlite::Statement<'_>, params: &[Param]) -> rusqlite::Result<()> {
+    for (i, p) in params.iter().enumerate() {
+        match p {
+            Param::Int(v) => statement.raw_bind_parameter(i + 1, v)?,
+            Param::Text(v) => statement.raw_bind_parameter(i + 1, v.as_str())?,
+        }
+    }
+    Ok(())
+}
+
+/// One read transaction on a connection of its own, read through rusqlite: the log and the
+/// projection as they were at one moment, even while a server keeps writing.
+pub(super) struct BulkSnapshot {
+    /// Lent to a blocking thread for each read; `None` only while it is out.
+    conn: Option<Connection>,
+}
+
+impl BulkSnapshot {
+    pub(super) async fn open(path: &Path) -> Result<BulkSnapshot, StoreError> {
+        let path = path.to_owned();
+        let conn = blocking(move || {
+            let conn = open_read_only(&path)?;
+            conn.execute_batch("BEGIN")?;
+            // The snapshot is taken at the first read, so take it now.
+            conn.query_row("SELECT COUNT(*) FROM sqlite_schema", [], |r| {
+                r.get::<_, i64>(0)
+            })?;
+            Ok(conn)
+        })
+        .await?;
+        Ok(BulkSnapshot { conn: Some(conn) })
+    }
+
+    fn lend(&mut self) -> Result<Connection, StoreError> {
+        self.conn.take().ok_or_else(|| {
+            StoreError::Unavailable(Cause::msg("the snapshot's connection was lost"))
+        })
+    }
+
+    /// Runs `read` on the connection, on the blocking pool.
+    async fn with<T: Send + 'static>(
+        &mut self,
+        read: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let conn = self.lend()?;
+        let (conn, out) = tokio::task::spawn_blocking(move || {
+            let out = read(&conn);
+            (conn, out)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(Cause::msg(format!("a read failed: {e}"))))?;
+        self.conn = Some(conn);
+        out
+    }
+
+    /// Streams batches that `produce` sends from the blocking pool to `each`, until either
+    /// side stops; the connection comes back whatever happened.
+    async fn stream<T: Send + 'static, R: Send + 'static>(
+        &mut self,
+        produce: impl FnOnce(&Connection, &tokio::sync::mpsc::Sender<Vec<T>>) -> Result<R, StoreError>
+        + Send
+        + 'static,
+        each: &mut (dyn FnMut(Vec<T>) -> bool + Send),
+    ) -> Result<R, StoreError> {
+        let conn = self.lend()?;
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<T>>(4);
+        let producer = tokio::task::spawn_blocking(move || {
+            let out = produce(&conn, &tx);
+            (conn, out)
+        });
+        while let Some(batch) = rx.recv().await {
+            if !each(batch) {
+                break;
+            }
+        }
+        // Stops a producer still sending (its next send fails), then takes the connection back.
+        drop(rx);
+        let (conn, out) = producer
+            .await
+            .map_err(|e| StoreError::Unavailable(Cause::msg(format!("a read failed: {e}"))))?;
+        self.conn = Some(conn);
+        out
+    }
+}
+
+#[async_trait]
+impl Snapshot for BulkSnapshot {
+    async fn read_records(
+        &mut self,
+        after: u64,
+        limit: u32,
+        filter: &RecordFilter,
+    ) -> Result<Vec<LogRecord>, StoreError> {
+        let (sql, params) = records_query(after, limit, filter);
+        self.with(move |conn| {
+            let mut statement = conn.prepare(&sql)?;
+            bind_params(&mut statement, &params)?;
+            let mut rows = statement.raw_query();
+            let mut out = Vec::new();
+            while let Some(row) = rows.next()? {
+                out.push(record(row)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn projection(&mut self) -> Result<(Vec<KeyState>, u64), StoreError> {
+        self.with(|conn| {
+            let mut statement = conn.prepare(&format!("SELECT {KEY_COLUMNS} FROM keys"))?;
+            let mut rows = statement.query([])?;
+            let mut states = Vec::new();
+            while let Some(row) = rows.next()? {
+                states.push(rows::row_ref(row)?.to_state().map_err(corrupt)?);
+            }
+            // Key id order, as the trait promises (the table is clustered by workspace).
+            states.sort_unstable_by_key(|s| s.key_id);
+            let (checkpoint, _) = checkpoint_and_end(conn)?;
+            Ok((states, checkpoint))
+        })
+        .await
+    }
+
+    async fn log_end(&mut self) -> Result<u64, StoreError> {
+        self.with(|conn| Ok(checkpoint_and_end(conn)?.1)).await
+    }
+
+    async fn scan_records(
+        &mut self,
+        up_to: u64,
+        each: &mut (dyn FnMut(Vec<LogRecord>) -> bool + Send),
+    ) -> Result<(), StoreError> {
+        self.stream(
+            move |conn, tx| {
+                let mut statement = conn.prepare(&format!(
+                    "SELECT {RECORD_COLUMNS} FROM events WHERE sequence <= ?1 ORDER BY sequence"
+                ))?;
+                let mut rows = statement.query([i64::try_from(up_to).unwrap_or(i64::MAX)])?;
+                let mut batch = Vec::with_capacity(BATCH);
+                while let Some(row) = rows.next()? {
+                    batch.push(record(row)?);
+                    if batch.len() == BATCH {
+                        let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
+                        if tx.blocking_send(full).is_err() {
+                            return Ok(());
+                        }
+                    }
+                }
+                if !batch.is_empty() {
+                    let _ = tx.blocking_send(batch);
+                }
+                Ok(())
+            },
+            each,
+        )
+        .await
+    }
+
+    async fn scan_projection(
+        &mut self,
+        each: &mut (dyn FnMut(Vec<KeyState>) -> bool + Send),
+    ) -> Result<u64, StoreError> {
+        self.stream(
+            |conn, tx| {
+                let (checkpoint, _) = checkpoint_and_end(conn)?;
+                let mut statement = conn.prepare(&format!("SELECT {KEY_COLUMNS} FROM keys"))?;
+                let mut rows = statement.query([])?;
+                let mut batch = Vec::with_capacity(BATCH);
+                while let Some(row) = rows.next()? {
+                    batch.push(rows::row_ref(row)?.to_state().map_err(corrupt)?);
+                    if batch.len() == BATCH {
+                        let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
+                        if tx.blocking_send(full).is_err() {
+                            return Ok(checkpoint);
+                        }
+                    }
+                }
+                if !batch.is_empty() {
+                    let _ = tx.blocking_send(batch);
+                }
+                Ok(checkpoint)
+            },
+            each,
+        )
+        .await
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rebuild
+
+/// Events copied out of SQLite's buffers into one allocation, for a folding thread.
+#[derive(Default)]
+struct EventBatch {
+    bytes: Vec<u8>,
+    events: Vec<CopiedEvent>,
+}
+
+/// Spans of [`EventBatch::bytes`]: key_id, event_type, payload, actor.
+struct CopiedEvent {
+    sequence: u64,
+    stream_version: u64,
+    schema_version: u32,
+    recorded_at_ms: i64,
+    spans: [(usize, usize); 4],
+}
+
+impl EventBatch {
+    fn with_capacity(events: usize) -> EventBatch {
+        EventBatch {
+            bytes: Vec::with_capacity(events * 180),
+            events: Vec::with_capacity(events),
+        }
+    }
+
+    fn push(&mut self, event: CopiedEvent, values: [&[u8]; 4]) {
+        let mut event = event;
+        for (span, value) in event.spans.iter_mut().zip(values) {
+            *span = (self.bytes.len(), value.len());
+            self.bytes.extend_from_slice(value);
+        }
+        self.events.push(event);
+    }
+
+    fn get(&self, span: (usize, usize)) -> &[u8] {
+        &self.bytes[span.0..span.0 + span.1]
+    }
+}
+
+/// Where a folding thread stopped: the first bad event it met.
+#[derive(Debug)]
+struct FoldFailure {
+    sequence: u64,
+    error: StoreError,
+}
+
+/// One folding thread's share: the keys routed to it, folded in log order.
+fn fold_events(
+    batches: Receiver<EventBatch>,
+    capacity: usize,
+    failed_at: &AtomicU64,
+) -> (FoldedKeys, Result<(), FoldFailure>) {
+    let mut folded = FoldedKeys::with_capacity(capacity);
+    let mut outcome = Ok(());
+    for batch in batches {
+        if outcome.is_err() {
+            continue;
+        }
+        for e in &batch.events {
+            if let Err(error) = fold_one(&mut folded, &batch, e) {
+                failed_at.fetch_min(e.sequence, Ordering::Relaxed);
+                outcome = Err(FoldFailure {
+                    sequence: e.sequence,
+                    error,
+                });
+                break;
+            }
+        }
+    }
+    (folded, outcome)
+}
+
+fn fold_one(
+    folded: &mut FoldedKeys,
+    batch: &EventBatch,
+    e: &CopiedEvent,
+) -> Result<(), StoreError> {
+    let sequence = e.sequence;
+    let text = |i: usize| {
+        std::str::from_utf8(batch.get(e.spans[i]))
+            .map_err(|err| StoreError::Corrupt(format!("sequence {sequence}: {err}")))
+    };
+    let key_id = KeyId::parse(text(0)?)
+        .map_err(|err| StoreError::Corrupt(format!("sequence {sequence}: key_id {err}")))?;
+    let event = events::decode_event(text(1)?, e.schema_version, batch.get(e.spans[2]))
+        .map_err(|err| StoreError::Corrupt(format!("sequence {sequence}: {err}")))?;
+    let recorded = Recorded {
+        event,
+        actor: text(3)?.to_owned(),
+        recorded_at_ms: e.recorded_at_ms,
+        stream_version: e.stream_version,
+    };
+    let previous = folded.take(&key_id).map_err(StoreError::Invariant)?;
+    let state = domain::apply(previous, &recorded)
+        .map_err(|err| StoreError::Corrupt(format!("sequence {sequence}: {err}")))?;
+    if state.key_id != key_id {
+        return Err(StoreError::Corrupt(format!(
+            "sequence {sequence}: the payload is for {} but the record's stream is {key_id}",
+            state.key_id
+        )));
+    }
+    folded.put(&state);
+    Ok(())
+}
+
+/// A thread for the events of a key: the same thread for every event of one stream.
+fn route(key_id: &[u8], threads: usize) -> usize {
+    // FNV-1a: key ids end in 16 random characters.
+    let hash = key_id.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    (hash % threads as u64) as usize
+}
+
+/// Every event folded with the domain's `apply`, in log order per key, spread over
+/// `workers()` threads by key while this one reads. The events and the number of them, and
+/// the last sequence; or the first bad event in log order.
+fn fold_log(conn: &Connection) -> Result<(Vec<FoldedKeys>, u64, i64), StoreError> {
+    let threads = workers();
+    let max_sequence: i64 =
+        conn.query_row("SELECT COALESCE(MAX(sequence), 0) FROM events", [], |r| {
+            r.get(0)
+        })?;
+    // At most one key per event: sized so that no map rehashes. Buckets never written are
+    // never touched.
+    let capacity = usize::try_from(max_sequence).unwrap_or(0) / threads + 1;
+    let failed_at = AtomicU64::new(u64::MAX);
+    std::thread::scope(|scope| {
+        let mut senders = Vec::with_capacity(threads);
+        let mut handles = Vec::with_capacity(threads);
+        for _ in 0..threads {
+            let (tx, rx) = sync_channel::<EventBatch>(2);
+            senders.push(tx);
+            let failed_at = &failed_at;
+            handles.push(scope.spawn(move || fold_events(rx, capacity, failed_at)));
+        }
+        let read = (|| -> Result<(u64, i64), StoreError> {
+            let mut statement = conn.prepare(
+                "SELECT sequence, key_id, stream_version, event_type, schema_version, payload, \
+                 actor, recorded_at FROM events ORDER BY sequence",
+            )?;
+            let mut rows = statement.query([])?;
+            let mut batches: Vec<EventBatch> = (0..threads)
+                .map(|_| EventBatch::with_capacity(BATCH))
+                .collect();
+            let (mut events, mut last_sequence) = (0u64, 0i64);
+            while let Some(row) = rows.next()? {
+                let sequence: i64 = row.get(0)?;
+                let sequence_u = u64::try_from(sequence).unwrap_or(0);
+                if sequence_u > failed_at.load(Ordering::Relaxed) {
+                    // An earlier event already failed: nothing after it matters.
+                    break;
+                }
+                let key_id = row.get_ref(1)?.as_bytes().map_err(rusqlite::Error::from)?;
+                let thread = route(key_id, threads);
+                batches[thread].push(
+                    CopiedEvent {
+                        sequence: sequence_u,
+                        stream_version: u64::try_from(row.get::<_, i64>(2)?).unwrap_or(0),
+                        schema_version: u32::try_from(row.get::<_, i64>(4)?).unwrap_or(u32::MAX),
+                        recorded_at_ms: row.get(7)?,
+                        spans: [(0, 0); 4],
+                    },
+                    [
+                        key_id,
+                        row.get_ref(3)?.as_bytes().map_err(rusqlite::Error::from)?,
+                        row.get_ref(5)?.as_bytes().map_err(rusqlite::Error::from)?,
+                        row.get_ref(6)?.as_bytes().map_err(rusqlite::Error::from)?,
+                    ],
+                );
+                events += 1;
+                last_sequence = sequence;
+                if batches[thread].events.len() == BATCH {
+                    let full =
+                        std::mem::replace(&mut batches[thread], EventBatch::with_capacity(BATCH));
+                    // A thread that stopped still drains its channel.
+                    let _ = senders[thread].send(full);
+                }
+            }
+            for (batch, tx) in batches.into_iter().zip(&senders) {
+                if !batch.events.is_empty() {
+                    let _ = tx.send(batch);
+                }
+            }
+            Ok((events, last_sequence))
+        })();
+        drop(senders);
+        let mut parts = Vec::with_capacity(threads);
+        let mut first: Option<FoldFailure> = None;
+        for handle in handles {
+            let (folded, outcome) = handle
+                .join()
+                .map_err(|_| StoreError::Invariant("a folding thread panicked".into()))?;
+            parts.push(folded);
+            if let Err(failure) = outcome
+                && first.as_ref().is_none_or(|f| failure.sequence < f.sequence)
+            {
+                first = Some(failure);
+            }
+        }
+        if let Some(failure) = first {
+            return Err(failure.error);
+        }
+        let (events, last_sequence) = read?;
+        Ok((parts, events, last_sequence))
+    })
+}
+
+/// Writes the folded states as `keys` rows, in the table's order (so that every row is
+/// appended), decoding them on another thread while this one inserts.
+fn write_keys(conn: &Connection, sorted: Vec<Box<[u8]>>) -> Result<u64, StoreError> {
+    let placeholders = (1..=KEY_COLUMN_COUNT)
+        .map(|i| format!("?{i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut insert = conn.prepare(&format!(
+        "INSERT INTO keys ({KEY_COLUMNS}) VALUES ({placeholders})"
+    ))?;
+    std::thread::scope(|scope| {
+        let (tx, rx) = sync_channel::<Result<Vec<KeyState>, String>>(4);
+        scope.spawn(move || {
+            let mut sorted = sorted.into_iter();
+            loop {
+                // Each encoding is freed once decoded: memory falls as rows are written.
+                let chunk: Result<Vec<KeyState>, String> = sorted
+                    .by_ref()
+                    .take(1024)
+                    .map(|encoded| fold::decode(&encoded))
+                    .collect();
+                if chunk.as_ref().is_ok_and(Vec::is_empty) || tx.send(chunk).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut written = 0u64;
+        for chunk in rx {
+            for state in chunk.map_err(StoreError::Invariant)? {
+                rows::bind_rusqlite(&mut insert, 1, &state)?;
+                insert.raw_execute()?;
+                written += 1;
+            }
+        }
+        Ok(written)
+    })
+}
+
+/// Recreates the `keys` projection from the log alone, in one transaction, on a database whose
+/// lock this process holds and whose other connections are closed.
+pub(super) fn rebuild(path: &Path) -> Result<RebuildReport, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    conn.pragma_update(None, "cache_size", -CACHE_KIB)?;
+    // The projection holds no secrets (only hashes of keys); zeroing every freed page of the
+    // old table would write it all once more. FAST still zeroes what costs no extra I/O.
+    conn.pragma_update(None, "secure_delete", "FAST")?;
+    let started = Instant::now();
+    // A rebuild rewrites the whole table in one transaction. Through the WAL every page would
+    // be written twice (log, then checkpoint); a rollback journal writes the new pages once
+    // and journals only the old ones. Switching modes needs exclusive use of the database,
+    // so this also refuses to run beside a live server.
+    let mode: Result<String, _> =
+        conn.query_row("PRAGMA journal_mode = TRUNCATE", [], |r| r.get(0));
+    if !mode.is_ok_and(|m| m.eq_ignore_ascii_case("truncate")) {
+        return Err(StoreError::Refused(
+            "the database is in use: stop the server before rebuilding".into(),
+        ));
+    }
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let (parts, events, last_sequence) = fold_log(&conn)?;
+    let folded = started.elapsed();
+    let sorted = fold::sorted_by_workspace(parts);
+    let sorted_at = started.elapsed();
+    conn.execute_batch("DELETE FROM keys")?;
+    let keys = write_keys(&conn, sorted)?;
+    conn.execute(
+        "UPDATE projection_checkpoint SET last_sequence = ?1 WHERE id = 1",
+        [last_sequence],
+    )?;
+    let written = started.elapsed();
+    conn.execute_batch("COMMIT")?;
+    let _: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    conn.close().map_err(|(_, e)| e)?;
+    let report = RebuildReport {
+        events,
+        keys,
+        last_sequence,
+    };
+    let ms = |d: Duration| d.as_millis() as u64;
+    tracing::debug!(
+        ?report,
+        fold_ms = ms(folded),
+        sort_ms = ms(sorted_at - folded),
+        write_ms = ms(written - sorted_at),
+        commit_and_close_ms = ms(started.elapsed() - written),
+        "rebuild phases"
+    );
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::route;
+
+    #[test]
+    fn routing_spreads_keys_and_keeps_a_key_on_one_thread() {
+        let ids: Vec<String> = (0..1000)
+            .map(|_| crate::domain::KeyId::generate(1_767_225_600_000).to_string())
+            .collect();
+        let on_first = ids.iter().filter(|id| route(id.as_bytes(), 2) == 0).count();
+        assert!((400..600).contains(&on_first), "{on_first}");
+        for id in &ids {
+            assert_eq!(route(id.as_bytes(), 3), route(id.as_bytes(), 3));
+        }
+    }
+}
