@@ -12,6 +12,9 @@
 //!  "actor":"user_123","recorded_at_ms":1767225600000,"hash":"<64 hex>",
 //!  "workspace_hash":"<64 hex>","event":{…}}
 //! ```
+//! An event recorded with an authenticated calling service (mutual TLS) also has
+//! `"caller_identity":"spiffe://…"`; events without one have no such key, so older exports
+//! and their readers are unchanged.
 //! `payload`, `hash` and `workspace_hash` are what the chains are computed over and checked
 //! against (see `audit.proto` for the canonical bytes). `event` is the decoded payload, for
 //! people; verification ignores it and decodes `payload` itself.
@@ -53,7 +56,7 @@ pub fn record_line(r: &LogRecord) -> String {
     let event = events::decode_payload(&r.event_type, r.schema_version, &r.payload)
         .map(|p| payload_json(&p))
         .unwrap_or_else(|e| json!({ "undecodable": e }));
-    json!({
+    let mut line = json!({
         "sequence": r.sequence,
         "key_id": r.key_id,
         "workspace_id": r.workspace_id,
@@ -66,8 +69,11 @@ pub fn record_line(r: &LogRecord) -> String {
         "hash": hex::encode(r.hash),
         "workspace_hash": hex::encode(r.workspace_hash),
         "event": event,
-    })
-    .to_string()
+    });
+    if let Some(identity) = &r.caller_identity {
+        line["caller_identity"] = json!(identity);
+    }
+    line.to_string()
 }
 
 /// Parses an event line back into the record it came from.
@@ -105,6 +111,11 @@ pub fn parse_record(line: &str) -> Result<LogRecord, String> {
         recorded_at_ms: v["recorded_at_ms"]
             .as_i64()
             .ok_or("`recorded_at_ms` is not a whole number")?,
+        caller_identity: match &v["caller_identity"] {
+            Value::Null => None,
+            Value::String(identity) => Some(identity.clone()),
+            _ => return Err("`caller_identity` is not a string".to_owned()),
+        },
         hash: hash_field("hash")?,
         workspace_hash: hash_field("workspace_hash")?,
     })
@@ -155,13 +166,26 @@ mod tests {
             }),
             actor: "u\"1".into(),
             recorded_at_ms: -5,
+            caller_identity: None,
             hash: [7; 32],
             workspace_hash: [9; 32],
         };
         let line = record_line(&record);
         assert!(!line.contains('\n'));
-        assert_eq!(parse_record(&line), Ok(record));
+        assert!(!line.contains("caller_identity"), "{line}");
+        assert_eq!(parse_record(&line), Ok(record.clone()));
         assert!(line.contains(r#""event":{"name":"n"}"#), "{line}");
+
+        let record = LogRecord {
+            caller_identity: Some("spiffe://kemon.internal/ns/app/sa/web".into()),
+            ..record
+        };
+        let line = record_line(&record);
+        assert!(
+            line.contains(r#""caller_identity":"spiffe://kemon.internal/ns/app/sa/web""#),
+            "{line}"
+        );
+        assert_eq!(parse_record(&line), Ok(record));
     }
 
     #[test]

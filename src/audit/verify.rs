@@ -291,6 +291,7 @@ mod tests {
                     payload: encoded.payload,
                     actor: "a".into(),
                     recorded_at_ms: 1,
+                    caller_identity: None,
                     hash: [0; 32],
                     workspace_hash: [0; 32],
                 };

@@ -262,6 +262,8 @@ pub fn settings(data_dir: &Path, master_key: MasterKeySource) -> Settings {
         connection_limits: Default::default(),
         max_database_mib: None,
         ext_authz_api_key_header: "x-api-key".into(),
+        security: Default::default(),
+        admin_listen: None,
     }
 }
 
