@@ -311,9 +311,8 @@ impl Application {
             .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?;
 
-        let admin = admin.map(|admin| {
-            tokio::spawn(admin.serve(limits, health_service.clone(), admin_stop))
-        });
+        let admin = admin
+            .map(|admin| tokio::spawn(admin.serve(limits, health_service.clone(), admin_stop)));
         let server = limits
             .apply(tonic::transport::Server::builder())
             .layer(TrackCallsLayer)
@@ -371,7 +370,10 @@ impl Application {
 
         server.await.context("server task")?.context("server")?;
         if let Some(admin) = admin {
-            admin.await.context("admin server task")?.context("admin server")?;
+            admin
+                .await
+                .context("admin server task")?
+                .context("admin server")?;
         }
         store.close().await;
         tracing::info!("stopped");

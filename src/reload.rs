@@ -168,7 +168,11 @@ mod tests {
 
         std::fs::remove_file(&path).unwrap();
         assert!(!watched.check().await);
-        assert_eq!(*watched.current(), 2, "a missing file keeps the previous value");
+        assert_eq!(
+            *watched.current(),
+            2,
+            "a missing file keeps the previous value"
+        );
     }
 
     #[test]

@@ -109,15 +109,16 @@ impl SecuritySettings {
             bail!("--client-ca and --policy go together: the policy names the client identities");
         }
         if self.assertion_jwks.is_some() && self.policy.is_none() {
-            bail!("--assertion-jwks needs --policy: the policy says which callers must send assertions");
+            bail!(
+                "--assertion-jwks needs --policy: the policy says which callers must send assertions"
+            );
         }
         let tls = self.tls.as_ref().map(TlsFiles::open).transpose()?;
         let assertions = match &self.assertion_jwks {
             None => None,
             Some(path) => {
-                let keys = Watched::open("assertion JWKS", vec![path.clone()], |c| {
-                    Jwks::parse(&c[0])
-                })?;
+                let keys =
+                    Watched::open("assertion JWKS", vec![path.clone()], |c| Jwks::parse(&c[0]))?;
                 let verifier = Arc::new(AssertionVerifier::new(
                     keys.clone(),
                     self.assertion_audience.clone(),

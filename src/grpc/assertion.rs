@@ -149,8 +149,8 @@ impl AssertionVerifier {
     /// The actor and role `token` asserts for `workspace` (the request's, as sent).
     pub fn verify(&self, token: &str, workspace: &str) -> Result<Asserted, AssertionError> {
         use jsonwebtoken::errors::ErrorKind;
-        let header = jsonwebtoken::decode_header(token)
-            .map_err(|_| AssertionError::Invalid("format"))?;
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|_| AssertionError::Invalid("format"))?;
         let keys = self.keys.current();
         let (algorithm, key) = header
             .kid
@@ -188,8 +188,7 @@ impl AssertionVerifier {
         if claims.exp - claims.iat > MAX_LIFETIME_SECS || claims.exp <= claims.iat {
             return Err(AssertionError::Invalid("lifetime"));
         }
-        if claims.iat > now + LEEWAY_SECS || claims.nbf.is_some_and(|nbf| nbf > now + LEEWAY_SECS)
-        {
+        if claims.iat > now + LEEWAY_SECS || claims.nbf.is_some_and(|nbf| nbf > now + LEEWAY_SECS) {
             return Err(AssertionError::Invalid("not_yet_valid"));
         }
         if now >= claims.exp + LEEWAY_SECS {

@@ -150,7 +150,10 @@ impl Actor {
     }
 
     /// Reads the actor from metadata and checks it may do `permission`.
-    fn authorize_headers(metadata: &MetadataMap, permission: Permission) -> Result<Actor, ApiError> {
+    fn authorize_headers(
+        metadata: &MetadataMap,
+        permission: Permission,
+    ) -> Result<Actor, ApiError> {
         let actor = Actor::from_metadata(metadata).map_err(ApiError::Unauthenticated)?;
         Actor::permitted(actor, permission)
     }

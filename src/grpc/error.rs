@@ -36,11 +36,19 @@ pub enum ApiError {
     /// Under mutual TLS: the client certificate names no identity (no URI or DNS SAN).
     IdentityMissing,
     /// Under mutual TLS: the client's identity is not in the policy.
-    IdentityUnknown { identity: String },
+    IdentityUnknown {
+        identity: String,
+    },
     /// Under mutual TLS: the policy does not grant the identity the call's surface.
-    SurfaceNotGranted { identity: String, surface: Surface },
+    SurfaceNotGranted {
+        identity: String,
+        surface: Surface,
+    },
     /// Under mutual TLS: the policy does not let the identity act with this role.
-    RoleNotGranted { identity: String, role: Role },
+    RoleNotGranted {
+        identity: String,
+        role: Role,
+    },
     /// A signed role assertion was required and is missing, invalid, expired or for another
     /// workspace.
     Assertion(AssertionError),
@@ -324,9 +332,7 @@ impl AssertionError {
             AssertionError::Missing => Described::new(
                 Code::Unauthenticated,
                 "ASSERTION_MISSING",
-                format!(
-                    "this caller must send a signed role assertion in `{ASSERTION_HEADER}`"
-                ),
+                format!("this caller must send a signed role assertion in `{ASSERTION_HEADER}`"),
             )
             .with("header", ASSERTION_HEADER),
             AssertionError::Invalid(problem) => Described::new(

@@ -501,14 +501,8 @@ impl KeyApi {
             name,
             expected_version: req.expected_version,
         });
-        self.change(
-            request,
-            &req.workspace_id,
-            &req.key_id,
-            violations,
-            command,
-        )
-        .await
+        self.change(request, &req.workspace_id, &req.key_id, violations, command)
+            .await
     }
 
     async fn rescope(
@@ -525,14 +519,8 @@ impl KeyApi {
             scopes,
             expected_version: req.expected_version,
         });
-        self.change(
-            request,
-            &req.workspace_id,
-            &req.key_id,
-            violations,
-            command,
-        )
-        .await
+        self.change(request, &req.workspace_id, &req.key_id, violations, command)
+            .await
     }
 
     async fn revoke(&self, request: &Request<pb::RevokeKeyRequest>) -> Result<pb::Key, ApiError> {

@@ -134,10 +134,14 @@ impl Policy {
             let acts_for_users =
                 surfaces.contains(&Surface::Manage) || surfaces.contains(&Surface::Audit);
             if acts_for_users && roles.is_empty() {
-                bail!("identity {identity:?}: `manage` and `audit` need `roles`, the roles it may act with");
+                bail!(
+                    "identity {identity:?}: `manage` and `audit` need `roles`, the roles it may act with"
+                );
             }
             if !acts_for_users && (!roles.is_empty() || g.require_assertion) {
-                bail!("identity {identity:?}: `roles` and `require_assertion` apply to `manage` and `audit` only");
+                bail!(
+                    "identity {identity:?}: `roles` and `require_assertion` apply to `manage` and `audit` only"
+                );
             }
             if g.require_assertion && !assertions {
                 bail!("identity {identity:?} requires assertions, but no --assertion-jwks is set");
@@ -286,7 +290,10 @@ mod tests {
             ("/kemon.keys.v1.KeyService/CreateKey", Some(Surface::Manage)),
             ("/kemon.keys.v1.KeyService/GetKey", Some(Surface::Manage)),
             ("/kemon.keys.v1.KeyService/RevealKey", Some(Surface::Manage)),
-            ("/kemon.keys.v1.AuditService/ReadEvents", Some(Surface::Audit)),
+            (
+                "/kemon.keys.v1.AuditService/ReadEvents",
+                Some(Surface::Audit),
+            ),
             ("/kemon.keys.v1.KeyService/ListScopes", None),
             ("/grpc.health.v1.Health/Check", None),
         ] {
@@ -319,10 +326,22 @@ mod tests {
     #[test]
     fn mistakes_in_a_policy_are_refused() {
         for (text, why) in [
-            ("[identities.a]\nsurfaces = [\"manage\"]", "manage without roles"),
-            ("[identities.a]\nsurfaces = [\"verify\"]\nroles = [\"admin\"]", "roles on verify"),
-            ("[identities.a]\nsurfaces = [\"sign\"]", "an unknown surface"),
-            ("[identities.a]\nsurfaces = [\"audit\"]\nroles = [\"root\"]", "an unknown role"),
+            (
+                "[identities.a]\nsurfaces = [\"manage\"]",
+                "manage without roles",
+            ),
+            (
+                "[identities.a]\nsurfaces = [\"verify\"]\nroles = [\"admin\"]",
+                "roles on verify",
+            ),
+            (
+                "[identities.a]\nsurfaces = [\"sign\"]",
+                "an unknown surface",
+            ),
+            (
+                "[identities.a]\nsurfaces = [\"audit\"]\nroles = [\"root\"]",
+                "an unknown role",
+            ),
             ("[identities.a]\nsurface = [\"verify\"]", "an unknown field"),
             (
                 "[identities.a]\nsurfaces = [\"manage\"]\nroles = [\"admin\"]\nrequire_assertion = true",

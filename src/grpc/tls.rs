@@ -53,14 +53,22 @@ impl TlsFiles {
         let mut files = vec![self.cert.clone(), self.key.clone()];
         files.extend(self.client_ca.clone());
         let mutual = self.client_ca.is_some();
-        Watched::open("TLS certificate, key and client CA", files, move |contents| {
-            server_config(&contents[0], &contents[1], mutual.then(|| &contents[2][..]))
-        })
+        Watched::open(
+            "TLS certificate, key and client CA",
+            files,
+            move |contents| {
+                server_config(&contents[0], &contents[1], mutual.then(|| &contents[2][..]))
+            },
+        )
     }
 }
 
 /// A rustls server configuration from PEM contents.
-fn server_config(cert: &[u8], key: &[u8], client_ca: Option<&[u8]>) -> anyhow::Result<ServerConfig> {
+fn server_config(
+    cert: &[u8],
+    key: &[u8],
+    client_ca: Option<&[u8]>,
+) -> anyhow::Result<ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let chain = CertificateDer::pem_slice_iter(cert)
         .collect::<Result<Vec<_>, _>>()
