@@ -324,6 +324,17 @@ mod tests {
     }
 
     #[test]
+    fn the_example_policy_under_deploy_loads() {
+        let policy = Policy::parse(include_str!("../../deploy/policy.example.toml"), true)
+            .expect("deploy/policy.example.toml");
+        let web = policy
+            .grant("spiffe://kemon.internal/ns/app/sa/web")
+            .unwrap();
+        assert!(web.require_assertion);
+        assert!(Policy::parse(include_str!("../../deploy/policy.example.toml"), false).is_err());
+    }
+
+    #[test]
     fn mistakes_in_a_policy_are_refused() {
         for (text, why) in [
             (
