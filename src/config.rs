@@ -63,6 +63,20 @@ pub struct AuditActor {
     /// Sent as x-kemon-role.
     #[arg(long, env = "KEMON_AUDIT_ROLE", default_value = "auditor")]
     pub role: String,
+    /// With --server over TLS (https://…): the CA certificate (PEM) the server's certificate
+    /// chains to; the system's roots are not used.
+    #[arg(long, env = "KEMON_AUDIT_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// The client certificate (PEM) for a server with mutual TLS.
+    #[arg(long, env = "KEMON_AUDIT_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "KEMON_AUDIT_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// A signed role assertion, sent as x-kemon-assertion, for a caller whose policy requires
+    /// one.
+    #[arg(long, env = "KEMON_AUDIT_ASSERTION", hide_env_values = true)]
+    pub assertion: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]

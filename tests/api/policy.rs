@@ -235,6 +235,44 @@ async fn events_record_the_caller_identity_beside_the_actor_and_the_log_still_ve
         .run()
         .await
         .assert_verified();
+
+    // The audit tools reach the server over mutual TLS as the exporter.
+    let exporter = s.cert(EXPORTER);
+    let ca = s.files.write("cli-ca.pem", &s.ca.pem);
+    let cert = s.files.write("exporter.pem", &exporter.cert);
+    let key = s.files.write("exporter.key", &exporter.key);
+    let server = format!("https://127.0.0.1:{}", s.server.addr.port());
+    let tls = [
+        "--tls-ca",
+        path_str(&ca),
+        "--tls-cert",
+        path_str(&cert),
+        "--tls-key",
+        path_str(&key),
+    ];
+    let exported = Cli::kemon(&["audit", "export", "--server", &server])
+        .args(tls)
+        .run()
+        .await
+        .json_lines();
+    assert_eq!(exported, lines, "the same export through the server");
+    Cli::kemon(&["audit", "verify", "--server", &server])
+        .args(tls)
+        .run()
+        .await
+        .assert_verified();
+    // Without a client certificate there is no answer.
+    Cli::kemon(&[
+        "audit",
+        "verify",
+        "--server",
+        &server,
+        "--tls-ca",
+        path_str(&ca),
+    ])
+    .run()
+    .await
+    .assert_failure();
 }
 
 #[tokio::test]
