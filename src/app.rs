@@ -22,7 +22,9 @@ use crate::config::{LogFormat, ServeArgs};
 use crate::grpc::calls::CallLayer;
 use crate::grpc::connections::{ConnectionLimits, MAX_REQUEST_BYTES, TrackCallsLayer};
 use crate::grpc::ext_authz::ExtAuthzApi;
-use crate::grpc::{AuditApi, KeyApi};
+use crate::grpc::policy::AccessLayer;
+use crate::grpc::{AuditApi, KeyApi, tls};
+use crate::security::{Security, SecuritySettings};
 use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 
 /// Largest Check request: Envoy's default limit on a request's headers is 60 KiB.
@@ -65,6 +67,10 @@ pub struct Settings {
     pub max_database_mib: Option<u32>,
     /// The header Envoy's Check reads a key from besides `authorization: Bearer`.
     pub ext_authz_api_key_header: String,
+    /// TLS, mutual TLS, the access policy and role assertions.
+    pub security: SecuritySettings,
+    /// The plaintext health-only listener for probes, `host:port`.
+    pub admin_listen: Option<String>,
 }
 
 impl Settings {
@@ -89,6 +95,8 @@ impl Settings {
             audit_live_buffer: args.audit_live_buffer as usize,
             max_database_mib: args.max_database_mib,
             ext_authz_api_key_header: args.ext_authz_api_key_header.clone(),
+            security: SecuritySettings::from_args(args),
+            admin_listen: args.admin_listen.clone(),
             connection_limits: ConnectionLimits {
                 max_connections: args.max_connections as usize,
                 max_streams: args.max_streams_per_connection,
@@ -220,6 +228,8 @@ pub struct Application {
     stopping: tokio::sync::watch::Sender<bool>,
     ext_authz_api_key_header: String,
     max_staleness: std::time::Duration,
+    security: Security,
+    admin: Option<AdminListener>,
 }
 
 /// How often a live subscriber is sent a checkpoint when the log has moved.
@@ -240,6 +250,12 @@ impl Application {
         let listener = TcpListener::bind(settings.listen.as_str())
             .await
             .with_context(|| format!("binding {}", settings.listen))?;
+        settings.security.check_listen(listener.local_addr()?)?;
+        let security = settings.security.load(clock.clone())?;
+        let admin = match &settings.admin_listen {
+            Some(address) => Some(AdminListener::bind(address).await?),
+            None => None,
+        };
         let created_dir = !settings.data_dir.exists();
         let dev_key = settings.data_dir.join(DEV_MASTER_KEY_FILE);
         let created_key =
@@ -273,12 +289,19 @@ impl Application {
             stopping,
             ext_authz_api_key_header: settings.ext_authz_api_key_header.clone(),
             max_staleness: settings.max_staleness,
+            security,
+            admin,
         })
     }
 
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The address the admin (health-only) listener bound, when there is one.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|a| a.local_addr)
     }
 
     /// Serves until `shutdown` resolves, then stops accepting calls, lets in-flight calls
@@ -309,9 +332,13 @@ impl Application {
             stopping,
             ext_authz_api_key_header,
             max_staleness,
+            security,
+            admin,
         } = self;
         // For a shared log: whether this replica is caught up, for VerifyKey and Check.
         let fresh = Arc::new(AtomicBool::new(false));
+        security.watch(&stopping);
+        let admin_stop = stopping.subscribe();
         // Key calls that need the cache are refused (NOT_READY) until it is loaded.
         let ready = Arc::new(AtomicBool::new(false));
         let shutdown = async move {
@@ -336,10 +363,13 @@ impl Application {
             .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?;
 
+        let admin = admin
+            .map(|admin| tokio::spawn(admin.serve(limits, health_service.clone(), admin_stop)));
         let server = limits
             .apply(tonic::transport::Server::builder())
             .layer(TrackCallsLayer)
             .layer(CallLayer::new(ready.clone()).refusing_stale(fresh.clone(), max_staleness))
+            .layer(AccessLayer::new(security.access.clone()))
             .add_service(health_service.max_decoding_message_size(MAX_REQUEST_BYTES))
             .add_service(reflection_v1.max_decoding_message_size(MAX_REQUEST_BYTES))
             .add_service(reflection_v1alpha.max_decoding_message_size(MAX_REQUEST_BYTES))
@@ -357,9 +387,21 @@ impl Application {
                 ))
                 .max_decoding_message_size(CHECK_REQUEST_BYTES),
             )
-            .serve_with_incoming_shutdown(limits.incoming(listener), shutdown);
+            .serve_with_incoming_shutdown(
+                tls::incoming(
+                    limits.incoming(listener),
+                    security.tls.clone(),
+                    limits.handshake_timeout,
+                ),
+                shutdown,
+            );
         let server = tokio::spawn(server);
-        tracing::info!(%local_addr, "listening");
+        tracing::info!(
+            %local_addr,
+            tls = security.tls.is_some(),
+            mutual_tls = security.access.is_some(),
+            "listening"
+        );
 
         load_after.await;
         let started = std::time::Instant::now();
@@ -375,8 +417,57 @@ impl Application {
         );
 
         server.await.context("server task")?.context("server")?;
+        if let Some(admin) = admin {
+            admin
+                .await
+                .context("admin server task")?
+                .context("admin server")?;
+        }
         store.close().await;
         tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// The admin listener: plaintext, for kubelet probes (which cannot present client
+/// certificates), serving the gRPC health service and nothing that changes or reveals keys.
+/// Its statuses are the main port's (one health reporter). Anything else operators need on
+/// such a port (metrics) is added to [`AdminListener::serve`].
+struct AdminListener {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+}
+
+impl AdminListener {
+    async fn bind(address: &str) -> anyhow::Result<AdminListener> {
+        let listener = TcpListener::bind(address)
+            .await
+            .with_context(|| format!("binding the admin listener {address}"))?;
+        let local_addr = listener.local_addr()?;
+        Ok(AdminListener {
+            listener,
+            local_addr,
+        })
+    }
+
+    /// Serves health with the main port's connection limits until `stop` turns true.
+    async fn serve(
+        self,
+        limits: ConnectionLimits,
+        health: tonic_health::pb::health_server::HealthServer<
+            impl tonic_health::pb::health_server::Health,
+        >,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
+        tracing::info!(admin_addr = %self.local_addr, "admin listener: gRPC health only");
+        limits
+            .apply(tonic::transport::Server::builder())
+            .layer(TrackCallsLayer)
+            .add_service(health.max_decoding_message_size(MAX_REQUEST_BYTES))
+            .serve_with_incoming_shutdown(limits.incoming(self.listener), async move {
+                let _ = stop.wait_for(|stopping| *stopping).await;
+            })
+            .await?;
         Ok(())
     }
 }

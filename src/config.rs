@@ -67,6 +67,20 @@ pub struct AuditActor {
     /// Sent as x-kemon-role.
     #[arg(long, env = "KEMON_AUDIT_ROLE", default_value = "auditor")]
     pub role: String,
+    /// With --server over TLS (https://…): the CA certificate (PEM) the server's certificate
+    /// chains to; the system's roots are not used.
+    #[arg(long, env = "KEMON_AUDIT_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// The client certificate (PEM) for a server with mutual TLS.
+    #[arg(long, env = "KEMON_AUDIT_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "KEMON_AUDIT_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// A signed role assertion, sent as x-kemon-assertion, for a caller whose policy requires
+    /// one.
+    #[arg(long, env = "KEMON_AUDIT_ASSERTION", hide_env_values = true)]
+    pub assertion: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -135,8 +149,9 @@ pub struct RebuildArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// Address to listen on for gRPC (plaintext HTTP/2), `host:port`: an IP address or a
-    /// host name such as `localhost:50051`. Port 0 picks a free port.
+    /// Address to listen on for gRPC, `host:port`: an IP address or a host name such as
+    /// `localhost:50051`. Port 0 picks a free port. Without TLS, only loopback addresses (see
+    /// --insecure-plaintext).
     #[arg(long, env = "KEMON_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: String,
 
@@ -220,6 +235,56 @@ pub struct ServeArgs {
     /// Log line format.
     #[arg(long, env = "KEMON_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Serve gRPC over TLS with this certificate chain (PEM, leaf first). Reloaded when the
+    /// file changes.
+    #[arg(long, env = "KEMON_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM). Reloaded when the file changes.
+    #[arg(long, env = "KEMON_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Mutual TLS: clients must present a certificate chained to these CA certificates (PEM).
+    /// Their identity (URI SAN, else DNS SAN) is checked against --policy. Reloaded when the
+    /// file changes.
+    #[arg(long, env = "KEMON_CLIENT_CA", requires_all = ["tls_cert", "policy"])]
+    pub client_ca: Option<PathBuf>,
+
+    /// The access policy (TOML): which client identities may use the verify, manage and audit
+    /// surfaces, with which roles, and whether they must send signed role assertions.
+    /// Reloaded when the file changes.
+    #[arg(long, env = "KEMON_POLICY", requires = "client_ca")]
+    pub policy: Option<PathBuf>,
+
+    /// The JWKS (Ed25519 or P-256 keys) that signed role assertions (`x-kemon-assertion`) are
+    /// checked with. Reloaded when the file changes.
+    #[arg(long, env = "KEMON_ASSERTION_JWKS", requires = "policy")]
+    pub assertion_jwks: Option<PathBuf>,
+
+    /// The audience (`aud`) a role assertion must name.
+    #[arg(long, env = "KEMON_ASSERTION_AUDIENCE", default_value = "kemon-keys")]
+    pub assertion_audience: String,
+
+    /// The issuer (`iss`) a role assertion must name; any when unset.
+    #[arg(long, env = "KEMON_ASSERTION_ISSUER")]
+    pub assertion_issuer: Option<String>,
+
+    /// Serve plaintext gRPC on a non-loopback --listen address. Without TLS, anyone who can
+    /// reach the port can manage every key: for isolated test networks only.
+    #[arg(long, env = "KEMON_INSECURE_PLAINTEXT")]
+    pub insecure_plaintext: bool,
+
+    /// Seconds between checks of the certificate, key, client CA, policy and JWKS files for
+    /// changes.
+    #[arg(long, env = "KEMON_RELOAD_INTERVAL_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub reload_interval_secs: u64,
+
+    /// A second, plaintext listener (`host:port`) that serves gRPC health only, for probes
+    /// that cannot present client certificates (kubelet). Nothing on it changes or reveals
+    /// keys.
+    #[arg(long, env = "KEMON_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
 }
 
 /// Parses `250ms`, `5s`, `2m`: a whole number and a unit.

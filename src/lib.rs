@@ -12,6 +12,8 @@
 //! - [`vault`]: the master key and the encrypted copies of revealable private keys.
 //! - [`audit`]: the hash chains over the log, replay, verification and export.
 //! - [`clock`]: injectable time.
+//! - [`reload`]: settings kept in files (certificates, policy, JWKS), re-read when they change.
+//! - [`security`]: TLS, mutual TLS with an access policy, signed role assertions.
 //! - [`app`] and [`config`]: wiring, settings, start-up and shutdown.
 
 #![forbid(unsafe_code)]
@@ -25,6 +27,8 @@ pub mod config;
 pub mod domain;
 pub mod grpc;
 pub mod log;
+pub mod reload;
+pub mod security;
 pub mod store;
 pub mod vault;
 

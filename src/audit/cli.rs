@@ -20,10 +20,27 @@ use crate::store::{Backend, RecordFilter, Snapshot, SqliteBackend};
 /// Records per page read from a database.
 const PAGE: u32 = 1000;
 
-async fn audit_client(url: &str) -> anyhow::Result<AuditServiceClient<tonic::transport::Channel>> {
-    AuditServiceClient::connect(url.to_owned())
+async fn audit_client(
+    url: &str,
+    actor: &AuditActor,
+) -> anyhow::Result<AuditServiceClient<tonic::transport::Channel>> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let mut endpoint = Endpoint::from_shared(url.to_owned()).context("--server")?;
+    if let Some(ca) = &actor.tls_ca {
+        let read = |path: &std::path::PathBuf| {
+            std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+        };
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
+        if let (Some(cert), Some(key)) = (&actor.tls_cert, &actor.tls_key) {
+            tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        endpoint = endpoint.tls_config(tls).context("TLS settings")?;
+    }
+    let channel = endpoint
+        .connect()
         .await
-        .with_context(|| format!("connecting to {url}"))
+        .with_context(|| format!("connecting to {url}"))?;
+    Ok(AuditServiceClient::new(channel))
 }
 
 impl AuditActor {
@@ -36,6 +53,12 @@ impl AuditActor {
         request
             .metadata_mut()
             .insert("x-kemon-role", self.role.parse().context("--role")?);
+        if let Some(assertion) = &self.assertion {
+            request.metadata_mut().insert(
+                crate::grpc::assertion::ASSERTION_HEADER,
+                assertion.parse().context("--assertion")?,
+            );
+        }
         Ok(request)
     }
 }
@@ -85,7 +108,7 @@ impl Reader {
                     ..Default::default()
                 }),
             })?;
-            let stream = audit_client(url)
+            let stream = audit_client(url, actor)
                 .await?
                 .read_events(request)
                 .await?
@@ -260,7 +283,7 @@ async fn log_end(source: &LogSource, actor: &AuditActor) -> anyhow::Result<Optio
     }
     if let Some(url) = &source.server {
         let request = actor.request(pb::GetLogHeadRequest::default())?;
-        let head = audit_client(url)
+        let head = audit_client(url, actor)
             .await?
             .get_log_head(request)
             .await?

@@ -12,6 +12,9 @@
 //!  "actor":"user_123","recorded_at_ms":1767225600000,"hash":"<64 hex>",
 //!  "workspace_hash":"<64 hex>","event":{…}}
 //! ```
+//! An event recorded with an authenticated calling service (mutual TLS) also has
+//! `"caller_identity":"spiffe://…"`; events without one have no such key, so older exports
+//! and their readers are unchanged.
 //! `payload`, `hash` and `workspace_hash` are what the chains are computed over and checked
 //! against (see `audit.proto` for the canonical bytes). `event` is the decoded payload, for
 //! people; verification ignores it and decodes `payload` itself.
@@ -86,6 +89,10 @@ pub fn write_lines(records: &[LogRecord], out: &mut dyn std::io::Write) -> std::
 pub fn write_record(out: &mut Vec<u8>, r: &LogRecord) {
     out.extend_from_slice(b"{\"actor\":");
     json_string(out, &r.actor);
+    if let Some(identity) = &r.caller_identity {
+        out.extend_from_slice(b",\"caller_identity\":");
+        json_string(out, identity);
+    }
     out.extend_from_slice(b",\"event\":");
     match events::decode_payload(&r.event_type, r.schema_version, &r.payload) {
         Ok(payload) => write_payload(out, &payload),
@@ -246,6 +253,11 @@ pub fn parse_record(line: &str) -> Result<LogRecord, String> {
         recorded_at_ms: v["recorded_at_ms"]
             .as_i64()
             .ok_or("`recorded_at_ms` is not a whole number")?,
+        caller_identity: match &v["caller_identity"] {
+            Value::Null => None,
+            Value::String(identity) => Some(identity.clone()),
+            _ => return Err("`caller_identity` is not a string".to_owned()),
+        },
         hash: hash_field("hash")?,
         workspace_hash: hash_field("workspace_hash")?,
     })
@@ -296,13 +308,26 @@ mod tests {
             }),
             actor: "u\"1".into(),
             recorded_at_ms: -5,
+            caller_identity: None,
             hash: [7; 32],
             workspace_hash: [9; 32],
         };
         let line = record_line(&record);
         assert!(!line.contains('\n'));
-        assert_eq!(parse_record(&line), Ok(record));
+        assert!(!line.contains("caller_identity"), "{line}");
+        assert_eq!(parse_record(&line), Ok(record.clone()));
         assert!(line.contains(r#""event":{"name":"n"}"#), "{line}");
+
+        let record = LogRecord {
+            caller_identity: Some("spiffe://kemon.internal/ns/app/sa/web".into()),
+            ..record
+        };
+        let line = record_line(&record);
+        assert!(
+            line.contains(r#""caller_identity":"spiffe://kemon.internal/ns/app/sa/web""#),
+            "{line}"
+        );
+        assert_eq!(parse_record(&line), Ok(record));
     }
 
     /// The line as the export wrote it before lines were written by hand: a
@@ -359,6 +384,7 @@ mod tests {
             recorded_at_ms: i64::MIN,
             hash: std::array::from_fn(|i| i as u8),
             workspace_hash: [0xff; 32],
+            caller_identity: None,
         };
         use prost::Message as _;
         let records = [

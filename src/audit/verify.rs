@@ -428,6 +428,7 @@ mod tests {
                     payload: encoded.payload,
                     actor: "a".into(),
                     recorded_at_ms: 1,
+                    caller_identity: None,
                     hash: [0; 32],
                     workspace_hash: [0; 32],
                 };
@@ -683,6 +684,7 @@ mod tests {
                 recorded_at_ms: at,
                 hash: [0; 32],
                 workspace_hash: [0; 32],
+                caller_identity: None,
             };
             chains.append(&mut r);
             records.push(r);

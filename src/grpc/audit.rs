@@ -72,7 +72,14 @@ pub fn log_event(r: &LogRecord) -> pb::LogEvent {
         workspace_hash: r.workspace_hash.to_vec(),
         stored_payload: r.payload.clone(),
         recorded_at_ms: r.recorded_at_ms,
+        caller_identity: r.caller_identity.clone().unwrap_or_default(),
     }
+}
+
+/// The workspace a filter is about, as sent ("" for the whole log): an assertion must be for
+/// it, so an asserted role reads its own workspace only.
+fn filter_workspace(filter: &Option<pb::EventFilter>) -> &str {
+    filter.as_ref().map_or("", |f| f.workspace_id.as_str())
 }
 
 fn parse_filter(filter: Option<&pb::EventFilter>) -> Result<RecordFilter, ApiError> {
@@ -257,8 +264,8 @@ impl AuditApi {
         &self,
         request: &Request<pb::ReadEventsRequest>,
     ) -> Result<EventStream<pb::LogEvent>, ApiError> {
-        Actor::authorize(request.metadata(), Permission::Audit)?;
         let req = request.get_ref();
+        Actor::authorize(request, Permission::Audit, filter_workspace(&req.filter))?;
         let mut filter = parse_filter(req.filter.as_ref())?;
         // The log as it is when the call starts.
         filter.up_to = Some(self.store.head(None).await?.0.sequence);
@@ -299,8 +306,8 @@ impl AuditApi {
         &self,
         request: &Request<pb::SubscribeEventsRequest>,
     ) -> Result<EventStream<pb::SubscribeEventsResponse>, ApiError> {
-        Actor::authorize(request.metadata(), Permission::Audit)?;
         let req = request.get_ref();
+        Actor::authorize(request, Permission::Audit, filter_workspace(&req.filter))?;
         let filter = parse_filter(req.filter.as_ref())?;
         // A position past the head (a log restored from a backup, a position from another
         // log) would silently skip the events that later take those sequences.
@@ -328,7 +335,7 @@ impl AuditApi {
         &self,
         request: &Request<pb::GetLogHeadRequest>,
     ) -> Result<pb::LogHead, ApiError> {
-        Actor::authorize(request.metadata(), Permission::Audit)?;
+        Actor::authorize(request, Permission::Audit, &request.get_ref().workspace_id)?;
         let req = request.get_ref();
         let workspace = if req.workspace_id.is_empty() {
             None
@@ -350,7 +357,7 @@ impl AuditApi {
         &self,
         request: &Request<pb::GetKeysAsOfRequest>,
     ) -> Result<pb::GetKeysAsOfResponse, ApiError> {
-        Actor::authorize(request.metadata(), Permission::Audit)?;
+        Actor::authorize(request, Permission::Audit, &request.get_ref().workspace_id)?;
         let req = request.get_ref();
         let mut violations = Vec::new();
         if let Err(r) = WorkspaceId::parse(&req.workspace_id) {

@@ -1,10 +1,18 @@
 //! Who a call acts for. The calling service authenticates its user and names them in request
-//! metadata; this service trusts that (it is reached only by internal services) and decides
-//! what the role may do.
+//! metadata; this service decides what the role may do.
+//!
+//! Without mutual TLS the metadata is trusted as sent (development, loopback sidecars). Under
+//! mutual TLS the calling service is known ([`Caller`], from its certificate and the policy):
+//! it may act only with the roles its policy entry lists, and, when the entry says so, only
+//! through a signed assertion of the user's role in the request's workspace
+//! ([`super::assertion`]) instead of the headers.
 
+use tonic::Request;
 use tonic::metadata::MetadataMap;
 
+use super::assertion::{ASSERTION_HEADER, AssertionError};
 use super::error::ApiError;
+use super::policy::Caller;
 
 pub const ACTOR_HEADER: &str = "x-kemon-actor";
 pub const ROLE_HEADER: &str = "x-kemon-role";
@@ -19,6 +27,17 @@ pub enum Role {
 }
 
 impl Role {
+    /// A role as `x-kemon-role` spells it.
+    pub fn parse(text: &str) -> Option<Role> {
+        Some(match text {
+            "owner" => Role::Owner,
+            "admin" => Role::Admin,
+            "auditor" => Role::Auditor,
+            "member" => Role::Member,
+            _ => return None,
+        })
+    }
+
     /// The role as `x-kemon-role` spells it.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -35,6 +54,9 @@ impl Role {
 pub struct Actor {
     pub id: String,
     pub role: Role,
+    /// The calling service's identity under mutual TLS, recorded with every event beside the
+    /// actor.
+    pub caller_identity: Option<String>,
 }
 
 /// What a call needs the actor to be allowed.
@@ -82,9 +104,61 @@ pub enum CallerError {
 }
 
 impl Actor {
+    /// The actor of `request`, about `workspace` (the request's `workspace_id` as sent; empty
+    /// when it names none), checked to be allowed `permission`.
+    pub fn authorize<T>(
+        request: &Request<T>,
+        permission: Permission,
+        workspace: &str,
+    ) -> Result<Actor, ApiError> {
+        let metadata = request.metadata();
+        let Some(caller) = request.extensions().get::<Caller>() else {
+            return Actor::authorize_headers(metadata, permission);
+        };
+        let actor = if caller.grant.require_assertion {
+            let token = metadata
+                .get(ASSERTION_HEADER)
+                .ok_or(ApiError::Assertion(AssertionError::Missing))?
+                .to_str()
+                .map_err(|_| ApiError::Assertion(AssertionError::Invalid("format")))?;
+            let verifier = caller
+                .assertions
+                .as_ref()
+                .ok_or(ApiError::Assertion(AssertionError::Invalid("key")))?;
+            let asserted = verifier
+                .verify(token, workspace)
+                .map_err(ApiError::Assertion)?;
+            Actor {
+                id: asserted.actor,
+                role: asserted.role,
+                caller_identity: None,
+            }
+        } else {
+            Actor::from_metadata(metadata).map_err(ApiError::Unauthenticated)?
+        };
+        if !caller.grant.roles.contains(&actor.role) {
+            return Err(ApiError::RoleNotGranted {
+                identity: caller.identity.to_string(),
+                role: actor.role,
+            });
+        }
+        let actor = Actor::permitted(actor, permission)?;
+        Ok(Actor {
+            caller_identity: Some(caller.identity.to_string()),
+            ..actor
+        })
+    }
+
     /// Reads the actor from metadata and checks it may do `permission`.
-    pub fn authorize(metadata: &MetadataMap, permission: Permission) -> Result<Actor, ApiError> {
+    fn authorize_headers(
+        metadata: &MetadataMap,
+        permission: Permission,
+    ) -> Result<Actor, ApiError> {
         let actor = Actor::from_metadata(metadata).map_err(ApiError::Unauthenticated)?;
+        Actor::permitted(actor, permission)
+    }
+
+    fn permitted(actor: Actor, permission: Permission) -> Result<Actor, ApiError> {
         if permission.roles().contains(&actor.role) {
             Ok(actor)
         } else {
@@ -114,20 +188,16 @@ impl Actor {
         if id.chars().count() > MAX_ACTOR_LEN || id.chars().any(char::is_control) {
             return Err(CallerError::ActorInvalid);
         }
-        let role = match header(
+        let role = Role::parse(header(
             ROLE_HEADER,
             CallerError::RoleMissing,
             CallerError::RoleUnknown,
-        )? {
-            "owner" => Role::Owner,
-            "admin" => Role::Admin,
-            "auditor" => Role::Auditor,
-            "member" => Role::Member,
-            _ => return Err(CallerError::RoleUnknown),
-        };
+        )?)
+        .ok_or(CallerError::RoleUnknown)?;
         Ok(Actor {
             id: id.to_owned(),
             role,
+            caller_identity: None,
         })
     }
 }

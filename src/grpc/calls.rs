@@ -14,7 +14,8 @@
 //! - else when the response is dropped unfinished (the client went away, the request timeout
 //!   passed): CANCELLED.
 //!
-//! Handlers fill the span's `key_id` and `verify_code` through `Span::current().record`.
+//! Handlers fill the span's `key_id` and `verify_code` through `Span::current().record`, and
+//! the access check ([`super::policy`]) its `caller`, the client identity under mutual TLS.
 //! Secrets are never recorded.
 
 use std::future::Future;
@@ -220,7 +221,8 @@ impl CallLog {
                     "rpc",
                     method,
                     key_id = tracing::field::Empty,
-                    verify_code = tracing::field::Empty
+                    verify_code = tracing::field::Empty,
+                    caller = tracing::field::Empty
                 ),
                 tracing::enabled!(target: TARGET, Level::DEBUG),
             )
@@ -231,7 +233,8 @@ impl CallLog {
                     "rpc",
                     method,
                     key_id = tracing::field::Empty,
-                    verify_code = tracing::field::Empty
+                    verify_code = tracing::field::Empty,
+                    caller = tracing::field::Empty
                 ),
                 tracing::enabled!(target: TARGET, Level::INFO),
             )

@@ -149,7 +149,24 @@ impl ConnectionState {
 #[derive(Debug, Clone)]
 pub struct ConnectionInfo {
     pub remote_addr: SocketAddr,
+    /// What TLS established about the client; `None` on a plaintext connection.
+    pub tls: Option<Arc<super::tls::TlsPeer>>,
     state: Arc<ConnectionState>,
+}
+
+impl ConnectionInfo {
+    /// This connection, after a TLS handshake that established `peer`.
+    pub fn with_tls(self, peer: Arc<super::tls::TlsPeer>) -> ConnectionInfo {
+        ConnectionInfo {
+            tls: Some(peer),
+            ..self
+        }
+    }
+
+    /// The client's identity under mutual TLS.
+    pub fn identity(&self) -> Option<&str> {
+        self.tls.as_ref().and_then(|peer| peer.identity.as_deref())
+    }
 }
 
 /// An accepted TCP connection holding one of the `max_connections` slots.
@@ -175,6 +192,7 @@ impl LimitedConnection {
             _slot: slot,
             info: ConnectionInfo {
                 remote_addr,
+                tls: None,
                 state: Arc::new(ConnectionState {
                     in_flight: AtomicUsize::new(0),
                     accepted: Instant::now(),

@@ -5,15 +5,17 @@
 //! client only as "internal error".
 //!
 //! Nothing a caller sent is put into a reason or metadata: only values the service parsed into
-//! its own types (key ids, roles, sequences, versions). Caller text reaches a message only
-//! through [`quote`].
+//! its own types (key ids, roles, sequences, versions), and the client identity a verified
+//! certificate names. Caller text reaches a message only through [`quote`].
 
 use std::collections::HashMap;
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
+use super::assertion::{ASSERTION_HEADER, AssertionError};
 use super::auth::{CallerError, Permission, Role};
+use super::policy::Surface;
 use crate::domain::{DomainError, KeyId, Violation};
 use crate::store::StoreError;
 
@@ -31,6 +33,25 @@ pub enum ApiError {
         role: Role,
         permission: Permission,
     },
+    /// Under mutual TLS: the client certificate names no identity (no URI or DNS SAN).
+    IdentityMissing,
+    /// Under mutual TLS: the client's identity is not in the policy.
+    IdentityUnknown {
+        identity: String,
+    },
+    /// Under mutual TLS: the policy does not grant the identity the call's surface.
+    SurfaceNotGranted {
+        identity: String,
+        surface: Surface,
+    },
+    /// Under mutual TLS: the policy does not let the identity act with this role.
+    RoleNotGranted {
+        identity: String,
+        role: Role,
+    },
+    /// A signed role assertion was required and is missing, invalid, expired or for another
+    /// workspace.
+    Assertion(AssertionError),
     /// A command about one key was refused, or the key is not there. `key_id` names the key
     /// once the handler has said which one it was about (see [`ApiError::about`]).
     Key {
@@ -309,6 +330,38 @@ impl CallerError {
     }
 }
 
+impl AssertionError {
+    fn describe(self) -> Described {
+        match self {
+            AssertionError::Missing => Described::new(
+                Code::Unauthenticated,
+                "ASSERTION_MISSING",
+                format!("this caller must send a signed role assertion in `{ASSERTION_HEADER}`"),
+            )
+            .with("header", ASSERTION_HEADER),
+            AssertionError::Invalid(problem) => Described::new(
+                Code::Unauthenticated,
+                "ASSERTION_INVALID",
+                format!("the role assertion is not valid ({problem})"),
+            )
+            .with("header", ASSERTION_HEADER)
+            .with("problem", problem),
+            AssertionError::Expired => Described::new(
+                Code::Unauthenticated,
+                "ASSERTION_EXPIRED",
+                "the role assertion has expired; get a new one",
+            )
+            .with("header", ASSERTION_HEADER),
+            AssertionError::WorkspaceMismatch => Described::new(
+                Code::PermissionDenied,
+                "ASSERTION_WORKSPACE_MISMATCH",
+                "the role assertion is for another workspace than the request's",
+            )
+            .with("header", ASSERTION_HEADER),
+        }
+    }
+}
+
 impl KeyRefusal {
     fn describe(self) -> Described {
         match self {
@@ -385,6 +438,39 @@ impl From<ApiError> for Status {
                     .with("permission", permission.as_str())
                     .with("allowed_roles", allowed.join(","))
             }
+            ApiError::IdentityMissing => Described::new(
+                Code::Unauthenticated,
+                "CLIENT_IDENTITY_MISSING",
+                "the client certificate names no identity: it needs a URI SAN (a SPIFFE ID) \
+                 or a DNS SAN",
+            ),
+            ApiError::IdentityUnknown { identity } => Described::new(
+                Code::PermissionDenied,
+                "IDENTITY_UNKNOWN",
+                format!("the access policy does not know the client identity {identity}"),
+            )
+            .with("identity", identity),
+            ApiError::SurfaceNotGranted { identity, surface } => Described::new(
+                Code::PermissionDenied,
+                "SURFACE_NOT_GRANTED",
+                format!(
+                    "the access policy does not grant {identity} the `{}` surface",
+                    surface.as_str()
+                ),
+            )
+            .with("identity", identity)
+            .with("surface", surface.as_str()),
+            ApiError::RoleNotGranted { identity, role } => Described::new(
+                Code::PermissionDenied,
+                "ROLE_NOT_GRANTED",
+                format!(
+                    "the access policy does not let {identity} act with the role `{}`",
+                    role.as_str()
+                ),
+            )
+            .with("identity", identity)
+            .with("role", role.as_str()),
+            ApiError::Assertion(e) => e.describe(),
             ApiError::RequestIdReused => Described::new(
                 Code::AlreadyExists,
                 "REQUEST_ID_REUSED",
@@ -584,6 +670,54 @@ mod tests {
                 },
                 Code::PermissionDenied,
                 "ROLE_NOT_PERMITTED",
+            ),
+            (
+                ApiError::IdentityMissing,
+                Code::Unauthenticated,
+                "CLIENT_IDENTITY_MISSING",
+            ),
+            (
+                ApiError::IdentityUnknown {
+                    identity: "spiffe://k/x".into(),
+                },
+                Code::PermissionDenied,
+                "IDENTITY_UNKNOWN",
+            ),
+            (
+                ApiError::SurfaceNotGranted {
+                    identity: "spiffe://k/x".into(),
+                    surface: Surface::Manage,
+                },
+                Code::PermissionDenied,
+                "SURFACE_NOT_GRANTED",
+            ),
+            (
+                ApiError::RoleNotGranted {
+                    identity: "spiffe://k/x".into(),
+                    role: Role::Owner,
+                },
+                Code::PermissionDenied,
+                "ROLE_NOT_GRANTED",
+            ),
+            (
+                ApiError::Assertion(AssertionError::Missing),
+                Code::Unauthenticated,
+                "ASSERTION_MISSING",
+            ),
+            (
+                ApiError::Assertion(AssertionError::Invalid("signature")),
+                Code::Unauthenticated,
+                "ASSERTION_INVALID",
+            ),
+            (
+                ApiError::Assertion(AssertionError::Expired),
+                Code::Unauthenticated,
+                "ASSERTION_EXPIRED",
+            ),
+            (
+                ApiError::Assertion(AssertionError::WorkspaceMismatch),
+                Code::PermissionDenied,
+                "ASSERTION_WORKSPACE_MISMATCH",
             ),
             (key(KeyRefusal::NotFound), Code::NotFound, "KEY_NOT_FOUND"),
             (

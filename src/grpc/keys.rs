@@ -64,15 +64,15 @@ impl KeyApi {
 
     /// Applies a change to an existing key and returns its new state. `command` is `None`
     /// when parsing its fields failed, with the reasons in `violations`.
-    async fn change(
+    async fn change<T>(
         &self,
-        metadata: &tonic::metadata::MetadataMap,
+        request: &Request<T>,
         workspace_id: &str,
         key_id: &str,
         mut violations: Vec<Violation>,
         command: Option<Command>,
     ) -> Result<pb::Key, ApiError> {
-        let actor = Actor::authorize(metadata, Permission::ManageKeys)?;
+        let actor = Actor::authorize(request, Permission::ManageKeys, workspace_id)?;
         let ids = key_ref(workspace_id, key_id, &mut violations);
         let (Some((workspace_id, key_id)), Some(command), true) =
             (ids, command, violations.is_empty())
@@ -85,6 +85,7 @@ impl KeyApi {
                 key_id,
                 command,
                 actor: actor.id,
+                caller_identity: actor.caller_identity,
                 sealed_secret: None,
                 create_request: None,
             })
@@ -249,7 +250,11 @@ impl KeyApi {
         &self,
         request: &Request<pb::CreateKeyRequest>,
     ) -> Result<pb::CreateKeyResponse, ApiError> {
-        let actor = Actor::authorize(request.metadata(), Permission::ManageKeys)?;
+        let actor = Actor::authorize(
+            request,
+            Permission::ManageKeys,
+            &request.get_ref().workspace_id,
+        )?;
         let req = request.get_ref();
         let mut violations = Vec::new();
         let workspace_id = WorkspaceId::parse(&req.workspace_id)
@@ -367,6 +372,7 @@ impl KeyApi {
                 key_id,
                 command: Command::Create(Box::new(new_key)),
                 actor: actor.id,
+                caller_identity: actor.caller_identity,
                 sealed_secret,
                 create_request,
             })
@@ -391,7 +397,11 @@ impl KeyApi {
     }
 
     async fn get(&self, request: &Request<pb::GetKeyRequest>) -> Result<pb::Key, ApiError> {
-        Actor::authorize(request.metadata(), Permission::ReadKeys)?;
+        Actor::authorize(
+            request,
+            Permission::ReadKeys,
+            &request.get_ref().workspace_id,
+        )?;
         let req = request.get_ref();
         let mut violations = Vec::new();
         let Some((workspace_id, key_id)) = key_ref(&req.workspace_id, &req.key_id, &mut violations)
@@ -410,7 +420,11 @@ impl KeyApi {
         &self,
         request: &Request<pb::ListKeysRequest>,
     ) -> Result<pb::ListKeysResponse, ApiError> {
-        Actor::authorize(request.metadata(), Permission::ReadKeys)?;
+        Actor::authorize(
+            request,
+            Permission::ReadKeys,
+            &request.get_ref().workspace_id,
+        )?;
         let req = request.get_ref();
         let mut violations = Vec::new();
         let workspace_id = WorkspaceId::parse(&req.workspace_id)
@@ -487,14 +501,8 @@ impl KeyApi {
             name,
             expected_version: req.expected_version,
         });
-        self.change(
-            request.metadata(),
-            &req.workspace_id,
-            &req.key_id,
-            violations,
-            command,
-        )
-        .await
+        self.change(request, &req.workspace_id, &req.key_id, violations, command)
+            .await
     }
 
     async fn rescope(
@@ -511,14 +519,8 @@ impl KeyApi {
             scopes,
             expected_version: req.expected_version,
         });
-        self.change(
-            request.metadata(),
-            &req.workspace_id,
-            &req.key_id,
-            violations,
-            command,
-        )
-        .await
+        self.change(request, &req.workspace_id, &req.key_id, violations, command)
+            .await
     }
 
     async fn revoke(&self, request: &Request<pb::RevokeKeyRequest>) -> Result<pb::Key, ApiError> {
@@ -527,7 +529,7 @@ impl KeyApi {
             expected_version: req.expected_version,
         };
         self.change(
-            request.metadata(),
+            request,
             &req.workspace_id,
             &req.key_id,
             vec![],
@@ -540,7 +542,11 @@ impl KeyApi {
         &self,
         request: &Request<pb::RevealKeyRequest>,
     ) -> Result<pb::RevealKeyResponse, ApiError> {
-        let actor = Actor::authorize(request.metadata(), Permission::ManageKeys)?;
+        let actor = Actor::authorize(
+            request,
+            Permission::ManageKeys,
+            &request.get_ref().workspace_id,
+        )?;
         let req = request.get_ref();
         let mut violations = Vec::new();
         let Some((workspace_id, key_id)) = key_ref(&req.workspace_id, &req.key_id, &mut violations)
@@ -555,6 +561,7 @@ impl KeyApi {
                 key_id,
                 command: Command::Reveal,
                 actor: actor.id.clone(),
+                caller_identity: actor.caller_identity.clone(),
                 sealed_secret: None,
                 create_request: None,
             })

@@ -3,6 +3,7 @@
 //! call goes through, whatever its handler (its span and log line, readiness), is one layer on
 //! the server: [`calls`].
 
+pub mod assertion;
 pub mod audit;
 pub mod auth;
 pub mod calls;
@@ -11,6 +12,8 @@ pub mod error;
 pub mod ext_authz;
 pub mod keys;
 pub mod paging;
+pub mod policy;
+pub mod tls;
 
 pub use audit::AuditApi;
 pub use keys::KeyApi;

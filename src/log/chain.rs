@@ -21,6 +21,9 @@ pub struct LogRecord {
     pub payload: Vec<u8>,
     pub actor: String,
     pub recorded_at_ms: i64,
+    /// The authenticated calling service (its mutual-TLS identity), when there was one.
+    /// Hashed only when present: see [`canonical_bytes`].
+    pub caller_identity: Option<String>,
     pub hash: [u8; 32],
     pub workspace_hash: [u8; 32],
 }
@@ -42,6 +45,8 @@ impl LogRecord {
             payload: e.stored_payload.clone(),
             actor: e.actor.clone(),
             recorded_at_ms: e.recorded_at_ms,
+            // No identity is empty: the proto's "" means none.
+            caller_identity: (!e.caller_identity.is_empty()).then(|| e.caller_identity.clone()),
             hash: hash(&e.hash, "hash")?,
             workspace_hash: hash(&e.workspace_hash, "workspace_hash")?,
         })
@@ -63,8 +68,15 @@ pub fn workspace_genesis(workspace_id: &str) -> Hash {
     h.finalize().into()
 }
 
+/// The tag that introduces the caller identity after the fixed fields of the canonical bytes.
+pub const CALLER_IDENTITY_TAG: u8 = 1;
+
 /// The canonical bytes of a record: every field but the hashes, integers big-endian,
-/// strings and bytes prefixed with their length as a big-endian u32.
+/// strings and bytes prefixed with their length as a big-endian u32. Optional fields follow
+/// the fixed ones, each as a tag byte and its value, and only when present, so that a record
+/// without them (every record written before they existed) has exactly the bytes, and the
+/// hash, it always had. The layout starts with fixed-size and length-prefixed fields, so the
+/// bytes of two different records never coincide.
 pub fn canonical_bytes(r: &LogRecord) -> Vec<u8> {
     fn lp(out: &mut Vec<u8>, bytes: &[u8]) {
         let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
@@ -81,6 +93,10 @@ pub fn canonical_bytes(r: &LogRecord) -> Vec<u8> {
     lp(&mut out, &r.payload);
     lp(&mut out, r.actor.as_bytes());
     out.extend_from_slice(&r.recorded_at_ms.to_be_bytes());
+    if let Some(identity) = &r.caller_identity {
+        out.push(CALLER_IDENTITY_TAG);
+        lp(&mut out, identity.as_bytes());
+    }
     out
 }
 
@@ -232,6 +248,7 @@ mod tests {
             payload: vec![8, 1],
             actor: "user".into(),
             recorded_at_ms: 5,
+            caller_identity: None,
             hash: [0; 32],
             workspace_hash: [0; 32],
         }
@@ -274,6 +291,12 @@ mod tests {
         r.recorded_at_ms = 6;
         changes.push(r);
         let mut r = record();
+        r.caller_identity = Some("spiffe://k/web".into());
+        changes.push(r);
+        let mut r = record();
+        r.caller_identity = Some(String::new());
+        changes.push(r);
+        let mut r = record();
         // Moving a byte between adjacent fields must not give the same bytes.
         r.key_id = "key_0".into();
         r.workspace_id = "1ws".into();
@@ -281,6 +304,19 @@ mod tests {
         for changed in changes {
             assert_ne!(canonical_bytes(&changed), base, "{changed:?}");
         }
+    }
+
+    #[test]
+    fn a_caller_identity_follows_the_fixed_fields_and_changes_nothing_before_it() {
+        let without = canonical_bytes(&record());
+        let mut r = record();
+        r.caller_identity = Some("spiffe://k/web".into());
+        let with = canonical_bytes(&r);
+        let mut expected = without.clone();
+        expected.push(CALLER_IDENTITY_TAG);
+        expected.extend_from_slice(&[0, 0, 0, 14]);
+        expected.extend_from_slice(b"spiffe://k/web");
+        assert_eq!(with, expected);
     }
 
     #[test]

@@ -283,6 +283,7 @@ mod tests {
                 recorded_at_ms: 0,
                 hash: [0; 32],
                 workspace_hash: [0; 32],
+                caller_identity: None,
             })
             .collect()
     }

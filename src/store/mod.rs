@@ -130,6 +130,8 @@ pub struct Write {
     pub key_id: KeyId,
     pub command: Command,
     pub actor: String,
+    /// The authenticated calling service (mutual TLS), recorded beside the actor.
+    pub caller_identity: Option<String>,
     /// For a create with reveal_later: the encrypted copy to keep beside the log.
     pub sealed_secret: Option<SealedSecret>,
     /// For a create with a request id: what a retry needs to be answered like this call.

@@ -152,6 +152,7 @@ pub(super) fn plan(
                 payload: encoded.payload,
                 actor: write.actor.clone(),
                 recorded_at_ms: now,
+                caller_identity: write.caller_identity.clone(),
                 hash: [0; 32],
                 workspace_hash: [0; 32],
             };

@@ -617,7 +617,7 @@ fn head_from(row: Option<(i64, Vec<u8>)>, genesis: Hash) -> Result<Head, StoreEr
 }
 
 const RECORD_COLUMNS: &str = "sequence, key_id, workspace_id, stream_version, event_type, \
-    schema_version, payload, actor, recorded_at, hash, workspace_hash";
+    schema_version, payload, actor, recorded_at, hash, workspace_hash, caller_identity";
 
 async fn read_records<'c, E>(
     executor: E,
@@ -668,6 +668,7 @@ fn record_from_row(row: &sqlx::postgres::PgRow) -> Result<LogRecord, StoreError>
         recorded_at_ms: row.try_get("recorded_at")?,
         hash: hash("hash")?,
         workspace_hash: hash("workspace_hash")?,
+        caller_identity: row.try_get("caller_identity")?,
     })
 }
 
@@ -700,10 +701,11 @@ async fn write_effects(
     if !records.is_empty() {
         sqlx::query(
             "INSERT INTO events (sequence, key_id, workspace_id, stream_version, event_type, \
-             schema_version, payload, actor, recorded_at, hash, workspace_hash) \
+             schema_version, payload, actor, recorded_at, hash, workspace_hash, \
+             caller_identity) \
              SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::bigint[], \
              $5::text[], $6::bigint[], $7::bytea[], $8::text[], $9::bigint[], $10::bytea[], \
-             $11::bytea[])",
+             $11::bytea[], $12::text[])",
         )
         .bind(
             records
@@ -754,6 +756,12 @@ async fn write_effects(
             records
                 .iter()
                 .map(|r| &r.workspace_hash[..])
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            records
+                .iter()
+                .map(|r| r.caller_identity.as_deref())
                 .collect::<Vec<_>>(),
         )
         .execute(&mut *conn)

@@ -35,6 +35,7 @@ fn create(key_id: KeyId, reveal_later: bool) -> Write {
         key_id,
         command: Command::Create(Box::new(new)),
         actor: "user_batch".into(),
+        caller_identity: None,
         sealed_secret: reveal_later.then(|| SealedSecret {
             sealed: vec![1, 2, 3],
             master_key_id: "test".into(),

@@ -41,6 +41,8 @@ pub const DAY_MS: i64 = 86_400_000;
 /// A running server on a random port, with its own data directory and clock.
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The health-only listener, for servers started with [`TestServer::start_configured`].
+    pub admin_addr: Option<SocketAddr>,
     pub clock: ManualClock,
     pub data_dir: PathBuf,
     /// The PostgreSQL database (its schema the `search_path`) the server uses; `None` for
@@ -110,6 +112,33 @@ impl TestServer {
         Ok(server)
     }
 
+    /// A fresh server with `configure` applied to its settings, and an admin listener, through
+    /// which it is waited for (its main port may need TLS and a client certificate).
+    pub async fn start_configured(configure: impl FnOnce(&mut Settings)) -> TestServer {
+        TestServer::try_start_configured(configure)
+            .await
+            .expect("server starts")
+    }
+
+    /// [`TestServer::start_configured`], or why the server refused to start.
+    pub async fn try_start_configured(
+        configure: impl FnOnce(&mut Settings),
+    ) -> anyhow::Result<TestServer> {
+        let tmp = Arc::new(tempfile::tempdir().expect("temp dir"));
+        let master_key_hex = MasterKey::generate().to_hex();
+        let mut settings = settings(tmp.path(), MasterKeySource::Hex(master_key_hex.clone()));
+        settings.admin_listen = Some("127.0.0.1:0".into());
+        configure(&mut settings);
+        let mut server =
+            TestServer::spawn_settings(settings, ManualClock::new(T0_MS), std::future::ready(()))
+                .await?;
+        server._tmp = Some(tmp);
+        server.master_key_hex = master_key_hex;
+        let admin = server.admin_addr.expect("an admin listener");
+        wait_for_health(&connect(admin).await, "", ServingStatus::Serving).await;
+        Ok(server)
+    }
+
     /// A fresh server that serves but loads its verification cache only when the returned
     /// sender is used (or dropped): until then it is not ready.
     pub async fn start_loading_held() -> (TestServer, oneshot::Sender<()>) {
@@ -145,7 +174,7 @@ impl TestServer {
             database_url: suite_database_url(data_dir).await,
             ..settings(data_dir, master_key)
         };
-        TestServer::spawn_with(settings, clock, load_after).await
+        TestServer::spawn_settings(settings, clock, load_after).await
     }
 
     /// A replica on the PostgreSQL schema at `database_url`, with a data directory of its
@@ -164,7 +193,7 @@ impl TestServer {
             ..settings(tmp.path(), MasterKeySource::Hex(master_key_hex.to_owned()))
         };
         let mut server =
-            TestServer::spawn_with(settings, ManualClock::new(T0_MS), std::future::ready(()))
+            TestServer::spawn_settings(settings, ManualClock::new(T0_MS), std::future::ready(()))
                 .await
                 .expect("replica starts");
         server._tmp = Some(tmp);
@@ -172,7 +201,7 @@ impl TestServer {
         server
     }
 
-    async fn spawn_with(
+    async fn spawn_settings(
         settings: Settings,
         clock: ManualClock,
         load_after: impl std::future::Future<Output = ()> + Send + 'static,
@@ -182,6 +211,7 @@ impl TestServer {
         let master_key = settings.master_key.clone();
         let app = Application::build(settings, Arc::new(clock.clone())).await?;
         let addr = app.local_addr();
+        let admin_addr = app.admin_addr();
         let (tx, rx) = oneshot::channel();
         let handle = tokio::spawn(app.run_loading_cache_after(
             async {
@@ -191,6 +221,7 @@ impl TestServer {
         ));
         let server = TestServer {
             addr,
+            admin_addr,
             clock,
             data_dir,
             database_url,
@@ -319,6 +350,8 @@ pub fn settings(data_dir: &Path, master_key: MasterKeySource) -> Settings {
         database_url: None,
         max_staleness: Duration::from_secs(5),
         replica_id: "test".into(),
+        security: Default::default(),
+        admin_listen: None,
     }
 }
 
@@ -663,6 +696,17 @@ pub struct TestClient {
     inner: KeyServiceClient<Channel>,
     caller: Caller,
     workspace: String,
+}
+
+impl TestClient {
+    /// A client on `channel` (a TLS one, say), acting as [`Caller::admin`] in [`WORKSPACE`].
+    pub fn on(channel: Channel) -> TestClient {
+        TestClient {
+            inner: KeyServiceClient::new(channel),
+            caller: Caller::admin(),
+            workspace: WORKSPACE.into(),
+        }
+    }
 }
 
 impl std::ops::Deref for TestClient {
@@ -1135,6 +1179,8 @@ pub struct ServerProcess {
     pub data_dir: PathBuf,
     /// The PostgreSQL database it was given; `None` for SQLite in its data directory.
     pub database_url: Option<String>,
+    /// The log lines (JSON) written before `listening`.
+    pub startup: Vec<String>,
     /// Log lines (JSON) as they arrive on stderr.
     pub log: mpsc::Receiver<String>,
 }
@@ -1161,6 +1207,11 @@ impl ServerProcess {
             filter,
         )
         .await
+    }
+
+    /// `kemon-keys serve` with exactly `args` (after the data directory).
+    pub async fn start_args(data_dir: &Path, master_key_hex: &str, args: &[&str]) -> ServerProcess {
+        ServerProcess::start_with(data_dir, master_key_hex, args, "info").await
     }
 
     /// [`ServerProcess::start`] listening on `listen` (`host:port`).
@@ -1214,7 +1265,8 @@ impl ServerProcess {
             }
         });
         let deadline = Instant::now() + Duration::from_secs(20);
-        let addr = loop {
+        let mut startup = Vec::new();
+        let addr: SocketAddr = loop {
             let line = log
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
                 .expect("the server logs `listening` within 20 s");
@@ -1226,12 +1278,20 @@ impl ServerProcess {
                     .parse()
                     .expect("socket address");
             }
+            startup.push(line);
+        };
+        // A server on every address (0.0.0.0) is called on loopback.
+        let addr = if addr.ip().is_unspecified() {
+            SocketAddr::from(([127, 0, 0, 1], addr.port()))
+        } else {
+            addr
         };
         let server = ServerProcess {
             child,
             addr,
             data_dir: data_dir.to_owned(),
             database_url,
+            startup,
             log,
         };
         server.wait_for_health("", ServingStatus::Serving).await;

@@ -345,6 +345,7 @@ async fn a_database_from_before_the_clustered_projection_keeps_every_row() {
 
 #[tokio::test]
 async fn a_projection_behind_its_log_is_refused_at_start() {
+    sqlite_only();
     let server = TestServer::start().await;
     let mut client = server.client().await;
     let (key, secret) = client.create(private_key("soon revoked", &[])).await;
@@ -437,6 +438,7 @@ async fn thousands_of_keys_rebuild_load_and_verify_exactly() {
         server.master_key_hex.clone(),
     );
     let db = server.db();
+    let data = server.data_args();
     let tmp = server.shut_down().await;
     let live = db.projection().await;
     assert_eq!(live.rows.len(), TASKS * PER_TASK);
@@ -445,8 +447,8 @@ async fn thousands_of_keys_rebuild_load_and_verify_exactly() {
 
     // The rebuild writes what the live path wrote, from a full table and from an empty one.
     let rebuild = || async {
-        Cli::kemon(&["rebuild", "--data-dir"])
-            .arg(&dir)
+        Cli::kemon(&["rebuild"])
+            .args(data.clone())
             .timeout(Duration::from_secs(120))
             .run()
             .await

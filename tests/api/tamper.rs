@@ -197,6 +197,7 @@ async fn a_forged_row_after_the_last_is_the_first_bad_sequence() {
         .encode_to_vec(),
         actor: "user_mallory".into(),
         recorded_at_ms: last.recorded_at_ms + 1000,
+        caller_identity: None,
         hash: Sha3_256::digest(b"forged hash").into(),
         workspace_hash: Sha3_256::digest(b"forged workspace hash").into(),
     };

@@ -67,6 +67,7 @@ pub async fn seed_events(path: &Path, n: usize) -> anyhow::Result<()> {
             payload: encoded.payload,
             actor: "bench".into(),
             recorded_at_ms: now,
+            caller_identity: None,
             hash: [0; 32],
             workspace_hash: [0; 32],
         };

@@ -204,7 +204,7 @@ fn fan_out_key_rows(
 // The audit tools: a snapshot read by rusqlite
 
 const RECORD_COLUMNS: &str = "sequence, key_id, workspace_id, stream_version, event_type, \
-    schema_version, payload, actor, recorded_at, hash, workspace_hash";
+    schema_version, payload, actor, recorded_at, hash, workspace_hash, caller_identity";
 
 /// A record from a row of `SELECT {RECORD_COLUMNS}`.
 fn record(row: &Row<'_>) -> Result<LogRecord, StoreError> {
@@ -227,6 +227,7 @@ fn record(row: &Row<'_>) -> Result<LogRecord, StoreError> {
         recorded_at_ms: row.get(8)?,
         hash: hash(9, "hash")?,
         workspace_hash: hash(10, "workspace_hash")?,
+        caller_identity: row.get(11)?,
     })
 }
 

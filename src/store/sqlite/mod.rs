@@ -521,7 +521,7 @@ async fn load_chains(conn: &mut SqliteConnection) -> Result<Chains, StoreError> 
 }
 
 const RECORD_COLUMNS: &str = "sequence, key_id, workspace_id, stream_version, event_type, \
-    schema_version, payload, actor, recorded_at, hash, workspace_hash";
+    schema_version, payload, actor, recorded_at, hash, workspace_hash, caller_identity";
 
 /// A value bound to a statement built at run time.
 enum Param {
@@ -596,6 +596,7 @@ fn record_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<LogRecord, StoreErro
         payload: row.try_get("payload")?,
         actor: row.try_get("actor")?,
         recorded_at_ms: row.try_get("recorded_at")?,
+        caller_identity: row.try_get("caller_identity")?,
         hash: hash("hash")?,
         workspace_hash: hash("workspace_hash")?,
     })
@@ -767,10 +768,11 @@ async fn insert_records(
     records: &[LogRecord],
 ) -> Result<(), sqlx::Error> {
     for chunk in chunks(records) {
-        let values = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ");
+        let values = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ");
         let sql = format!(
             "INSERT INTO events (sequence, key_id, workspace_id, stream_version, event_type, \
-             schema_version, payload, actor, recorded_at, hash, workspace_hash) VALUES {values}"
+             schema_version, payload, actor, recorded_at, hash, workspace_hash, \
+             caller_identity) VALUES {values}"
         );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
         for r in chunk {
@@ -785,7 +787,8 @@ async fn insert_records(
                 .bind(&r.actor)
                 .bind(r.recorded_at_ms)
                 .bind(&r.hash[..])
-                .bind(&r.workspace_hash[..]);
+                .bind(&r.workspace_hash[..])
+                .bind(&r.caller_identity);
         }
         query.execute(&mut *conn).await?;
     }
