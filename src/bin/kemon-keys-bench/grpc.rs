@@ -20,7 +20,7 @@ use crate::server::ServerProcess;
 
 pub const WORKSPACES: usize = 100;
 
-fn admin<T>(message: T) -> Request<T> {
+pub fn admin<T>(message: T) -> Request<T> {
     let mut r = Request::new(message);
     r.metadata_mut()
         .insert("x-kemon-actor", "bench".parse().expect("ascii"));
@@ -29,7 +29,7 @@ fn admin<T>(message: T) -> Request<T> {
     r
 }
 
-fn create_request(i: u64) -> pb::CreateKeyRequest {
+pub fn create_request(i: u64) -> pb::CreateKeyRequest {
     pb::CreateKeyRequest {
         workspace_id: format!("ws_{}", i as usize % WORKSPACES),
         name: format!("bench {i}"),
@@ -90,7 +90,7 @@ pub async fn health_call(channel: Channel) -> Result<(), tonic::Status> {
         .map(|_| ())
 }
 
-async fn verify_load(
+pub async fn verify_load(
     channels: &[Channel],
     secrets: Arc<Vec<String>>,
     concurrency: usize,

@@ -8,6 +8,7 @@ mod grpc;
 mod inproc;
 mod load;
 mod replay;
+mod replicas;
 mod report;
 mod server;
 
@@ -71,6 +72,9 @@ enum Which {
     /// sqlite3 floor) and memory per key.
     #[value(alias = "cold")]
     Replay,
+    /// 8: several replicas on PostgreSQL (needs --database-url): revocation reaching every
+    /// replica, Verify on a replica, group commit and start-up on PostgreSQL.
+    Replicas,
 }
 
 #[derive(Debug, clap::Args)]
@@ -113,6 +117,14 @@ struct TargetArgs {
     /// Also write the Markdown report to this file.
     #[arg(long)]
     output: Option<PathBuf>,
+    /// A PostgreSQL database for target 8 (which runs only with it), e.g.
+    /// `postgres://postgres@127.0.0.1:5432/test`; the bench makes and drops `kkbench_*`
+    /// schemas in it.
+    #[arg(long, env = "KEMON_BENCH_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Revocations timed across the replicas in target 8.
+    #[arg(long, default_value_t = 400)]
+    revocations: usize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -270,6 +282,32 @@ async fn targets(args: TargetArgs) -> anyhow::Result<bool> {
     }
     if all || args.only == Which::Replay {
         replay::run(args.events, args.cold_runs, &server_bin, &mut report).await?;
+    }
+    if all || args.only == Which::Replicas {
+        match &args.database_url {
+            Some(database_url) => {
+                let settings = replicas::PgSettings {
+                    server_bin: &server_bin,
+                    database_url,
+                    keys: args.keys,
+                    events: args.events,
+                    cold_runs: args.cold_runs,
+                    seconds: args.seconds,
+                    concurrency: &args.concurrency,
+                    connections: args.connections,
+                    write_rate: args.write_rate,
+                    revocations: args.revocations,
+                };
+                replicas::run(&settings, &mut report).await?;
+            }
+            None if args.only == Which::Replicas => {
+                anyhow::bail!("target 8 needs --database-url (a PostgreSQL database)")
+            }
+            None => report.line(
+                "
+Target 8 (PostgreSQL replicas) not run: no --database-url.",
+            ),
+        }
     }
     let summary = report.summary();
     report.line(summary);

@@ -28,6 +28,24 @@ pub fn bench_master_key() -> MasterKey {
 pub async fn seed_events(path: &Path, n: usize) -> anyhow::Result<()> {
     // Through the backend, as the server writes: the same statements, the same files.
     let backend = store::SqliteBackend::open(path).await?;
+    let mut session = write_seed(&backend, n).await?;
+    // Move the seeded rows from the WAL into the database file, as a server's normal
+    // checkpoints would have, so the scans below read what a long-running log looks like.
+    session.scrub(std::time::Duration::from_secs(10)).await?;
+    // Readers first: the writer's session, closing last, removes the WAL.
+    backend.close_readers().await;
+    session.close().await;
+    backend.release().await;
+    Ok(())
+}
+
+/// Writes `n` KeyCreated events (one per key, 1000 workspaces) into `backend`'s empty log
+/// in one transaction, through the same write session as the server's writer, and returns
+/// the session (committed).
+pub async fn write_seed(
+    backend: &dyn Backend,
+    n: usize,
+) -> anyhow::Result<Box<dyn store::WriteSession>> {
     backend
         .claim_master_key(&bench_master_key().fingerprint())
         .await?;
@@ -82,14 +100,7 @@ pub async fn seed_events(path: &Path, n: usize) -> anyhow::Result<()> {
         }
     }
     session.commit().await?;
-    // Move the seeded rows from the WAL into the database file, as a server's normal
-    // checkpoints would have, so the scans below read what a long-running log looks like.
-    session.scrub(std::time::Duration::from_secs(10)).await?;
-    // Readers first: the writer's session, closing last, removes the WAL.
-    backend.close_readers().await;
-    session.close().await;
-    backend.release().await;
-    Ok(())
+    Ok(session)
 }
 
 /// The floor: what SQLite itself needs to read every row of a table, measured with the
@@ -136,27 +147,27 @@ pub fn load() -> String {
 
 /// One timed run: seconds, peak resident memory, the load average when it started.
 #[derive(Debug, Clone)]
-struct Run {
-    seconds: f64,
-    peak_bytes: u64,
-    load: String,
+pub(crate) struct Run {
+    pub(crate) seconds: f64,
+    pub(crate) peak_bytes: u64,
+    pub(crate) load: String,
 }
 
 /// Several runs of one thing: the median is the figure, the spread is shown.
-struct Runs(Vec<Run>);
+pub(crate) struct Runs(pub(crate) Vec<Run>);
 
 impl Runs {
-    fn median(&self) -> &Run {
+    pub(crate) fn median(&self) -> &Run {
         let mut order: Vec<&Run> = self.0.iter().collect();
         order.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));
         order[order.len() / 2]
     }
 
-    fn max_peak_mib(&self) -> f64 {
+    pub(crate) fn max_peak_mib(&self) -> f64 {
         self.0.iter().map(|r| r.peak_bytes).max().unwrap_or(0) as f64 / 1048576.0
     }
 
-    fn cell(&self) -> String {
+    pub(crate) fn cell(&self) -> String {
         let times: Vec<String> = self.0.iter().map(|r| format!("{:.2}", r.seconds)).collect();
         let loads: Vec<&str> = self.0.iter().map(|r| r.load.as_str()).collect();
         format!(
@@ -170,7 +181,7 @@ impl Runs {
 
 /// Runs `bin` with `args` to completion; its wall time and peak resident memory (VmHWM,
 /// read every 5 ms while it runs).
-fn run_child(bin: &Path, args: &[&str]) -> anyhow::Result<Run> {
+pub(crate) fn run_child(bin: &Path, args: &[&str]) -> anyhow::Result<Run> {
     let load = load();
     let started = Instant::now();
     let mut child = Command::new(bin)
