@@ -21,11 +21,10 @@ use crate::clock::Clock;
 use crate::config::{LogFormat, ServeArgs};
 use crate::grpc::calls::CallLayer;
 use crate::grpc::connections::{ConnectionLimits, MAX_REQUEST_BYTES, TrackCallsLayer};
-use crate::grpc::ext_authz::ExtAuthzApi;
+use crate::grpc::ext_authz::{AuthorizationService, ExtAuthzApi};
 use crate::grpc::policy::AccessLayer;
 use crate::grpc::{AuditApi, KeyApi, tls};
 use crate::security::{Security, SecuritySettings};
-use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 
 /// Largest Check request: Envoy's default limit on a request's headers is 60 KiB.
 const CHECK_REQUEST_BYTES: usize = 96 * 1024;
@@ -380,12 +379,10 @@ impl Application {
             .add_service(
                 // A Check describes the whole HTTP request's headers: Envoy allows up to
                 // 60 KiB of them by default.
-                AuthorizationServer::new(ExtAuthzApi::new(
-                    cache.clone(),
-                    ready.clone(),
-                    &ext_authz_api_key_header,
-                ))
-                .max_decoding_message_size(CHECK_REQUEST_BYTES),
+                AuthorizationService::new(
+                    ExtAuthzApi::new(cache.clone(), ready.clone(), &ext_authz_api_key_header),
+                    CHECK_REQUEST_BYTES,
+                ),
             )
             .serve_with_incoming_shutdown(
                 tls::incoming(
@@ -524,7 +521,7 @@ async fn report_freshness(
             .await;
         health
             .set_service_status(
-                <AuthorizationServer<ExtAuthzApi> as tonic::server::NamedService>::NAME,
+                <AuthorizationService as tonic::server::NamedService>::NAME,
                 status,
             )
             .await;

@@ -22,23 +22,26 @@
 //!   cache: a gRPC error, which Envoy turns into its configured failure mode (deny, with
 //!   `failure_mode_allow: false`).
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use envoy_types::ext_authz::v3::pb::{
-    Authorization, CheckRequest, CheckResponse, DeniedHttpResponse, HeaderAppendAction,
-    HeaderValue, HeaderValueOption, HttpResponse, HttpStatus, HttpStatusCode, OkHttpResponse,
+    CheckResponse, DeniedHttpResponse, HeaderAppendAction, HeaderValue, HeaderValueOption,
+    HttpResponse, HttpStatus, HttpStatusCode,
 };
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use envoy_types::pb::google::rpc;
-use tonic::{Code, Request, Response, Status};
+use tonic::{Code, Status};
 
 use super::record_key_id;
 use crate::cache::{CachedKey, Verdict, VerifyCache};
 use crate::domain::{Scope, ScopeSet};
 use crate::proto::v1::VerifyCode;
+
+mod wire;
+
+pub use wire::{AuthorizationService, CheckInput};
 
 /// The route setting (`context_extensions`) that names the scopes a route requires.
 pub const SCOPES_EXTENSION: &str = "kemon_scopes";
@@ -84,15 +87,14 @@ impl ExtAuthzApi {
         }
     }
 
-    /// One pass over the headers rather than a map lookup per header: the map hashes every
-    /// name it is asked for, and the forged-header scan walks every entry anyway.
-    fn presented<'r>(&self, headers: &'r HashMap<String, String>) -> Presented<'r> {
+    /// One pass over the headers, which the forged-header scan needs anyway.
+    fn presented<'r>(&self, input: &'r CheckInput) -> Presented<'r> {
         let mut presented = Presented::default();
-        for (name, value) in headers {
+        for (name, value) in input.headers() {
             if name == "authorization" {
                 presented.authorization = Some(value);
             }
-            if *name == self.api_key_header {
+            if name == self.api_key_header {
                 presented.api_key = Some(value);
             }
             if name == "origin" {
@@ -114,28 +116,23 @@ impl ExtAuthzApi {
         presented.api_key.map(str::trim)
     }
 
-    fn decide(&self, request: &CheckRequest) -> Result<CheckResponse, Status> {
+    fn decide(&self, input: &CheckInput) -> Result<CheckAnswer, Status> {
         if !self.ready.load(Ordering::Acquire) {
             return Err(Status::unavailable(
                 "starting: the key cache is still loading",
             ));
         }
-        let attributes = request.attributes.as_ref();
-        let headers = attributes
-            .and_then(|a| a.request.as_ref())
-            .and_then(|r| r.http.as_ref())
-            .map(|h| &h.headers);
-        let required = match attributes {
-            Some(a) => required_scopes(&a.context_extensions)?,
+        let required = match input.route_scopes() {
+            Some(names) => required_scopes(names)?,
             None => ScopeSet::EMPTY,
         };
-        let presented = headers.map_or_else(Presented::default, |h| self.presented(h));
+        let presented = self.presented(input);
         let verdict = match Self::credential(&presented) {
             Some(key) if !key.is_empty() => {
                 self.cache
                     .verify(key, required, presented.origin.unwrap_or(""))
             }
-            _ => return Ok(denied(None, VerifyCode::Unspecified)),
+            _ => return Ok(CheckAnswer::Message(denied(None, VerifyCode::Unspecified))),
         };
         let (code, key) = match verdict {
             Verdict::Valid(k) => (VerifyCode::Valid, Some(k)),
@@ -151,23 +148,13 @@ impl ExtAuthzApi {
             record_key_id(k.key_id);
         }
         match key {
-            Some(k) if code == VerifyCode::Valid => Ok(allowed(
+            Some(k) if code == VerifyCode::Valid => Ok(CheckAnswer::Encoded(wire::allowed(
                 &k,
-                headers.filter(|_| presented.forged),
+                Some(input).filter(|_| presented.forged),
                 &self.api_key_header,
-            )),
-            other => Ok(denied(other.as_deref(), code)),
+            ))),
+            other => Ok(CheckAnswer::Message(denied(other.as_deref(), code))),
         }
-    }
-}
-
-#[tonic::async_trait]
-impl Authorization for ExtAuthzApi {
-    async fn check(
-        &self,
-        request: Request<CheckRequest>,
-    ) -> Result<Response<CheckResponse>, Status> {
-        self.decide(request.get_ref()).map(Response::new)
     }
 }
 
@@ -179,10 +166,7 @@ fn is_forged(name: &str) -> bool {
 
 /// The scopes a route requires, from its `kemon_scopes` setting. An unknown name is the
 /// route's configuration error: refused as a gRPC error, so that Envoy fails closed.
-fn required_scopes(extensions: &HashMap<String, String>) -> Result<ScopeSet, Status> {
-    let Some(names) = extensions.get(SCOPES_EXTENSION) else {
-        return Ok(ScopeSet::EMPTY);
-    };
+fn required_scopes(names: &str) -> Result<ScopeSet, Status> {
     let names = || names.split([',', ' ']).filter(|n| !n.is_empty());
     let mut required = ScopeSet::EMPTY;
     for name in names() {
@@ -227,21 +211,50 @@ fn check_status(code: Code, message: &str) -> Option<rpc::Status> {
     })
 }
 
-/// An allowed request: what the upstream learns of the key, and the headers it must not see.
-/// `forged` is the request's headers when [`is_forged`] holds for any of them. The answer is
-/// built in place, each vector at its final size, rather than through envoy-types' builders.
-fn allowed(
-    key: &CachedKey,
-    forged: Option<&HashMap<String, String>>,
-    api_key_header: &str,
-) -> CheckResponse {
-    let forged = forged
+/// What Check answers: an allowed request's answer already encoded (the common case, written
+/// straight to the wire by [`wire::allowed`]), or any other answer as a message.
+#[derive(Debug)]
+pub enum CheckAnswer {
+    Encoded(Vec<u8>),
+    Message(CheckResponse),
+}
+
+impl CheckAnswer {
+    /// The answer as a message, for tests to read.
+    #[cfg(test)]
+    fn into_response(self) -> CheckResponse {
+        use prost::Message;
+        match self {
+            CheckAnswer::Message(m) => m,
+            CheckAnswer::Encoded(bytes) => {
+                CheckResponse::decode(bytes.as_slice()).expect("a valid CheckResponse")
+            }
+        }
+    }
+}
+
+/// The headers removed from an allowed request: every client-sent `x-kemon-*` header the
+/// service does not set itself (when `forged` holds the request), then the credential headers.
+fn headers_to_remove<'a>(forged: Option<&'a CheckInput>, api_key_header: &'a str) -> Vec<&'a str> {
+    let mut remove: Vec<&str> = Vec::with_capacity(2);
+    for (name, _) in forged.into_iter().flat_map(CheckInput::headers) {
+        if is_forged(name) && !remove.contains(&name) {
+            remove.push(name);
+        }
+    }
+    remove.push("authorization");
+    remove.push(api_key_header);
+    remove
+}
+
+/// An allowed request as a message: what the upstream learns of the key, and the headers it
+/// must not see. The reference [`wire::allowed`] is held to: both must encode the same message.
+#[cfg(test)]
+fn allowed(key: &CachedKey, forged: Option<&CheckInput>, api_key_header: &str) -> CheckResponse {
+    let headers_to_remove: Vec<String> = headers_to_remove(forged, api_key_header)
         .into_iter()
-        .flat_map(|headers| headers.keys().filter(|name| is_forged(name)));
-    let mut headers_to_remove: Vec<String> = forged.cloned().collect();
-    headers_to_remove.reserve_exact(2);
-    headers_to_remove.push("authorization".to_owned());
-    headers_to_remove.push(api_key_header.to_owned());
+        .map(str::to_owned)
+        .collect();
     let overwrite = HeaderAppendAction::OverwriteIfExistsOrAdd;
     let upstream = vec![
         header("x-kemon-key-id", key_id(key), overwrite),
@@ -264,11 +277,13 @@ fn allowed(
     ];
     CheckResponse {
         status: check_status(Code::Ok, "allowed"),
-        http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
-            headers: upstream,
-            headers_to_remove,
-            ..Default::default()
-        })),
+        http_response: Some(HttpResponse::OkResponse(
+            envoy_types::ext_authz::v3::pb::OkHttpResponse {
+                headers: upstream,
+                headers_to_remove,
+                ..Default::default()
+            },
+        )),
         dynamic_metadata: Some(verify_metadata(VerifyCode::Valid)),
     }
 }
@@ -393,6 +408,9 @@ fn verify_metadata(code: VerifyCode) -> Struct {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
+    use envoy_types::ext_authz::v3::pb::CheckRequest;
     use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
     use envoy_types::pb::envoy::service::auth::v3::attribute_context::{
         HttpRequest, Request as HttpAttributes,
@@ -410,8 +428,10 @@ mod tests {
         )
     }
 
-    fn request(headers: &[(&str, &str)], scopes: Option<&str>) -> CheckRequest {
-        CheckRequest {
+    /// A CheckRequest as Envoy would encode it, read as Check reads it.
+    fn request(headers: &[(&str, &str)], scopes: Option<&str>) -> CheckInput {
+        use prost::Message;
+        let request = CheckRequest {
             attributes: Some(AttributeContext {
                 request: Some(HttpAttributes {
                     http: Some(HttpRequest {
@@ -428,7 +448,8 @@ mod tests {
                     .unwrap_or_default(),
                 ..Default::default()
             }),
-        }
+        };
+        CheckInput::parse(request.encode_to_vec().into()).expect("a valid CheckRequest")
     }
 
     /// The verify code an answer carries for Envoy's access log.
@@ -445,7 +466,10 @@ mod tests {
     }
 
     fn decided(api: &ExtAuthzApi, headers: &[(&str, &str)]) -> String {
-        let response = api.decide(&request(headers, None)).expect("an answer");
+        let response = api
+            .decide(&request(headers, None))
+            .expect("an answer")
+            .into_response();
         verify_code(&response).to_owned()
     }
 
@@ -485,7 +509,10 @@ mod tests {
             decided(&api, &[("x-client-key", "  ")]),
             "VERIFY_CODE_MISSING"
         );
-        let empty = api.decide(&CheckRequest::default()).expect("an answer");
+        let empty = api
+            .decide(&CheckInput::default())
+            .expect("an answer")
+            .into_response();
         assert_eq!(verify_code(&empty), "VERIFY_CODE_MISSING");
     }
 
@@ -501,23 +528,17 @@ mod tests {
 
     #[test]
     fn route_scopes_are_separated_by_commas_or_spaces_and_unknown_ones_named() {
-        let extensions = |s: &str| HashMap::from([(SCOPES_EXTENSION.to_owned(), s.to_owned())]);
         let both = ScopeSet::parse(&["tickets:read", "tickets:write"]).unwrap();
         for names in [
             "tickets:read,tickets:write",
             " tickets:read tickets:write ",
             "tickets:write, tickets:read,,",
         ] {
-            assert_eq!(
-                required_scopes(&extensions(names)).unwrap(),
-                both,
-                "{names}"
-            );
+            assert_eq!(required_scopes(names).unwrap(), both, "{names}");
         }
-        assert_eq!(required_scopes(&HashMap::new()).unwrap(), ScopeSet::EMPTY);
-        assert_eq!(required_scopes(&extensions(" ")).unwrap(), ScopeSet::EMPTY);
-        let status =
-            required_scopes(&extensions("tickets:reed,tickets:read labels:wrote")).unwrap_err();
+        assert_eq!(required_scopes("").unwrap(), ScopeSet::EMPTY);
+        assert_eq!(required_scopes(" ").unwrap(), ScopeSet::EMPTY);
+        let status = required_scopes("tickets:reed,tickets:read labels:wrote").unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument);
         assert!(
             status
@@ -526,6 +547,72 @@ mod tests {
             "{}",
             status.message()
         );
+    }
+
+    /// A cached key of `scopes` (all of them when `full_access`).
+    fn cached(scopes: &[&str], full_access: bool) -> CachedKey {
+        CachedKey {
+            key_id: crate::domain::KeyId::generate(1_767_225_600_000),
+            workspace_id: Arc::from("ws_17"),
+            key_type: crate::domain::KeyType::Private,
+            environment: crate::domain::Environment::Test,
+            scopes: ScopeSet::parse(scopes).unwrap(),
+            full_access,
+            expires_at_ms: None,
+            revoked: false,
+            allowed_domains: Box::new([]),
+            version: 1,
+        }
+    }
+
+    #[test]
+    fn the_written_allowed_answer_is_the_message_prost_would_write() {
+        use prost::Message;
+        let keys = [
+            cached(&["tickets:read"], false),
+            cached(&[], false),
+            cached(&[], true),
+        ];
+        let requests = [
+            request(&[("x-api-key", "k")], None),
+            request(
+                &[
+                    ("authorization", "Bearer k"),
+                    ("x-kemon-role", "admin"),
+                    ("x-kemon-key-id", "key_forged"),
+                    ("x-kemon-x", "1"),
+                ],
+                None,
+            ),
+        ];
+        for key in &keys {
+            for input in &requests {
+                for header in ["x-api-key", "x-client-key"] {
+                    let written = wire::allowed(key, Some(input), header);
+                    let message = allowed(key, Some(input), header);
+                    assert_eq!(
+                        CheckResponse::decode(written.as_slice()).expect("decodes"),
+                        message
+                    );
+                    // Byte for byte, up to the order of the fields prost chooses.
+                    assert_eq!(written.len(), message.encoded_len());
+                }
+            }
+        }
+        // The forged headers are removed, the ones the service sets are overwritten instead.
+        let answer = CheckResponse::decode(
+            wire::allowed(&keys[0], Some(&requests[1]), "x-api-key").as_slice(),
+        )
+        .unwrap();
+        let Some(HttpResponse::OkResponse(ok)) = &answer.http_response else {
+            panic!("not an OK answer: {answer:?}");
+        };
+        let (forged, credentials) = ok.headers_to_remove.split_at(2);
+        let mut forged = forged.to_vec();
+        forged.sort();
+        assert_eq!(forged, ["x-kemon-role", "x-kemon-x"]);
+        assert_eq!(credentials, ["authorization", "x-api-key"]);
+        assert_eq!(verify_code(&answer), "VERIFY_CODE_VALID");
     }
 
     #[test]
