@@ -277,3 +277,85 @@ async fn a_route_naming_an_unknown_scope_fails_closed() {
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("kemon_scopes"), "{status:?}");
 }
+
+/// Sends `bytes` as the body of a Check, unchanged.
+#[derive(Debug, Clone, Copy)]
+struct RawCheck;
+
+impl tonic::codec::Codec for RawCheck {
+    type Encode = Vec<u8>;
+    type Decode = CheckResponse;
+    type Encoder = RawCheck;
+    type Decoder = tonic_prost::ProstDecoder<CheckResponse>;
+
+    fn encoder(&mut self) -> RawCheck {
+        RawCheck
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::default()
+    }
+}
+
+impl tonic::codec::Encoder for RawCheck {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use prost::bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+async fn check_raw(channel: &Channel, bytes: Vec<u8>) -> Result<CheckResponse, tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready().await.expect("connection ready");
+    grpc.unary(
+        tonic::Request::new(bytes),
+        http::uri::PathAndQuery::from_static("/envoy.service.auth.v3.Authorization/Check"),
+        RawCheck,
+    )
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+#[tokio::test]
+async fn a_malformed_check_request_is_refused_as_invalid_and_a_well_formed_one_still_answers() {
+    use prost::Message;
+    let server = TestServer::start().await;
+    let channel = server.channel().await;
+    let mut client = server.client().await;
+    let (_, secret) = client.create(private_key("any", &["tickets:read"])).await;
+    let whole = check_request(&[("x-api-key", &secret)], Some("tickets:read")).encode_to_vec();
+
+    // Cut short inside the attributes, a group wire type, and a header value that is not
+    // UTF-8 (attributes { request { http { headers { key: "x-api-key" value: 0xff } } } }).
+    let entry = [&[0x0a, 9][..], b"x-api-key", &[0x12, 1, 0xff]].concat();
+    let nest = |field: u8, inner: &[u8]| [&[field, inner.len() as u8][..], inner].concat();
+    let not_utf8 = nest(0x0a, &nest(0x22, &nest(0x12, &nest(0x1a, &entry))));
+    for (what, bytes) in [
+        ("truncated", whole[..whole.len() - 3].to_vec()),
+        ("a group", vec![0x0b]),
+        ("not UTF-8", not_utf8),
+    ] {
+        let status = check_raw(&channel, bytes)
+            .await
+            .expect_err("a malformed request is a gRPC error, so Envoy applies its failure mode");
+        assert_eq!(status.code(), Code::InvalidArgument, "{what}: {status:?}");
+        assert!(
+            status.message().starts_with("invalid CheckRequest: "),
+            "{what}: {status:?}"
+        );
+        assert!(!status.message().contains(&secret), "{what}");
+    }
+
+    // The same connection and server still decide a well-formed request, from the same bytes
+    // a prost client sends.
+    let allowed = check_raw(&channel, whole).await.expect("an answer");
+    assert_eq!(verify_code(&allowed), "VERIFY_CODE_VALID");
+}
