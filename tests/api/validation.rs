@@ -853,6 +853,7 @@ async fn list_keys_names_every_bad_field() {
             r#type: 9,
             environment: 9,
             include_revoked: false,
+            ..Default::default()
         })
         .await
         .unwrap_err();
