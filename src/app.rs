@@ -412,11 +412,7 @@ impl Application {
         health.set_serving::<AuditServiceServer<AuditApi>>().await;
         tokio::spawn(report_freshness(store.fresh(), fresh, health.clone()));
         tokio::spawn(report_writes(store.writable(), health.clone()));
-        let upkeep = tokio::spawn(crate::usage::run(
-            cache.clone(),
-            store.clone(),
-            upkeep_stop,
-        ));
+        let upkeep = tokio::spawn(crate::usage::run(cache.clone(), store.clone(), upkeep_stop));
         tracing::info!(
             keys = cache.len(),
             elapsed_ms = started.elapsed().as_millis() as u64,

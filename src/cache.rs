@@ -73,7 +73,9 @@ impl LastUsed {
             _ => return None,
         };
         Some(LastUsed {
-            at_ms: i64::try_from(packed >> 2).ok()?.checked_mul(USAGE_MINUTE_MS)?,
+            at_ms: i64::try_from(packed >> 2)
+                .ok()?
+                .checked_mul(USAGE_MINUTE_MS)?,
             origin,
         })
     }
@@ -139,7 +141,10 @@ pub struct DirtyUsage {
 impl DirtyUsage {
     /// Marks the use as written, unless a later one came meanwhile.
     pub fn written(&self) {
-        self.entry.usage.flushed.fetch_max(self.packed, Ordering::Relaxed);
+        self.entry
+            .usage
+            .flushed
+            .fetch_max(self.packed, Ordering::Relaxed);
     }
 }
 

@@ -272,9 +272,10 @@ impl Roll {
             public_key: self.public_key.clone(),
             allowed_domains: old.allowed_domains.clone(),
             created_at_ms: self.now_ms,
-            expires_at_ms: old
-                .expires_at_ms
-                .map(|at| self.now_ms.saturating_add(at.saturating_sub(old.created_at_ms))),
+            expires_at_ms: old.expires_at_ms.map(|at| {
+                self.now_ms
+                    .saturating_add(at.saturating_sub(old.created_at_ms))
+            }),
             reveal_later: old.reveal_later,
             rolled_from: Some(old.key_id),
         }

@@ -49,9 +49,13 @@ impl OriginClass {
     }
 
     pub fn parse(s: &str) -> Option<OriginClass> {
-        [OriginClass::None, OriginClass::Localhost, OriginClass::Browser]
-            .into_iter()
-            .find(|c| c.as_str() == s)
+        [
+            OriginClass::None,
+            OriginClass::Localhost,
+            OriginClass::Browser,
+        ]
+        .into_iter()
+        .find(|c| c.as_str() == s)
     }
 }
 

@@ -90,9 +90,14 @@ pub enum KeyRefusal {
     Revoked,
     NotRevealable,
     PublicScopesImmutable,
-    VersionConflict { expected: u64, actual: u64 },
+    VersionConflict {
+        expected: u64,
+        actual: u64,
+    },
     /// RollKey on a key rolled before.
-    Rolled { successor: KeyId },
+    Rolled {
+        successor: KeyId,
+    },
     /// RollKey on an expired key.
     Expired,
 }

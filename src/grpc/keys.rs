@@ -101,7 +101,9 @@ impl KeyApi {
             .collect();
         for s in states {
             if let Some(seen) = self.cache.last_used(&s.secret_hash)
-                && usage.get(&s.key_id).is_none_or(|stored| stored.at_ms < seen.at_ms)
+                && usage
+                    .get(&s.key_id)
+                    .is_none_or(|stored| stored.at_ms < seen.at_ms)
             {
                 usage.insert(s.key_id, seen);
             }
@@ -704,8 +706,7 @@ impl KeyApi {
         )
         .and_then(|ms| GracePeriod::from_ms(ms).ok());
         let request_id = parse_request_id(&req.request_id, &mut violations);
-        let (Some((workspace_id, key_id)), Some(grace), true) =
-            (ids, grace, violations.is_empty())
+        let (Some((workspace_id, key_id)), Some(grace), true) = (ids, grace, violations.is_empty())
         else {
             return Err(ApiError::Invalid(violations));
         };
@@ -721,8 +722,7 @@ impl KeyApi {
         let random_failed =
             |e: getrandom::Error| ApiError::Internal(format!("random source failed: {e}"));
         let successor_key_id = KeyId::try_generate(now).map_err(random_failed)?;
-        let secret =
-            ApiKey::try_generate(old.key_type, old.environment).map_err(random_failed)?;
+        let secret = ApiKey::try_generate(old.key_type, old.environment).map_err(random_failed)?;
         // Sealed whatever the old key says: the writer keeps the copy only if the old key,
         // as it stands when the roll is decided, was created with reveal_later.
         let sealed_secret = (old.key_type == KeyType::Private)
@@ -859,8 +859,7 @@ fn parse_instant(
 ) -> Option<i64> {
     const MIN_SECONDS: i64 = -62_135_596_800;
     const MAX_SECONDS: i64 = 253_402_300_799;
-    if !(MIN_SECONDS..=MAX_SECONDS).contains(&t.seconds) || !(0..1_000_000_000).contains(&t.nanos)
-    {
+    if !(MIN_SECONDS..=MAX_SECONDS).contains(&t.seconds) || !(0..1_000_000_000).contains(&t.nanos) {
         violations.push(Violation::new(
             field,
             "is not a valid Timestamp (years 1 to 9999, nanos 0 to 999,999,999)",

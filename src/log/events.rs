@@ -295,7 +295,10 @@ mod tests {
             expires_at_ms: 3_601_000,
         };
         let encoded = encode_event(&rolled);
-        assert_eq!((encoded.event_type, encoded.schema_version), ("KeyRolled", 1));
+        assert_eq!(
+            (encoded.event_type, encoded.schema_version),
+            ("KeyRolled", 1)
+        );
         assert_eq!(
             decode_event("KeyRolled", 1, &encoded.payload).unwrap(),
             rolled

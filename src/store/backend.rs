@@ -21,8 +21,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{
-    CreateRequest, ExpiryCursor, Head, KeyUsage, ListFilter, RecordFilter, SealedSecret,
-    StoreError,
+    CreateRequest, ExpiryCursor, Head, KeyUsage, ListFilter, RecordFilter, SealedSecret, StoreError,
 };
 use crate::domain::{KeyId, KeyState, WorkspaceId};
 use crate::log::chain::{Chains, LogRecord};

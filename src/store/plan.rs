@@ -99,13 +99,7 @@ pub(super) fn plan(
             let slot = (write.workspace_id.to_string(), create.request_id.clone());
             if let Some(earlier) = answered.get(&slot) {
                 let rolled = matches!(write.command, Command::Roll(_)).then_some(write.key_id);
-                outcomes.push(replay(
-                    &streams,
-                    &touched,
-                    earlier,
-                    &create.digest,
-                    rolled,
-                ));
+                outcomes.push(replay(&streams, &touched, earlier, &create.digest, rolled));
                 continue;
             }
         }

@@ -273,7 +273,12 @@ impl Backend for PgBackend {
              last_used_origin = excluded.last_used_origin \
              WHERE excluded.last_used_at > key_usage.last_used_at",
         )
-        .bind(usage.iter().map(|u| u.key_id.to_string()).collect::<Vec<_>>())
+        .bind(
+            usage
+                .iter()
+                .map(|u| u.key_id.to_string())
+                .collect::<Vec<_>>(),
+        )
         .bind(usage.iter().map(|u| u.last_used_at_ms).collect::<Vec<_>>())
         .bind(usage.iter().map(|u| u.origin.as_str()).collect::<Vec<_>>())
         .execute(&self.pool)

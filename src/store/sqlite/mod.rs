@@ -182,7 +182,9 @@ impl Backend for SqliteBackend {
             sql.push_str(" AND expires_at IS NOT NULL AND expires_at < ?");
         }
         if filter.never_used {
-            sql.push_str(" AND NOT EXISTS (SELECT 1 FROM key_usage u WHERE u.key_id = keys.key_id)");
+            sql.push_str(
+                " AND NOT EXISTS (SELECT 1 FROM key_usage u WHERE u.key_id = keys.key_id)",
+            );
         }
         if filter.unused_since_ms.is_some() {
             sql.push_str(
