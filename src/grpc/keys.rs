@@ -148,7 +148,9 @@ impl KeyApi {
                 create_request: None,
             })
             .await?;
-        Ok(self.to_pb(&state))
+        // As it now stands: its last use too, as GetKey shows it.
+        let usage = self.usage_of(std::slice::from_ref(&state)).await?;
+        Ok(self.to_pb_used(&state, &usage))
     }
 }
 
@@ -778,10 +780,19 @@ impl KeyApi {
                 .unwrap_or_default(),
         };
         tracing::info!(successor = %written.state.key_id, grace_ms = grace.as_ms(), "key rolled");
+        let states: Vec<KeyState> = [Some(&written.state), written.previous.as_ref()]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
+        let usage = self.usage_of(&states).await?;
         Ok(pb::RollKeyResponse {
-            key: Some(self.to_pb(&written.state)),
+            key: Some(self.to_pb_used(&written.state, &usage)),
             secret,
-            previous: written.previous.as_ref().map(|s| self.to_pb(s)),
+            previous: written
+                .previous
+                .as_ref()
+                .map(|s| self.to_pb_used(s, &usage)),
             replayed: written.replayed.is_some(),
         })
     }
