@@ -186,7 +186,10 @@ impl Printed {
             return;
         };
         let text = |v: &serde_json::Value| v.as_str().map(str::to_owned);
-        match (text(&json["key"]["keyId"]), text(&json["previous"]["keyId"])) {
+        match (
+            text(&json["key"]["keyId"]),
+            text(&json["previous"]["keyId"]),
+        ) {
             // A roll: the old key stays `key_01J…`.
             (Some(successor), Some(old)) => {
                 self.key_id = Some(old);
