@@ -276,7 +276,8 @@ impl Application {
             AUDIT_CHECKPOINT_EVERY,
             stopping_rx,
         );
-        let api = KeyApi::new(store.clone(), cache.clone(), clock, master_key);
+        let api = KeyApi::new(store.clone(), cache.clone(), clock, master_key)
+            .stopping_on(stopping.subscribe());
         Ok(Application {
             listener,
             local_addr,
@@ -338,6 +339,7 @@ impl Application {
         let fresh = Arc::new(AtomicBool::new(false));
         security.watch(&stopping);
         let admin_stop = stopping.subscribe();
+        let upkeep_stop = stopping.subscribe();
         // Key calls that need the cache are refused (NOT_READY) until it is loaded.
         let ready = Arc::new(AtomicBool::new(false));
         let shutdown = async move {
@@ -407,6 +409,7 @@ impl Application {
         health.set_serving::<AuditServiceServer<AuditApi>>().await;
         tokio::spawn(report_freshness(store.fresh(), fresh, health.clone()));
         tokio::spawn(report_writes(store.writable(), health.clone()));
+        let upkeep = tokio::spawn(crate::usage::run(cache.clone(), store.clone(), upkeep_stop));
         tracing::info!(
             keys = cache.len(),
             elapsed_ms = started.elapsed().as_millis() as u64,
@@ -420,6 +423,9 @@ impl Application {
                 .context("admin server task")?
                 .context("admin server")?;
         }
+        // Last uses seen until the last call are written before the store closes.
+        upkeep.await.context("last-used task")?;
+        crate::usage::write(&cache, &store, &mut Vec::new()).await;
         store.close().await;
         tracing::info!("stopped");
         Ok(())

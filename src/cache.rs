@@ -7,18 +7,146 @@
 //!
 //! The map is split into shards, each behind its own `RwLock` held only for a map operation
 //! (never across I/O), so writers never stall readers for long and readers never contend.
+//!
+//! Last used. Each entry carries the minute it was last accepted in and the class of origin it
+//! came from, packed in one `AtomicU64` ([`Usage`]): a Verify that accepts a key loads it and
+//! writes it only when the minute has changed, so the hot path takes no lock shared by callers
+//! and allocates nothing, and a busy key's cache line is written once a minute.
+//! [`VerifyCache::dirty_usage`] hands the entries whose usage moved since it was last written
+//! to the flusher (`crate::usage`), which writes them to the database in one batch.
+//!
+//! Rolled keys. A key rolled to a successor stops at the end of its grace period (its
+//! `expires_at`); from that instant Verify answers EXPIRED, and [`VerifyCache::evict_ended`]
+//! (run every quarter second by the flusher's task) then removes its hash from the cache, after
+//! which it answers NOT_FOUND. A rolled key already past its end is never inserted (a roll with
+//! no grace period, a restart).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use crate::clock::Clock;
 use crate::domain::api_key;
 use crate::domain::values::{Origin, Scheme};
-use crate::domain::{DomainPattern, Environment, KeyId, KeyState, KeyType, ScopeSet, SecretHash};
+use crate::domain::{
+    DomainPattern, Environment, KeyId, KeyState, KeyType, OriginClass, ScopeSet, SecretHash,
+};
 use crate::store::CommitListener;
 
 const SHARDS: usize = 64;
+
+/// The resolution of last-used tracking.
+pub const USAGE_MINUTE_MS: i64 = 60_000;
+
+/// When a key was last accepted, to the minute, and where from: `minute << 2 | class`, 0 for
+/// never; and the value last written to the database.
+#[derive(Debug, Default)]
+pub struct Usage {
+    last: AtomicU64,
+    flushed: AtomicU64,
+}
+
+/// A use, unpacked: the start of its minute (Unix milliseconds) and its origin class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LastUsed {
+    pub at_ms: i64,
+    pub origin: OriginClass,
+}
+
+impl LastUsed {
+    fn pack(self) -> u64 {
+        let minute = u64::try_from(self.at_ms.div_euclid(USAGE_MINUTE_MS)).unwrap_or(0);
+        let class = match self.origin {
+            OriginClass::None => 1,
+            OriginClass::Localhost => 2,
+            OriginClass::Browser => 3,
+        };
+        minute << 2 | class
+    }
+
+    fn unpack(packed: u64) -> Option<LastUsed> {
+        let origin = match packed & 3 {
+            1 => OriginClass::None,
+            2 => OriginClass::Localhost,
+            3 => OriginClass::Browser,
+            _ => return None,
+        };
+        Some(LastUsed {
+            at_ms: i64::try_from(packed >> 2)
+                .ok()?
+                .checked_mul(USAGE_MINUTE_MS)?,
+            origin,
+        })
+    }
+}
+
+impl Usage {
+    fn with(last: u64, flushed: u64) -> Usage {
+        Usage {
+            last: AtomicU64::new(last),
+            flushed: AtomicU64::new(flushed),
+        }
+    }
+
+    /// Records an accepted use at `now_ms` from `origin`. One relaxed load on the common path;
+    /// the origin is classified and the value written only in a minute not yet recorded.
+    #[inline]
+    fn touch(&self, now_ms: i64, origin: &str) {
+        let minute = u64::try_from(now_ms.div_euclid(USAGE_MINUTE_MS)).unwrap_or(0);
+        let current = self.last.load(Ordering::Relaxed);
+        if current >> 2 >= minute {
+            return;
+        }
+        let packed = LastUsed {
+            at_ms: now_ms,
+            origin: OriginClass::of(origin),
+        }
+        .pack();
+        // Several callers may race into a new minute: the highest value stays.
+        self.last.fetch_max(packed, Ordering::Relaxed);
+    }
+
+    pub fn last_used(&self) -> Option<LastUsed> {
+        LastUsed::unpack(self.last.load(Ordering::Relaxed))
+    }
+}
+
+impl Clone for Usage {
+    fn clone(&self) -> Usage {
+        Usage::with(
+            self.last.load(Ordering::Relaxed),
+            self.flushed.load(Ordering::Relaxed),
+        )
+    }
+}
+
+impl PartialEq for Usage {
+    fn eq(&self, other: &Usage) -> bool {
+        self.last.load(Ordering::Relaxed) == other.last.load(Ordering::Relaxed)
+    }
+}
+
+impl Eq for Usage {}
+
+/// A use not yet written to the database, as [`VerifyCache::dirty_usage`] hands it out.
+#[derive(Debug, Clone)]
+pub struct DirtyUsage {
+    pub key_id: KeyId,
+    pub last_used: LastUsed,
+    packed: u64,
+    entry: Arc<CachedKey>,
+}
+
+impl DirtyUsage {
+    /// Marks the use as written, unless a later one came meanwhile.
+    pub fn written(&self) {
+        self.entry
+            .usage
+            .flushed
+            .fetch_max(self.packed, Ordering::Relaxed);
+    }
+}
 
 /// What Verify needs of a key, and nothing else.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +161,9 @@ pub struct CachedKey {
     pub revoked: bool,
     pub allowed_domains: Box<[DomainPattern]>,
     pub version: u64,
+    /// Rolled to a successor: its hash leaves the cache once `expires_at_ms` has passed.
+    pub rolled: bool,
+    pub usage: Usage,
 }
 
 impl CachedKey {
@@ -48,7 +179,14 @@ impl CachedKey {
             revoked: s.is_revoked(),
             allowed_domains: s.allowed_domains.clone().into_boxed_slice(),
             version: s.version,
+            rolled: s.rolled_to.is_some(),
+            usage: Usage::default(),
         }
+    }
+
+    /// A rolled key whose grace period is over: its hash no longer belongs in the cache.
+    fn ended(&self, now_ms: i64) -> bool {
+        self.rolled && !self.revoked && self.expires_at_ms.is_some_and(|at| now_ms >= at)
     }
 
     /// The scopes this key grants: everything for a full-access key.
@@ -107,6 +245,9 @@ pub struct VerifyCache {
     /// on the common path, so that loading threads do not queue for it.
     workspaces: RwLock<HashSet<Arc<str>>>,
     clock: Arc<dyn Clock>,
+    /// Rolled keys still in their grace period, by the instant they end. Rolls are rare, so
+    /// one lock is fine; Verify never takes it.
+    ending: Mutex<BTreeMap<i64, Vec<SecretHash>>>,
 }
 
 impl VerifyCache {
@@ -115,7 +256,13 @@ impl VerifyCache {
             shards: (0..SHARDS).map(|_| Shard::default()).collect(),
             workspaces: RwLock::default(),
             clock,
+            ending: Mutex::default(),
         }
+    }
+
+    /// The clock the cache judges expiry and uses by.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
     }
 
     fn shard(&self, hash: &SecretHash) -> &Shard {
@@ -144,21 +291,81 @@ impl VerifyCache {
     /// Inserts or replaces a key's entry, unless the cache already holds a newer version.
     /// The entry is built before the shard is locked, so the write lock is held only for
     /// the map operation.
+    /// The last use is carried over from the entry replaced. A rolled key already past its
+    /// end is removed instead (see the module documentation).
     pub fn upsert(&self, state: &KeyState) {
-        let entry = Arc::new(CachedKey::from_state(
-            state,
-            self.intern(state.workspace_id.as_str()),
-        ));
+        let mut entry = CachedKey::from_state(state, self.intern(state.workspace_id.as_str()));
+        let ended = entry.ended(self.clock.now_ms());
+        if entry.rolled
+            && !entry.revoked
+            && !ended
+            && let Some(at) = entry.expires_at_ms
+        {
+            self.ending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(at)
+                .or_default()
+                .push(state.secret_hash);
+        }
         let mut shard = self
             .shard(&state.secret_hash)
             .write()
             .unwrap_or_else(|p| p.into_inner());
         match shard.get(&state.secret_hash) {
             Some(existing) if existing.version >= state.version => {}
-            _ => {
-                shard.insert(state.secret_hash, entry);
+            Some(_) if ended => {
+                shard.remove(&state.secret_hash);
+            }
+            Some(existing) => {
+                entry.usage = existing.usage.clone();
+                shard.insert(state.secret_hash, Arc::new(entry));
+            }
+            None if ended => {}
+            None => {
+                shard.insert(state.secret_hash, Arc::new(entry));
             }
         }
+    }
+
+    /// Removes the hashes of rolled keys whose grace period has ended; returns their uses not
+    /// yet written, for the flusher.
+    pub fn evict_ended(&self) -> Vec<DirtyUsage> {
+        let now = self.clock.now_ms();
+        let due: Vec<SecretHash> = {
+            let mut ending = self.ending.lock().unwrap_or_else(|p| p.into_inner());
+            let later = ending.split_off(&(now + 1));
+            std::mem::replace(&mut *ending, later)
+                .into_values()
+                .flatten()
+                .collect()
+        };
+        let mut unwritten = Vec::new();
+        for hash in due {
+            let mut shard = self.shard(&hash).write().unwrap_or_else(|p| p.into_inner());
+            if shard.get(&hash).is_some_and(|e| e.ended(now))
+                && let Some(entry) = shard.remove(&hash)
+            {
+                unwritten.extend(dirty(&entry));
+            }
+        }
+        unwritten
+    }
+
+    /// Every entry whose last use has not been written to the database yet.
+    pub fn dirty_usage(&self) -> Vec<DirtyUsage> {
+        let mut found = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = shard.read().unwrap_or_else(|p| p.into_inner());
+            found.extend(shard.values().filter_map(dirty));
+        }
+        found
+    }
+
+    /// The last use this process has seen of the key with `hash`, written or not.
+    pub fn last_used(&self, hash: &SecretHash) -> Option<LastUsed> {
+        let shard = self.shard(hash).read().unwrap_or_else(|p| p.into_inner());
+        shard.get(hash).and_then(|e| e.usage.last_used())
     }
 
     /// Sizes the shards for `keys` entries before a bulk load.
@@ -204,10 +411,9 @@ impl VerifyCache {
         if entry.revoked {
             return Verdict::Revoked(entry);
         }
-        if entry
-            .expires_at_ms
-            .is_some_and(|at| self.clock.now_ms() >= at)
-        {
+        // Read once: every key that verifies records its use at this instant.
+        let now = self.clock.now_ms();
+        if entry.expires_at_ms.is_some_and(|at| now >= at) {
             return Verdict::Expired(entry);
         }
         // An origin that does not parse is refused, never guessed at: a lenient reading can
@@ -242,8 +448,25 @@ impl VerifyCache {
                 missing,
             };
         }
+        // Only accepted uses count: a leaked public key tried from another site, or a key
+        // refused for its scopes, does not make a key look in use.
+        entry.usage.touch(now, origin);
         Verdict::Valid(entry)
     }
+}
+
+/// The entry's use, when it has one not yet written.
+fn dirty(entry: &Arc<CachedKey>) -> Option<DirtyUsage> {
+    let packed = entry.usage.last.load(Ordering::Relaxed);
+    if packed <= entry.usage.flushed.load(Ordering::Relaxed) {
+        return None;
+    }
+    Some(DirtyUsage {
+        key_id: entry.key_id,
+        last_used: LastUsed::unpack(packed)?,
+        packed,
+        entry: entry.clone(),
+    })
 }
 
 impl CommitListener for VerifyCache {
@@ -258,6 +481,38 @@ impl CommitListener for VerifyCache {
 mod tests {
     use super::*;
     use std::hash::BuildHasher;
+
+    #[test]
+    fn usage_keeps_the_latest_minute_and_its_origin_class() {
+        let usage = Usage::default();
+        assert_eq!(usage.last_used(), None);
+        usage.touch(125_000, "");
+        assert_eq!(
+            usage.last_used(),
+            Some(LastUsed {
+                at_ms: 120_000,
+                origin: OriginClass::None
+            })
+        );
+        // The same minute from elsewhere writes nothing.
+        usage.touch(170_000, "https://app.example.com");
+        assert_eq!(usage.last_used().unwrap().origin, OriginClass::None);
+        usage.touch(180_000, "http://localhost:3000");
+        assert_eq!(
+            usage.last_used(),
+            Some(LastUsed {
+                at_ms: 180_000,
+                origin: OriginClass::Localhost
+            })
+        );
+        // An earlier minute never goes back.
+        usage.touch(0, "https://app.example.com");
+        assert_eq!(usage.last_used().unwrap().at_ms, 180_000);
+        assert_eq!(
+            OriginClass::of("https://app.example.com"),
+            OriginClass::Browser
+        );
+    }
 
     #[test]
     fn the_map_hash_is_the_digest_prefix() {

@@ -9,6 +9,7 @@
 //! - [`store`]: the append-only event log and the `keys` projection on SQLite, written by one
 //!   group-committing writer.
 //! - [`cache`]: the in-memory verification state that VerifyKey answers from.
+//! - [`usage`]: last uses, from the cache to the database once a minute; rolled keys' end.
 //! - [`vault`]: the master key and the encrypted copies of revealable private keys.
 //! - [`audit`]: the hash chains over the log, replay, verification and export.
 //! - [`clock`]: injectable time.
@@ -30,6 +31,7 @@ pub mod log;
 pub mod reload;
 pub mod security;
 pub mod store;
+pub mod usage;
 pub mod vault;
 
 /// Code generated from `proto/`.

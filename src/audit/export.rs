@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 
 use crate::log::chain::{Hash, LogRecord};
 use crate::log::events::{self, Payload};
-use crate::proto::convert::timestamp_ms;
+use crate::proto::convert::{duration_ms, timestamp_ms};
 use crate::proto::v1 as pb;
 
 pub const FORMAT: &str = "kemon-keys/events";
@@ -172,6 +172,11 @@ fn write_payload(out: &mut Vec<u8>, payload: &Payload) {
             json_string(out, &e.name);
             out.extend_from_slice(b",\"reveal_later\":");
             out.extend_from_slice(if e.reveal_later { b"true" } else { b"false" });
+            // Only on successors, so that every line written before rolls existed is unchanged.
+            if !e.rolled_from_key_id.is_empty() {
+                out.extend_from_slice(b",\"rolled_from_key_id\":");
+                json_string(out, &e.rolled_from_key_id);
+            }
             out.extend_from_slice(b",\"scopes\":");
             strings(out, &e.scopes);
             out.extend_from_slice(b",\"secret_hash\":\"");
@@ -196,6 +201,15 @@ fn write_payload(out: &mut Vec<u8>, payload: &Payload) {
             out.push(b'}');
         }
         Payload::KeyRevoked(_) | Payload::KeyRevealed(_) => out.extend_from_slice(b"{}"),
+        Payload::KeyRolled(e) => {
+            out.extend_from_slice(b"{\"expires_at_ms\":");
+            optional(out, e.expires_at.as_ref().map(timestamp_ms));
+            out.extend_from_slice(b",\"grace_period_ms\":");
+            optional(out, e.grace_period.as_ref().and_then(duration_ms));
+            out.extend_from_slice(b",\"successor_key_id\":");
+            json_string(out, &e.successor_key_id);
+            out.push(b'}');
+        }
     }
 }
 
@@ -268,7 +282,8 @@ pub fn payload_json(payload: &Payload) -> Value {
     let key_type = |v: i32| pb::KeyType::try_from(v).map_or("?", |t| t.as_str_name());
     let environment = |v: i32| pb::Environment::try_from(v).map_or("?", |e| e.as_str_name());
     match payload {
-        Payload::KeyCreated(e) => json!({
+        Payload::KeyCreated(e) => {
+            let mut created = json!({
             "key_id": e.key_id,
             "workspace_id": e.workspace_id,
             "name": e.name,
@@ -282,10 +297,20 @@ pub fn payload_json(payload: &Payload) -> Value {
             "reveal_later": e.reveal_later,
             "created_at_ms": e.created_at.as_ref().map(timestamp_ms),
             "expires_at_ms": e.expires_at.as_ref().map(timestamp_ms),
-        }),
+            });
+            if !e.rolled_from_key_id.is_empty() {
+                created["rolled_from_key_id"] = json!(e.rolled_from_key_id);
+            }
+            created
+        }
         Payload::KeyRenamed(e) => json!({ "name": e.name }),
         Payload::KeyScopesChanged(e) => json!({ "scopes": e.scopes }),
         Payload::KeyRevoked(_) | Payload::KeyRevealed(_) => json!({}),
+        Payload::KeyRolled(e) => json!({
+            "successor_key_id": e.successor_key_id,
+            "grace_period_ms": e.grace_period.as_ref().and_then(duration_ms),
+            "expires_at_ms": e.expires_at.as_ref().map(timestamp_ms),
+        }),
     }
 }
 
@@ -371,6 +396,7 @@ mod tests {
             reveal_later: true,
             created_at: Some(crate::proto::convert::timestamp(1_767_225_600_123)),
             expires_at: expires.map(crate::proto::convert::timestamp),
+            rolled_from_key_id: String::new(),
         };
         let record = |event_type: &str, schema_version: u32, payload: Vec<u8>| LogRecord {
             sequence: u64::MAX,
@@ -426,6 +452,27 @@ mod tests {
             record("KeyScopesChanged", 1, vec![]),
             record("KeyRevoked", 1, vec![8, 1]),
             record("KeyRevealed", 1, vec![]),
+            record(
+                "KeyCreated",
+                2,
+                pb::KeyCreated {
+                    rolled_from_key_id: "key_01JGFJJZ000000000000000002".into(),
+                    ..created(Some(7), vec![])
+                }
+                .encode_to_vec(),
+            ),
+            record(
+                "KeyRolled",
+                1,
+                pb::KeyRolled {
+                    schema_version: 1,
+                    successor_key_id: "key_01JGFJJZ000000000000000003".into(),
+                    grace_period: Some(crate::proto::convert::duration(3_600_000)),
+                    expires_at: Some(crate::proto::convert::timestamp(1_767_229_200_000)),
+                }
+                .encode_to_vec(),
+            ),
+            record("KeyRolled", 1, vec![]),
             record("KeyRenamed", 1, vec![0xff, 0xff, 0xff]),
             record("KeyDeleted", 1, vec![1, 2, 3]),
             record("KeyRevoked", 9, vec![]),

@@ -37,6 +37,10 @@ pub struct KeyState {
     pub last_revealed_at_ms: Option<i64>,
     pub created_by: String,
     pub updated_at_ms: i64,
+    /// The key this one replaced (it was created by a roll).
+    pub rolled_from: Option<KeyId>,
+    /// The successor this key was rolled to; its `expires_at_ms` is then the grace period's end.
+    pub rolled_to: Option<KeyId>,
 }
 
 impl KeyState {
@@ -71,6 +75,8 @@ pub struct NewKey {
     pub created_at_ms: i64,
     pub expires_at_ms: Option<i64>,
     pub reveal_later: bool,
+    /// Set when the key is the successor of a roll: the key it replaces.
+    pub rolled_from: Option<KeyId>,
 }
 
 /// What a caller asks for when creating a key, already parsed field by field.
@@ -206,7 +212,79 @@ impl NewKeyRequest {
             created_at_ms: now_ms,
             expires_at_ms: self.expiration.expires_at(now_ms),
             reveal_later: self.reveal_later,
+            rolled_from: None,
         })
+    }
+}
+
+/// How long a rolled key keeps working beside its successor: 0 (it stops at once) to
+/// [`GracePeriod::MAX_MS`]. Built only by [`GracePeriod::from_ms`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GracePeriod(i64);
+
+impl GracePeriod {
+    /// Seven days: long enough to redeploy every integration, short enough that a leaked key
+    /// being rotated away does not linger.
+    pub const MAX_MS: i64 = 7 * 86_400_000;
+
+    pub fn from_ms(ms: i64) -> Result<GracePeriod, String> {
+        if (0..=GracePeriod::MAX_MS).contains(&ms) {
+            Ok(GracePeriod(ms))
+        } else {
+            Err("must be from 0 (the old key stops at once) to 7 days".into())
+        }
+    }
+
+    pub fn as_ms(self) -> i64 {
+        self.0
+    }
+}
+
+/// A roll: the successor's generated parts, and how long the old key keeps working. The
+/// rest of the successor is copied from the old key by [`Roll::successor`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Roll {
+    pub successor_key_id: KeyId,
+    pub secret_hash: SecretHash,
+    pub masked: String,
+    /// The successor's key string, for public keys only.
+    pub public_key: Option<String>,
+    pub grace: GracePeriod,
+    /// The roll's time: the successor's creation and the start of the grace period.
+    pub now_ms: i64,
+    pub expected_version: Option<u64>,
+}
+
+impl Roll {
+    /// The successor of `old`: the same name, type, environment, grants, allowed domains,
+    /// reveal_later and lifetime (`expires_at - created_at`, or never), created now.
+    pub fn successor(&self, old: &KeyState) -> NewKey {
+        NewKey {
+            key_id: self.successor_key_id,
+            workspace_id: old.workspace_id.clone(),
+            name: old.name.clone(),
+            key_type: old.key_type,
+            environment: old.environment,
+            scopes: old.scopes,
+            full_access: old.full_access,
+            secret_hash: self.secret_hash,
+            masked: self.masked.clone(),
+            public_key: self.public_key.clone(),
+            allowed_domains: old.allowed_domains.clone(),
+            created_at_ms: self.now_ms,
+            expires_at_ms: old.expires_at_ms.map(|at| {
+                self.now_ms
+                    .saturating_add(at.saturating_sub(old.created_at_ms))
+            }),
+            reveal_later: old.reveal_later,
+            rolled_from: Some(old.key_id),
+        }
+    }
+
+    /// When the old key stops: the end of the grace period, or its own earlier expiry.
+    pub fn old_key_expires_at(&self, old: &KeyState) -> i64 {
+        let end = self.now_ms.saturating_add(self.grace.as_ms());
+        old.expires_at_ms.map_or(end, |at| at.min(end))
     }
 }
 
@@ -228,6 +306,10 @@ pub enum Command {
     /// Record that the secret is being revealed to the actor. Decided like a change so that
     /// the audit event is durable before the secret leaves the service.
     Reveal,
+    /// Replace the key with a successor; the key keeps working for the grace period. Decided
+    /// on the old key's stream (KeyRolled); the store also records the successor's
+    /// KeyCreated, built by [`Roll::successor`], in the same commit.
+    Roll(Box<Roll>),
 }
 
 /// What happened to a key. Stored, never changed.
@@ -243,16 +325,23 @@ pub enum Event {
     KeyRevoked,
     /// The secret was revealed (to the event's actor). Changes nothing but the record.
     KeyRevealed,
+    /// The key was replaced by `successor`; it stops working at `expires_at_ms`.
+    KeyRolled {
+        successor: KeyId,
+        grace: GracePeriod,
+        expires_at_ms: i64,
+    },
 }
 
 impl Event {
     /// Every event type name, as stored in `event_type`.
-    pub const TYPE_NAMES: [&'static str; 5] = [
+    pub const TYPE_NAMES: [&'static str; 6] = [
         "KeyCreated",
         "KeyRenamed",
         "KeyScopesChanged",
         "KeyRevoked",
         "KeyRevealed",
+        "KeyRolled",
     ];
 
     /// The name stored in the log's `event_type` column.
@@ -263,6 +352,7 @@ impl Event {
             Event::KeyScopesChanged { .. } => "KeyScopesChanged",
             Event::KeyRevoked => "KeyRevoked",
             Event::KeyRevealed => "KeyRevealed",
+            Event::KeyRolled { .. } => "KeyRolled",
         }
     }
 }
@@ -296,6 +386,10 @@ pub enum DomainError {
          create a new one if it is lost"
     )]
     NotRevealable,
+    #[error("the key was rolled to {successor} already; a key can be rolled once")]
+    AlreadyRolled { successor: KeyId },
+    #[error("the key has expired; create a new key instead")]
+    Expired,
 }
 
 /// Decides what a command does to a key. `state` is `None` for a key with no events yet.
@@ -316,6 +410,16 @@ pub fn decide(state: Option<&KeyState>, command: &Command) -> Result<Vec<Event>,
     if state.is_revoked() {
         return Err(DomainError::Revoked);
     }
+    // Said before the version check: a retry of a roll that landed (without a request id)
+    // learns that the key was rolled, not merely that its version moved.
+    if let Command::Roll(roll) = command {
+        if let Some(successor) = state.rolled_to {
+            return Err(DomainError::AlreadyRolled { successor });
+        }
+        if state.is_expired(roll.now_ms) {
+            return Err(DomainError::Expired);
+        }
+    }
     let expected = match command {
         Command::Rename {
             expected_version, ..
@@ -324,6 +428,7 @@ pub fn decide(state: Option<&KeyState>, command: &Command) -> Result<Vec<Event>,
             expected_version, ..
         }
         | Command::Revoke { expected_version } => *expected_version,
+        Command::Roll(roll) => roll.expected_version,
         Command::Create(_) | Command::Reveal => None,
     };
     if let Some(expected) = expected.filter(|&e| e != state.version) {
@@ -353,6 +458,11 @@ pub fn decide(state: Option<&KeyState>, command: &Command) -> Result<Vec<Event>,
             Err(DomainError::NotRevealable)
         }
         Command::Reveal => Ok(vec![Event::KeyRevealed]),
+        Command::Roll(roll) => Ok(vec![Event::KeyRolled {
+            successor: roll.successor_key_id,
+            grace: roll.grace,
+            expires_at_ms: roll.old_key_expires_at(state),
+        }]),
     }
 }
 
@@ -393,12 +503,17 @@ pub fn apply(state: Option<KeyState>, recorded: &Recorded) -> Result<KeyState, S
                 created_by: recorded.actor.clone(),
                 // The creation instant the key's expiry was computed from.
                 updated_at_ms: new.created_at_ms,
+                rolled_from: new.rolled_from,
+                rolled_to: None,
             });
         }
         (Some(_), Event::KeyCreated(_)) => return Err("KeyCreated on an existing key".into()),
         (None, event) => return Err(format!("{} before KeyCreated", event.type_name())),
         (Some(state), _) if state.is_revoked() => {
             return Err(format!("{} after KeyRevoked", recorded.event.type_name()));
+        }
+        (Some(state), Event::KeyRolled { .. }) if state.rolled_to.is_some() => {
+            return Err("KeyRolled on a key rolled before".into());
         }
         (Some(state), _) => state,
     };
@@ -410,6 +525,14 @@ pub fn apply(state: Option<KeyState>, recorded: &Recorded) -> Result<KeyState, S
             state.full_access = false;
         }
         Event::KeyRevoked => state.revoked_at_ms = Some(at),
+        Event::KeyRolled {
+            successor,
+            expires_at_ms,
+            ..
+        } => {
+            state.rolled_to = Some(*successor);
+            state.expires_at_ms = Some(*expires_at_ms);
+        }
         Event::KeyRevealed => {
             state.stream_version += 1;
             state.last_revealed_at_ms = Some(at);
@@ -724,9 +847,89 @@ mod tests {
             },
             Event::KeyRevoked,
             Event::KeyRevealed,
+            Event::KeyRolled {
+                successor: KeyId::generate(2_000),
+                grace: GracePeriod::from_ms(0).unwrap(),
+                expires_at_ms: 2_000,
+            },
         ];
         let names: Vec<_> = events.iter().map(Event::type_name).collect();
         assert_eq!(names, Event::TYPE_NAMES);
+    }
+
+    fn roll(now_ms: i64, grace_ms: i64) -> Roll {
+        let key = ApiKey::generate(KeyType::Private, Environment::Production);
+        Roll {
+            successor_key_id: KeyId::generate(now_ms),
+            secret_hash: key.hash(),
+            masked: key.masked(),
+            public_key: None,
+            grace: GracePeriod::from_ms(grace_ms).unwrap(),
+            now_ms,
+            expected_version: None,
+        }
+    }
+
+    #[test]
+    fn a_roll_ends_the_old_key_after_the_grace_period_and_copies_it_to_the_successor() {
+        let state = given(&[created()]).unwrap();
+        let roll = roll(5_000, 60_000);
+        let events = decide(Some(&state), &Command::Roll(Box::new(roll.clone()))).unwrap();
+        assert_eq!(
+            events,
+            vec![Event::KeyRolled {
+                successor: roll.successor_key_id,
+                grace: roll.grace,
+                expires_at_ms: 65_000,
+            }]
+        );
+        let successor = roll.successor(&state);
+        assert_eq!(successor.name, state.name);
+        assert_eq!(successor.rolled_from, Some(state.key_id));
+        assert_eq!(successor.full_access, state.full_access);
+        assert_eq!(
+            successor.expires_at_ms,
+            Some(5_000 + state.expires_at_ms.unwrap() - state.created_at_ms)
+        );
+        let rolled = given(&[created(), events[0].clone()]).unwrap();
+        assert_eq!(rolled.rolled_to, Some(roll.successor_key_id));
+        assert_eq!(rolled.expires_at_ms, Some(65_000));
+        assert_eq!(rolled.version, 2);
+    }
+
+    #[test]
+    fn rolled_revoked_and_expired_keys_cannot_be_rolled() {
+        let first = roll(5_000, 0);
+        let rolled = given(&[
+            created(),
+            Event::KeyRolled {
+                successor: first.successor_key_id,
+                grace: first.grace,
+                expires_at_ms: 5_000,
+            },
+        ]);
+        assert_eq!(
+            decide(rolled.as_ref(), &Command::Roll(Box::new(roll(6_000, 0)))),
+            Err(DomainError::AlreadyRolled {
+                successor: first.successor_key_id
+            })
+        );
+        let revoked = given(&[created(), Event::KeyRevoked]);
+        assert_eq!(
+            decide(revoked.as_ref(), &Command::Roll(Box::new(roll(6_000, 0)))),
+            Err(DomainError::Revoked)
+        );
+        let live = given(&[created()]).unwrap();
+        let after_expiry = live.expires_at_ms.unwrap();
+        assert_eq!(
+            decide(Some(&live), &Command::Roll(Box::new(roll(after_expiry, 0)))),
+            Err(DomainError::Expired)
+        );
+        // The grace period never extends a key past its own expiry.
+        let late = roll(after_expiry - 10, 60_000);
+        assert_eq!(late.old_key_expires_at(&live), after_expiry);
+        assert!(GracePeriod::from_ms(-1).is_err());
+        assert!(GracePeriod::from_ms(GracePeriod::MAX_MS + 1).is_err());
     }
 
     #[test]

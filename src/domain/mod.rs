@@ -8,9 +8,56 @@ pub mod scope;
 pub mod values;
 
 pub use api_key::{ApiKey, SecretHash};
-pub use key::{Command, DomainError, Event, KeyState, NewKey, Recorded, Violation, apply, decide};
+pub use key::{
+    Command, DomainError, Event, GracePeriod, KeyState, NewKey, Recorded, Roll, Violation, apply,
+    decide,
+};
 pub use scope::{Scope, ScopeSet};
 pub use values::{DomainPattern, Expiration, KeyId, KeyName, WorkspaceId};
+
+/// Where a key was presented from, as Verify's origin tells it: the only thing kept about
+/// where a key is used (never the origin itself).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OriginClass {
+    /// No origin: a server-side call.
+    None,
+    /// localhost, 127.0.0.0/8 or ::1.
+    Localhost,
+    /// Any other origin or host (a web page, a site), parsable or not.
+    Browser,
+}
+
+impl OriginClass {
+    /// The class of a Verify request's `origin`.
+    pub fn of(origin: &str) -> OriginClass {
+        if origin.is_empty() {
+            return OriginClass::None;
+        }
+        match values::Origin::parse(origin) {
+            Some(o) if o.host().is_localhost() => OriginClass::Localhost,
+            _ => OriginClass::Browser,
+        }
+    }
+
+    /// The name used wherever it is written as text (the `key_usage` table).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OriginClass::None => "none",
+            OriginClass::Localhost => "localhost",
+            OriginClass::Browser => "browser",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<OriginClass> {
+        [
+            OriginClass::None,
+            OriginClass::Localhost,
+            OriginClass::Browser,
+        ]
+        .into_iter()
+        .find(|c| c.as_str() == s)
+    }
+}
 
 /// Private (`sk_`) or public (`pk_`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -73,6 +73,8 @@ pub enum ApiError {
     ShuttingDown {
         resume_after: u64,
     },
+    /// The server is shutting down; a stream with no position (WatchExpiring) ends.
+    Stopping,
     /// A CreateKey request id came back with a different request.
     RequestIdReused,
     /// The storage failed; nothing was written (or, for `STORAGE_OUTCOME_UNKNOWN`, maybe).
@@ -88,7 +90,16 @@ pub enum KeyRefusal {
     Revoked,
     NotRevealable,
     PublicScopesImmutable,
-    VersionConflict { expected: u64, actual: u64 },
+    VersionConflict {
+        expected: u64,
+        actual: u64,
+    },
+    /// RollKey on a key rolled before.
+    Rolled {
+        successor: KeyId,
+    },
+    /// RollKey on an expired key.
+    Expired,
 }
 
 /// How the storage failed, as told to a client: a code to retry on and a stable reason.
@@ -231,6 +242,8 @@ impl From<DomainError> for ApiError {
             DomainError::VersionConflict { expected, actual } => {
                 KeyRefusal::VersionConflict { expected, actual }
             }
+            DomainError::AlreadyRolled { successor } => KeyRefusal::Rolled { successor },
+            DomainError::Expired => KeyRefusal::Expired,
         };
         ApiError::Key {
             refusal,
@@ -395,6 +408,20 @@ impl KeyRefusal {
             )
             .with("expected_version", expected)
             .with("actual_version", actual),
+            KeyRefusal::Rolled { successor } => Described::new(
+                Code::FailedPrecondition,
+                "KEY_ROLLED",
+                format!(
+                    "the key was rolled to {successor} already; a key can be rolled once: roll \
+                     the successor instead"
+                ),
+            )
+            .with("successor_key_id", successor),
+            KeyRefusal::Expired => Described::new(
+                Code::FailedPrecondition,
+                "KEY_EXPIRED",
+                DomainError::Expired.to_string(),
+            ),
         }
     }
 }
@@ -474,8 +501,8 @@ impl From<ApiError> for Status {
             ApiError::RequestIdReused => Described::new(
                 Code::AlreadyExists,
                 "REQUEST_ID_REUSED",
-                "request_id was used for a different CreateKey request in this workspace; \
-                 use a new request_id for a new key",
+                "request_id was used for a different CreateKey or RollKey request in this \
+                 workspace; use a new request_id for a new key",
             ),
             ApiError::Key { refusal, key_id } => {
                 let described = refusal.describe();
@@ -516,6 +543,11 @@ impl From<ApiError> for Status {
                 format!("the server is shutting down; resume after sequence {resume_after}"),
             )
             .with("resume_after_sequence", resume_after),
+            ApiError::Stopping => Described::new(
+                Code::Unavailable,
+                "SHUTTING_DOWN",
+                "the server is shutting down; call again",
+            ),
             ApiError::Storage(failure) => {
                 let (code, reason, message) = failure.status();
                 Described::new(code, reason, message)

@@ -1,23 +1,30 @@
 //! `kemon.keys.v1.KeyService`.
 
+use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
+use futures::Stream;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::auth::{Actor, Permission};
 use super::error::{ApiError, KeyRefusal, quote};
 use super::paging::{PageSize, PageToken, QueryFingerprint};
 use super::{record_key_id, timestamp, within_cap};
-use crate::cache::{CachedKey, Verdict, VerifyCache};
+use crate::cache::{CachedKey, LastUsed, USAGE_MINUTE_MS, Verdict, VerifyCache};
 use crate::clock::Clock;
 use crate::domain::key::{KeyShape, NewKeyRequest};
 use crate::domain::scope::{Access, CATALOG};
 use crate::domain::{
-    ApiKey, Command, DomainPattern, Expiration, KeyId, KeyName, KeyState, KeyType, ScopeSet,
-    Violation, WorkspaceId,
+    ApiKey, Command, DomainPattern, Expiration, GracePeriod, KeyId, KeyName, KeyState, KeyType,
+    OriginClass, Roll, ScopeSet, Violation, WorkspaceId,
 };
 use crate::proto::convert::{
-    environment_from_pb, environment_to_pb, key_type_from_pb, key_type_to_pb,
+    duration_ms, environment_from_pb, environment_to_pb, key_type_from_pb, key_type_to_pb,
+    timestamp_ms,
 };
 use crate::proto::v1 as pb;
 use crate::proto::v1::key_service_server::KeyService;
@@ -32,6 +39,8 @@ pub struct KeyApi {
     cache: Arc<VerifyCache>,
     clock: Arc<dyn Clock>,
     master_key: MasterKey,
+    /// Turns true when the server begins to shut down: WatchExpiring streams then end.
+    stopping: watch::Receiver<bool>,
 }
 
 impl KeyApi {
@@ -46,11 +55,60 @@ impl KeyApi {
             cache,
             clock,
             master_key,
+            stopping: watch::channel(false).1,
         }
+    }
+
+    /// Ends WatchExpiring streams (UNAVAILABLE, SHUTTING_DOWN) once `stopping` turns true, so
+    /// that they do not hold a graceful shutdown open.
+    pub fn stopping_on(mut self, stopping: watch::Receiver<bool>) -> KeyApi {
+        self.stopping = stopping;
+        self
     }
 
     fn to_pb(&self, s: &KeyState) -> pb::Key {
         key_to_pb(s, self.clock.now_ms())
+    }
+
+    /// [`KeyApi::to_pb`] with the key's last use from `usage`.
+    fn to_pb_used(&self, s: &KeyState, usage: &HashMap<KeyId, LastUsed>) -> pb::Key {
+        let mut key = self.to_pb(s);
+        if let Some(used) = usage.get(&s.key_id) {
+            key.last_used_at = Some(timestamp(used.at_ms));
+            key.last_used_origin = origin_class_to_pb(used.origin) as i32;
+        }
+        key
+    }
+
+    /// The last use of each of `states`: the later of what the database holds and what this
+    /// process has seen and not written yet.
+    async fn usage_of(&self, states: &[KeyState]) -> Result<HashMap<KeyId, LastUsed>, ApiError> {
+        let ids: Vec<KeyId> = states.iter().map(|s| s.key_id).collect();
+        let mut usage: HashMap<KeyId, LastUsed> = self
+            .store
+            .key_usage(&ids)
+            .await?
+            .into_iter()
+            .map(|u| {
+                (
+                    u.key_id,
+                    LastUsed {
+                        at_ms: u.last_used_at_ms,
+                        origin: u.origin,
+                    },
+                )
+            })
+            .collect();
+        for s in states {
+            if let Some(seen) = self.cache.last_used(&s.secret_hash)
+                && usage
+                    .get(&s.key_id)
+                    .is_none_or(|stored| stored.at_ms < seen.at_ms)
+            {
+                usage.insert(s.key_id, seen);
+            }
+        }
+        Ok(usage)
     }
 
     /// Writes one command; a refusal names the key it was about.
@@ -90,7 +148,9 @@ impl KeyApi {
                 create_request: None,
             })
             .await?;
-        Ok(self.to_pb(&state))
+        // As it now stands: its last use too, as GetKey shows it.
+        let usage = self.usage_of(std::slice::from_ref(&state)).await?;
+        Ok(self.to_pb_used(&state, &usage))
     }
 }
 
@@ -118,6 +178,18 @@ pub fn key_to_pb(s: &KeyState, now: i64) -> pb::Key {
             .collect(),
         expired: !s.is_revoked() && s.is_expired(now),
         updated_at: Some(timestamp(s.updated_at_ms)),
+        rolled_to_key_id: s.rolled_to.map(|k| k.to_string()).unwrap_or_default(),
+        rolled_from_key_id: s.rolled_from.map(|k| k.to_string()).unwrap_or_default(),
+        last_used_at: None,
+        last_used_origin: pb::OriginClass::Unspecified as i32,
+    }
+}
+
+pub fn origin_class_to_pb(class: OriginClass) -> pb::OriginClass {
+    match class {
+        OriginClass::None => pb::OriginClass::None,
+        OriginClass::Localhost => pb::OriginClass::Localhost,
+        OriginClass::Browser => pb::OriginClass::Browser,
     }
 }
 
@@ -413,7 +485,8 @@ impl KeyApi {
             .get_key(&workspace_id, key_id)
             .await?
             .ok_or(ApiError::key(KeyRefusal::NotFound, key_id))?;
-        Ok(self.to_pb(&state))
+        let usage = self.usage_of(std::slice::from_ref(&state)).await?;
+        Ok(self.to_pb_used(&state, &usage))
     }
 
     async fn list(
@@ -460,13 +533,32 @@ impl KeyApi {
                 e
             }
         };
-        let (Some(workspace_id), true) = (workspace_id, violations.is_empty()) else {
+        // Uses are kept to the minute: a use in the minute of `unused_since` counts as one
+        // since then, so that a key in use is never listed as unused.
+        let unused_since_ms = match &req.unused_since {
+            None => Some(None),
+            Some(t) => parse_instant("unused_since", t, &mut violations)
+                .map(|ms| Some(ms.div_euclid(USAGE_MINUTE_MS) * USAGE_MINUTE_MS)),
+        };
+        let expires_before_ms = match &req.expires_before {
+            None => Some(None),
+            Some(t) => parse_instant("expires_before", t, &mut violations).map(Some),
+        };
+        let (Some(workspace_id), Some(unused_since_ms), Some(expires_before_ms), true) = (
+            workspace_id,
+            unused_since_ms,
+            expires_before_ms,
+            violations.is_empty(),
+        ) else {
             return Err(ApiError::Invalid(violations));
         };
         let filter = ListFilter {
             key_type,
             environment,
             include_revoked: req.include_revoked,
+            unused_since_ms,
+            never_used: req.never_used,
+            expires_before_ms,
         };
         let query = QueryFingerprint::of(&workspace_id, &filter);
         let after = token
@@ -487,8 +579,19 @@ impl KeyApi {
         } else {
             String::new()
         };
+        let usage = self.usage_of(&states).await?;
+        // The database holds uses up to about a minute old; drop the keys this process has
+        // seen used since (the page may then be short: the token still resumes after the
+        // last key read).
+        if filter.never_used || filter.unused_since_ms.is_some() {
+            let since = filter.unused_since_ms.unwrap_or(i64::MIN);
+            states.retain(|s| usage.get(&s.key_id).is_none_or(|u| u.at_ms < since));
+            if filter.never_used {
+                states.retain(|s| !usage.contains_key(&s.key_id));
+            }
+        }
         Ok(pb::ListKeysResponse {
-            keys: states.iter().map(|s| self.to_pb(s)).collect(),
+            keys: states.iter().map(|s| self.to_pb_used(s, &usage)).collect(),
             next_page_token,
         })
     }
@@ -584,6 +687,162 @@ impl KeyApi {
         Ok(pb::RevealKeyResponse { secret })
     }
 
+    async fn roll(
+        &self,
+        request: &Request<pb::RollKeyRequest>,
+    ) -> Result<pb::RollKeyResponse, ApiError> {
+        let actor = Actor::authorize(
+            request,
+            Permission::ManageKeys,
+            &request.get_ref().workspace_id,
+        )?;
+        let req = request.get_ref();
+        let mut violations = Vec::new();
+        let ids = key_ref(&req.workspace_id, &req.key_id, &mut violations);
+        let grace = parse_duration(
+            "grace_period",
+            req.grace_period.as_ref(),
+            (0, GracePeriod::MAX_MS),
+            "0s (the old key stops at once) to 7 days (604800s)",
+            &mut violations,
+        )
+        .and_then(|ms| GracePeriod::from_ms(ms).ok());
+        let request_id = parse_request_id(&req.request_id, &mut violations);
+        let (Some((workspace_id, key_id)), Some(grace), true) = (ids, grace, violations.is_empty())
+        else {
+            return Err(ApiError::Invalid(violations));
+        };
+        // The successor's key string carries the old key's type and environment in its
+        // prefix: read them first. Neither ever changes, so the read cannot go stale; every
+        // rule that can (revoked, expired, rolled, the version) is decided by the writer.
+        let old = self
+            .store
+            .get_key(&workspace_id, key_id)
+            .await?
+            .ok_or(ApiError::key(KeyRefusal::NotFound, key_id))?;
+        let now = self.clock.now_ms();
+        let random_failed =
+            |e: getrandom::Error| ApiError::Internal(format!("random source failed: {e}"));
+        let successor_key_id = KeyId::try_generate(now).map_err(random_failed)?;
+        let secret = ApiKey::try_generate(old.key_type, old.environment).map_err(random_failed)?;
+        // Sealed whatever the old key says: the writer keeps the copy only if the old key,
+        // as it stands when the roll is decided, was created with reveal_later.
+        let sealed_secret = (old.key_type == KeyType::Private)
+            .then(|| {
+                self.master_key
+                    .seal(successor_key_id, secret.expose())
+                    .map(|sealed| SealedSecret {
+                        sealed,
+                        master_key_id: self.master_key.fingerprint(),
+                    })
+            })
+            .transpose()
+            .map_err(random_failed)?;
+        let create_request = match request_id {
+            None => None,
+            Some(request_id) => Some(CreateRequest {
+                request_id,
+                digest: roll_digest(req),
+                sealed_secret: self
+                    .master_key
+                    .seal(successor_key_id, secret.expose())
+                    .map_err(random_failed)?,
+            }),
+        };
+        let roll = Roll {
+            successor_key_id,
+            secret_hash: secret.hash(),
+            masked: secret.masked(),
+            public_key: (old.key_type == KeyType::Public).then(|| secret.expose().to_owned()),
+            grace,
+            now_ms: now,
+            expected_version: req.expected_version,
+        };
+        let written = self
+            .store
+            .create(Write {
+                workspace_id,
+                key_id,
+                command: Command::Roll(Box::new(roll)),
+                actor: actor.id,
+                caller_identity: actor.caller_identity,
+                sealed_secret,
+                create_request,
+            })
+            .await
+            .map_err(|e| ApiError::from(e).about(key_id))?;
+        let secret = match &written.replayed {
+            None => secret.expose().to_owned(),
+            Some(replayed) => replayed
+                .sealed_secret
+                .as_ref()
+                .and_then(|sealed| self.master_key.open(written.state.key_id, sealed))
+                .unwrap_or_default(),
+        };
+        tracing::info!(successor = %written.state.key_id, grace_ms = grace.as_ms(), "key rolled");
+        let states: Vec<KeyState> = [Some(&written.state), written.previous.as_ref()]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
+        let usage = self.usage_of(&states).await?;
+        Ok(pb::RollKeyResponse {
+            key: Some(self.to_pb_used(&written.state, &usage)),
+            secret,
+            previous: written
+                .previous
+                .as_ref()
+                .map(|s| self.to_pb_used(s, &usage)),
+            replayed: written.replayed.is_some(),
+        })
+    }
+
+    async fn watch_expiring(
+        &self,
+        request: &Request<pb::WatchExpiringRequest>,
+    ) -> Result<KeyStream<pb::WatchExpiringResponse>, ApiError> {
+        Actor::authorize(
+            request,
+            Permission::ReadKeys,
+            &request.get_ref().workspace_id,
+        )?;
+        let req = request.get_ref();
+        let mut violations = Vec::new();
+        let workspace_id = if req.workspace_id.is_empty() {
+            Some(None)
+        } else {
+            WorkspaceId::parse(&req.workspace_id)
+                .map_err(|r| violations.push(Violation::new("workspace_id", r)))
+                .ok()
+                .map(Some)
+        };
+        let within_ms = parse_duration(
+            "within",
+            req.within.as_ref(),
+            (1_000, MAX_WATCH_WINDOW_MS),
+            "1s to 365 days (31536000s)",
+            &mut violations,
+        );
+        let (Some(workspace_id), Some(within_ms), true) =
+            (workspace_id, within_ms, violations.is_empty())
+        else {
+            return Err(ApiError::Invalid(violations));
+        };
+        let (tx, rx) = mpsc::channel(64);
+        let watch = ExpiryWatch {
+            store: self.store.clone(),
+            clock: self.clock.clone(),
+            workspace_id,
+            within_ms,
+            told_up_to: 0,
+            tx,
+        };
+        // Subscribed before the first scan, so that no key created meanwhile is missed.
+        let commits = self.store.subscribe();
+        tokio::spawn(watch.run(commits, self.stopping.clone()));
+        Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+
     fn verify(
         &self,
         request: &Request<pb::VerifyKeyRequest>,
@@ -599,6 +858,220 @@ impl KeyApi {
             required,
             &req.origin,
         )))
+    }
+}
+
+/// A request's Timestamp as Unix milliseconds; `None` (with a violation) for one outside the
+/// range a Timestamp may hold (years 1 to 9999) or with nanos out of range.
+fn parse_instant(
+    field: &str,
+    t: &prost_types::Timestamp,
+    violations: &mut Vec<Violation>,
+) -> Option<i64> {
+    const MIN_SECONDS: i64 = -62_135_596_800;
+    const MAX_SECONDS: i64 = 253_402_300_799;
+    if !(MIN_SECONDS..=MAX_SECONDS).contains(&t.seconds) || !(0..1_000_000_000).contains(&t.nanos) {
+        violations.push(Violation::new(
+            field,
+            "is not a valid Timestamp (years 1 to 9999, nanos 0 to 999,999,999)",
+        ));
+        return None;
+    }
+    Some(timestamp_ms(t))
+}
+
+/// A request's Duration as whole milliseconds within `min_ms..=max_ms`; `None` (with a
+/// violation saying `rule`) otherwise, or when it is missing.
+fn parse_duration(
+    field: &str,
+    d: Option<&prost_types::Duration>,
+    (min_ms, max_ms): (i64, i64),
+    rule: &str,
+    violations: &mut Vec<Violation>,
+) -> Option<i64> {
+    let Some(d) = d else {
+        violations.push(Violation::new(field, format!("is required: {rule}")));
+        return None;
+    };
+    match duration_ms(d) {
+        Some(ms) if (min_ms..=max_ms).contains(&ms) => Some(ms),
+        Some(_) => {
+            violations.push(Violation::new(field, format!("must be {rule}")));
+            None
+        }
+        None => {
+            violations.push(Violation::new(
+                field,
+                format!("must be a valid Duration in whole milliseconds: {rule}"),
+            ));
+            None
+        }
+    }
+}
+
+/// What makes two RollKey calls "the same request": every field but the request id. Domain
+/// separated from [`create_digest`], whose request ids share the namespace.
+fn roll_digest(request: &pb::RollKeyRequest) -> [u8; 32] {
+    use prost::Message;
+    use sha3::Digest;
+    let without_id = pb::RollKeyRequest {
+        request_id: String::new(),
+        ..request.clone()
+    };
+    let mut h = sha3::Sha3_256::new();
+    h.update(b"kemon-keys/roll-key/v1\0");
+    h.update(without_id.encode_to_vec());
+    h.finalize().into()
+}
+
+/// Longest WatchExpiring window.
+const MAX_WATCH_WINDOW_MS: i64 = 365 * 86_400_000;
+
+/// How often a WatchExpiring stream looks whether time has moved keys into its window.
+const WATCH_TICK: Duration = Duration::from_millis(250);
+
+/// Keys per query of a WatchExpiring scan.
+const WATCH_PAGE: u32 = 500;
+
+type KeyStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// One WatchExpiring stream: what it watches and how far it has told.
+struct ExpiryWatch {
+    store: Store,
+    clock: Arc<dyn Clock>,
+    workspace_id: Option<WorkspaceId>,
+    within_ms: i64,
+    /// Every live key expiring at or before this instant has been sent.
+    told_up_to: i64,
+    tx: mpsc::Sender<Result<pb::WatchExpiringResponse, Status>>,
+}
+
+impl ExpiryWatch {
+    /// Sends every live key expiring in `(after, up_to]` and after now. False once the client
+    /// has gone.
+    async fn send_range(&self, after: i64, up_to: i64) -> Result<bool, ApiError> {
+        let now = self.clock.now_ms();
+        let mut cursor = (after.max(now), None);
+        loop {
+            let page = self
+                .store
+                .expiring(self.workspace_id.as_ref(), cursor, up_to, WATCH_PAGE)
+                .await?;
+            for state in &page {
+                if !self.send(state, now).await {
+                    return Ok(false);
+                }
+            }
+            match page.last() {
+                Some(last) if page.len() == WATCH_PAGE as usize => {
+                    cursor = (last.expires_at_ms.unwrap_or(up_to), Some(last.key_id));
+                }
+                _ => return Ok(true),
+            }
+        }
+    }
+
+    async fn send(&self, state: &KeyState, now: i64) -> bool {
+        let message = pb::WatchExpiringResponse {
+            event: Some(pb::watch_expiring_response::Event::Expiring(key_to_pb(
+                state, now,
+            ))),
+        };
+        self.tx.send(Ok(message)).await.is_ok()
+    }
+
+    /// A committed record: a new key (a successor among them) may expire inside the window
+    /// already told.
+    async fn committed(&self, record: &crate::log::chain::LogRecord) -> Result<bool, ApiError> {
+        if record.event_type != "KeyCreated"
+            || self
+                .workspace_id
+                .as_ref()
+                .is_some_and(|w| w.as_str() != record.workspace_id)
+        {
+            return Ok(true);
+        }
+        let (Ok(workspace_id), Ok(key_id)) = (
+            WorkspaceId::parse(&record.workspace_id),
+            KeyId::parse(&record.key_id),
+        ) else {
+            return Ok(true);
+        };
+        let Some(state) = self.store.get_key(&workspace_id, key_id).await? else {
+            return Ok(true);
+        };
+        let now = self.clock.now_ms();
+        let inside = state
+            .expires_at_ms
+            .is_some_and(|at| at > now && at <= self.told_up_to);
+        if inside && !state.is_revoked() && state.rolled_to.is_none() {
+            return Ok(self.send(&state, now).await);
+        }
+        Ok(true)
+    }
+
+    /// Sends the window, then `caught_up`, then keys as they enter it, until the client goes
+    /// or the server stops.
+    async fn run(
+        mut self,
+        mut commits: broadcast::Receiver<Arc<crate::log::chain::LogRecord>>,
+        mut stopping: watch::Receiver<bool>,
+    ) {
+        let result: Result<(), ApiError> = async {
+            let now = self.clock.now_ms();
+            self.told_up_to = now.saturating_add(self.within_ms);
+            if !self.send_range(now, self.told_up_to).await? {
+                return Ok(());
+            }
+            let caught_up = pb::WatchExpiringResponse {
+                event: Some(pb::watch_expiring_response::Event::CaughtUp(
+                    pb::watch_expiring_response::CaughtUp {},
+                )),
+            };
+            if self.tx.send(Ok(caught_up)).await.is_err() {
+                return Ok(());
+            }
+            let mut tick = tokio::time::interval(WATCH_TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                let open = tokio::select! {
+                    _ = tick.tick() => {
+                        let up_to = self.clock.now_ms().saturating_add(self.within_ms);
+                        if up_to > self.told_up_to {
+                            let after = self.told_up_to;
+                            self.told_up_to = up_to;
+                            self.send_range(after, up_to).await?
+                        } else {
+                            true
+                        }
+                    }
+                    record = commits.recv() => match record {
+                        Ok(record) => self.committed(&record).await?,
+                        // Fell behind the commits: send the whole window again (at least once).
+                        Err(broadcast::error::RecvError::Lagged(_)) => {
+                            let now = self.clock.now_ms();
+                            self.send_range(now, self.told_up_to).await?
+                        }
+                        Err(broadcast::error::RecvError::Closed) => false,
+                    },
+                    changed = stopping.changed() => {
+                        let stop = changed.is_err() || *stopping.borrow_and_update();
+                        if stop {
+                            let _ = self.tx.send(Err(Status::from(ApiError::Stopping))).await;
+                        }
+                        !stop
+                    }
+                    () = self.tx.closed() => false,
+                };
+                if !open {
+                    return Ok(());
+                }
+            }
+        }
+        .await;
+        if let Err(e) = result {
+            let _ = self.tx.send(Err(Status::from(e))).await;
+        }
     }
 }
 
@@ -701,6 +1174,22 @@ impl KeyService for KeyApi {
         _request: Request<pb::ListScopesRequest>,
     ) -> Result<Response<pb::ListScopesResponse>, Status> {
         Ok(Response::new(scope_catalog()))
+    }
+
+    async fn roll_key(
+        &self,
+        request: Request<pb::RollKeyRequest>,
+    ) -> Result<Response<pb::RollKeyResponse>, Status> {
+        Ok(Response::new(self.roll(&request).await?))
+    }
+
+    type WatchExpiringStream = KeyStream<pb::WatchExpiringResponse>;
+
+    async fn watch_expiring(
+        &self,
+        request: Request<pb::WatchExpiringRequest>,
+    ) -> Result<Response<Self::WatchExpiringStream>, Status> {
+        Ok(Response::new(self.watch_expiring(&request).await?))
     }
 }
 

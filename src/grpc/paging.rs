@@ -63,6 +63,9 @@ impl QueryFingerprint {
             key_type,
             environment,
             include_revoked,
+            unused_since_ms,
+            never_used,
+            expires_before_ms,
         } = filter;
         let mut h = Sha3_256::new();
         h.update(b"kemon-keys/list-keys/query/v1");
@@ -71,6 +74,15 @@ impl QueryFingerprint {
         field(&mut h, key_type.map(KeyType::as_str));
         field(&mut h, environment.map(Environment::as_str));
         field(&mut h, Some(if *include_revoked { "yes" } else { "no" }));
+        // Digested only when one is set, so that every token issued before these filters
+        // existed still matches its query.
+        if unused_since_ms.is_some() || *never_used || expires_before_ms.is_some() {
+            let unused_since = unused_since_ms.map(|ms| ms.to_string());
+            let expires_before = expires_before_ms.map(|ms| ms.to_string());
+            field(&mut h, unused_since.as_deref());
+            field(&mut h, Some(if *never_used { "yes" } else { "no" }));
+            field(&mut h, expires_before.as_deref());
+        }
         let digest = h.finalize();
         let mut fingerprint = [0; FINGERPRINT_LEN];
         fingerprint.copy_from_slice(&digest[..FINGERPRINT_LEN]);
@@ -114,8 +126,9 @@ pub enum PageTokenError {
     )]
     Malformed,
     #[error(
-        "was issued for a different query: page with the workspace_id, type, environment and \
-         include_revoked of the first page, or start again without a page_token"
+        "was issued for a different query: page with the workspace_id, type, environment, \
+         include_revoked, unused_since, never_used and expires_before of the first page, or \
+         start again without a page_token"
     )]
     OtherQuery,
 }
@@ -235,6 +248,7 @@ mod tests {
             key_type: Some(KeyType::Public),
             environment: Some(Environment::Test),
             include_revoked: true,
+            ..ListFilter::default()
         };
         let token = PageToken::new(id, fingerprint(&filter)).encode();
         assert_eq!(token, "AQGP-juXZ-I8n4FLY1z4RlMO7bbXzUudtA");
@@ -262,6 +276,22 @@ mod tests {
             },
             ListFilter {
                 include_revoked: true,
+                ..base.clone()
+            },
+            ListFilter {
+                unused_since_ms: Some(60_000),
+                ..base.clone()
+            },
+            ListFilter {
+                unused_since_ms: Some(120_000),
+                ..base.clone()
+            },
+            ListFilter {
+                never_used: true,
+                ..base.clone()
+            },
+            ListFilter {
+                expires_before_ms: Some(60_000),
                 ..base.clone()
             },
         ];

@@ -15,7 +15,8 @@
 //! ```
 //!
 //! Surfaces: `verify` (VerifyKey and Envoy's `Authorization/Check`), `manage` (the other
-//! KeyService calls), `audit` (AuditService). ListScopes, health and reflection reveal no key
+//! KeyService calls, RollKey and WatchExpiring among them: a notifier watching expiries reads
+//! keys for users, with their roles), `audit` (AuditService). ListScopes, health and reflection reveal no key
 //! and are open to every identity in the policy. An identity not in the policy gets nothing.
 //!
 //! [`AccessLayer`] enforces the surfaces on every call before any handler runs, and hands the
@@ -290,6 +291,11 @@ mod tests {
             ("/kemon.keys.v1.KeyService/CreateKey", Some(Surface::Manage)),
             ("/kemon.keys.v1.KeyService/GetKey", Some(Surface::Manage)),
             ("/kemon.keys.v1.KeyService/RevealKey", Some(Surface::Manage)),
+            ("/kemon.keys.v1.KeyService/RollKey", Some(Surface::Manage)),
+            (
+                "/kemon.keys.v1.KeyService/WatchExpiring",
+                Some(Surface::Manage),
+            ),
             (
                 "/kemon.keys.v1.AuditService/ReadEvents",
                 Some(Surface::Audit),

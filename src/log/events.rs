@@ -6,11 +6,11 @@
 use prost::Message;
 
 use crate::domain::{
-    DomainPattern, Event, KeyId, KeyName, NewKey, ScopeSet, SecretHash, WorkspaceId,
+    DomainPattern, Event, GracePeriod, KeyId, KeyName, NewKey, ScopeSet, SecretHash, WorkspaceId,
 };
 use crate::proto::convert::{
-    environment_from_pb, environment_to_pb, key_type_from_pb, key_type_to_pb, timestamp,
-    timestamp_ms,
+    duration, duration_ms, environment_from_pb, environment_to_pb, key_type_from_pb,
+    key_type_to_pb, timestamp, timestamp_ms,
 };
 use crate::proto::v1 as pb;
 
@@ -62,6 +62,12 @@ const KINDS: &[EventKind] = &[
         read: |b| pb::KeyRevealed::decode(b).map(Payload::KeyRevealed),
         older: &[],
     },
+    EventKind {
+        name: "KeyRolled",
+        schema_version: 1,
+        read: |b| pb::KeyRolled::decode(b).map(Payload::KeyRolled),
+        older: &[],
+    },
 ];
 
 fn kind(event_type: &str) -> Option<&'static EventKind> {
@@ -103,6 +109,7 @@ fn payload_bytes(payload: &Payload) -> Vec<u8> {
         Payload::KeyScopesChanged(m) => m.encode_to_vec(),
         Payload::KeyRevoked(m) => m.encode_to_vec(),
         Payload::KeyRevealed(m) => m.encode_to_vec(),
+        Payload::KeyRolled(m) => m.encode_to_vec(),
     }
 }
 
@@ -128,6 +135,7 @@ fn to_payload(event: &Event, schema_version: u32) -> Payload {
             reveal_later: new.reveal_later,
             created_at: Some(timestamp(new.created_at_ms)),
             expires_at: new.expires_at_ms.map(timestamp),
+            rolled_from_key_id: new.rolled_from.map(|k| k.to_string()).unwrap_or_default(),
         }),
         Event::KeyRenamed { name } => Payload::KeyRenamed(pb::KeyRenamed {
             schema_version,
@@ -139,6 +147,16 @@ fn to_payload(event: &Event, schema_version: u32) -> Payload {
         }),
         Event::KeyRevoked => Payload::KeyRevoked(pb::KeyRevoked { schema_version }),
         Event::KeyRevealed => Payload::KeyRevealed(pb::KeyRevealed { schema_version }),
+        Event::KeyRolled {
+            successor,
+            grace,
+            expires_at_ms,
+        } => Payload::KeyRolled(pb::KeyRolled {
+            schema_version,
+            successor_key_id: successor.to_string(),
+            grace_period: Some(duration(grace.as_ms())),
+            expires_at: Some(timestamp(*expires_at_ms)),
+        }),
     }
 }
 
@@ -179,6 +197,7 @@ fn upcast_key_created_v1(v1: pb::KeyCreatedV1) -> pb::KeyCreated {
         reveal_later: v1.reveal_later,
         created_at: Some(timestamp(v1.created_at_ms)),
         expires_at: v1.expires_at_ms.map(timestamp),
+        rolled_from_key_id: String::new(),
     }
 }
 
@@ -218,6 +237,10 @@ pub fn event_from_payload(payload: Payload) -> Result<Event, String> {
                 .ok_or("KeyCreated without created_at")?,
             expires_at_ms: e.expires_at.as_ref().map(timestamp_ms),
             reveal_later: e.reveal_later,
+            rolled_from: match e.rolled_from_key_id.as_str() {
+                "" => None,
+                id => Some(KeyId::parse(id)?),
+            },
         })),
         Payload::KeyRenamed(e) => Event::KeyRenamed {
             name: KeyName::parse(&e.name)?,
@@ -227,6 +250,20 @@ pub fn event_from_payload(payload: Payload) -> Result<Event, String> {
         },
         Payload::KeyRevoked(_) => Event::KeyRevoked,
         Payload::KeyRevealed(_) => Event::KeyRevealed,
+        Payload::KeyRolled(e) => Event::KeyRolled {
+            successor: KeyId::parse(&e.successor_key_id)?,
+            grace: GracePeriod::from_ms(
+                e.grace_period
+                    .as_ref()
+                    .and_then(duration_ms)
+                    .ok_or("KeyRolled without a grace period in milliseconds")?,
+            )?,
+            expires_at_ms: e
+                .expires_at
+                .as_ref()
+                .map(timestamp_ms)
+                .ok_or("KeyRolled without expires_at")?,
+        },
     })
 }
 
@@ -248,5 +285,31 @@ mod tests {
         assert!(decode_payload("KeyDeleted", 1, &[]).is_err());
         assert!(decode_payload("KeyRevoked", 7, &[]).is_err());
         assert!(decode_payload("KeyRevoked", 1, &[]).is_ok());
+    }
+
+    #[test]
+    fn a_roll_round_trips_through_its_stored_form() {
+        let rolled = Event::KeyRolled {
+            successor: KeyId::generate(1_000),
+            grace: GracePeriod::from_ms(3_600_000).unwrap(),
+            expires_at_ms: 3_601_000,
+        };
+        let encoded = encode_event(&rolled);
+        assert_eq!(
+            (encoded.event_type, encoded.schema_version),
+            ("KeyRolled", 1)
+        );
+        assert_eq!(
+            decode_event("KeyRolled", 1, &encoded.payload).unwrap(),
+            rolled
+        );
+        // A grace period outside the API's bounds is a corrupt payload, not trusted.
+        let forged = pb::KeyRolled {
+            schema_version: 1,
+            successor_key_id: KeyId::generate(1_000).to_string(),
+            grace_period: Some(duration(8 * 86_400_000)),
+            expires_at: Some(timestamp(0)),
+        };
+        assert!(decode_event("KeyRolled", 1, &forged.encode_to_vec()).is_err());
     }
 }

@@ -123,6 +123,7 @@ pub enum Compared {
 //   name, masked, created_by: len, bytes
 //   public key: len, bytes, only when present (flags)
 //   allowed domains: count, then len, bytes each
+//   links: u8 (bit 0: rolled from, bit 1: rolled to), then 16 bytes per key id present
 const PUBLIC: u8 = 1;
 const TEST: u8 = 1 << 1;
 const FULL_ACCESS: u8 = 1 << 2;
@@ -194,6 +195,10 @@ pub fn encode(s: &KeyState) -> Box<[u8]> {
     varint(&mut out, s.allowed_domains.len() as u64);
     for domain in &s.allowed_domains {
         bytes(&mut out, domain.as_str().as_bytes());
+    }
+    out.push(u8::from(s.rolled_from.is_some()) | (u8::from(s.rolled_to.is_some()) << 1));
+    for link in [s.rolled_from, s.rolled_to].into_iter().flatten() {
+        out.extend_from_slice(&link.to_bytes());
     }
     out.into_boxed_slice()
 }
@@ -288,6 +293,16 @@ pub fn decode(encoded: &[u8]) -> Result<KeyState, String> {
     for _ in 0..domains {
         allowed_domains.push(DomainPattern::parse(r.str()?)?);
     }
+    let links = r.byte()?;
+    let mut link = |bit: u8| -> Result<Option<KeyId>, String> {
+        if links & bit == 0 {
+            return Ok(None);
+        }
+        let bytes: [u8; 16] = r.take(16)?.try_into().map_err(|_| "key id")?;
+        Ok(Some(KeyId::from_bytes(bytes)))
+    };
+    let rolled_from = link(1)?;
+    let rolled_to = link(2)?;
     if !r.0.is_empty() {
         return Err("trailing bytes after a key state".into());
     }
@@ -320,6 +335,8 @@ pub fn decode(encoded: &[u8]) -> Result<KeyState, String> {
         last_revealed_at_ms,
         created_by,
         updated_at_ms,
+        rolled_from,
+        rolled_to,
     })
 }
 
@@ -349,6 +366,8 @@ mod tests {
             last_revealed_at_ms: None,
             created_by: "user_1".into(),
             updated_at_ms: 1_767_225_600_000,
+            rolled_from: None,
+            rolled_to: None,
         }
     }
 
@@ -370,6 +389,8 @@ mod tests {
             version: 300,
             stream_version: u64::MAX,
             last_revealed_at_ms: Some(0),
+            rolled_from: Some(KeyId::from_bytes([i.wrapping_add(1); 16])),
+            rolled_to: Some(KeyId::from_bytes([i.wrapping_add(2); 16])),
             ..state(i)
         }
     }
@@ -414,6 +435,9 @@ mod tests {
             |s| s.last_revealed_at_ms = None,
             |s| s.created_by.push('x'),
             |s| s.updated_at_ms -= 1,
+            |s| s.rolled_from = None,
+            |s| s.rolled_to = None,
+            |s| s.rolled_to = Some(KeyId::from_bytes([7; 16])),
         ];
         for change in changes {
             let mut changed = base.clone();

@@ -19,6 +19,28 @@ pub fn timestamp_ms(t: &prost_types::Timestamp) -> i64 {
         .saturating_add(i64::from(t.nanos.div_euclid(1_000_000)))
 }
 
+/// Milliseconds as a protobuf Duration.
+pub fn duration(ms: i64) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: ms / 1000,
+        nanos: i32::try_from((ms % 1000) * 1_000_000).unwrap_or(0),
+    }
+}
+
+/// A protobuf Duration as whole milliseconds; `None` when it is not a valid Duration (seconds
+/// and nanos of different signs, nanos out of range) or not a whole number of milliseconds.
+pub fn duration_ms(d: &prost_types::Duration) -> Option<i64> {
+    let valid = d.nanos.abs() < 1_000_000_000
+        && !(d.seconds > 0 && d.nanos < 0)
+        && !(d.seconds < 0 && d.nanos > 0);
+    if !valid || d.nanos % 1_000_000 != 0 {
+        return None;
+    }
+    d.seconds
+        .checked_mul(1000)?
+        .checked_add(i64::from(d.nanos / 1_000_000))
+}
+
 pub fn key_type_to_pb(t: KeyType) -> pb::KeyType {
     match t {
         KeyType::Private => pb::KeyType::Private,

@@ -20,7 +20,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{CreateRequest, Head, ListFilter, RecordFilter, SealedSecret, StoreError};
+use super::{
+    CreateRequest, ExpiryCursor, Head, KeyUsage, ListFilter, RecordFilter, SealedSecret, StoreError,
+};
 use crate::domain::{KeyId, KeyState, WorkspaceId};
 use crate::log::chain::{Chains, LogRecord};
 
@@ -93,6 +95,23 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<Vec<KeyState>, StoreError>;
 
     async fn sealed_secret(&self, key_id: KeyId) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Writes last uses (upserts keeping the later of the stored and the given use), outside
+    /// the log and without the writer: a short transaction of its own.
+    async fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError>;
+
+    /// The stored last uses of `key_ids`.
+    async fn key_usage(&self, key_ids: &[KeyId]) -> Result<Vec<KeyUsage>, StoreError>;
+
+    /// Live keys (neither revoked nor rolled) with `after < (expires_at, key_id)` and
+    /// `expires_at <= up_to_ms`, in that order, at most `limit`.
+    async fn expiring(
+        &self,
+        workspace_id: Option<&WorkspaceId>,
+        after: ExpiryCursor,
+        up_to_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<KeyState>, StoreError>;
 
     /// Streams every key's state from the projection; returns how many there were.
     async fn for_each_key(

@@ -23,7 +23,9 @@ use std::sync::Arc;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::clock::Clock;
-use crate::domain::{Command, DomainError, Environment, KeyId, KeyState, KeyType, WorkspaceId};
+use crate::domain::{
+    Command, DomainError, Environment, KeyId, KeyState, KeyType, OriginClass, WorkspaceId,
+};
 use crate::log::chain::{Hash, LogRecord};
 pub use backend::{
     Answered, Backend, Effects, RebuildReport, Replica, SharedLog, Snapshot, WriteSession,
@@ -132,9 +134,11 @@ pub struct Write {
     pub actor: String,
     /// The authenticated calling service (mutual TLS), recorded beside the actor.
     pub caller_identity: Option<String>,
-    /// For a create with reveal_later: the encrypted copy to keep beside the log.
+    /// For a create with reveal_later: the encrypted copy to keep beside the log. For a roll,
+    /// the successor's, kept only if the old key was created with reveal_later.
     pub sealed_secret: Option<SealedSecret>,
-    /// For a create with a request id: what a retry needs to be answered like this call.
+    /// For a create (or a roll: the successor is a create) with a request id: what a retry
+    /// needs to be answered like this call.
     pub create_request: Option<CreateRequest>,
 }
 
@@ -152,12 +156,14 @@ pub struct CreateRequest {
     pub sealed_secret: Vec<u8>,
 }
 
-/// What a write left: the key's state, and for a create answered from an earlier call with
-/// the same request id, that call's sealed secret.
+/// What a write left: the key's state, and for a create (or roll) answered from an earlier
+/// call with the same request id, that call's sealed secret.
 #[derive(Debug, Clone)]
 pub struct Written {
     pub state: KeyState,
     pub replayed: Option<Replayed>,
+    /// For a roll: the old key as the roll left it (`state` is then the successor).
+    pub previous: Option<KeyState>,
 }
 
 /// A create that an earlier call with the same request id already made.
@@ -179,7 +185,27 @@ pub struct ListFilter {
     pub key_type: Option<KeyType>,
     pub environment: Option<Environment>,
     pub include_revoked: bool,
+    /// Only keys with no recorded use at or after this instant (a minute's start: uses are
+    /// kept to the minute), never used ones included.
+    pub unused_since_ms: Option<i64>,
+    /// Only keys with no recorded use.
+    pub never_used: bool,
+    /// Only keys whose `expires_at` is before this instant.
+    pub expires_before_ms: Option<i64>,
 }
+
+/// A key's last use as the database keeps it: operational data beside the projection, not
+/// an event, not in the hash chains, and untouched by a rebuild.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyUsage {
+    pub key_id: KeyId,
+    /// The start of the minute of the last accepted Verify.
+    pub last_used_at_ms: i64,
+    pub origin: OriginClass,
+}
+
+/// Where a scan of keys by expiry resumes: after this (expires_at, key id).
+pub type ExpiryCursor = (i64, Option<KeyId>);
 
 /// How long a replica of a shared log may go without confirming it has caught up before it
 /// refuses Verify: long enough that a database restart or failover of a few seconds does not
@@ -442,6 +468,36 @@ impl Store {
     ) -> Result<Vec<KeyState>, StoreError> {
         self.backend
             .list_keys(workspace_id, filter, after, limit)
+            .await
+    }
+
+    /// Writes last uses, keeping for each key the latest of the stored one and the given one.
+    pub async fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError> {
+        if usage.is_empty() {
+            return Ok(());
+        }
+        self.backend.record_usage(usage).await
+    }
+
+    /// The stored last uses of `key_ids` (keys never used have none).
+    pub async fn key_usage(&self, key_ids: &[KeyId]) -> Result<Vec<KeyUsage>, StoreError> {
+        if key_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.backend.key_usage(key_ids).await
+    }
+
+    /// Up to `limit` live keys (not revoked, not rolled) of `workspace_id` (or of every
+    /// workspace) expiring after `after` and at or before `up_to_ms`, by (expires_at, key id).
+    pub async fn expiring(
+        &self,
+        workspace_id: Option<&WorkspaceId>,
+        after: ExpiryCursor,
+        up_to_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<KeyState>, StoreError> {
+        self.backend
+            .expiring(workspace_id, after, up_to_ms, limit)
             .await
     }
 

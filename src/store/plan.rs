@@ -98,7 +98,8 @@ pub(super) fn plan(
         if let Some(create) = &write.create_request {
             let slot = (write.workspace_id.to_string(), create.request_id.clone());
             if let Some(earlier) = answered.get(&slot) {
-                outcomes.push(replay(&streams, &touched, earlier, &create.digest));
+                let rolled = matches!(write.command, Command::Roll(_)).then_some(write.key_id);
+                outcomes.push(replay(&streams, &touched, earlier, &create.digest, rolled));
                 continue;
             }
         }
@@ -125,81 +126,77 @@ pub(super) fn plan(
             }
         };
         let changed = !decided.is_empty();
-        let key = key_id.to_string();
         let mut state = visible;
+        // A roll first creates the successor, in a stream of its own, so that the old key's
+        // KeyRolled names a key the log already holds.
+        let mut successor = None;
+        if let (Command::Roll(roll), Some(old), true) = (&write.command, &state, changed) {
+            let created = Event::KeyCreated(Box::new(roll.successor(old)));
+            let new_state = append(
+                heads,
+                &mut effects,
+                write,
+                roll.successor_key_id,
+                None,
+                created,
+                now,
+            )?;
+            successor = Some(new_state);
+        }
         for event in decided {
-            let stream_version = state.as_ref().map_or(1, |s| s.stream_version + 1);
-            // Every event says what it does beside the log; a new event must say too.
-            match &event {
-                Event::KeyCreated(_) => {
-                    // Cloned, not taken: if this batch fails, the command is retried alone
-                    // and must still carry its copy.
-                    if let Some(sealed) = &write.sealed_secret {
-                        effects.sealed_inserts.push((key.clone(), sealed.clone()));
-                    }
-                }
-                Event::KeyRevoked => effects.sealed_deletes.push(key.clone()),
-                Event::KeyRenamed { .. } | Event::KeyScopesChanged { .. } | Event::KeyRevealed => {}
-            }
-            let encoded = events::encode_event(&event);
-            let mut record = LogRecord {
-                sequence: 0,
-                key_id: key.clone(),
-                workspace_id: write.workspace_id.to_string(),
-                stream_version,
-                event_type: encoded.event_type.to_owned(),
-                schema_version: encoded.schema_version,
-                payload: encoded.payload,
-                actor: write.actor.clone(),
-                recorded_at_ms: now,
-                caller_identity: write.caller_identity.clone(),
-                hash: [0; 32],
-                workspace_hash: [0; 32],
-            };
-            heads.append(&mut record);
-            effects.records.push(record);
-            let recorded = Recorded {
+            state = Some(append(
+                heads,
+                &mut effects,
+                write,
+                key_id,
+                state.take(),
                 event,
-                actor: write.actor.clone(),
-                recorded_at_ms: now,
-                stream_version,
-            };
-            // decide and apply disagreeing is a bug, never a partial write: the whole batch
-            // is abandoned so no record of this command is kept.
-            state = Some(domain::apply(state.take(), &recorded).map_err(|e| {
-                StoreError::Invariant(format!("apply refused a decided event: {e}"))
-            })?);
+                now,
+            )?);
         }
         let Some(state) = state else {
             outcomes.push(Err(StoreError::Domain(domain::DomainError::NotFound)));
             continue;
         };
+        // The key a request id answers with: the created key, or a roll's successor.
+        let answer_key = successor.as_ref().map_or(key_id, |s| s.key_id).to_string();
         if let Some(create) = write.create_request.as_ref().filter(|_| changed) {
             answered.insert(
                 (write.workspace_id.to_string(), create.request_id.clone()),
                 Answered {
                     digest: create.digest.to_vec(),
-                    key_id: key.clone(),
+                    key_id: answer_key.clone(),
                     sealed_secret: Some(create.sealed_secret.clone()),
                 },
             );
             effects.create_requests.push((
                 write.workspace_id.to_string(),
-                key.clone(),
+                answer_key,
                 create.clone(),
             ));
         }
         if changed {
-            if !touched.contains_key(&key_id) {
-                order.push(key_id);
+            for changed_state in successor.iter().chain([&state]) {
+                let id = changed_state.key_id;
+                if !touched.contains_key(&id) {
+                    order.push(id);
+                }
+                touched.insert(id, changed_state.clone());
+                // Later commands of the batch see this state, not the stored one.
+                streams.remove(&id);
             }
-            touched.insert(key_id, state.clone());
-            // Later commands of the batch see this state, not the stored one.
-            streams.remove(&key_id);
         }
-        outcomes.push(Ok(Written {
-            state,
-            replayed: None,
+        outcomes.push(Ok(match successor {
+            Some(successor) => Written {
+                state: successor,
+                replayed: None,
+                previous: Some(state),
+            },
+            None => Written {
+                state,
+                replayed: None,
+                previous: None,
+            },
         }));
     }
     effects.changed = order
@@ -209,13 +206,72 @@ pub(super) fn plan(
     Ok((outcomes, effects))
 }
 
+/// Records one event of `write` in the stream of `key_id`, whose state is `state`: its side
+/// effects, its chained record, and the state it leaves (folded with the domain's `apply`).
+fn append(
+    heads: &mut Heads,
+    effects: &mut Effects,
+    write: &super::Write,
+    key_id: KeyId,
+    state: Option<KeyState>,
+    event: Event,
+    now: i64,
+) -> Result<KeyState, StoreError> {
+    let key = key_id.to_string();
+    let stream_version = state.as_ref().map_or(1, |s| s.stream_version + 1);
+    // Every event says what it does beside the log; a new event must say too.
+    match &event {
+        Event::KeyCreated(new) => {
+            // Cloned, not taken: if this batch fails, the command is retried alone and must
+            // still carry its copy. A roll's successor keeps one only if the old key did.
+            if let Some(sealed) = write.sealed_secret.as_ref().filter(|_| new.reveal_later) {
+                effects.sealed_inserts.push((key.clone(), sealed.clone()));
+            }
+        }
+        Event::KeyRevoked => effects.sealed_deletes.push(key.clone()),
+        Event::KeyRenamed { .. }
+        | Event::KeyScopesChanged { .. }
+        | Event::KeyRevealed
+        | Event::KeyRolled { .. } => {}
+    }
+    let encoded = events::encode_event(&event);
+    let mut record = LogRecord {
+        sequence: 0,
+        key_id: key,
+        workspace_id: write.workspace_id.to_string(),
+        stream_version,
+        event_type: encoded.event_type.to_owned(),
+        schema_version: encoded.schema_version,
+        payload: encoded.payload,
+        actor: write.actor.clone(),
+        recorded_at_ms: now,
+        caller_identity: write.caller_identity.clone(),
+        hash: [0; 32],
+        workspace_hash: [0; 32],
+    };
+    heads.append(&mut record);
+    effects.records.push(record);
+    let recorded = Recorded {
+        event,
+        actor: write.actor.clone(),
+        recorded_at_ms: now,
+        stream_version,
+    };
+    // decide and apply disagreeing is a bug, never a partial write: the whole batch is
+    // abandoned so no record of this command is kept.
+    domain::apply(state, &recorded)
+        .map_err(|e| StoreError::Invariant(format!("apply refused a decided event: {e}")))
+}
+
 /// The answer to a create whose request id was answered before: that key as it is now, or a
-/// refusal when the id came with another request.
+/// refusal when the id came with another request. For a roll, `previous` is the key it was
+/// asked to roll, as it is now.
 fn replay(
     streams: &HashMap<KeyId, Result<Option<KeyState>, StoreError>>,
     touched: &HashMap<KeyId, KeyState>,
     earlier: &Answered,
     digest: &[u8; 32],
+    previous: Option<KeyId>,
 ) -> Outcome {
     if earlier.digest != digest {
         return Err(StoreError::RequestIdReused);
@@ -236,11 +292,23 @@ fn replay(
             }
         },
     };
+    let previous = match previous {
+        None => None,
+        Some(key_id) => match touched.get(&key_id) {
+            Some(state) => Some(state.clone()),
+            None => match streams.get(&key_id) {
+                Some(Ok(state)) => state.clone(),
+                Some(Err(e)) => return Err(e.clone()),
+                None => None,
+            },
+        },
+    };
     Ok(Written {
         state,
         replayed: Some(Replayed {
             sealed_secret: earlier.sealed_secret.clone(),
         }),
+        previous,
     })
 }
 

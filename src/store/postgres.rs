@@ -25,7 +25,10 @@ use super::backend::{
     Answered, Backend, Effects, RebuildReport, Replica, SharedLog, Snapshot, Wakeups, WriteSession,
 };
 use super::sqlite::rows::{KEY_COLUMNS, KeyRow};
-use super::{CREATE_REQUEST_WINDOW_MS, Cause, Head, ListFilter, RecordFilter, StoreError};
+use super::{
+    CREATE_REQUEST_WINDOW_MS, Cause, ExpiryCursor, Head, KeyUsage, ListFilter, RecordFilter,
+    StoreError,
+};
 use crate::domain::{self, DomainPattern, KeyId, KeyState, Recorded, WorkspaceId};
 use crate::log::chain::{self, Chains, Hash, LogRecord};
 use crate::log::events;
@@ -228,6 +231,10 @@ impl Backend for PgBackend {
              AND ($3::text IS NULL OR key_type = $3) \
              AND ($4::text IS NULL OR environment = $4) \
              AND ($5 OR revoked_at IS NULL) \
+             AND ($7::bigint IS NULL OR (expires_at IS NOT NULL AND expires_at < $7)) \
+             AND (NOT $8 OR NOT EXISTS (SELECT 1 FROM key_usage u WHERE u.key_id = keys.key_id)) \
+             AND ($9::bigint IS NULL OR NOT EXISTS (SELECT 1 FROM key_usage u \
+                  WHERE u.key_id = keys.key_id AND u.last_used_at >= $9)) \
              ORDER BY key_id LIMIT $6"
         );
         let rows: Vec<KeyRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
@@ -237,6 +244,9 @@ impl Backend for PgBackend {
             .bind(filter.environment.map(|e| e.as_str()))
             .bind(filter.include_revoked)
             .bind(i64::from(limit))
+            .bind(filter.expires_before_ms)
+            .bind(filter.never_used)
+            .bind(filter.unused_since_ms)
             .fetch_all(&self.pool)
             .await?;
         rows.into_iter()
@@ -252,6 +262,68 @@ impl Backend for PgBackend {
                 .fetch_optional(&self.pool)
                 .await?,
         )
+    }
+
+    async fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError> {
+        // Not under the log's lock: a use is not a change to any key.
+        sqlx::query(
+            "INSERT INTO key_usage (key_id, last_used_at, last_used_origin) \
+             SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[]) \
+             ON CONFLICT (key_id) DO UPDATE SET last_used_at = excluded.last_used_at, \
+             last_used_origin = excluded.last_used_origin \
+             WHERE excluded.last_used_at > key_usage.last_used_at",
+        )
+        .bind(
+            usage
+                .iter()
+                .map(|u| u.key_id.to_string())
+                .collect::<Vec<_>>(),
+        )
+        .bind(usage.iter().map(|u| u.last_used_at_ms).collect::<Vec<_>>())
+        .bind(usage.iter().map(|u| u.origin.as_str()).collect::<Vec<_>>())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn key_usage(&self, key_ids: &[KeyId]) -> Result<Vec<KeyUsage>, StoreError> {
+        let rows: Vec<(String, i64, String)> = sqlx::query_as(
+            "SELECT key_id, last_used_at, last_used_origin FROM key_usage WHERE key_id = ANY($1)",
+        )
+        .bind(key_ids.iter().map(KeyId::to_string).collect::<Vec<_>>())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(super::sqlite::usage_from_row)
+            .collect()
+    }
+
+    async fn expiring(
+        &self,
+        workspace_id: Option<&WorkspaceId>,
+        after: ExpiryCursor,
+        up_to_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<KeyState>, StoreError> {
+        let sql = format!(
+            "SELECT {KEY_COLUMNS} FROM keys WHERE expires_at IS NOT NULL \
+             AND revoked_at IS NULL AND rolled_to_key_id IS NULL \
+             AND (expires_at > $1 OR (expires_at = $1 AND key_id > $2)) AND expires_at <= $3 \
+             AND ($4::text IS NULL OR workspace_id = $4) \
+             ORDER BY expires_at, key_id LIMIT $5"
+        );
+        let rows: Vec<KeyRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(after.0)
+            .bind(after.1.map(|k| k.to_string()).unwrap_or_default())
+            .bind(up_to_ms)
+            .bind(workspace_id.map(WorkspaceId::as_str))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter()
+            .map(KeyRow::into_state)
+            .collect::<Result<_, _>>()
+            .map_err(StoreError::Corrupt)
     }
 
     async fn for_each_key(
@@ -848,7 +920,7 @@ async fn project_many(conn: &mut PgConnection, states: &[KeyState]) -> Result<()
          $3::text[], $4::text[], $5::text[], $6::text[], $7::boolean[], $8::bytea[], \
          $9::text[], $10::text[], $11::text[], $12::bigint[], $13::bigint[], $14::bigint[], \
          $15::boolean[], $16::bigint[], $17::bigint[], $18::text[], $19::bigint[], \
-         $20::bigint[]) ON CONFLICT (key_id) DO UPDATE SET {updates}"
+         $20::bigint[], $21::text[], $22::text[]) ON CONFLICT (key_id) DO UPDATE SET {updates}"
     );
     let col = |f: &dyn Fn(&KeyState) -> Option<i64>| states.iter().map(f).collect::<Vec<_>>();
     let text = |f: &dyn Fn(&KeyState) -> String| states.iter().map(f).collect::<Vec<_>>();
@@ -893,6 +965,18 @@ async fn project_many(conn: &mut PgConnection, states: &[KeyState]) -> Result<()
         .bind(text(&|s| s.created_by.clone()))
         .bind(col(&|s| Some(s.updated_at_ms)))
         .bind(col(&|s| s.last_revealed_at_ms))
+        .bind(
+            states
+                .iter()
+                .map(|s| s.rolled_from.map(|k| k.to_string()))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            states
+                .iter()
+                .map(|s| s.rolled_to.map(|k| k.to_string()))
+                .collect::<Vec<_>>(),
+        )
         .execute(&mut *conn)
         .await?;
     Ok(())

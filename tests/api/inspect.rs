@@ -494,6 +494,15 @@ impl Db {
         .await
     }
 
+    /// The stored last use of a key (`key_usage.last_used_at`), 0 when none is stored.
+    pub async fn last_used_at(&self, key_id: &str) -> i64 {
+        self.scalar_i64(
+            "SELECT coalesce(max(last_used_at), 0) FROM key_usage WHERE key_id = ?",
+            vec![Bind::Text(key_id.into())],
+        )
+        .await
+    }
+
     /// The stored encrypted copy of a key's secret.
     pub async fn sealed_copy(&self, key_id: &str) -> Vec<u8> {
         self.bytes("SELECT sealed FROM sealed_secrets WHERE key_id = ?", key_id)
@@ -722,8 +731,10 @@ impl Db {
     }
 
     /// Puts the `keys` table back as migration 0001 made it (a rowid table keyed by key id,
-    /// with `keys_by_workspace`), every row with it, and forgets migration 3: the database as
-    /// a server from before the projection was clustered by workspace left it.
+    /// with `keys_by_workspace`), every row with it, and forgets migrations 3 and 5: the
+    /// database as a server from before the projection was clustered by workspace left it.
+    /// (Migration 5's two columns stay, at the end, all NULL, so that the rows compare equal;
+    /// migration 3 drops them and 5 adds them back.)
     pub async fn unmigrate_clustered_keys(&self) {
         {
             assert!(self.is_sqlite(), "SQLite's schema");
@@ -736,12 +747,14 @@ impl Db {
                  created_at INTEGER NOT NULL, expires_at INTEGER, revoked_at INTEGER, \
                  reveal_later INTEGER NOT NULL, version INTEGER NOT NULL, \
                  stream_version INTEGER NOT NULL, created_by TEXT NOT NULL, \
-                 updated_at INTEGER NOT NULL, last_revealed_at INTEGER)",
+                 updated_at INTEGER NOT NULL, last_revealed_at INTEGER, \
+                 rolled_from_key_id TEXT, rolled_to_key_id TEXT)",
                     "INSERT INTO keys_0001 SELECT * FROM keys ORDER BY key_id",
                     "DROP TABLE keys",
                     "ALTER TABLE keys_0001 RENAME TO keys",
                     "CREATE INDEX keys_by_workspace ON keys (workspace_id, key_id)",
-                    "DELETE FROM _sqlx_migrations WHERE version = 3",
+                    "DROP TABLE key_usage",
+                    "DELETE FROM _sqlx_migrations WHERE version IN (3, 5)",
                 ] {
                     sqlx::query(statement)
                         .execute(&mut *c)

@@ -23,6 +23,7 @@ mod pki;
 mod policy;
 mod readme;
 mod replicas;
+mod rotation;
 mod storage;
 mod story;
 mod surface;

@@ -263,7 +263,10 @@ async fn rebuild_recreates_the_projection_exactly() {
         assert_eq!(Some(db.keys_schema().await), schema);
         assert_eq!(db.journal_mode().await.as_deref(), Some("wal"));
     } else {
-        assert_eq!(db.key_indexes().await, ["keys_by_workspace"]);
+        assert_eq!(
+            db.key_indexes().await,
+            ["keys_by_expiry", "keys_by_workspace"]
+        );
     }
 
     // The server starts on the rebuilt projection.

@@ -3,8 +3,8 @@
 //! a random port. Each command is taken from README.md itself, so the two cannot drift apart.
 //!
 //! What is put in: the server's address for `localhost:50051`, and the key id, secret and
-//! workspace hash the earlier steps printed for `key_01J…`, `sk_test_…` and
-//! `<workspaceHash>`. What is checked: every `"field": value` a `# =>` line shows (values
+//! workspace hash the earlier steps printed for `key_01J…`, `sk_test_…` (or `sk_…`) and
+//! `<workspaceHash>`; after a roll, `key_01J…` is the old key and `key_01K…` its successor. What is checked: every `"field": value` a `# =>` line shows (values
 //! with `…` are illustrative and skipped), and for a line that is not JSON (`OK: …`,
 //! `ERROR: …`) its text up to the first `…`. grpcurl is found through `KEMON_GRPCURL` or
 //! `PATH`; `scripts/test` installs it. A missing grpcurl fails the test: it never skips.
@@ -155,6 +155,8 @@ fn tool_dir(scratch: &Path) -> PathBuf {
 #[derive(Default)]
 struct Printed {
     key_id: Option<String>,
+    /// A roll's successor.
+    successor_id: Option<String>,
     secret: Option<String>,
     workspace_hash: Option<String>,
 }
@@ -164,7 +166,9 @@ impl Printed {
         let mut text = text.replace("localhost:50051", addr);
         for (placeholder, value) in [
             ("key_01J…", &self.key_id),
+            ("key_01K…", &self.successor_id),
             ("sk_test_…", &self.secret),
+            ("sk_…", &self.secret),
             ("<workspaceHash>", &self.workspace_hash),
         ] {
             if text.contains(placeholder) {
@@ -182,8 +186,17 @@ impl Printed {
             return;
         };
         let text = |v: &serde_json::Value| v.as_str().map(str::to_owned);
-        if let Some(id) = text(&json["key"]["keyId"]) {
-            self.key_id = Some(id);
+        match (
+            text(&json["key"]["keyId"]),
+            text(&json["previous"]["keyId"]),
+        ) {
+            // A roll: the old key stays `key_01J…`.
+            (Some(successor), Some(old)) => {
+                self.key_id = Some(old);
+                self.successor_id = Some(successor);
+            }
+            (Some(id), None) => self.key_id = Some(id),
+            _ => {}
         }
         if let Some(secret) = text(&json["secret"]).filter(|s| !s.is_empty()) {
             self.secret = Some(secret);
@@ -207,7 +220,7 @@ async fn the_readme_walkthrough_and_audit_steps_work_as_written() {
     let addr = server.addr.to_string();
     let mut printed = Printed::default();
     let mut ran = 0;
-    for heading in ["Walkthrough with grpcurl", "Auditing"] {
+    for heading in ["Walkthrough with grpcurl", "Auditing", "Rotating keys"] {
         for block in sh_blocks(heading) {
             let (assignments, steps) = steps(&block);
             for step in steps {

@@ -584,7 +584,8 @@ async fn replicas_run_as_a_role_that_may_only_append_to_the_log() {
         format!(
             "GRANT SELECT, INSERT, UPDATE, DELETE ON {schema}.keys, \
              {schema}.projection_checkpoint, {schema}.sealed_secrets, {schema}.meta, \
-             {schema}.create_requests, {schema}.replicas TO kemon_keys_test_app"
+             {schema}.create_requests, {schema}.replicas, {schema}.key_usage \
+             TO kemon_keys_test_app"
         ),
     ] {
         sqlx::query(sqlx::AssertSqlSafe(statement))

@@ -73,6 +73,7 @@ pub async fn write_seed(
             created_at_ms: now,
             expires_at_ms: None,
             reveal_later: false,
+            rolled_from: None,
         };
         let encoded = events::encode_event(&Event::KeyCreated(Box::new(new)));
         let mut record = LogRecord {

@@ -15,8 +15,11 @@ mod bulk;
 pub mod rows;
 
 use super::backend::{Answered, Backend, Effects, RebuildReport, Snapshot, WriteSession};
-use super::{CREATE_REQUEST_WINDOW_MS, Cause, Head, ListFilter, RecordFilter, StoreError};
-use crate::domain::{self, KeyId, KeyState, Recorded, WorkspaceId};
+use super::{
+    CREATE_REQUEST_WINDOW_MS, Cause, ExpiryCursor, Head, KeyUsage, ListFilter, RecordFilter,
+    StoreError,
+};
+use crate::domain::{self, KeyId, KeyState, OriginClass, Recorded, WorkspaceId};
 use crate::log::chain::{self, Chains, Hash, LogRecord};
 use crate::log::events;
 use bulk::BulkSnapshot;
@@ -175,6 +178,20 @@ impl Backend for SqliteBackend {
         if !filter.include_revoked {
             sql.push_str(" AND revoked_at IS NULL");
         }
+        if filter.expires_before_ms.is_some() {
+            sql.push_str(" AND expires_at IS NOT NULL AND expires_at < ?");
+        }
+        if filter.never_used {
+            sql.push_str(
+                " AND NOT EXISTS (SELECT 1 FROM key_usage u WHERE u.key_id = keys.key_id)",
+            );
+        }
+        if filter.unused_since_ms.is_some() {
+            sql.push_str(
+                " AND NOT EXISTS (SELECT 1 FROM key_usage u \
+                 WHERE u.key_id = keys.key_id AND u.last_used_at >= ?)",
+            );
+        }
         sql.push_str(" ORDER BY key_id LIMIT ?");
         let mut query = sqlx::query_as::<_, KeyRow>(sqlx::AssertSqlSafe(sql))
             .bind(workspace_id.as_str())
@@ -184,6 +201,12 @@ impl Backend for SqliteBackend {
         }
         if let Some(e) = filter.environment {
             query = query.bind(e.as_str());
+        }
+        if let Some(before) = filter.expires_before_ms {
+            query = query.bind(before);
+        }
+        if let Some(since) = filter.unused_since_ms {
+            query = query.bind(since);
         }
         let rows = query.bind(i64::from(limit)).fetch_all(&self.pool).await?;
         rows.into_iter()
@@ -199,6 +222,88 @@ impl Backend for SqliteBackend {
                 .fetch_optional(&self.pool)
                 .await?,
         )
+    }
+
+    async fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError> {
+        // A connection of its own, not the writer's: a use is not a change to any key. It
+        // waits for the writer's transaction (busy_timeout) and holds the lock briefly.
+        let mut conn = SqliteConnection::connect_with(&connect_options(&self.path)).await?;
+        let result = async {
+            sqlx::query("BEGIN IMMEDIATE").execute(&mut conn).await?;
+            for chunk in chunks(usage) {
+                let values = vec!["(?, ?, ?)"; chunk.len()].join(", ");
+                let sql = format!(
+                    "INSERT INTO key_usage (key_id, last_used_at, last_used_origin) \
+                     VALUES {values} ON CONFLICT (key_id) DO UPDATE SET \
+                     last_used_at = excluded.last_used_at, \
+                     last_used_origin = excluded.last_used_origin \
+                     WHERE excluded.last_used_at > key_usage.last_used_at"
+                );
+                let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+                for u in chunk {
+                    query = query
+                        .bind(u.key_id.to_string())
+                        .bind(u.last_used_at_ms)
+                        .bind(u.origin.as_str());
+                }
+                query.execute(&mut conn).await?;
+            }
+            sqlx::query("COMMIT").execute(&mut conn).await?;
+            Ok::<(), sqlx::Error>(())
+        }
+        .await;
+        let _ = conn.close().await;
+        Ok(result?)
+    }
+
+    async fn key_usage(&self, key_ids: &[KeyId]) -> Result<Vec<KeyUsage>, StoreError> {
+        let mut found = Vec::new();
+        for chunk in key_ids.chunks(256) {
+            let sql = format!(
+                "SELECT key_id, last_used_at, last_used_origin FROM key_usage \
+                 WHERE key_id IN ({})",
+                vec!["?"; chunk.len()].join(", ")
+            );
+            let mut query = sqlx::query_as::<_, (String, i64, String)>(sqlx::AssertSqlSafe(sql));
+            for key_id in chunk {
+                query = query.bind(key_id.to_string());
+            }
+            for row in query.fetch_all(&self.pool).await? {
+                found.push(usage_from_row(row)?);
+            }
+        }
+        Ok(found)
+    }
+
+    async fn expiring(
+        &self,
+        workspace_id: Option<&WorkspaceId>,
+        after: ExpiryCursor,
+        up_to_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<KeyState>, StoreError> {
+        let mut sql = format!(
+            "SELECT {KEY_COLUMNS} FROM keys WHERE expires_at IS NOT NULL \
+             AND revoked_at IS NULL AND rolled_to_key_id IS NULL \
+             AND (expires_at > ? OR (expires_at = ? AND key_id > ?)) AND expires_at <= ?"
+        );
+        if workspace_id.is_some() {
+            sql.push_str(" AND workspace_id = ?");
+        }
+        sql.push_str(" ORDER BY expires_at, key_id LIMIT ?");
+        let mut query = sqlx::query_as::<_, KeyRow>(sqlx::AssertSqlSafe(sql))
+            .bind(after.0)
+            .bind(after.0)
+            .bind(after.1.map(|k| k.to_string()).unwrap_or_default())
+            .bind(up_to_ms);
+        if let Some(w) = workspace_id {
+            query = query.bind(w.as_str());
+        }
+        let rows = query.bind(i64::from(limit)).fetch_all(&self.pool).await?;
+        rows.into_iter()
+            .map(KeyRow::into_state)
+            .collect::<Result<_, _>>()
+            .map_err(StoreError::Corrupt)
     }
 
     async fn for_each_key(
@@ -330,6 +435,20 @@ impl WriteSession for SqliteSession {
         // Closing rolls back whatever SQLite still holds open.
         let _ = self.conn.close().await;
     }
+}
+
+/// A `key_usage` row, validated.
+pub(super) fn usage_from_row(
+    (key_id, last_used_at, origin): (String, i64, String),
+) -> Result<KeyUsage, StoreError> {
+    Ok(KeyUsage {
+        key_id: KeyId::parse(&key_id)
+            .map_err(|e| StoreError::Corrupt(format!("key_usage key_id: {e}")))?,
+        last_used_at_ms: last_used_at,
+        origin: OriginClass::parse(&origin).ok_or_else(|| {
+            StoreError::Corrupt(format!("key_usage of {key_id}: origin {origin:?}"))
+        })?,
+    })
 }
 
 /// The database file inside the data directory.

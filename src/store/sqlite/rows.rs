@@ -32,6 +32,8 @@ pub struct KeyRow {
     pub created_by: String,
     pub updated_at: i64,
     pub last_revealed_at: Option<i64>,
+    pub rolled_from_key_id: Option<String>,
+    pub rolled_to_key_id: Option<String>,
 }
 
 impl KeyRow {
@@ -57,6 +59,8 @@ impl KeyRow {
             created_by: &self.created_by,
             updated_at: self.updated_at,
             last_revealed_at: self.last_revealed_at,
+            rolled_from_key_id: self.rolled_from_key_id.as_deref(),
+            rolled_to_key_id: self.rolled_to_key_id.as_deref(),
         }
         .to_state()
     }
@@ -84,6 +88,8 @@ pub struct KeyRowRef<'a> {
     pub created_by: &'a str,
     pub updated_at: i64,
     pub last_revealed_at: Option<i64>,
+    pub rolled_from_key_id: Option<&'a str>,
+    pub rolled_to_key_id: Option<&'a str>,
 }
 
 impl KeyRowRef<'_> {
@@ -120,6 +126,8 @@ impl KeyRowRef<'_> {
             last_revealed_at_ms: self.last_revealed_at,
             created_by: self.created_by.to_owned(),
             updated_at_ms: self.updated_at,
+            rolled_from: self.rolled_from_key_id.map(KeyId::parse).transpose()?,
+            rolled_to: self.rolled_to_key_id.map(KeyId::parse).transpose()?,
         })
     }
 }
@@ -127,10 +135,11 @@ impl KeyRowRef<'_> {
 /// The column list of `keys`, in [`KeyRow`]'s order.
 pub const KEY_COLUMNS: &str = "key_id, workspace_id, name, key_type, environment, scopes, \
     full_access, secret_hash, masked, public_key, allowed_domains, created_at, expires_at, \
-    revoked_at, reveal_later, version, stream_version, created_by, updated_at, last_revealed_at";
+    revoked_at, reveal_later, version, stream_version, created_by, updated_at, last_revealed_at, \
+    rolled_from_key_id, rolled_to_key_id";
 
 /// The number of columns in [`KEY_COLUMNS`].
-pub const KEY_COLUMN_COUNT: usize = 20;
+pub const KEY_COLUMN_COUNT: usize = 22;
 
 /// One value of a row, as SQLite stores it.
 #[derive(Debug, Clone, PartialEq)]
@@ -180,6 +189,10 @@ pub fn values(s: &KeyState) -> [Value<'_>; KEY_COLUMN_COUNT] {
         Value::text(&s.created_by),
         Value::Int(s.updated_at_ms),
         Value::int_or_null(s.last_revealed_at_ms),
+        s.rolled_from
+            .map_or(Value::Null, |k| Value::Text(Cow::Owned(k.to_string()))),
+        s.rolled_to
+            .map_or(Value::Null, |k| Value::Text(Cow::Owned(k.to_string()))),
     ]
 }
 
@@ -232,6 +245,8 @@ pub fn row_ref<'a>(row: &'a rusqlite::Row<'_>) -> rusqlite::Result<KeyRowRef<'a>
         created_by: text(row, 17)?,
         updated_at: int(row, 18)?,
         last_revealed_at: int_or_null(row, 19)?,
+        rolled_from_key_id: row.get_ref(20)?.as_str_or_null()?,
+        rolled_to_key_id: row.get_ref(21)?.as_str_or_null()?,
     })
 }
 
@@ -263,10 +278,13 @@ pub struct RowBatch {
 }
 
 /// Spans of [`RowBatch::bytes`]: key_id, workspace_id, name, key_type, environment, scopes,
-/// secret_hash, masked, allowed_domains, created_by, public_key.
+/// secret_hash, masked, allowed_domains, created_by, public_key, rolled_from_key_id,
+/// rolled_to_key_id.
 struct CopiedRow {
-    spans: [(u32, u32); 11],
+    spans: [(u32, u32); 13],
     has_public_key: bool,
+    has_rolled_from: bool,
+    has_rolled_to: bool,
     full_access: bool,
     reveal_later: bool,
     created_at: i64,
@@ -313,10 +331,14 @@ impl RowBatch {
             self.copy(r.allowed_domains.as_bytes()),
             self.copy(r.created_by.as_bytes()),
             self.copy(r.public_key.unwrap_or_default().as_bytes()),
+            self.copy(r.rolled_from_key_id.unwrap_or_default().as_bytes()),
+            self.copy(r.rolled_to_key_id.unwrap_or_default().as_bytes()),
         ];
         self.rows.push(CopiedRow {
             spans,
             has_public_key: r.public_key.is_some(),
+            has_rolled_from: r.rolled_from_key_id.is_some(),
+            has_rolled_to: r.rolled_to_key_id.is_some(),
             full_access: r.full_access,
             reveal_later: r.reveal_later,
             created_at: r.created_at,
@@ -363,6 +385,16 @@ impl RowBatch {
                 created_by: text(9)?,
                 updated_at: row.updated_at,
                 last_revealed_at: row.last_revealed_at,
+                rolled_from_key_id: if row.has_rolled_from {
+                    Some(text(11)?)
+                } else {
+                    None
+                },
+                rolled_to_key_id: if row.has_rolled_to {
+                    Some(text(12)?)
+                } else {
+                    None
+                },
             })
         })
     }
