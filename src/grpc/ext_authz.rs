@@ -562,6 +562,8 @@ mod tests {
             revoked: false,
             allowed_domains: Box::new([]),
             version: 1,
+            rolled: false,
+            usage: Default::default(),
         }
     }
 
