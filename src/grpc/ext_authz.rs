@@ -149,6 +149,11 @@ impl ExtAuthzApi {
         };
         if let Some(k) = &key {
             record_key_id(k.key_id);
+            super::record_workspace_id(&k.workspace_id);
+        }
+        if code == VerifyCode::Valid {
+            // A denial records its code where it is built.
+            super::calls::record_verify_code(code as i32, verify_code_name(code));
         }
         match key {
             Some(k) if code == VerifyCode::Valid => Ok(allowed(
@@ -340,7 +345,7 @@ fn denied(key: Option<&CachedKey>, code: VerifyCode) -> CheckResponse {
         ),
     };
     let code_name = verify_code_name(code);
-    tracing::Span::current().record("verify_code", code_name);
+    super::calls::record_verify_code(code as i32, code_name);
     let body = serde_json::json!({
         "error": reason,
         "code": code_name,
