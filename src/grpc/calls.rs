@@ -57,6 +57,9 @@ const TARGET: &str = "kemon_keys::grpc";
 /// This API's services: their calls are named by method alone, as the proto spells it.
 const API_PACKAGE: &str = "kemon.keys.v1.";
 
+/// The gRPC health service.
+const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+
 /// Envoy's ext_authz service.
 const EXT_AUTHZ_SERVICE: &str = "envoy.service.auth.v3.Authorization";
 
@@ -74,8 +77,24 @@ tokio::task_local! {
     static VERIFY_CODE: Cell<i32>;
 }
 
+/// Records on the current call's span the trace id of the HTTP request an Envoy Check is
+/// about (its `traceparent`): the request's own trace, whether or not Envoy traces its Check
+/// calls.
+pub(crate) fn record_request_trace(traceparent: &str) {
+    let span = Span::current();
+    if span.is_disabled() {
+        return;
+    }
+    if let Some(parent) = TraceParent::parse(traceparent.as_bytes()) {
+        span.record(
+            "request_trace_id",
+            tracing::field::display(TraceIdHex(parent.trace_id)),
+        );
+    }
+}
+
 /// Records the verify code of the current call: on its span and line, and in its metrics.
-pub(crate) fn record_verify_code(code: i32, name: &'static str) {
+pub fn record_verify_code(code: i32, name: &'static str) {
     let span = Span::current();
     span.record("verify_code", name);
     span.record("kemon.verify_code", name);
@@ -237,6 +256,11 @@ impl<'a> CallName<'a> {
         self.service == KEY_SERVICE && self.method != "ListScopes"
     }
 
+    /// A gRPC health check.
+    fn is_health(&self) -> bool {
+        self.service == HEALTH_SERVICE
+    }
+
     /// The verifier whose verify codes this call's answer carries.
     fn verifier(&self) -> Option<Verifier> {
         if self.service == KEY_SERVICE && self.method == "VerifyKey" {
@@ -284,6 +308,7 @@ macro_rules! log_span {
             "rpc",
             method = $method,
             trace_id = tracing::field::Empty,
+            request_trace_id = tracing::field::Empty,
             workspace_id = tracing::field::Empty,
             key_id = tracing::field::Empty,
             verify_code = tracing::field::Empty,
@@ -315,7 +340,10 @@ impl CallLog {
         } else {
             None
         };
-        let traced = sampling.is_some_and(|s| s.sample(parent.as_ref()));
+        // Probes would otherwise start a trace every few seconds per prober: a health check
+        // is traced only when it continues a caller's trace.
+        let traced = sampling
+            .is_some_and(|s| (parent.is_some() || !name.is_health()) && s.sample(parent.as_ref()));
         let span = if traced {
             let span = tracing::info_span!(
                 target: TRACED,
@@ -332,6 +360,7 @@ impl CallLog {
                 kemon.verify_code = tracing::field::Empty,
                 method,
                 trace_id = tracing::field::Empty,
+                request_trace_id = tracing::field::Empty,
                 workspace_id = tracing::field::Empty,
                 key_id = tracing::field::Empty,
                 verify_code = tracing::field::Empty,

@@ -71,6 +71,8 @@ struct Presented<'r> {
     authorization: Option<&'r str>,
     api_key: Option<&'r str>,
     origin: Option<&'r str>,
+    /// The W3C trace context of the request, for the call's line.
+    traceparent: Option<&'r str>,
     /// Whether any client-sent `x-kemon-*` header must be removed.
     forged: bool,
 }
@@ -97,6 +99,9 @@ impl ExtAuthzApi {
             }
             if name == "origin" {
                 presented.origin = Some(value);
+            }
+            if name == "traceparent" {
+                presented.traceparent = Some(value);
             }
             presented.forged |= is_forged(name);
         }
@@ -130,6 +135,9 @@ impl ExtAuthzApi {
             None => ScopeSet::EMPTY,
         };
         let presented = headers.map_or_else(Presented::default, |h| self.presented(h));
+        if let Some(traceparent) = presented.traceparent {
+            super::calls::record_request_trace(traceparent);
+        }
         let verdict = match Self::credential(&presented) {
             Some(key) if !key.is_empty() => {
                 self.cache

@@ -462,7 +462,22 @@ async fn the_admin_listener_serves_metrics_that_count_a_known_sequence_of_calls(
         code(&client.verify(&secret, &[], "").await),
         pb::VerifyCode::Revoked
     );
-    let head = log_head(&mut server_audit(&server).await, "").await;
+    let mut audit = server_audit(&server).await;
+    let head = log_head(&mut audit, "").await;
+    // A live subscriber, caught up, open while the metrics are read.
+    let mut subscription = audit
+        .subscribe_events(auditor(pb::SubscribeEventsRequest::default()))
+        .await
+        .expect("subscribe_events")
+        .into_inner();
+    while let Some(message) = subscription.message().await.expect("a message") {
+        if matches!(
+            message.message,
+            Some(pb::subscribe_events_response::Message::CaughtUp(_))
+        ) {
+            break;
+        }
+    }
 
     let (status, headers, text) = http(admin, "GET", "/metrics").await;
     assert!(status.contains(" 200 "), "{status}");
@@ -495,7 +510,7 @@ async fn the_admin_listener_serves_metrics_that_count_a_known_sequence_of_calls(
         value(&text, "kemon_log_head_sequence"),
         head.sequence as f64
     );
-    assert_eq!(value(&text, "kemon_audit_subscribers"), 0.0);
+    assert_eq!(value(&text, "kemon_audit_subscribers"), 1.0);
     assert_eq!(value(&text, "kemon_audit_fell_behind_total"), 0.0);
     assert_eq!(
         value(
@@ -543,6 +558,8 @@ async fn the_admin_listener_serves_metrics_that_count_a_known_sequence_of_calls(
         String::from_utf8_lossy(&checked.stdout),
         String::from_utf8_lossy(&checked.stderr)
     );
+
+    drop(subscription);
 
     // Anything but GET or HEAD on /metrics is refused.
     let (status, headers, _) = http(admin, "POST", "/metrics").await;
