@@ -373,9 +373,8 @@ impl Application {
             .build_v1alpha()?;
 
         let gauges = gauge_reader(&store, &cache);
-        if let Some(push) = telemetry::otlp::MetricsPush::from_env() {
-            tokio::spawn(push.run(gauges.clone(), push_stop));
-        }
+        let push = telemetry::otlp::MetricsPush::from_env()
+            .map(|push| tokio::spawn(push.run(gauges.clone(), push_stop)));
         let admin_addr = admin.as_ref().map(|a| a.local_addr);
         let admin = admin.map(|admin| {
             tokio::spawn(admin.serve(limits, health_service.clone(), gauges, admin_stop))
@@ -425,12 +424,17 @@ impl Application {
 
         load_after.await;
         let started = std::time::Instant::now();
-        let loading = tracing::info_span!(
-            target: telemetry::traces::TRACED,
-            "cache.load",
-            otel.name = "kemon.cache.load",
-            kemon.keys = tracing::field::Empty
-        );
+        // A trace of its own, sampled as a call that starts one is.
+        let loading = if telemetry::traces::sampling().is_some_and(|s| s.sample(None)) {
+            tracing::info_span!(
+                target: telemetry::traces::TRACED,
+                "cache.load",
+                otel.name = "kemon.cache.load",
+                kemon.keys = tracing::field::Empty
+            )
+        } else {
+            tracing::Span::none()
+        };
         let loaded = load_cache(&store, &cache)
             .instrument(loading.clone())
             .await?;
@@ -460,6 +464,10 @@ impl Application {
                 .context("admin server")?;
         }
         store.close().await;
+        if let Some(push) = push {
+            // The last push, with the final counts; not forever if the collector is gone.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), push).await;
+        }
         tracing::info!("stopped");
         Ok(())
     }
