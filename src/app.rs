@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use tokio::net::TcpListener;
+use tracing::Instrument as _;
 
 use tonic_health::ServingStatus;
 
@@ -25,6 +26,7 @@ use crate::grpc::ext_authz::{AuthorizationService, ExtAuthzApi};
 use crate::grpc::policy::AccessLayer;
 use crate::grpc::{AuditApi, KeyApi, tls};
 use crate::security::{Security, SecuritySettings};
+use crate::telemetry::{self, traces::Tracing};
 
 /// Largest Check request: Envoy's default limit on a request's headers is 60 KiB.
 const CHECK_REQUEST_BYTES: usize = 96 * 1024;
@@ -68,8 +70,10 @@ pub struct Settings {
     pub ext_authz_api_key_header: String,
     /// TLS, mutual TLS, the access policy and role assertions.
     pub security: SecuritySettings,
-    /// The plaintext health-only listener for probes, `host:port`.
+    /// The plaintext admin listener for probes and Prometheus, `host:port`.
     pub admin_listen: Option<String>,
+    /// Whether calls are counted in the metrics (on unless measuring what counting costs).
+    pub call_metrics: bool,
 }
 
 impl Settings {
@@ -96,6 +100,7 @@ impl Settings {
             ext_authz_api_key_header: args.ext_authz_api_key_header.clone(),
             security: SecuritySettings::from_args(args),
             admin_listen: args.admin_listen.clone(),
+            call_metrics: args.call_metrics,
             connection_limits: ConnectionLimits {
                 max_connections: args.max_connections as usize,
                 max_streams: args.max_streams_per_connection,
@@ -229,6 +234,7 @@ pub struct Application {
     max_staleness: std::time::Duration,
     security: Security,
     admin: Option<AdminListener>,
+    call_metrics: bool,
 }
 
 /// How often a live subscriber is sent a checkpoint when the log has moved.
@@ -291,6 +297,7 @@ impl Application {
             max_staleness: settings.max_staleness,
             security,
             admin,
+            call_metrics: settings.call_metrics,
         })
     }
 
@@ -334,12 +341,14 @@ impl Application {
             max_staleness,
             security,
             admin,
+            call_metrics,
         } = self;
         // For a shared log: whether this replica is caught up, for VerifyKey and Check.
         let fresh = Arc::new(AtomicBool::new(false));
         security.watch(&stopping);
         let admin_stop = stopping.subscribe();
         let upkeep_stop = stopping.subscribe();
+        let push_stop = stopping.subscribe();
         // Key calls that need the cache are refused (NOT_READY) until it is loaded.
         let ready = Arc::new(AtomicBool::new(false));
         let shutdown = async move {
@@ -364,12 +373,21 @@ impl Application {
             .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?;
 
-        let admin = admin
-            .map(|admin| tokio::spawn(admin.serve(limits, health_service.clone(), admin_stop)));
+        let gauges = gauge_reader(&store, &cache);
+        let push = telemetry::otlp::MetricsPush::from_env()
+            .map(|push| tokio::spawn(push.run(gauges.clone(), push_stop)));
+        let admin_addr = admin.as_ref().map(|a| a.local_addr);
+        let admin = admin.map(|admin| {
+            tokio::spawn(admin.serve(limits, health_service.clone(), gauges, admin_stop))
+        });
+        let mut calls = CallLayer::new(ready.clone()).refusing_stale(fresh.clone(), max_staleness);
+        if !call_metrics {
+            calls = calls.without_metrics();
+        }
         let server = limits
             .apply(tonic::transport::Server::builder())
             .layer(TrackCallsLayer)
-            .layer(CallLayer::new(ready.clone()).refusing_stale(fresh.clone(), max_staleness))
+            .layer(calls)
             .layer(AccessLayer::new(security.access.clone()))
             .add_service(health_service.max_decoding_message_size(MAX_REQUEST_BYTES))
             .add_service(reflection_v1.max_decoding_message_size(MAX_REQUEST_BYTES))
@@ -397,6 +415,7 @@ impl Application {
         let server = tokio::spawn(server);
         tracing::info!(
             %local_addr,
+            admin_addr = admin_addr.map(tracing::field::display),
             tls = security.tls.is_some(),
             mutual_tls = security.access.is_some(),
             "listening"
@@ -404,7 +423,28 @@ impl Application {
 
         load_after.await;
         let started = std::time::Instant::now();
-        load_cache(&store, &cache).await?;
+        // A trace of its own, sampled as a call that starts one is.
+        let loading = if telemetry::traces::sampling().is_some_and(|s| s.sample(None)) {
+            tracing::info_span!(
+                target: telemetry::traces::TRACED,
+                "cache.load",
+                otel.name = "kemon.cache.load",
+                kemon.keys = tracing::field::Empty
+            )
+        } else {
+            tracing::Span::none()
+        };
+        let loaded = load_cache(&store, &cache)
+            .instrument(loading.clone())
+            .await?;
+        loading.record("kemon.keys", loaded);
+        drop(loading);
+        let metrics = telemetry::metrics();
+        metrics.cache_loaded_keys.store(loaded, Ordering::Relaxed);
+        metrics.cache_load_us.store(
+            u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
         ready.store(true, Ordering::Release);
         health.set_serving::<AuditServiceServer<AuditApi>>().await;
         tokio::spawn(report_freshness(store.fresh(), fresh, health.clone()));
@@ -427,15 +467,19 @@ impl Application {
         upkeep.await.context("last-used task")?;
         crate::usage::write(&cache, &store, &mut Vec::new()).await;
         store.close().await;
+        if let Some(push) = push {
+            // The last push, with the final counts; not forever if the collector is gone.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), push).await;
+        }
         tracing::info!("stopped");
         Ok(())
     }
 }
 
 /// The admin listener: plaintext, for kubelet probes (which cannot present client
-/// certificates), serving the gRPC health service and nothing that changes or reveals keys.
-/// Its statuses are the main port's (one health reporter). Anything else operators need on
-/// such a port (metrics) is added to [`AdminListener::serve`].
+/// certificates) and Prometheus: the gRPC health service (HTTP/2) and `GET /metrics`
+/// (HTTP/1.1 or HTTP/2), and nothing that changes or reveals keys. Its statuses are the main
+/// port's (one health reporter).
 struct AdminListener {
     listener: TcpListener,
     local_addr: SocketAddr,
@@ -453,19 +497,24 @@ impl AdminListener {
         })
     }
 
-    /// Serves health with the main port's connection limits until `stop` turns true.
+    /// Serves health and metrics with the main port's connection limits until `stop` turns
+    /// true.
     async fn serve(
         self,
         limits: ConnectionLimits,
         health: tonic_health::pb::health_server::HealthServer<
             impl tonic_health::pb::health_server::Health,
         >,
+        gauges: telemetry::GaugeReader,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) -> anyhow::Result<()> {
-        tracing::info!(admin_addr = %self.local_addr, "admin listener: gRPC health only");
+        tracing::info!(admin_addr = %self.local_addr, "admin listener: gRPC health and GET /metrics");
         limits
             .apply(tonic::transport::Server::builder())
+            // Prometheus scrapes over HTTP/1.1.
+            .accept_http1(true)
             .layer(TrackCallsLayer)
+            .layer(telemetry::MetricsEndpointLayer::new(gauges))
             .add_service(health.max_decoding_message_size(MAX_REQUEST_BYTES))
             .serve_with_incoming_shutdown(limits.incoming(self.listener), async move {
                 let _ = stop.wait_for(|stopping| *stopping).await;
@@ -473,6 +522,23 @@ impl AdminListener {
             .await?;
         Ok(())
     }
+}
+
+/// Reads what the metrics need from the running server.
+fn gauge_reader(store: &Store, cache: &Arc<VerifyCache>) -> telemetry::GaugeReader {
+    let (store, cache) = (store.clone(), cache.clone());
+    let fresh = store.fresh();
+    Arc::new(move || telemetry::Gauges {
+        cache_keys: cache.len(),
+        writer_queue: store.queued_writes(),
+        audit_subscribers: store.live_subscribers(),
+        replica: store
+            .applied_sequence()
+            .map(|applied_sequence| telemetry::metrics::Replica {
+                applied_sequence,
+                fresh: *fresh.borrow(),
+            }),
+    })
 }
 
 /// The health service name that reports whether writes reach storage.
@@ -608,23 +674,49 @@ pub async fn rebuild(data: &crate::config::DataArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Installs the tracing subscriber: `RUST_LOG` filtering (default `info`), text or JSON lines.
-pub fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+/// Installs the tracing subscriber: log lines on stderr, text or JSON (one object per line),
+/// filtered by `RUST_LOG` (default `info`); and, when `otel` and the `OTEL_*` variables ask for
+/// it, the OTLP exporter of traces (see [`telemetry::traces`]), whose exporter is returned to
+/// be flushed at exit. Must run inside the Tokio runtime.
+pub fn init_tracing(format: LogFormat, otel: bool) -> anyhow::Result<Option<Tracing>> {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+
+    let settings = otel
+        .then(telemetry::traces::TraceSettings::from_env)
+        .flatten();
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if settings.is_some() {
+        // Exported spans do not depend on RUST_LOG; they are the calls' spans in the lines
+        // too. (One global filter, not one per layer: see telemetry::traces::layer.)
+        filter = filter.add_directive(telemetry::traces::TRACED_DIRECTIVE.parse()?);
+    }
     // Colour only where a person reads it: a pipe or a file gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let lines = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder
+    let lines = match format {
+        LogFormat::Text => lines.boxed(),
+        LogFormat::Json => lines
             .json()
             .flatten_event(true)
             .with_current_span(true)
-            .init(),
+            .boxed(),
+    };
+    let subscriber = tracing_subscriber::registry().with(filter).with(lines);
+    match settings {
+        Some(settings) => {
+            let (traces, tracing) = telemetry::traces::layer(&settings)?;
+            subscriber.with(traces).try_init()?;
+            Ok(Some(tracing))
+        }
+        None => {
+            subscriber.try_init()?;
+            Ok(None)
+        }
     }
 }

@@ -280,11 +280,16 @@ pub struct ServeArgs {
     #[arg(long, env = "KEMON_RELOAD_INTERVAL_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     pub reload_interval_secs: u64,
 
-    /// A second, plaintext listener (`host:port`) that serves gRPC health only, for probes
-    /// that cannot present client certificates (kubelet). Nothing on it changes or reveals
-    /// keys.
+    /// A second, plaintext listener (`host:port`) for probes that cannot present client
+    /// certificates (kubelet) and for Prometheus: gRPC health, and the metrics as Prometheus
+    /// text on `GET /metrics`. Nothing on it changes or reveals keys.
     #[arg(long, env = "KEMON_ADMIN_LISTEN")]
     pub admin_listen: Option<String>,
+
+    /// Count every call in the metrics (by method, code and verify code). `false` only to
+    /// measure what counting costs: the RPC series then stay empty.
+    #[arg(long, env = "KEMON_CALL_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub call_metrics: bool,
 }
 
 /// Parses `250ms`, `5s`, `2m`: a whole number and a unit.

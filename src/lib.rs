@@ -15,6 +15,7 @@
 //! - [`clock`]: injectable time.
 //! - [`reload`]: settings kept in files (certificates, policy, JWKS), re-read when they change.
 //! - [`security`]: TLS, mutual TLS with an access policy, signed role assertions.
+//! - [`telemetry`]: traces and metrics over OTLP, Prometheus text on the admin listener.
 //! - [`app`] and [`config`]: wiring, settings, start-up and shutdown.
 
 #![forbid(unsafe_code)]
@@ -31,6 +32,7 @@ pub mod log;
 pub mod reload;
 pub mod security;
 pub mod store;
+pub mod telemetry;
 pub mod usage;
 pub mod vault;
 

@@ -19,8 +19,14 @@ async fn main() -> ExitCode {
         Commands::Serve(args) => args.log_format,
         Commands::Rebuild(_) | Commands::Audit(_) => LogFormat::Text,
     };
-    app::init_tracing(format);
     let serving = matches!(cli.command, Commands::Serve(_));
+    let tracing = match app::init_tracing(format, serving) {
+        Ok(tracing) => tracing,
+        Err(e) => {
+            eprintln!("kemon-keys: starting telemetry: {}", describe(&e));
+            return ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
         Commands::Serve(args) => serve(Settings::from_args(&args)).await,
         Commands::Rebuild(args) => app::rebuild(&args.data).await,
@@ -32,6 +38,10 @@ async fn main() -> ExitCode {
         Commands::Audit(AuditCommand::Export(args)) => audit::cli::export(&args).await,
         Commands::Audit(AuditCommand::Keys(args)) => audit::cli::keys_as_of(&args).await,
     };
+    // Spans still buffered go out before the process does.
+    if let Some(tracing) = tracing {
+        tracing.shutdown().await;
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -201,6 +201,9 @@ impl Subscription {
                             }
                         }
                         Err(broadcast::error::RecvError::Lagged(_)) => {
+                            crate::telemetry::metrics()
+                                .audit_fell_behind
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             let behind = Message::FellBehind(pb::FellBehind { sequence: self.position });
                             if !send(&self.tx, Self::message(behind)).await {
                                 return;

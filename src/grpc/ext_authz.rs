@@ -74,6 +74,8 @@ struct Presented<'r> {
     authorization: Option<&'r str>,
     api_key: Option<&'r str>,
     origin: Option<&'r str>,
+    /// The W3C trace context of the request, for the call's line.
+    traceparent: Option<&'r str>,
     /// Whether any client-sent `x-kemon-*` header must be removed.
     forged: bool,
 }
@@ -99,6 +101,9 @@ impl ExtAuthzApi {
             }
             if name == "origin" {
                 presented.origin = Some(value);
+            }
+            if name == "traceparent" {
+                presented.traceparent = Some(value);
             }
             presented.forged |= is_forged(name);
         }
@@ -127,6 +132,9 @@ impl ExtAuthzApi {
             None => ScopeSet::EMPTY,
         };
         let presented = self.presented(input);
+        if let Some(traceparent) = presented.traceparent {
+            super::calls::record_request_trace(traceparent);
+        }
         let verdict = match Self::credential(&presented) {
             Some(key) if !key.is_empty() => {
                 self.cache
@@ -146,6 +154,11 @@ impl ExtAuthzApi {
         };
         if let Some(k) = &key {
             record_key_id(k.key_id);
+            super::record_workspace_id(&k.workspace_id);
+        }
+        if code == VerifyCode::Valid {
+            // A denial records its code where it is built.
+            super::calls::record_verify_code(code as i32, verify_code_name(code));
         }
         match key {
             Some(k) if code == VerifyCode::Valid => Ok(CheckAnswer::Encoded(wire::allowed(
@@ -355,7 +368,7 @@ fn denied(key: Option<&CachedKey>, code: VerifyCode) -> CheckResponse {
         ),
     };
     let code_name = verify_code_name(code);
-    tracing::Span::current().record("verify_code", code_name);
+    super::calls::record_verify_code(code as i32, code_name);
     let body = serde_json::json!({
         "error": reason,
         "code": code_name,

@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 use super::auth::{Actor, Permission};
 use super::error::{ApiError, KeyRefusal, quote};
 use super::paging::{PageSize, PageToken, QueryFingerprint};
-use super::{record_key_id, timestamp, within_cap};
+use super::{record_key_id, record_workspace_id, timestamp, within_cap};
 use crate::cache::{CachedKey, LastUsed, USAGE_MINUTE_MS, Verdict, VerifyCache};
 use crate::clock::Clock;
 use crate::domain::key::{KeyShape, NewKeyRequest};
@@ -193,7 +193,7 @@ pub fn origin_class_to_pb(class: OriginClass) -> pb::OriginClass {
     }
 }
 
-/// Parses the workspace and key id of a request, recording the key id on the log line.
+/// Parses the workspace and key id of a request, recording them on the call's span.
 fn key_ref(
     workspace_id: &str,
     key_id: &str,
@@ -207,6 +207,9 @@ fn key_ref(
         .ok();
     if let Some(key) = key {
         record_key_id(key);
+    }
+    if let Some(workspace) = &workspace {
+        record_workspace_id(workspace);
     }
     Some((workspace?, key?))
 }
@@ -296,10 +299,12 @@ fn verify_response(verdict: Verdict) -> pb::VerifyKeyResponse {
         missing_scopes: missing.names(),
         ..Default::default()
     };
-    // The call's log line says what Verify decided, not only that the RPC succeeded.
-    tracing::Span::current().record("verify_code", code.as_str_name());
+    // The call's log line, span and metrics say what Verify decided, not only that the RPC
+    // succeeded.
+    super::calls::record_verify_code(code as i32, code.as_str_name());
     if let Some(k) = key {
         record_key_id(k.key_id);
+        record_workspace_id(&k.workspace_id);
         fill_key(&mut response, &k);
     }
     response
@@ -332,6 +337,9 @@ impl KeyApi {
         let workspace_id = WorkspaceId::parse(&req.workspace_id)
             .map_err(|r| violations.push(Violation::new("workspace_id", r)))
             .ok();
+        if let Some(workspace) = &workspace_id {
+            record_workspace_id(workspace);
+        }
         let name = parse_name(&req.name, &mut violations);
         let key_type = key_type_from_pb(req.r#type);
         if key_type.is_none() {
@@ -503,6 +511,9 @@ impl KeyApi {
         let workspace_id = WorkspaceId::parse(&req.workspace_id)
             .map_err(|r| violations.push(Violation::new("workspace_id", r)))
             .ok();
+        if let Some(workspace) = &workspace_id {
+            record_workspace_id(workspace);
+        }
         let page_size = PageSize::from_request(req.page_size).get();
         // Decoded before the query is known, so a malformed token is reported with the
         // other field errors; whether it belongs to this query is checked below.

@@ -22,9 +22,20 @@ use crate::domain::Violation;
 
 pub(crate) use crate::proto::convert::timestamp;
 
-/// Records the key id on the current call's span, and so on its line (see [`calls`]).
+/// Records the key id on the current call's span, and so on its line and, when the call is
+/// traced, as `kemon.key_id` (see [`calls`]).
 fn record_key_id(key_id: impl std::fmt::Display) {
-    tracing::Span::current().record("key_id", tracing::field::display(key_id));
+    let span = tracing::Span::current();
+    span.record("key_id", tracing::field::display(&key_id));
+    span.record("kemon.key_id", tracing::field::display(&key_id));
+}
+
+/// Records the workspace id (once parsed: never a value as sent) on the current call's span,
+/// as [`record_key_id`] does.
+fn record_workspace_id(workspace_id: impl std::fmt::Display) {
+    let span = tracing::Span::current();
+    span.record("workspace_id", tracing::field::display(&workspace_id));
+    span.record("kemon.workspace_id", tracing::field::display(&workspace_id));
 }
 
 /// Whether a repeated request field is within its cap; if not, records a violation naming the

@@ -407,6 +407,21 @@ impl Store {
         self.writable.subscribe()
     }
 
+    /// Writes waiting for the writer (for metrics).
+    pub fn queued_writes(&self) -> usize {
+        self.writes.max_capacity() - self.writes.capacity()
+    }
+
+    /// Live subscribers of committed records (for metrics).
+    pub fn live_subscribers(&self) -> usize {
+        self.committed.receiver_count()
+    }
+
+    /// For a shared log: the last sequence this replica has applied (for metrics).
+    pub fn applied_sequence(&self) -> Option<u64> {
+        self.follower.as_ref().map(|f| f.position())
+    }
+
     /// Records as they are committed, in order. Lagging receivers get `RecvError::Lagged`.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<LogRecord>> {
         self.committed.subscribe()
@@ -442,7 +457,11 @@ impl Store {
     pub async fn create(&self, write: Write) -> Result<Written, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.writes
-            .send(writer::Request { write, reply })
+            .send(writer::Request {
+                write,
+                reply,
+                span: tracing::Span::current(),
+            })
             .await
             .map_err(|_| StoreError::Unavailable(Cause::msg("the writer has stopped")))?;
         answer

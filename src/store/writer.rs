@@ -23,8 +23,10 @@
 //! its commands are retried one per transaction, so that the one it refuses fails alone.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tracing::Instrument as _;
 
 use super::backend::{Backend, Effects, WriteSession};
 use super::follow::Follower;
@@ -33,6 +35,7 @@ use super::{Cause, RecordFilter, StoreError, Write, Written};
 use crate::clock::Clock;
 use crate::domain::KeyState;
 use crate::log::chain::LogRecord;
+use crate::telemetry;
 
 /// Told of every committed change, in commit order, before the writer answers its callers.
 /// Must not block: it runs on the writer's task.
@@ -43,6 +46,8 @@ pub trait CommitListener: Send + Sync + 'static {
 pub(super) struct Request {
     pub write: Write,
     pub reply: oneshot::Sender<Result<Written, StoreError>>,
+    /// The span of the call that asked: a traced one parents the batch's span.
+    pub span: tracing::Span,
 }
 
 /// The writer's surroundings.
@@ -80,6 +85,9 @@ pub(super) async fn run(
 ) {
     let max_batch = writer.max_batch;
     let mut batch = Vec::with_capacity(max_batch);
+    telemetry::metrics()
+        .log_head
+        .store(writer.heads.chains.last_sequence, Relaxed);
     loop {
         let scrub_retry = tokio::time::sleep(if writer.scrub_pending {
             SCRUB_RETRY
@@ -132,8 +140,55 @@ enum Failure {
     AtCommit(StoreError, Vec<Outcome>),
 }
 
+/// The span of a batch's commit: a child of the first traced call in it, linked to the other
+/// traced ones; disabled when none is traced (an untraced write must not start a trace).
+fn batch_span(batch: &[Request]) -> tracing::Span {
+    let mut traced = batch
+        .iter()
+        .filter(|r| telemetry::traces::is_traced(&r.span));
+    let Some(first) = traced.next() else {
+        return tracing::Span::none();
+    };
+    let span = tracing::info_span!(
+        target: telemetry::traces::TRACED,
+        parent: &first.span,
+        "writer.commit",
+        otel.name = "kemon.writer.commit",
+        otel.status_code = tracing::field::Empty,
+        kemon.batch_size = batch.len()
+    );
+    for other in traced {
+        span.follows_from(&other.span);
+    }
+    span
+}
+
 async fn commit_batch(writer: &mut Writer, batch: &mut Vec<Request>) {
-    let outcomes = match writer.attempt(batch).await {
+    let span = batch_span(batch);
+    let started = std::time::Instant::now();
+    let size = batch.len();
+    let outcomes = commit_in(writer, batch).instrument(span.clone()).await;
+    telemetry::metrics().batch(size, started.elapsed());
+    if outcomes
+        .iter()
+        .any(|o| o.as_ref().is_err_and(StoreError::is_storage_fault))
+    {
+        span.record("otel.status_code", "error");
+    }
+    // A revoke is answered once its encrypted copy is gone from the files too (unless
+    // readers of an older snapshot hold the WAL; then within SCRUB_RETRY of their end).
+    if writer.scrub_pending {
+        writer.scrub(SCRUB_BUSY_TIMEOUT).await;
+    }
+    for (request, outcome) in batch.drain(..).zip(outcomes) {
+        let _ = request.reply.send(outcome);
+    }
+}
+
+/// Commits `batch`, or its commands one by one when the database refused it for a reason
+/// other than its storage.
+async fn commit_in(writer: &mut Writer, batch: &mut [Request]) -> Vec<Outcome> {
+    match writer.attempt(batch).await {
         Ok(outcomes) => outcomes,
         Err(e) if batch.len() > 1 && !e.is_storage_fault() => {
             // The database refused the batch for a reason other than its storage: retry its
@@ -152,14 +207,6 @@ async fn commit_batch(writer: &mut Writer, batch: &mut Vec<Request>) {
             tracing::error!(error = %e, commands = batch.len(), "commit failed");
             vec![Err(e); batch.len()]
         }
-    };
-    // A revoke is answered once its encrypted copy is gone from the files too (unless
-    // readers of an older snapshot hold the WAL; then within SCRUB_RETRY of their end).
-    if writer.scrub_pending {
-        writer.scrub(SCRUB_BUSY_TIMEOUT).await;
-    }
-    for (request, outcome) in batch.drain(..).zip(outcomes) {
-        let _ = request.reply.send(outcome);
     }
 }
 
@@ -170,6 +217,14 @@ impl Writer {
     async fn attempt(&mut self, batch: &mut [Request]) -> Result<Vec<Outcome>, StoreError> {
         let result = self.attempt_once(batch).await;
         let storage_failed = result.as_ref().is_err_and(StoreError::is_storage_fault);
+        let metrics = telemetry::metrics();
+        if storage_failed {
+            metrics.storage_failures.fetch_add(1, Relaxed);
+        } else if result.is_ok() {
+            metrics
+                .log_head
+                .store(self.heads.chains.last_sequence, Relaxed);
+        }
         self.writable.send_if_modified(|writable| {
             let was = *writable;
             *writable = !storage_failed;

@@ -352,6 +352,7 @@ pub fn settings(data_dir: &Path, master_key: MasterKeySource) -> Settings {
         replica_id: "test".into(),
         security: Default::default(),
         admin_listen: None,
+        call_metrics: true,
     }
 }
 
@@ -978,7 +979,9 @@ pub fn head_arg(sequence: u64, hash: &[u8]) -> String {
 fn clean_command(program: impl AsRef<OsStr>) -> Command {
     let mut command = Command::new(program);
     for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("KEMON_") {
+        let name_text = name.to_string_lossy();
+        // Nor the OpenTelemetry settings of whoever runs the tests.
+        if name_text.starts_with("KEMON_") || name_text.starts_with("OTEL_") {
             command.env_remove(name);
         }
     }
@@ -1179,6 +1182,8 @@ pub struct ServerProcess {
     pub data_dir: PathBuf,
     /// The PostgreSQL database it was given; `None` for SQLite in its data directory.
     pub database_url: Option<String>,
+    /// The admin listener's address, when it was started with `--admin-listen`.
+    pub admin_addr: Option<SocketAddr>,
     /// The log lines (JSON) written before `listening`.
     pub startup: Vec<String>,
     /// Log lines (JSON) as they arrive on stderr.
@@ -1223,11 +1228,33 @@ impl ServerProcess {
         ServerProcess::start_with(data_dir, master_key_hex, &["--listen", listen], "info").await
     }
 
+    /// `kemon-keys serve` with exactly `args` (after the data directory), `RUST_LOG` set to
+    /// `filter` and the environment variables `env`.
+    pub async fn start_env(
+        data_dir: &Path,
+        master_key_hex: &str,
+        args: &[&str],
+        filter: &str,
+        env: &[(&str, &str)],
+    ) -> ServerProcess {
+        ServerProcess::start_with_env(data_dir, master_key_hex, args, filter, env).await
+    }
+
     async fn start_with(
         data_dir: &Path,
         master_key_hex: &str,
         extra: &[&str],
         filter: &str,
+    ) -> ServerProcess {
+        ServerProcess::start_with_env(data_dir, master_key_hex, extra, filter, &[]).await
+    }
+
+    async fn start_with_env(
+        data_dir: &Path,
+        master_key_hex: &str,
+        extra: &[&str],
+        filter: &str,
+        env: &[(&str, &str)],
     ) -> ServerProcess {
         let database_url = match extra.iter().position(|a| *a == "--database-url") {
             Some(i) => extra.get(i + 1).map(|url| (*url).to_owned()),
@@ -1252,6 +1279,7 @@ impl ServerProcess {
             )
             .env("KEMON_MASTER_KEY", master_key_hex)
             .env("RUST_LOG", filter)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let mut child = command.spawn().expect("spawn kemon-keys");
@@ -1266,17 +1294,22 @@ impl ServerProcess {
         });
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut startup = Vec::new();
-        let addr: SocketAddr = loop {
+        let (addr, admin_addr): (SocketAddr, Option<SocketAddr>) = loop {
             let line = log
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
                 .expect("the server logs `listening` within 20 s");
             let value: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
             if value["message"] == "listening" {
-                break value["local_addr"]
-                    .as_str()
-                    .expect("local_addr")
-                    .parse()
-                    .expect("socket address");
+                break (
+                    value["local_addr"]
+                        .as_str()
+                        .expect("local_addr")
+                        .parse()
+                        .expect("socket address"),
+                    value["admin_addr"]
+                        .as_str()
+                        .map(|a| a.parse().expect("admin socket address")),
+                );
             }
             startup.push(line);
         };
@@ -1289,6 +1322,7 @@ impl ServerProcess {
         let server = ServerProcess {
             child,
             addr,
+            admin_addr,
             data_dir: data_dir.to_owned(),
             database_url,
             startup,

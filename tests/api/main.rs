@@ -28,6 +28,7 @@ mod storage;
 mod story;
 mod surface;
 mod tamper;
+mod telemetry;
 mod tls;
 mod validation;
 mod verify;
