@@ -140,7 +140,12 @@ impl ExtAuthzApi {
                 self.cache
                     .verify(key, required, presented.origin.unwrap_or(""))
             }
-            _ => return Ok(CheckAnswer::Message(denied(None, VerifyCode::Unspecified))),
+            _ => {
+                return Ok(CheckAnswer::Message(Box::new(denied(
+                    None,
+                    VerifyCode::Unspecified,
+                ))));
+            }
         };
         let (code, key) = match verdict {
             Verdict::Valid(k) => (VerifyCode::Valid, Some(k)),
@@ -166,7 +171,10 @@ impl ExtAuthzApi {
                 Some(input).filter(|_| presented.forged),
                 &self.api_key_header,
             ))),
-            other => Ok(CheckAnswer::Message(denied(other.as_deref(), code))),
+            other => Ok(CheckAnswer::Message(Box::new(denied(
+                other.as_deref(),
+                code,
+            )))),
         }
     }
 }
@@ -229,7 +237,8 @@ fn check_status(code: Code, message: &str) -> Option<rpc::Status> {
 #[derive(Debug)]
 pub enum CheckAnswer {
     Encoded(Vec<u8>),
-    Message(CheckResponse),
+    /// Boxed: a denial is the uncommon answer, and the message is ten times the vector.
+    Message(Box<CheckResponse>),
 }
 
 impl CheckAnswer {
@@ -238,7 +247,7 @@ impl CheckAnswer {
     fn into_response(self) -> CheckResponse {
         use prost::Message;
         match self {
-            CheckAnswer::Message(m) => m,
+            CheckAnswer::Message(m) => *m,
             CheckAnswer::Encoded(bytes) => {
                 CheckResponse::decode(bytes.as_slice()).expect("a valid CheckResponse")
             }
