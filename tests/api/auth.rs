@@ -409,7 +409,18 @@ async fn another_workspace_cannot_see_or_touch_a_key() {
     assert_eq!(verified.workspace_id, WORKSPACE);
 
     assert_eq!(list(&client, other).await, std::slice::from_ref(&theirs));
-    assert_eq!(list(&client, WORKSPACE).await, std::slice::from_ref(&key));
+    // The Verify above is the key's last use; nothing else about it changed.
+    let used = client.get_key(&key.key_id).await;
+    assert!(used.last_used_at.is_some());
+    assert_eq!(
+        pb::Key {
+            last_used_at: None,
+            last_used_origin: 0,
+            ..used.clone()
+        },
+        key
+    );
+    assert_eq!(list(&client, WORKSPACE).await, std::slice::from_ref(&used));
 
     // And the other way round.
     let status = call(
