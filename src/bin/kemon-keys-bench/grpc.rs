@@ -3,7 +3,8 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use kemon_keys::proto::v1 as pb;
 use kemon_keys::proto::v1::key_service_client::KeyServiceClient;
@@ -351,54 +352,83 @@ async fn verify_under_writes(
     warmup: Duration,
     duration: Duration,
 ) -> anyhow::Result<(LoadResult, f64)> {
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-    let done = Arc::new(AtomicBool::new(false));
-    let writes = Arc::new(AtomicU64::new(0));
-    let mut writers = Vec::new();
-    for w in 0..2u64 {
-        let channel = channels[w as usize % channels.len()].clone();
-        let (done, writes) = (done.clone(), writes.clone());
-        // Each task makes two writes per tick.
-        let mut ticker = rate.map(|r| {
-            let mut t = tokio::time::interval(Duration::from_secs_f64(4.0 / r.max(0.001)));
-            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            t
-        });
-        writers.push(tokio::spawn(async move {
-            let mut client = KeyServiceClient::new(channel);
-            let mut i = 0u64;
-            while !done.load(Ordering::Relaxed) {
-                if let Some(t) = ticker.as_mut() {
-                    t.tick().await;
-                }
-                let created = client
-                    .create_key(admin(create_request(10_000_000 * (w + 1) + i)))
-                    .await?
-                    .into_inner()
-                    .key
-                    .unwrap_or_default();
-                client
-                    .revoke_key(admin(pb::RevokeKeyRequest {
-                        workspace_id: created.workspace_id,
-                        key_id: created.key_id,
-                        expected_version: None,
-                        wait_for_replicas: false,
-                    }))
-                    .await?;
-                writes.fetch_add(2, Ordering::Relaxed);
-                i += 1;
-            }
-            Ok::<_, tonic::Status>(())
-        }));
-    }
-    let started = std::time::Instant::now();
+    let writers = Writers::start(
+        [0, 1].map(|w| channels[w % channels.len()].clone()),
+        rate,
+        10_000_000,
+    );
     let verify = verify_load(channels, secrets.clone(), 16, warmup, duration).await;
-    let elapsed = started.elapsed().as_secs_f64();
-    done.store(true, Ordering::Relaxed);
-    for w in writers {
-        w.await??;
+    let rate = writers.stop().await?;
+    Ok((verify, rate))
+}
+
+/// Two tasks, one per channel, each creating a key and revoking it over and over until
+/// stopped: paced to `rate` writes per second in total, or flat out without one.
+pub struct Writers {
+    done: Arc<AtomicBool>,
+    writes: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<Result<(), tonic::Status>>>,
+    started: Instant,
+}
+
+impl Writers {
+    /// Starts the tasks; task `w` names its keys from `first_index * (w + 1)` on.
+    pub fn start(channels: [Channel; 2], rate: Option<f64>, first_index: u64) -> Writers {
+        let done = Arc::new(AtomicBool::new(false));
+        let writes = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for (w, channel) in (0u64..).zip(channels) {
+            let (done, writes) = (done.clone(), writes.clone());
+            // Each task makes two writes per tick.
+            let mut ticker = rate.map(|r| {
+                let mut t = tokio::time::interval(Duration::from_secs_f64(4.0 / r.max(0.001)));
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                t
+            });
+            tasks.push(tokio::spawn(async move {
+                let mut client = KeyServiceClient::new(channel);
+                let mut i = 0u64;
+                while !done.load(Ordering::Relaxed) {
+                    if let Some(t) = ticker.as_mut() {
+                        t.tick().await;
+                    }
+                    let created = client
+                        .create_key(admin(create_request(first_index * (w + 1) + i)))
+                        .await?
+                        .into_inner()
+                        .key
+                        .unwrap_or_default();
+                    client
+                        .revoke_key(admin(pb::RevokeKeyRequest {
+                            workspace_id: created.workspace_id,
+                            key_id: created.key_id,
+                            expected_version: None,
+                            wait_for_replicas: false,
+                        }))
+                        .await?;
+                    writes.fetch_add(2, Ordering::Relaxed);
+                    i += 1;
+                }
+                Ok(())
+            }));
+        }
+        Writers {
+            done,
+            writes,
+            tasks,
+            started: Instant::now(),
+        }
     }
-    Ok((verify, writes.load(Ordering::Relaxed) as f64 / elapsed))
+
+    /// Stops the tasks; the writes per second they achieved, or the first one's error.
+    pub async fn stop(self) -> anyhow::Result<f64> {
+        let elapsed = self.started.elapsed().as_secs_f64();
+        self.done.store(true, Ordering::Relaxed);
+        for task in self.tasks {
+            task.await??;
+        }
+        Ok(self.writes.load(Ordering::Relaxed) as f64 / elapsed)
+    }
 }
 
 /// CreateKey as fast as `concurrency` callers can go.

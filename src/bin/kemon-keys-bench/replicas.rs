@@ -9,7 +9,6 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -18,7 +17,7 @@ use kemon_keys::proto::v1::key_service_client::KeyServiceClient;
 use kemon_keys::store::{self, Backend};
 use tonic::transport::Channel;
 
-use crate::grpc::{self, admin, create_request};
+use crate::grpc::{self, Writers, admin, create_request};
 use crate::load;
 use crate::replay::{self, Runs};
 use crate::report::Report;
@@ -242,44 +241,14 @@ async fn three_replicas(
 
     // Writes going on: two tasks on the second and third replicas, each creating a key and
     // revoking it, paced to `write_rate` in total.
-    let done = Arc::new(AtomicBool::new(false));
-    let writes = Arc::new(AtomicU64::new(0));
-    let mut writers = Vec::new();
-    for w in 0..2u64 {
-        let channel = channels[1 + w as usize][0].clone();
-        let (done, writes) = (done.clone(), writes.clone());
-        let mut ticker =
-            tokio::time::interval(Duration::from_secs_f64(4.0 / s.write_rate.max(0.001)));
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        writers.push(tokio::spawn(async move {
-            let mut client = KeyServiceClient::new(channel);
-            let mut i = 0u64;
-            while !done.load(Ordering::Relaxed) {
-                ticker.tick().await;
-                let created = client
-                    .create_key(admin(create_request(60_000_000 * (w + 1) + i)))
-                    .await?
-                    .into_inner()
-                    .key
-                    .unwrap_or_default();
-                client
-                    .revoke_key(admin(pb::RevokeKeyRequest {
-                        workspace_id: created.workspace_id,
-                        key_id: created.key_id,
-                        expected_version: None,
-                        wait_for_replicas: false,
-                    }))
-                    .await?;
-                writes.fetch_add(2, Ordering::Relaxed);
-                i += 1;
-            }
-            Ok::<_, tonic::Status>(())
-        }));
-    }
+    let writers = Writers::start(
+        [channels[1][0].clone(), channels[2][0].clone()],
+        Some(s.write_rate),
+        60_000_000,
+    );
 
     // Each revocation is sent to the replicas in turn; the time is from its answer to
     // VerifyKey answering REVOKED on the slower of the two others, each asked in a loop.
-    let started = Instant::now();
     let mut everywhere = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut each = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     for (r, victim) in victims[..timed].iter().enumerate() {
@@ -313,7 +282,6 @@ async fn three_replicas(
         // Spread the revocations over the writers' commits.
         tokio::time::sleep(Duration::from_millis(7 + (r as u64 * 13) % 23)).await;
     }
-    let write_rate = writes.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
 
     // RevokeKey with wait_for_replicas: its latency, the confirmations it reports, and
     // whether any other replica still answered VALID right after it (never expected).
@@ -354,10 +322,7 @@ async fn three_replicas(
             }
         }
     }
-    done.store(true, Ordering::Relaxed);
-    for w in writers {
-        w.await??;
-    }
+    let write_rate = writers.stop().await?;
 
     report.section(&format!(
         "8. Revocation on one of 3 PostgreSQL replicas until VerifyKey answers REVOKED on the \
