@@ -38,7 +38,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tonic::{Code, Status};
@@ -63,12 +63,15 @@ const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
 /// Envoy's ext_authz service.
 const EXT_AUTHZ_SERVICE: &str = "envoy.service.auth.v3.Authorization";
 
+// Header names are looked up as `HeaderName`s made once: looking one up by `&str` parses and
+// validates the name on every call (a few hundred instructions for each VerifyKey).
+
 /// The status header of a gRPC response, in its head (trailers-only) or its trailers.
-const GRPC_STATUS: &str = "grpc-status";
+static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// The W3C trace context headers.
-const TRACEPARENT: &str = "traceparent";
-const TRACESTATE: &str = "tracestate";
+static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 tokio::task_local! {
     /// The verify code a VerifyKey or Check handler decided, while the layer polls it: how the
@@ -335,7 +338,7 @@ impl CallLog {
         let sampling = traces::sampling();
         let parent = if line || sampling.is_some() {
             headers
-                .get(TRACEPARENT)
+                .get(&TRACEPARENT)
                 .and_then(|v| TraceParent::parse(v.as_bytes()))
         } else {
             None
@@ -368,7 +371,7 @@ impl CallLog {
                 actor = tracing::field::Empty
             );
             if let Some(parent) = &parent {
-                let state = headers.get(TRACESTATE).and_then(|v| v.to_str().ok());
+                let state = headers.get(&TRACESTATE).and_then(|v| v.to_str().ok());
                 let _ = span.set_parent(parent.context(state));
             }
             span
@@ -408,7 +411,7 @@ impl CallLog {
             return;
         }
         match headers
-            .get(GRPC_STATUS)
+            .get(&GRPC_STATUS)
             .map(|v| Code::from_bytes(v.as_bytes()))
         {
             Some(Code::Ok) => self.end(Code::Ok, "", ended),
@@ -529,7 +532,7 @@ where
                     Ok(response) => {
                         // A trailers-only response ends with its head: its body may never be
                         // polled.
-                        if log.pending() && response.headers().contains_key(GRPC_STATUS) {
+                        if log.pending() && response.headers().contains_key(&GRPC_STATUS) {
                             log.end_with(response.headers(), "head");
                         }
                         Ok(response.map(|inner| CallBody {
@@ -671,7 +674,7 @@ mod tests {
             "/grpc.health.v1.Health/Check",
         ] {
             let answered = calls.call(request(path)).await.unwrap();
-            assert!(!answered.headers().contains_key(GRPC_STATUS), "{path}");
+            assert!(!answered.headers().contains_key(&GRPC_STATUS), "{path}");
         }
         assert_eq!(handlers.reached.load(Ordering::SeqCst), 3);
 

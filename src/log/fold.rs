@@ -87,21 +87,137 @@ impl FoldedKeys {
     /// Every encoded state, ordered as the SQLite projection is clustered: see
     /// [`sorted_by_workspace`].
     pub fn into_sorted_by_workspace(self) -> Vec<Box<[u8]>> {
-        sorted_by_workspace(vec![self])
+        sorted_by_workspace(vec![self.into_part()]).collect()
+    }
+}
+
+/// One [`FoldedKeys`]'s encodings, each with its sort entry, ready to be put in order with
+/// other parts by [`sorted_by_workspace`]. Made by [`FoldedKeys::into_part`], on the thread
+/// that folded them, so that parts are made in parallel.
+#[derive(Debug, Default)]
+pub struct SortablePart {
+    keys: FoldedKeys,
+    /// Entries whose `rank` is the index of their workspace in `workspaces`.
+    entries: Vec<Entry>,
+    workspaces: Vec<Box<[u8]>>,
+}
+
+/// One encoding's place in the order: compared by (workspace rank, key id).
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    rank: u32,
+    /// The part holding the encoding.
+    part: u32,
+    /// The key id, big-endian: compared as the bytes are.
+    key: [u64; 2],
+}
+
+impl FoldedKeys {
+    /// The encodings with their sort entries; see [`SortablePart`].
+    pub fn into_part(self) -> SortablePart {
+        // Workspaces are numbered as first met; [`sorted_by_workspace`] ranks them.
+        let mut numbers: HashMap<&[u8], u32> = HashMap::new();
+        let entries = self
+            .states
+            .values()
+            .map(|e| {
+                let (workspace, key) = sort_key(e);
+                let next = u32::try_from(numbers.len()).unwrap_or(u32::MAX);
+                let half =
+                    |at: usize| u64::from_be_bytes(key[at..at + 8].try_into().unwrap_or([0; 8]));
+                Entry {
+                    rank: *numbers.entry(workspace).or_insert(next),
+                    part: 0,
+                    key: [half(0), half(8)],
+                }
+            })
+            .collect();
+        let mut workspaces = vec![Box::default(); numbers.len()];
+        for (workspace, number) in numbers {
+            workspaces[number as usize] = workspace.into();
+        }
+        SortablePart {
+            keys: self,
+            entries,
+            workspaces,
+        }
     }
 }
 
 /// Every encoded state of `parts` (which hold different keys), ordered by workspace id, then
 /// key id (the byte order of their strings, as SQLite compares them). Decode each with
 /// [`decode`].
-pub fn sorted_by_workspace(parts: Vec<FoldedKeys>) -> Vec<Box<[u8]>> {
-    let mut encoded = Vec::with_capacity(parts.iter().map(FoldedKeys::len).sum());
-    for part in parts {
-        encoded.extend(part.states.into_values());
+///
+/// Comparing the encodings themselves would follow two pointers per comparison, each likely a
+/// cache miss at a million keys. Instead each workspace id gets its rank among the distinct
+/// ones, and 24-byte entries (rank, key id, position) are sorted; the encodings are then taken
+/// in that order, each freed by whoever consumes it.
+pub fn sorted_by_workspace(parts: Vec<SortablePart>) -> Sorted {
+    let mut all: Vec<Box<[u8]>> = parts
+        .iter()
+        .flat_map(|p| p.workspaces.iter().cloned())
+        .collect();
+    all.sort_unstable();
+    all.dedup();
+    let mut order = Vec::with_capacity(parts.iter().map(|p| p.entries.len()).sum());
+    let mut keys = Vec::with_capacity(parts.len());
+    // Each part's entries are freed once copied into the order.
+    for (number, part) in parts.into_iter().enumerate() {
+        let ranks: Vec<u32> = part
+            .workspaces
+            .iter()
+            .map(|w| {
+                let rank = all.binary_search(w).unwrap_or(usize::MAX);
+                u32::try_from(rank).unwrap_or(u32::MAX)
+            })
+            .collect();
+        let number = u32::try_from(number).unwrap_or(u32::MAX);
+        order.extend(part.entries.iter().map(|e| Entry {
+            rank: ranks[e.rank as usize],
+            part: number,
+            key: e.key,
+        }));
+        keys.push(part.keys);
     }
-    encoded.sort_unstable_by(|a, b| sort_key(a).cmp(&sort_key(b)));
-    encoded
+    order.sort_unstable_by_key(|e| (e.rank, e.key));
+    Sorted {
+        parts: keys,
+        order: order.into_iter(),
+    }
 }
+
+/// Encodings in the projection's order (see [`sorted_by_workspace`]), each handed out once
+/// and so freed by its taker.
+#[derive(Debug)]
+pub struct Sorted {
+    parts: Vec<FoldedKeys>,
+    order: std::vec::IntoIter<Entry>,
+}
+
+impl Iterator for Sorted {
+    type Item = Box<[u8]>;
+
+    fn next(&mut self) -> Option<Box<[u8]>> {
+        let entry = self.order.next()?;
+        let mut key = [0u8; 16];
+        key[..8].copy_from_slice(&entry.key[0].to_be_bytes());
+        key[8..].copy_from_slice(&entry.key[1].to_be_bytes());
+        // Every entry was made from an encoding of its part; were one missing, the empty
+        // encoding given instead is refused by decoding.
+        Some(
+            self.parts
+                .get_mut(entry.part as usize)
+                .and_then(|part| part.states.remove(&KeyId::from_bytes(key)))
+                .unwrap_or_default(),
+        )
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.order.size_hint()
+    }
+}
+
+impl ExactSizeIterator for Sorted {}
 
 /// What [`FoldedKeys::take_to_compare`] found.
 #[derive(Debug, PartialEq, Eq)]
@@ -464,6 +580,32 @@ mod tests {
             .map(|e| encoded_key_id(e))
             .collect();
         assert_eq!(order, [full(2).key_id, state(3).key_id, state(1).key_id]);
+    }
+
+    #[test]
+    fn sorting_by_rank_gives_the_byte_order_of_workspace_then_key() {
+        // Prefixes of one another, and characters on both sides of `_` and `-`.
+        let workspaces = ["ws_a", "ws_ab", "ws_a-", "ws_B", "ws_a_b", "ws_zz", "ws_0"];
+        let mut parts = vec![FoldedKeys::default(), FoldedKeys::default()];
+        for i in 0..3000u32 {
+            let mut s = state(0);
+            let mut id = [0u8; 16];
+            // Spread over both halves of the key id, high bytes included.
+            id[..4].copy_from_slice(&i.wrapping_mul(2_654_435_761).to_be_bytes());
+            id[12..].copy_from_slice(&(i % 7).to_be_bytes());
+            s.key_id = KeyId::from_bytes(id);
+            s.workspace_id = WorkspaceId::parse(workspaces[i as usize % 7]).unwrap();
+            parts[(i % 2) as usize].put(&s);
+        }
+        let mut expected: Vec<Box<[u8]>> = parts
+            .iter()
+            .flat_map(|p| p.states.values().cloned())
+            .collect();
+        expected.sort_unstable_by(|a, b| sort_key(a).cmp(&sort_key(b)));
+        let sorted: Vec<Box<[u8]>> =
+            sorted_by_workspace(parts.into_iter().map(FoldedKeys::into_part).collect()).collect();
+        assert_eq!(sorted.len(), 3000);
+        assert_eq!(sorted, expected);
     }
 
     #[test]

@@ -84,8 +84,9 @@ impl Histogram {
 struct Methods {
     /// (service, method); the last is `("_OTHER", "_OTHER")`.
     names: Vec<(&'static str, &'static str)>,
-    /// `/service/method` to its index in `names`.
-    by_path: HashMap<String, usize>,
+    /// `/service/method` to its index in `names`. Its keys are fixed at start, so a fast hash
+    /// that an attacker could collide costs nothing: a path they send is only looked up.
+    by_path: HashMap<String, usize, foldhash::fast::RandomState>,
 }
 
 /// Services not described in this crate's descriptor set.

@@ -214,6 +214,13 @@ async fn rebuild_recreates_the_projection_exactly() {
                 .any(|(_, _, sql)| sql.as_deref().is_some_and(|s| s.contains("WITHOUT ROWID"))),
             "the projection is clustered by workspace: {schema:?}"
         );
+        // The rebuild drops this index and makes it again: it must be there after.
+        assert!(
+            schema
+                .iter()
+                .any(|(kind, name, _)| kind == "index" && name == "keys_by_expiry"),
+            "{schema:?}"
+        );
     }
     let events = db.event_count(None).await;
     assert_eq!(original.rows.len(), keys);
@@ -861,4 +868,87 @@ async fn the_listen_address_may_be_a_host_name() {
     client.create(private_key("over a host name", &[])).await;
     drop(client);
     server.stop().await;
+}
+
+/// A rebuild that fails partway leaves the database as it was. The file may not grow (a file
+/// size limit on the process, with SIGXFSZ ignored, so that writes past it fail) while the
+/// rebuilt table needs new pages: the rebuild fails, and the projection,
+/// its schema and the log are unchanged; the server starts on them, and a rebuild with room
+/// then succeeds.
+#[tokio::test]
+async fn a_rebuild_that_runs_out_of_disk_leaves_the_database_as_it_was() {
+    sqlite_only();
+    let server = TestServer::start().await;
+    let mut keys = populate(&server).await;
+    // Enough rows that the rebuilt table needs more pages than the file has free.
+    let mut client = server.client().await;
+    for i in 0..200 {
+        client
+            .create(private_key(
+                &format!("a key with a longer name, number {i}"),
+                &["tickets:read"],
+            ))
+            .await;
+        keys += 1;
+    }
+    drop(client);
+    let db = server.db();
+    let db_path = server.db_path();
+    let data_args = server.data_args();
+    let data_dir = server.data_dir.clone();
+    let clock = server.clock.clone();
+    let master_key = server.master_key_hex.clone();
+    let tmp = server.shut_down().await;
+
+    let original = db.projection().await;
+    let schema = db.keys_schema().await;
+    let events = db.event_count(None).await;
+    assert_eq!(original.rows.len(), keys);
+    let size = std::fs::metadata(&db_path).expect("database file").len();
+
+    let output = Cli::program("sh")
+        .arg("-c")
+        .arg(r#"trap '' XFSZ; exec prlimit --fsize="$0" -- "$@""#)
+        .arg(size.to_string())
+        .arg(SERVER_BIN)
+        .arg("rebuild")
+        .args(&data_args)
+        .run()
+        .await;
+    output.assert_failure();
+    // SQLite reports a write past the limit (EFBIG) as an I/O error.
+    assert!(
+        output.stderr.contains("storage unavailable: disk I/O error"),
+        "the rebuild should fail on the refused write: {}",
+        output.report()
+    );
+    assert_eq!(
+        std::fs::metadata(&db_path).expect("database file").len(),
+        size,
+        "the file is back to its size"
+    );
+    assert_eq!(db.projection().await, original);
+    assert_eq!(db.keys_schema().await, schema);
+    assert_eq!(db.event_count(None).await, events);
+
+    let server = TestServer::start_in(
+        &data_dir,
+        clock.clone(),
+        MasterKeySource::Hex(master_key.clone()),
+    )
+    .await
+    .expect("start after the failed rebuild");
+    let mut client = server.client().await;
+    assert_eq!(client.list_all().await.len(), keys);
+    drop(client);
+    server.shut_down().await;
+
+    Cli::kemon(&["rebuild"])
+        .args(&data_args)
+        .run()
+        .await
+        .assert_success();
+    assert_eq!(db.projection().await, original);
+    assert_eq!(db.keys_schema().await, schema);
+    drop(tmp);
 }

@@ -17,12 +17,12 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags, Row};
 
-use super::rows::{self, KEY_COLUMN_COUNT, KEY_COLUMNS, RowBatch};
+use super::rows::{self, KEY_COLUMN_COUNT, KEY_COLUMNS, RowBatch, ValueBatch};
 use super::{BUSY_TIMEOUT, Param, records_query};
 use crate::domain::{self, KeyId, KeyState, Recorded};
 use crate::log::chain::{Hash, LogRecord};
 use crate::log::events;
-use crate::log::fold::{self, FoldedKeys};
+use crate::log::fold::{self, FoldedKeys, SortablePart};
 use crate::store::backend::{RebuildReport, Snapshot};
 use crate::store::{Cause, RecordFilter, StoreError};
 
@@ -467,12 +467,14 @@ struct FoldFailure {
     error: StoreError,
 }
 
-/// One folding thread's share: the keys routed to it, folded in log order.
+/// One folding thread's share: the keys routed to it, folded in log order, made ready to sort
+/// on this thread (so that the parts are made in parallel). Nothing is sorted after a
+/// failure.
 fn fold_events(
     batches: Receiver<EventBatch>,
     capacity: usize,
     failed_at: &AtomicU64,
-) -> (FoldedKeys, Result<(), FoldFailure>) {
+) -> (SortablePart, Result<(), FoldFailure>) {
     let mut folded = FoldedKeys::with_capacity(capacity);
     let mut outcome = Ok(());
     for batch in batches {
@@ -490,7 +492,10 @@ fn fold_events(
             }
         }
     }
-    (folded, outcome)
+    match outcome {
+        Ok(()) => (folded.into_part(), Ok(())),
+        Err(failure) => (SortablePart::default(), Err(failure)),
+    }
 }
 
 fn fold_one(
@@ -538,7 +543,7 @@ fn route(key_id: &[u8], threads: usize) -> usize {
 /// Every event folded with the domain's `apply`, in log order per key, spread over
 /// `workers()` threads by key while this one reads. The events and the number of them, and
 /// the last sequence; or the first bad event in log order.
-fn fold_log(conn: &Connection) -> Result<(Vec<FoldedKeys>, u64, i64), StoreError> {
+fn fold_log(conn: &Connection) -> Result<(Vec<SortablePart>, u64, i64), StoreError> {
     let threads = workers();
     let max_sequence: i64 =
         conn.query_row("SELECT COALESCE(MAX(sequence), 0) FROM events", [], |r| {
@@ -631,40 +636,71 @@ fn fold_log(conn: &Connection) -> Result<(Vec<FoldedKeys>, u64, i64), StoreError
 
 /// Writes the folded states as `keys` rows, in the table's order (so that every row is
 /// appended), decoding them on another thread while this one inserts.
-fn write_keys(conn: &Connection, sorted: Vec<Box<[u8]>>) -> Result<u64, StoreError> {
+fn write_keys(conn: &Connection, table: &str, sorted: fold::Sorted) -> Result<u64, StoreError> {
     let placeholders = (1..=KEY_COLUMN_COUNT)
         .map(|i| format!("?{i}"))
         .collect::<Vec<_>>()
         .join(", ");
     let mut insert = conn.prepare(&format!(
-        "INSERT INTO keys ({KEY_COLUMNS}) VALUES ({placeholders})"
+        "INSERT INTO {table} ({KEY_COLUMNS}) VALUES ({placeholders})"
     ))?;
     std::thread::scope(|scope| {
-        let (tx, rx) = sync_channel::<Result<Vec<KeyState>, String>>(4);
+        let (tx, rx) = sync_channel::<Result<ValueBatch, String>>(4);
         scope.spawn(move || {
-            let mut sorted = sorted.into_iter();
+            let mut sorted = sorted;
             loop {
+                let mut batch = ValueBatch::with_capacity(1024);
                 // Each encoding is freed once decoded: memory falls as rows are written.
-                let chunk: Result<Vec<KeyState>, String> = sorted
-                    .by_ref()
-                    .take(1024)
-                    .map(|encoded| fold::decode(&encoded))
-                    .collect();
-                if chunk.as_ref().is_ok_and(Vec::is_empty) || tx.send(chunk).is_err() {
+                let decoded = sorted.by_ref().take(1024).try_for_each(|encoded| {
+                    batch.push(&fold::decode(&encoded)?);
+                    Ok(())
+                });
+                let chunk = decoded.map(|()| batch);
+                if chunk.as_ref().is_ok_and(|b| b.rows() == 0) || tx.send(chunk).is_err() {
                     return;
                 }
             }
         });
         let mut written = 0u64;
         for chunk in rx {
-            for state in chunk.map_err(StoreError::Invariant)? {
-                rows::bind_rusqlite(&mut insert, 1, &state)?;
+            let batch = chunk.map_err(StoreError::Invariant)?;
+            for row in 0..batch.rows() {
+                batch.bind(&mut insert, row)?;
                 insert.raw_execute()?;
                 written += 1;
             }
         }
         Ok(written)
     })
+}
+
+/// The table the rebuilt projection is written to before it takes the place of `keys`.
+const REBUILT: &str = "keys_rebuilt";
+
+/// The `keys` table's own `CREATE TABLE` statement, made to create [`REBUILT`] instead, and
+/// the `CREATE INDEX` statements of the indexes made on it (not the implicit one of its
+/// primary key, which has none): read from the schema, so that what the rebuild makes again
+/// is exactly what the migrations made.
+fn projection_schema(conn: &Connection) -> Result<(String, Vec<String>), StoreError> {
+    let table: String = conn.query_row(
+        "SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = 'keys'",
+        [],
+        |r| r.get(0),
+    )?;
+    // `CREATE TABLE "keys" (columns…)`: the same columns and constraints under another name.
+    let columns = table
+        .find('(')
+        .map(|at| &table[at..])
+        .ok_or_else(|| StoreError::Corrupt(format!("unexpected schema of keys: {table}")))?;
+    let create = format!("CREATE TABLE {REBUILT} {columns}");
+    let mut statement = conn.prepare(
+        "SELECT sql FROM sqlite_schema \
+         WHERE type = 'index' AND tbl_name = 'keys' AND sql IS NOT NULL ORDER BY name",
+    )?;
+    let indexes = statement
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<Vec<String>, _>>()?;
+    Ok((create, indexes))
 }
 
 /// Recreates the `keys` projection from the log alone, in one transaction, on a database whose
@@ -699,8 +735,25 @@ pub(super) fn rebuild(path: &Path) -> Result<RebuildReport, StoreError> {
     let folded = started.elapsed();
     let sorted = fold::sorted_by_workspace(parts);
     let sorted_at = started.elapsed();
-    conn.execute_batch("DELETE FROM keys")?;
-    let keys = write_keys(&conn, sorted)?;
+    // The rows go into a new table that then takes the old one's place, all in this one
+    // transaction. Written in place, each page the old rows freed would be read and copied
+    // to the rollback journal before being reused (freed in this transaction, its old content
+    // must survive a rollback); a new table takes pages that were free before it began, or
+    // new ones at the end of the file, which need neither. The cost is disk: the old table's
+    // pages stay free in the file, for the next rebuild and for new events. Indexes are made
+    // after the rows are in: an index in another order than the table's (keys by expiry)
+    // would otherwise take every row as an insert at a random place, where CREATE INDEX
+    // sorts them once.
+    let (create, indexes) = projection_schema(&conn)?;
+    conn.execute_batch(&create)?;
+    let keys = write_keys(&conn, REBUILT, sorted)?;
+    let inserted = started.elapsed();
+    conn.execute_batch(&format!(
+        "DROP TABLE keys; ALTER TABLE {REBUILT} RENAME TO keys"
+    ))?;
+    for sql in &indexes {
+        conn.execute_batch(sql)?;
+    }
     conn.execute(
         "UPDATE projection_checkpoint SET last_sequence = ?1 WHERE id = 1",
         [last_sequence],
@@ -719,7 +772,8 @@ pub(super) fn rebuild(path: &Path) -> Result<RebuildReport, StoreError> {
         ?report,
         fold_ms = ms(folded),
         sort_ms = ms(sorted_at - folded),
-        write_ms = ms(written - sorted_at),
+        write_ms = ms(inserted - sorted_at),
+        index_ms = ms(written - inserted),
         commit_and_close_ms = ms(started.elapsed() - written),
         "rebuild phases"
     );

@@ -250,23 +250,88 @@ pub fn row_ref<'a>(row: &'a rusqlite::Row<'_>) -> rusqlite::Result<KeyRowRef<'a>
     })
 }
 
-/// Binds a state's row values to a rusqlite statement, in [`KEY_COLUMNS`] order starting at
-/// parameter `first` (1-based, as SQLite counts).
-pub fn bind_rusqlite(
-    statement: &mut rusqlite::Statement<'_>,
-    first: usize,
-    s: &KeyState,
-) -> rusqlite::Result<()> {
-    for (i, value) in values(s).into_iter().enumerate() {
-        let at = first + i;
-        match value {
-            Value::Text(text) => statement.raw_bind_parameter(at, text.as_ref())?,
-            Value::Int(v) => statement.raw_bind_parameter(at, v)?,
-            Value::Blob(bytes) => statement.raw_bind_parameter(at, bytes)?,
-            Value::Null => statement.raw_bind_parameter(at, rusqlite::types::Null)?,
+/// Many states' row values (as [`values`] gives them), in one allocation: made on one thread
+/// and bound on another, so that the thread running the inserts only binds and steps.
+#[derive(Default)]
+pub struct ValueBatch {
+    bytes: Vec<u8>,
+    values: Vec<Flat>,
+}
+
+/// A [`Value`] whose bytes are a span of [`ValueBatch::bytes`].
+enum Flat {
+    Text(u32, u32),
+    Blob(u32, u32),
+    Int(i64),
+    Null,
+}
+
+impl ValueBatch {
+    pub fn with_capacity(rows: usize) -> ValueBatch {
+        ValueBatch {
+            bytes: Vec::with_capacity(rows * 192),
+            values: Vec::with_capacity(rows * KEY_COLUMN_COUNT),
         }
     }
-    Ok(())
+
+    pub fn rows(&self) -> usize {
+        self.values.len() / KEY_COLUMN_COUNT
+    }
+
+    fn span(&mut self, bytes: &[u8]) -> (u32, u32) {
+        let at = self.bytes.len();
+        self.bytes.extend_from_slice(bytes);
+        // A batch holds at most a few MB.
+        (
+            u32::try_from(at).unwrap_or(u32::MAX),
+            u32::try_from(bytes.len()).unwrap_or(0),
+        )
+    }
+
+    pub fn push(&mut self, s: &KeyState) {
+        for value in values(s) {
+            let flat = match value {
+                Value::Text(text) => {
+                    let (at, len) = self.span(text.as_bytes());
+                    Flat::Text(at, len)
+                }
+                Value::Blob(bytes) => {
+                    let (at, len) = self.span(bytes);
+                    Flat::Blob(at, len)
+                }
+                Value::Int(v) => Flat::Int(v),
+                Value::Null => Flat::Null,
+            };
+            self.values.push(flat);
+        }
+    }
+
+    /// Binds row `row`'s values to `statement`, from parameter 1.
+    pub fn bind(
+        &self,
+        statement: &mut rusqlite::Statement<'_>,
+        row: usize,
+    ) -> rusqlite::Result<()> {
+        let first = row * KEY_COLUMN_COUNT;
+        let bytes = |at: u32, len: u32| &self.bytes[at as usize..(at + len) as usize];
+        for (i, value) in self.values[first..first + KEY_COLUMN_COUNT]
+            .iter()
+            .enumerate()
+        {
+            match *value {
+                Flat::Text(at, len) => {
+                    // Pushed from a `str`: the span is whole characters.
+                    let text = std::str::from_utf8(bytes(at, len))
+                        .map_err(|e| rusqlite::Error::Utf8Error(i + 1, e))?;
+                    statement.raw_bind_parameter(i + 1, text)?
+                }
+                Flat::Blob(at, len) => statement.raw_bind_parameter(i + 1, bytes(at, len))?,
+                Flat::Int(v) => statement.raw_bind_parameter(i + 1, v)?,
+                Flat::Null => statement.raw_bind_parameter(i + 1, rusqlite::types::Null)?,
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Many `keys` rows copied out of the driver's buffers into one allocation, to hand to another
