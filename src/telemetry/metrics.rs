@@ -3,7 +3,8 @@
 //! `GET /metrics` ([`super::prometheus`]) and the OTLP push ([`super::otlp`]) are rendered
 //! from, through one [`Snapshot`].
 //!
-//! Recording is a few relaxed atomic additions into cells fixed at start: the methods are
+//! Recording is a few relaxed atomic additions into this core's copy of cells fixed at start
+//! (see [`shard`]): the methods are
 //! read once from the services' descriptors, codes are indexes, label values are `&'static`
 //! strings. Nothing is allocated, hashed into a new map entry or locked per call, so VerifyKey
 //! pays a few nanoseconds. Labels are bounded by construction: method, gRPC code and verify
@@ -44,35 +45,127 @@ const VERIFIERS: [&str; 2] = ["VerifyKey", "Check"];
 /// Verify codes 0 to 8 (`kemon.keys.v1.VerifyCode`); a larger one is counted as 0.
 const VERIFY_CODES: usize = 9;
 
-/// A histogram with fixed bounds: per-bucket (not cumulative) counts and a sum.
+/// How many copies of each counter there are, and which one this thread adds to.
+///
+/// Every call adds to the same few counters (its method's histogram, its verify code). Were
+/// they one set of atomics, every core would write the same cache lines and each addition
+/// would first fetch the line from the core that wrote it last: with two cores under load,
+/// that cost VerifyKey several percent of its throughput. So each counter has one copy per
+/// core (at most [`MAX_SHARDS`]), each thread adds to the copy it was given when it first
+/// counted, and a read sums the copies. Threads beyond the number of copies share them:
+/// still exact, as the additions stay atomic.
+mod shard {
+    use std::cell::Cell;
+    use std::sync::LazyLock;
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+    pub const MAX_SHARDS: usize = 16;
+
+    /// One copy per core the process may run on, at most [`MAX_SHARDS`].
+    pub static SHARDS: LazyLock<usize> = LazyLock::new(|| {
+        std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_SHARDS))
+    });
+
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+    thread_local! {
+        static MINE: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+
+    /// This thread's copy, in `0..*SHARDS`.
+    #[inline]
+    pub fn mine() -> usize {
+        MINE.with(|mine| {
+            let shard = mine.get();
+            if shard != usize::MAX {
+                return shard;
+            }
+            let shard = NEXT.fetch_add(1, Relaxed) % *SHARDS;
+            mine.set(shard);
+            shard
+        })
+        .min(*SHARDS - 1)
+    }
+}
+
+/// Counters, one row of `width` per shard, each row starting on its own cache line (rows are
+/// a whole number of lines, and the array starts on a line).
+#[derive(Debug)]
+struct Sharded {
+    lines: Box<[Line]>,
+    width: usize,
+    /// Lines per row.
+    row_lines: usize,
+}
+
+/// One cache line of counters.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Line([AtomicU64; 8]);
+
+impl Sharded {
+    fn new(width: usize) -> Sharded {
+        let row_lines = width.div_ceil(8).max(1);
+        Sharded {
+            lines: (0..row_lines * *shard::SHARDS)
+                .map(|_| Line::default())
+                .collect(),
+            width,
+            row_lines,
+        }
+    }
+
+    /// This thread's copy of counter `i`.
+    #[inline]
+    fn mine(&self, i: usize) -> &AtomicU64 {
+        let line = shard::mine() * self.row_lines + i / 8;
+        &self.lines[line].0[i % 8]
+    }
+
+    fn add(&self, i: usize, value: u64) {
+        if i < self.width {
+            self.mine(i).fetch_add(value, Relaxed);
+        }
+    }
+
+    /// Counter `i`, summed over the copies.
+    fn sum(&self, i: usize) -> u64 {
+        (0..self.lines.len() / self.row_lines)
+            .map(|row| self.lines[row * self.row_lines + i / 8].0[i % 8].load(Relaxed))
+            .fold(0u64, u64::wrapping_add)
+    }
+}
+
+/// A histogram with fixed bounds: per-bucket (not cumulative) counts and a sum, each sharded
+/// (see [`shard`]).
 #[derive(Debug)]
 pub struct Histogram {
     bounds: &'static [u64],
-    /// One per bound, and the last for values above every bound.
-    buckets: Box<[AtomicU64]>,
-    sum: AtomicU64,
+    /// The sum, then one count per bound, then the count above every bound.
+    cells: Sharded,
 }
 
 impl Histogram {
     pub fn new(bounds: &'static [u64]) -> Histogram {
         Histogram {
             bounds,
-            buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
-            sum: AtomicU64::new(0),
+            cells: Sharded::new(bounds.len() + 2),
         }
     }
 
     pub fn record(&self, value: u64) {
         let bucket = self.bounds.partition_point(|bound| *bound < value);
-        self.buckets[bucket].fetch_add(1, Relaxed);
-        self.sum.fetch_add(value, Relaxed);
+        self.cells.add(1 + bucket, 1);
+        self.cells.add(0, value);
     }
 
     fn read(&self) -> HistogramValue {
-        let buckets: Vec<u64> = self.buckets.iter().map(|b| b.load(Relaxed)).collect();
+        let buckets: Vec<u64> = (0..=self.bounds.len())
+            .map(|b| self.cells.sum(1 + b))
+            .collect();
         HistogramValue {
             count: buckets.iter().sum(),
-            sum: self.sum.load(Relaxed),
+            sum: self.cells.sum(0),
             bounds: self.bounds,
             buckets,
         }
@@ -143,8 +236,8 @@ pub struct Metrics {
     methods: Methods,
     /// `rpc.server.call.duration` (µs), by method and code: `method * 17 + code`.
     calls: Box<[Histogram]>,
-    /// Verify outcomes by verifier and verify code.
-    verify: [[AtomicU64; VERIFY_CODES]; 2],
+    /// Verify outcomes by verifier and verify code: `verifier * VERIFY_CODES + code`.
+    verify: Sharded,
     pub writer_batch_size: Histogram,
     /// Time (µs) to decide, write and commit one batch.
     pub writer_commit: Histogram,
@@ -186,7 +279,7 @@ impl Metrics {
         Metrics {
             methods,
             calls,
-            verify: Default::default(),
+            verify: Sharded::new(VERIFIERS.len() * VERIFY_CODES),
             writer_batch_size: Histogram::new(BATCH_BOUNDS),
             writer_commit: Histogram::new(LATENCY_BOUNDS_US),
             storage_failures: AtomicU64::new(0),
@@ -223,7 +316,7 @@ impl Metrics {
             .ok()
             .filter(|c| *c < VERIFY_CODES)
             .unwrap_or(0);
-        self.verify[verifier as usize][code].fetch_add(1, Relaxed);
+        self.verify.add(verifier as usize * VERIFY_CODES + code, 1);
     }
 
     /// One batch of `size` commands decided, written and committed (or failed) in `elapsed`.
@@ -254,8 +347,8 @@ impl Metrics {
         }
         let mut verify = Vec::new();
         for (v, verifier) in VERIFIERS.iter().enumerate() {
-            for (c, count) in self.verify[v].iter().enumerate() {
-                let count = count.load(Relaxed);
+            for c in 0..VERIFY_CODES {
+                let count = self.verify.sum(v * VERIFY_CODES + c);
                 if count > 0 {
                     verify.push((
                         vec![
@@ -507,6 +600,37 @@ mod tests {
         let read = h.read();
         assert_eq!(read.buckets, [2, 2, 2]);
         assert_eq!((read.count, read.sum), (6, 1062));
+    }
+
+    #[test]
+    fn counts_from_more_threads_than_copies_add_up_exactly() {
+        let h = Histogram::new(&[10, 20]);
+        let threads = 2 * shard::MAX_SHARDS + 3;
+        std::thread::scope(|scope| {
+            for t in 0..threads as u64 {
+                let h = &h;
+                scope.spawn(move || {
+                    for i in 0..1000u64 {
+                        h.record((t + i) % 30);
+                    }
+                });
+            }
+        });
+        let read = h.read();
+        assert_eq!(read.count, threads as u64 * 1000);
+        assert_eq!(
+            read.buckets.iter().sum::<u64>(),
+            threads as u64 * 1000,
+            "{read:?}"
+        );
+        let sum: u64 = (0..threads as u64)
+            .map(|t| (0..1000u64).map(|i| (t + i) % 30).sum::<u64>())
+            .sum();
+        assert_eq!(read.sum, sum);
+        let expected_low: u64 = (0..threads as u64)
+            .map(|t| (0..1000u64).filter(|i| (t + i) % 30 <= 10).count() as u64)
+            .sum();
+        assert_eq!(read.buckets[0], expected_low);
     }
 
     #[test]

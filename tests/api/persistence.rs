@@ -918,7 +918,9 @@ async fn a_rebuild_that_runs_out_of_disk_leaves_the_database_as_it_was() {
     output.assert_failure();
     // SQLite reports a write past the limit (EFBIG) as an I/O error.
     assert!(
-        output.stderr.contains("storage unavailable: disk I/O error"),
+        output
+            .stderr
+            .contains("storage unavailable: disk I/O error"),
         "the rebuild should fail on the refused write: {}",
         output.report()
     );
