@@ -150,8 +150,8 @@ impl FoldedKeys {
 ///
 /// Comparing the encodings themselves would follow two pointers per comparison, each likely a
 /// cache miss at a million keys. Instead each workspace id gets its rank among the distinct
-/// ones, and 24-byte entries (rank, key id, position) are sorted; the encodings are then taken
-/// in that order, each freed by whoever consumes it.
+/// ones, and 24-byte entries (rank, part, key id) are sorted; the encodings are then taken
+/// from their parts in that order, each freed by whoever consumes it.
 pub fn sorted_by_workspace(parts: Vec<SortablePart>) -> Sorted {
     let mut all: Vec<Box<[u8]>> = parts
         .iter()

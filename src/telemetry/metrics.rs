@@ -84,7 +84,6 @@ mod shard {
             mine.set(shard);
             shard
         })
-        .min(*SHARDS - 1)
     }
 }
 

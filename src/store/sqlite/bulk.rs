@@ -636,7 +636,7 @@ fn fold_log(conn: &Connection) -> Result<(Vec<SortablePart>, u64, i64), StoreErr
 
 /// Writes the folded states as `keys` rows, in the table's order (so that every row is
 /// appended), decoding them on another thread while this one inserts.
-fn write_keys(conn: &Connection, table: &str, sorted: fold::Sorted) -> Result<u64, StoreError> {
+fn write_keys(conn: &Connection, table: &str, mut sorted: fold::Sorted) -> Result<u64, StoreError> {
     let placeholders = (1..=KEY_COLUMN_COUNT)
         .map(|i| format!("?{i}"))
         .collect::<Vec<_>>()
@@ -647,7 +647,6 @@ fn write_keys(conn: &Connection, table: &str, sorted: fold::Sorted) -> Result<u6
     std::thread::scope(|scope| {
         let (tx, rx) = sync_channel::<Result<ValueBatch, String>>(4);
         scope.spawn(move || {
-            let mut sorted = sorted;
             loop {
                 let mut batch = ValueBatch::with_capacity(1024);
                 // Each encoding is freed once decoded: memory falls as rows are written.
@@ -721,7 +720,7 @@ pub(super) fn rebuild(path: &Path) -> Result<RebuildReport, StoreError> {
     let started = Instant::now();
     // A rebuild rewrites the whole table in one transaction. Through the WAL every page would
     // be written twice (log, then checkpoint); a rollback journal writes the new pages once
-    // and journals only the old ones. Switching modes needs exclusive use of the database,
+    // and journals only pages that held data when the transaction began (see below). Switching modes needs exclusive use of the database,
     // so this also refuses to run beside a live server.
     let mode: Result<String, _> =
         conn.query_row("PRAGMA journal_mode = TRUNCATE", [], |r| r.get(0));
