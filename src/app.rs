@@ -649,20 +649,21 @@ pub async fn shutdown_signal() {
 }
 
 /// `kemon-keys rebuild`.
-pub async fn rebuild(data: &crate::config::DataArgs) -> anyhow::Result<()> {
+pub async fn rebuild(args: &crate::config::RebuildArgs) -> anyhow::Result<()> {
+    let (data, limits) = (&args.data, args.fold.limits());
     let report = match &data.database_url {
         Some(url) => {
             use crate::store::Backend;
             store::PgBackend::open(url)
                 .await
                 .context("opening the PostgreSQL database")?
-                .rebuild()
+                .rebuild(&limits)
                 .await?
         }
         None => {
             let path = data.data_dir.join(store::DATABASE_FILE);
             anyhow::ensure!(path.exists(), "no database at {}", path.display());
-            store::rebuild(&path).await?
+            store::rebuild(&path, &limits).await?
         }
     };
     tracing::info!(

@@ -96,7 +96,33 @@ pub struct VerifyArgs {
     #[arg(long)]
     pub expect_head: Option<String>,
     #[command(flatten)]
+    pub fold: FoldArgs,
+    #[command(flatten)]
     pub actor: AuditActor,
+}
+
+/// How much of a replay of the whole log stays in memory (`rebuild`, `audit verify`).
+#[derive(Debug, Clone, Args)]
+pub struct FoldArgs {
+    /// Key states to hold in memory while replaying the log, about 200 bytes each. A log with
+    /// more keys (for `rebuild`, more events) is replayed in 128 parts through temporary
+    /// files, so that memory stays bounded whatever the log's size.
+    #[arg(long, env = "KEMON_KEYS_IN_MEMORY", default_value_t = crate::log::spill::DEFAULT_KEYS_IN_MEMORY)]
+    pub keys_in_memory: usize,
+    /// Directory for those temporary files (they are unlinked as soon as made, so nothing is
+    /// left behind). Default: the database's directory for `rebuild` on SQLite, the system's
+    /// temporary directory (TMPDIR) otherwise.
+    #[arg(long, env = "KEMON_TEMP_DIR")]
+    pub temp_dir: Option<PathBuf>,
+}
+
+impl FoldArgs {
+    pub fn limits(&self) -> crate::log::spill::FoldLimits {
+        crate::log::spill::FoldLimits {
+            keys_in_memory: self.keys_in_memory,
+            temp_dir: self.temp_dir.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -145,6 +171,8 @@ pub struct DataArgs {
 pub struct RebuildArgs {
     #[command(flatten)]
     pub data: DataArgs,
+    #[command(flatten)]
+    pub fold: FoldArgs,
 }
 
 #[derive(Debug, Clone, Args)]

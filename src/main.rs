@@ -29,7 +29,7 @@ async fn main() -> ExitCode {
     };
     let result = match cli.command {
         Commands::Serve(args) => serve(Settings::from_args(&args)).await,
-        Commands::Rebuild(args) => app::rebuild(&args.data).await,
+        Commands::Rebuild(args) => app::rebuild(&args).await,
         Commands::Audit(AuditCommand::Verify(args)) => match audit::cli::verify(&args).await {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::FAILURE,

@@ -227,7 +227,7 @@ pub async fn verify(args: &VerifyArgs) -> anyhow::Result<bool> {
         Some(w) => Scope::Workspace(w),
         None => Scope::Log,
     };
-    let mut verifier = Verifier::new(scope.clone(), expect_head);
+    let mut verifier = Verifier::new(scope.clone(), expect_head).with_limits(args.fold.limits());
     reader
         .for_each_batch(&mut |batch| verifier.push_batch(&batch))
         .await?;
@@ -243,7 +243,9 @@ pub async fn verify(args: &VerifyArgs) -> anyhow::Result<bool> {
         ),
         _ => None,
     };
-    let report = verifier.finish(checkpoint);
+    let report = verifier
+        .finish(checkpoint)
+        .context("verifying through temporary files")?;
     println!("{report}");
     Ok(report.ok())
 }

@@ -10,14 +10,23 @@
 //!
 //! At the end: the head against one kept elsewhere (`--expect-head`), which catches a tail
 //! rewritten with recomputed hashes, and the stored `keys` table against the replay.
+//!
+//! Memory does not grow with the log: the chains hold a head per workspace, and a replay that
+//! outgrows its limit ([`FoldLimits`]) goes on in parts through temporary files
+//! ([`crate::log::spill`]), folded one after another at the end. Its first bad record is then
+//! found at the end rather than when it is pushed; the failure reported is the same, since
+//! every check of a record depends only on the records before it (see
+//! [`Verifier::push_batch`]), so the first failing record is the one with the least sequence.
 
 use std::collections::HashMap;
 use std::fmt;
+use std::io;
 
 use super::replay::{CompactReplay, ReplayError};
 use crate::domain::{KeyId, KeyState};
 use crate::log::chain::{Chains, Hash, LogRecord, canonical_bytes, chain};
 use crate::log::fold::{self, Compared, FoldedKeys};
+use crate::log::spill::{EventRef, FoldLimits, Item, Spill};
 
 /// Which chain a set of records can be checked against.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,6 +91,21 @@ pub struct Verifier {
     expect_head: Option<(u64, Hash)>,
     /// What the stored projection's rows have shown so far ([`Verifier::check_rows`]).
     projection: ProjectionCheck,
+    limits: FoldLimits,
+    /// The replay, once it held more keys than `limits` allow.
+    spilled: Option<Spilled>,
+    /// Why the temporary files failed: the verification could not be finished.
+    io_error: Option<io::Error>,
+}
+
+/// A replay gone to temporary files: its states and every later record, and the stored
+/// projection's rows, each in its key's part.
+#[derive(Debug)]
+struct Spilled {
+    records: Spill,
+    rows: Option<Spill>,
+    /// The sequence of the last record pushed.
+    last_sequence: u64,
 }
 
 /// Batches at least this long are hashed on a second thread while this one replays them.
@@ -103,7 +127,21 @@ impl Verifier {
             events: 0,
             failure: None,
             projection: ProjectionCheck::default(),
+            limits: FoldLimits::default(),
+            spilled: None,
+            io_error: None,
         }
+    }
+
+    /// Holds at most `limits.keys_in_memory` key states in memory (the rest in temporary
+    /// files in `limits.temp_dir`, or the system's temporary directory).
+    pub fn with_limits(mut self, limits: FoldLimits) -> Verifier {
+        self.limits = limits;
+        self
+    }
+
+    fn temp_dir(&self) -> std::path::PathBuf {
+        self.limits.dir_or(&std::env::temp_dir())
     }
 
     /// Checks the next record. Returns false once a problem has been found.
@@ -122,24 +160,33 @@ impl Verifier {
     /// depends only on the key's earlier records); the checks then run in order and the first
     /// failing one is reported, as one record at a time would.
     pub fn push_batch(&mut self, records: &[LogRecord]) -> bool {
-        if self.failure.is_some() {
+        if self.failure.is_some() || self.io_error.is_some() {
             return false;
         }
         let check_log = self.scope == Scope::Log;
         let jobs = predecessors(&self.chains, records, check_log);
-        let replay = &mut self.replay;
+        let (replay, spilled) = (&mut self.replay, &mut self.spilled);
+        // Replayed here, or put in the parts of a spilled replay, replayed at the end.
+        let mut replay_or_spill = || match spilled {
+            None => Ok(replay_until_failure(replay, records)),
+            Some(spilled) => spilled.push(records).map(|()| None),
+        };
         let (expected, replayed) = if records.len() >= PARALLEL_BATCH {
             std::thread::scope(|scope| {
                 let hashing = scope.spawn(|| expected_hashes(records, &jobs));
-                let replayed = replay_until_failure(replay, records);
+                let replayed = replay_or_spill();
                 let expected = hashing.join().unwrap_or_default();
                 (expected, replayed)
             })
         } else {
-            (
-                expected_hashes(records, &jobs),
-                replay_until_failure(replay, records),
-            )
+            (expected_hashes(records, &jobs), replay_or_spill())
+        };
+        let replayed = match replayed {
+            Ok(replayed) => replayed,
+            Err(e) => {
+                self.io_error = Some(e);
+                return false;
+            }
         };
         for (i, record) in records.iter().enumerate() {
             let replay_failure = match &replayed {
@@ -156,6 +203,25 @@ impl Verifier {
             if let Err(e) = self.check(record, expected, replay_failure) {
                 self.failure = Some(e);
                 return false;
+            }
+        }
+        if self.spilled.is_none() && self.replay.keys.len() > self.limits.keys_in_memory {
+            let spilled = Spill::new(&self.temp_dir()).and_then(|mut records| {
+                for (key_id, encoded) in self.replay.keys.drain() {
+                    records.state(key_id, &encoded)?;
+                }
+                Ok(Spilled {
+                    records,
+                    rows: None,
+                    last_sequence: self.replay.last_sequence,
+                })
+            });
+            match spilled {
+                Ok(spilled) => self.spilled = Some(spilled),
+                Err(e) => {
+                    self.io_error = Some(e);
+                    return false;
+                }
             }
         }
         true
@@ -242,20 +308,64 @@ impl Verifier {
     /// pushed; rows may come in any order and in as many calls as suit the reader. Uses up
     /// the replay's states as it goes.
     pub fn check_rows(&mut self, rows: Vec<KeyState>) {
-        for row in rows {
-            self.projection.row(&mut self.replay.keys, row);
+        if self.io_error.is_some() {
+            return;
+        }
+        let dir = self.temp_dir();
+        let Some(spilled) = &mut self.spilled else {
+            for row in rows {
+                self.projection
+                    .row(&mut self.replay.keys, row.key_id, &fold::encode(&row));
+            }
+            return;
+        };
+        // Each row goes to its key's part, to be compared once the part is replayed.
+        let written = (|| {
+            let parts = match &mut spilled.rows {
+                Some(parts) => parts,
+                None => spilled.rows.insert(Spill::new(&dir)?),
+            };
+            rows.iter()
+                .try_for_each(|row| parts.state(row.key_id, &fold::encode(row)))
+        })();
+        if let Err(e) = written {
+            self.io_error = Some(e);
         }
     }
 
-    /// Finishes: checks that the expected head was reached and, when given the stored
-    /// projection's checkpoint, the projection: the checkpoint, then the rows passed to
-    /// [`Verifier::check_rows`] against the replay.
-    pub fn finish(mut self, checkpoint: Option<u64>) -> Report {
+    /// Finishes: replays the parts of a spilled replay; checks that the expected head was
+    /// reached and, when given the stored projection's checkpoint, the projection: the
+    /// checkpoint, then the rows passed to [`Verifier::check_rows`] against the replay. Fails
+    /// only when the temporary files of a spilled replay do.
+    pub fn finish(mut self, checkpoint: Option<u64>) -> io::Result<Report> {
+        if let Some(e) = self.io_error.take() {
+            return Err(e);
+        }
         let head = match &self.scope {
             Scope::Log => (self.chains.last_sequence, self.chains.log),
             Scope::Workspace(w) => (self.chains.last_sequence, self.chains.workspace(w)),
         };
-        let keys = self.replay.keys.len();
+        let replayed = match self.spilled.take() {
+            None => Replayed {
+                keys: self.replay.keys.len(),
+                failure: None,
+                last_sequence: self.replay.last_sequence,
+                missing: checkpoint
+                    .and_then(|_| self.replay.keys.not_compared().min().copied()),
+            },
+            Some(spilled) => spilled.replay(&mut self.projection)?,
+        };
+        // The first failing record is the one with the least sequence; on the same record,
+        // the chains are checked before the replay.
+        if let Some(failure) = replayed.failure
+            && self
+                .failure
+                .as_ref()
+                .is_none_or(|f| failure.sequence < f.sequence)
+        {
+            self.failure = Some(failure);
+        }
+        let keys = replayed.keys;
         if self.failure.is_none() {
             self.failure = self
                 .expect_head
@@ -269,17 +379,99 @@ impl Verifier {
                 })
                 .or_else(|| {
                     checkpoint.and_then(|checkpoint| {
-                        self.projection.finish(&self.replay, checkpoint)
+                        self.projection.finish(
+                            replayed.last_sequence,
+                            replayed.missing,
+                            checkpoint,
+                        )
                     })
                 });
         }
-        Report {
+        Ok(Report {
             scope: self.scope,
             events: self.events,
             keys,
             head,
             failure: self.failure,
+        })
+    }
+}
+
+/// What the replay found, in memory or part by part.
+struct Replayed {
+    keys: usize,
+    /// The first record, in log order, that did not replay (a spilled replay finds it only
+    /// at the end).
+    failure: Option<ReplayError>,
+    last_sequence: u64,
+    /// The least key id replayed without a row in the projection.
+    missing: Option<KeyId>,
+}
+
+impl Spilled {
+    fn push(&mut self, records: &[LogRecord]) -> io::Result<()> {
+        for r in records {
+            self.records.event(&EventRef::of(r))?;
+            self.last_sequence = r.sequence;
         }
+        Ok(())
+    }
+
+    /// Replays each part, then compares the part's projection rows with its states.
+    fn replay(self, projection: &mut ProjectionCheck) -> io::Result<Replayed> {
+        let mut rows = self
+            .rows
+            .map(Spill::into_parts)
+            .transpose()?
+            .map(Vec::into_iter);
+        let mut replayed = Replayed {
+            keys: 0,
+            failure: None,
+            last_sequence: self.last_sequence,
+            missing: None,
+        };
+        for part in self.records.into_parts()? {
+            let mut replay = CompactReplay::default();
+            let mut failure = None;
+            part.for_each(|item| {
+                let folded = match item {
+                    Item::State(key_id, encoded) => {
+                        replay.keys.put_encoded(key_id, encoded.into());
+                        Ok(())
+                    }
+                    Item::Event(e) => e
+                        .to_record()
+                        .map_err(|reason| ReplayError {
+                            sequence: e.sequence,
+                            reason,
+                        })
+                        .and_then(|record| replay.apply(&record)),
+                };
+                // A part stops at its first bad record, as a replay in memory does.
+                folded.map_err(|e| failure = Some(e)).is_ok()
+            })?;
+            if let Some(f) = failure
+                && replayed
+                    .failure
+                    .as_ref()
+                    .is_none_or(|first| f.sequence < first.sequence)
+            {
+                replayed.failure = Some(f);
+            }
+            if let Some(part_rows) = rows.as_mut().and_then(Iterator::next) {
+                part_rows.for_each(|item| {
+                    if let Item::State(key_id, encoded) = item {
+                        projection.row(&mut replay.keys, key_id, encoded);
+                    }
+                    true
+                })?;
+            }
+            replayed.keys += replay.keys.len();
+            if let Some(m) = replay.keys.not_compared().min().copied() {
+                replayed.missing = Some(replayed.missing.map_or(m, |least| least.min(m)));
+            }
+        }
+        Ok(replayed)
     }
 }
 
@@ -339,36 +531,40 @@ struct ProjectionCheck {
 }
 
 impl ProjectionCheck {
-    fn row(&mut self, replayed: &mut FoldedKeys, row: KeyState) {
+    /// One row, `encoded` as [`fold::encode`] encodes it.
+    fn row(&mut self, replayed: &mut FoldedKeys, key_id: KeyId, encoded: &[u8]) {
         let first = |slot: &mut Option<KeyId>, key_id: KeyId| {
             if slot.is_none_or(|k| key_id < k) {
                 *slot = Some(key_id);
             }
         };
-        match replayed.take_to_compare(&row.key_id) {
-            Compared::Encoded(state) if *state == *fold::encode(&row) => {}
+        match replayed.take_to_compare(&key_id) {
+            Compared::Encoded(state) if *state == *encoded => {}
             // A second row for one key (the table is keyed by workspace and key) differs
             // from the replay as much as a wrong one does.
-            Compared::Encoded(_) | Compared::Again => first(&mut self.differs, row.key_id),
-            Compared::Absent => first(&mut self.extra, row.key_id),
+            Compared::Encoded(_) | Compared::Again => first(&mut self.differs, key_id),
+            Compared::Absent => first(&mut self.extra, key_id),
         }
     }
 
     /// The first problem, in the order the checks were always made: the checkpoint; then the
     /// first key, in key id order, whose row is missing or differs from the replay; then a
-    /// row whose key has no events.
-    fn finish(&self, replay: &CompactReplay, checkpoint: u64) -> Option<ReplayError> {
+    /// row whose key has no events. `missing`: the least key id replayed with no row.
+    fn finish(
+        &self,
+        last_sequence: u64,
+        missing: Option<KeyId>,
+        checkpoint: u64,
+    ) -> Option<ReplayError> {
         let projection_error = |reason: String| ReplayError {
             sequence: 0,
             reason: format!("keys table: {reason}"),
         };
-        if checkpoint != replay.last_sequence {
+        if checkpoint != last_sequence {
             return Some(projection_error(format!(
-                "checkpoint is {checkpoint} but the log ends at {}",
-                replay.last_sequence
+                "checkpoint is {checkpoint} but the log ends at {last_sequence}"
             )));
         }
-        let missing = replay.keys.not_compared().min().copied();
         let first_bad = match (missing, self.differs) {
             (Some(m), Some(d)) if d < m => Some((d, "differs from the replay of its events")),
             (Some(m), _) => Some((m, "is missing")),
@@ -447,7 +643,7 @@ mod tests {
                 break;
             }
         }
-        verifier.finish(None)
+        verifier.finish(None).unwrap()
     }
 
     #[test]
@@ -710,15 +906,20 @@ mod tests {
         (replay.keys.into_values().collect(), last)
     }
 
-    /// The new verifier, fed in batches of `batch` records.
+    /// The new verifier, fed in batches of `batch` records, holding at most `keys_in_memory`
+    /// keys' states in memory.
     fn batched(
         scope: Scope,
         expect_head: Option<(u64, Hash)>,
         records: &[LogRecord],
         projection: Option<(Vec<KeyState>, u64)>,
-        batch: usize,
+        (batch, keys_in_memory): (usize, usize),
     ) -> Option<ReplayError> {
-        let mut verifier = Verifier::new(scope, expect_head);
+        let temp = tempfile::tempdir().unwrap();
+        let mut verifier = Verifier::new(scope, expect_head).with_limits(FoldLimits {
+            keys_in_memory,
+            temp_dir: Some(temp.path().to_owned()),
+        });
         for chunk in records.chunks(batch) {
             if !verifier.push_batch(chunk) {
                 break;
@@ -733,7 +934,10 @@ mod tests {
             }
             checkpoint
         });
-        verifier.finish(checkpoint).failure
+        let report = verifier.finish(checkpoint).unwrap();
+        // Nothing is left in the directory: the files were unlinked when made.
+        assert_eq!(std::fs::read_dir(temp.path()).unwrap().count(), 0);
+        report.failure
     }
 
     fn same_verdict(
@@ -744,16 +948,21 @@ mod tests {
         projection: Option<(Vec<KeyState>, u64)>,
     ) -> Option<ReplayError> {
         let expected = Reference::run(scope.clone(), expect_head, records, projection.clone());
-        // Small batches, and one long enough to be hashed on a second thread.
-        for batch in [7, records.len().max(PARALLEL_BATCH)] {
+        // Small batches, and one long enough to be hashed on a second thread; all in memory,
+        // or spilled to temporary files after a few keys, or from the first batch on.
+        let whole = records.len().max(PARALLEL_BATCH);
+        for (batch, keys_in_memory) in [(7, usize::MAX), (whole, usize::MAX), (7, 5), (whole, 0)] {
             let got = batched(
                 scope.clone(),
                 expect_head,
                 records,
                 projection.clone(),
-                batch,
+                (batch, keys_in_memory),
             );
-            assert_eq!(got, expected, "{what}, batches of {batch}");
+            assert_eq!(
+                got, expected,
+                "{what}, batches of {batch}, {keys_in_memory} keys in memory"
+            );
         }
         expected
     }

@@ -73,6 +73,16 @@ impl FoldedKeys {
         self.states.insert(state.key_id, encode(state));
     }
 
+    /// Keeps an encoding made by [`encode`] as `key_id`'s state.
+    pub fn put_encoded(&mut self, key_id: KeyId, encoded: Box<[u8]>) {
+        self.states.insert(key_id, encoded);
+    }
+
+    /// Every state, as its encoding, taken out.
+    pub fn drain(&mut self) -> impl Iterator<Item = (KeyId, Box<[u8]>)> + '_ {
+        self.states.drain()
+    }
+
     /// Moves every state of `other` in (the two hold different keys).
     pub fn absorb(&mut self, other: FoldedKeys) {
         self.states.reserve(other.states.len());
@@ -253,6 +263,12 @@ const PUBLIC_KEY: u8 = 1 << 7;
 fn sort_key(encoded: &[u8]) -> (&[u8], &[u8]) {
     let len = usize::from(encoded[0]);
     (&encoded[1..1 + len], &encoded[1 + len..17 + len])
+}
+
+/// The order of the SQLite projection's rows (workspace id, then key id, as bytes), between
+/// two encodings.
+pub fn projection_order(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
+    sort_key(a).cmp(&sort_key(b))
 }
 
 /// The key id of an encoding.

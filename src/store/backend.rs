@@ -24,6 +24,7 @@ use super::{
     CreateRequest, ExpiryCursor, Head, KeyUsage, ListFilter, RecordFilter, SealedSecret, StoreError,
 };
 use crate::domain::{KeyId, KeyState, WorkspaceId};
+use crate::log::spill::FoldLimits;
 use crate::log::chain::{Chains, LogRecord};
 
 /// What a committed batch writes: appended records, the projection rows of the keys it
@@ -135,8 +136,9 @@ pub trait Backend: Send + Sync + 'static {
     async fn count_keys(&self) -> Result<u64, StoreError>;
 
     /// Recreates the projection from the log alone, with the domain's own `apply`, in one
-    /// transaction. Only with no server running: the backend's readers are closed by it.
-    async fn rebuild(&self) -> Result<RebuildReport, StoreError>;
+    /// transaction, holding at most as many keys' states in memory as `limits` allows.
+    /// Only with no server running: the backend's readers are closed by it.
+    async fn rebuild(&self, limits: &FoldLimits) -> Result<RebuildReport, StoreError>;
 
     /// A consistent read-only view of the whole database, for the audit tools.
     async fn snapshot(&self) -> Result<Box<dyn Snapshot>, StoreError>;

@@ -25,6 +25,7 @@ use super::backend::{
     Answered, Backend, Effects, RebuildReport, Replica, SharedLog, Snapshot, Wakeups, WriteSession,
 };
 use super::sqlite::rows::{KEY_COLUMNS, KeyRow};
+use super::sqlite;
 use super::{
     CREATE_REQUEST_WINDOW_MS, Cause, ExpiryCursor, Head, KeyUsage, ListFilter, RecordFilter,
     StoreError,
@@ -32,6 +33,8 @@ use super::{
 use crate::domain::{self, DomainPattern, KeyId, KeyState, Recorded, WorkspaceId};
 use crate::log::chain::{self, Chains, Hash, LogRecord};
 use crate::log::events;
+use crate::log::fold::{self, FoldedKeys};
+use crate::log::spill::{EventRef, FoldLimits, Item, Part, Spill};
 
 /// The advisory lock class of kemon-keys' log lock; the second key is the schema's hash.
 /// (Tools that must hold the log still, as a writer does, take the same lock.)
@@ -349,13 +352,28 @@ impl Backend for PgBackend {
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
-    async fn rebuild(&self) -> Result<RebuildReport, StoreError> {
+    async fn rebuild(&self, limits: &FoldLimits) -> Result<RebuildReport, StoreError> {
         let mut tx = self.pool.begin().await?;
         // Writers wait while the projection is rewritten; replicas keep answering Verify
         // from their caches, which the rebuild does not change.
         lock_log(&mut tx, &self.schema).await?;
-        let mut states: std::collections::HashMap<KeyId, KeyState> =
-            std::collections::HashMap::new();
+        // Folded as SQLite's rebuild folds: in memory, or, for a log of more events than
+        // `limits` allows keys in memory, in parts through temporary files.
+        let max_sequence: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(sequence), 0) FROM events")
+            .fetch_one(&mut *tx)
+            .await?;
+        let dir = limits.dir_or(&std::env::temp_dir());
+        let spill_error = |e: std::io::Error| {
+            StoreError::Unavailable(Cause::msg(format!(
+                "temporary files in {}: {e}",
+                dir.display()
+            )))
+        };
+        let mut spill = (usize::try_from(max_sequence).unwrap_or(0) > limits.keys_in_memory)
+            .then(|| Spill::new(&dir))
+            .transpose()
+            .map_err(spill_error)?;
+        let mut folded = FoldedKeys::default();
         let mut events = 0u64;
         let mut last_sequence = 0i64;
         {
@@ -366,23 +384,42 @@ impl Backend for PgBackend {
             .fetch(&mut *tx);
             while let Some(row) = rows.try_next().await? {
                 let sequence: i64 = row.try_get("sequence")?;
-                let key_id: &str = row.try_get("key_id")?;
-                let key_id = KeyId::parse(key_id)
-                    .map_err(|e| StoreError::Corrupt(format!("sequence {sequence}: key_id {e}")))?;
-                let recorded = recorded_from_row(&row)?;
-                let state = domain::apply(states.remove(&key_id), &recorded)
-                    .map_err(|e| StoreError::Corrupt(format!("sequence {sequence}: {e}")))?;
-                states.insert(key_id, state);
+                let event = EventRef {
+                    sequence: u64::try_from(sequence).unwrap_or(0),
+                    stream_version: u64::try_from(row.try_get::<i64, _>("stream_version")?)
+                        .unwrap_or(0),
+                    schema_version: u32::try_from(row.try_get::<i64, _>("schema_version")?)
+                        .unwrap_or(u32::MAX),
+                    recorded_at_ms: row.try_get("recorded_at")?,
+                    key_id: row.try_get::<&str, _>("key_id")?.as_bytes(),
+                    workspace_id: &[],
+                    event_type: row.try_get::<&str, _>("event_type")?.as_bytes(),
+                    payload: row.try_get("payload")?,
+                    actor: row.try_get::<&str, _>("actor")?.as_bytes(),
+                };
+                match &mut spill {
+                    Some(parts) => parts.event(&event).map_err(spill_error)?,
+                    None => sqlite::fold_one(&mut folded, &event)?,
+                }
                 events += 1;
                 last_sequence = sequence;
             }
         }
         sqlx::query("DELETE FROM keys").execute(&mut *tx).await?;
-        let mut keys: Vec<KeyState> = states.into_values().collect();
-        keys.sort_unstable_by_key(|s| s.key_id);
-        for chunk in keys.chunks(10_000) {
-            project_many(&mut tx, chunk).await?;
-        }
+        let keys = match spill {
+            None => write_folded(&mut tx, folded).await?,
+            Some(spill) => {
+                let mut keys = 0;
+                for part in spill.into_parts().map_err(spill_error)? {
+                    let folded = fold_part(part).map_err(|e| match e {
+                        Ok(io) => spill_error(io),
+                        Err(store) => store,
+                    })?;
+                    keys += write_folded(&mut tx, folded).await?;
+                }
+                keys
+            }
+        };
         sqlx::query("UPDATE projection_checkpoint SET last_sequence = $1 WHERE id = 1")
             .bind(last_sequence)
             .execute(&mut *tx)
@@ -390,7 +427,7 @@ impl Backend for PgBackend {
         tx.commit().await?;
         Ok(RebuildReport {
             events,
-            keys: keys.len() as u64,
+            keys,
             last_sequence,
         })
     }
@@ -742,6 +779,41 @@ fn record_from_row(row: &sqlx::postgres::PgRow) -> Result<LogRecord, StoreError>
         workspace_hash: hash("workspace_hash")?,
         caller_identity: row.try_get("caller_identity")?,
     })
+}
+
+/// Writes folded states as `keys` rows, in key id order; how many.
+async fn write_folded(conn: &mut PgConnection, mut folded: FoldedKeys) -> Result<u64, StoreError> {
+    let mut states = folded
+        .drain()
+        .map(|(_, encoded)| fold::decode(&encoded).map_err(StoreError::Invariant))
+        .collect::<Result<Vec<KeyState>, _>>()?;
+    states.sort_unstable_by_key(|s| s.key_id);
+    for chunk in states.chunks(10_000) {
+        project_many(conn, chunk).await?;
+    }
+    Ok(states.len() as u64)
+}
+
+/// One part of a spilled rebuild, folded; its first bad event, or why its file could not be
+/// read.
+fn fold_part(part: Part) -> Result<FoldedKeys, Result<std::io::Error, StoreError>> {
+    let mut folded = FoldedKeys::default();
+    let mut failure = None;
+    part.for_each(|item| {
+        let outcome = match item {
+            Item::State(key_id, encoded) => {
+                folded.put_encoded(key_id, encoded.into());
+                Ok(())
+            }
+            Item::Event(e) => sqlite::fold_one(&mut folded, &e),
+        };
+        outcome.map_err(|e| failure = Some(e)).is_ok()
+    })
+    .map_err(Ok)?;
+    match failure {
+        Some(e) => Err(Err(e)),
+        None => Ok(folded),
+    }
 }
 
 fn recorded_from_row(row: &sqlx::postgres::PgRow) -> Result<Recorded, StoreError> {

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kemon_keys::log::chain::LogRecord;
+use kemon_keys::log::spill::FoldLimits;
 use kemon_keys::store::{self, Backend, PgBackend, RebuildReport, RecordFilter, StoreError};
 use sqlx::{Connection, PgConnection, Row, SqliteConnection};
 
@@ -696,10 +697,10 @@ impl Db {
     /// Rebuilds the projection from the log, as `kemon-keys rebuild` does.
     pub async fn rebuild(&self) -> Result<RebuildReport, StoreError> {
         match &self.location {
-            Location::Sqlite(path) => store::rebuild(path).await,
+            Location::Sqlite(path) => store::rebuild(path, &FoldLimits::default()).await,
             Location::Postgres(url) => {
                 let backend = PgBackend::open(url).await?;
-                let report = backend.rebuild().await;
+                let report = backend.rebuild(&FoldLimits::default()).await;
                 backend.release().await;
                 report
             }

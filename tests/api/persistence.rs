@@ -481,6 +481,64 @@ async fn thousands_of_keys_rebuild_load_and_verify_exactly() {
         "{stdout}"
     );
 
+    // With room for a thousand keys in memory, both fold the log in parts through temporary
+    // files, and agree with the live path all the same; the files are gone afterwards.
+    let temp = tempfile::tempdir().expect("temporary directory");
+    let within = |command: &[&str]| {
+        Cli::kemon(command)
+            .args(["--keys-in-memory", "1000", "--temp-dir"])
+            .arg(temp.path())
+            .timeout(Duration::from_secs(120))
+    };
+    db.delete_key_rows(None).await;
+    within(&["rebuild"])
+        .args(data.clone())
+        .run()
+        .await
+        .assert_success();
+    assert_eq!(db.projection().await, live);
+    let verified = within(&["audit", "verify"])
+        .args(db.source_args())
+        .run()
+        .await;
+    let stdout = verified.assert_verified();
+    assert!(
+        stdout.contains(&format!("{events} events, {} keys", TASKS * PER_TASK)),
+        "{stdout}"
+    );
+    // A projection row changed behind the log: the same key named, in parts or not.
+    let tampered = live.rows[4321]
+        .iter()
+        .find_map(|value| value.strip_prefix("'key_"))
+        .map(|id| format!("key_{}", id.trim_end_matches('\'')))
+        .expect("a key id column");
+    assert_eq!(db.rename_key_rows(Some(&tampered), "tampered").await, 1);
+    let in_memory = Cli::kemon(&["audit", "verify"])
+        .args(db.source_args())
+        .timeout(Duration::from_secs(120))
+        .run()
+        .await;
+    let in_parts = within(&["audit", "verify"]).args(db.source_args()).run().await;
+    in_memory.assert_failure();
+    in_parts.assert_failure();
+    assert!(
+        in_memory.stdout.contains(&format!("{tampered} differs")),
+        "{}",
+        in_memory.report()
+    );
+    assert_eq!(in_parts.stdout, in_memory.stdout);
+    assert_eq!(
+        std::fs::read_dir(temp.path()).expect("read").count(),
+        0,
+        "no temporary file is left"
+    );
+    within(&["rebuild"])
+        .args(data.clone())
+        .run()
+        .await
+        .assert_success();
+    assert_eq!(db.projection().await, live);
+
     // Every key is loaded at start, revocations included.
     let server = TestServer::start_in(&dir, clock, MasterKeySource::Hex(master_key))
         .await

@@ -23,6 +23,7 @@ use crate::domain::{self, KeyId, KeyState, Recorded};
 use crate::log::chain::{Hash, LogRecord};
 use crate::log::events;
 use crate::log::fold::{self, FoldedKeys, SortablePart};
+use crate::log::spill::{self, EventRef, FoldLimits, Item, Run, Spill};
 use crate::store::backend::{RebuildReport, Snapshot};
 use crate::store::{Cause, RecordFilter, StoreError};
 
@@ -458,6 +459,21 @@ impl EventBatch {
     fn get(&self, span: (usize, usize)) -> &[u8] {
         &self.bytes[span.0..span.0 + span.1]
     }
+
+    fn event(&self, e: &CopiedEvent) -> EventRef<'_> {
+        EventRef {
+            sequence: e.sequence,
+            stream_version: e.stream_version,
+            schema_version: e.schema_version,
+            recorded_at_ms: e.recorded_at_ms,
+            key_id: self.get(e.spans[0]),
+            // Not read by a rebuild's fold, and so not copied.
+            workspace_id: &[],
+            event_type: self.get(e.spans[1]),
+            payload: self.get(e.spans[2]),
+            actor: self.get(e.spans[3]),
+        }
+    }
 }
 
 /// Where a folding thread stopped: the first bad event it met.
@@ -482,7 +498,7 @@ fn fold_events(
             continue;
         }
         for e in &batch.events {
-            if let Err(error) = fold_one(&mut folded, &batch, e) {
+            if let Err(error) = fold_one(&mut folded, &batch.event(e)) {
                 failed_at.fetch_min(e.sequence, Ordering::Relaxed);
                 outcome = Err(FoldFailure {
                     sequence: e.sequence,
@@ -498,23 +514,24 @@ fn fold_events(
     }
 }
 
-fn fold_one(
+/// Folds one event into its key's state with the domain's `apply`: the rebuild's fold, on
+/// either backend.
+pub(in crate::store) fn fold_one(
     folded: &mut FoldedKeys,
-    batch: &EventBatch,
-    e: &CopiedEvent,
+    e: &EventRef<'_>,
 ) -> Result<(), StoreError> {
     let sequence = e.sequence;
-    let text = |i: usize| {
-        std::str::from_utf8(batch.get(e.spans[i]))
+    let text = |bytes| {
+        std::str::from_utf8(bytes)
             .map_err(|err| StoreError::Corrupt(format!("sequence {sequence}: {err}")))
     };
-    let key_id = KeyId::parse(text(0)?)
+    let key_id = KeyId::parse(text(e.key_id)?)
         .map_err(|err| StoreError::Corrupt(format!("sequence {sequence}: key_id {err}")))?;
-    let event = events::decode_event(text(1)?, e.schema_version, batch.get(e.spans[2]))
+    let event = events::decode_event(text(e.event_type)?, e.schema_version, e.payload)
         .map_err(|err| StoreError::Corrupt(format!("sequence {sequence}: {err}")))?;
     let recorded = Recorded {
         event,
-        actor: text(3)?.to_owned(),
+        actor: text(e.actor)?.to_owned(),
         recorded_at_ms: e.recorded_at_ms,
         stream_version: e.stream_version,
     };
@@ -543,15 +560,14 @@ fn route(key_id: &[u8], threads: usize) -> usize {
 /// Every event folded with the domain's `apply`, in log order per key, spread over
 /// `workers()` threads by key while this one reads. The events and the number of them, and
 /// the last sequence; or the first bad event in log order.
-fn fold_log(conn: &Connection) -> Result<(Vec<SortablePart>, u64, i64), StoreError> {
+fn fold_log(
+    conn: &Connection,
+    max_sequence: usize,
+) -> Result<(Vec<SortablePart>, u64, i64), StoreError> {
     let threads = workers();
-    let max_sequence: i64 =
-        conn.query_row("SELECT COALESCE(MAX(sequence), 0) FROM events", [], |r| {
-            r.get(0)
-        })?;
     // At most one key per event: sized so that no map rehashes. Buckets never written are
     // never touched.
-    let capacity = usize::try_from(max_sequence).unwrap_or(0) / threads + 1;
+    let capacity = max_sequence / threads + 1;
     let failed_at = AtomicU64::new(u64::MAX);
     std::thread::scope(|scope| {
         let mut senders = Vec::with_capacity(threads);
@@ -634,9 +650,125 @@ fn fold_log(conn: &Connection) -> Result<(Vec<SortablePart>, u64, i64), StoreErr
     })
 }
 
+/// The log's events, read in order, into the parts of a [`Spill`] in `dir`; each part then
+/// folded on one of `workers()` threads and its states written, sorted, to a [`Run`]. The runs,
+/// the number of events and the last sequence; or the first bad event in log order.
+fn fold_log_spilled(conn: &Connection, dir: &Path) -> Result<(Vec<Run>, u64, i64), StoreError> {
+    let spill_error = |e: std::io::Error| {
+        StoreError::Unavailable(Cause::msg(format!(
+            "temporary files in {}: {e}",
+            dir.display()
+        )))
+    };
+    let mut parts = Spill::new(dir).map_err(spill_error)?;
+    let mut statement = conn.prepare(
+        "SELECT sequence, key_id, stream_version, event_type, schema_version, payload, actor, \
+         recorded_at FROM events ORDER BY sequence",
+    )?;
+    let mut rows = statement.query([])?;
+    let (mut events, mut last_sequence) = (0u64, 0i64);
+    while let Some(row) = rows.next()? {
+        let sequence: i64 = row.get(0)?;
+        let bytes = |i| row.get_ref(i)?.as_bytes().map_err(rusqlite::Error::from);
+        parts
+            .event(&EventRef {
+                sequence: u64::try_from(sequence).unwrap_or(0),
+                stream_version: u64::try_from(row.get::<_, i64>(2)?).unwrap_or(0),
+                schema_version: u32::try_from(row.get::<_, i64>(4)?).unwrap_or(u32::MAX),
+                recorded_at_ms: row.get(7)?,
+                key_id: bytes(1)?,
+                workspace_id: &[],
+                event_type: bytes(3)?,
+                payload: bytes(5)?,
+                actor: bytes(6)?,
+            })
+            .map_err(spill_error)?;
+        events += 1;
+        last_sequence = sequence;
+    }
+    let parts = std::sync::Mutex::new(parts.into_parts().map_err(spill_error)?);
+    let next_part = || parts.lock().unwrap_or_else(|p| p.into_inner()).pop();
+    let outcomes = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers())
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut runs = Vec::new();
+                    let mut first: Option<FoldFailure> = None;
+                    while let Some(part) = next_part() {
+                        match fold_part(part, dir) {
+                            Ok(run) => runs.push(run),
+                            Err(failure) => {
+                                if first.as_ref().is_none_or(|f| failure.sequence < f.sequence) {
+                                    first = Some(failure);
+                                }
+                            }
+                        }
+                    }
+                    (runs, first)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join())
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .map_err(|_| StoreError::Invariant("a folding thread panicked".into()))?;
+    let mut runs = Vec::with_capacity(spill::PARTS);
+    let mut first: Option<FoldFailure> = None;
+    for (thread_runs, failure) in outcomes {
+        runs.extend(thread_runs);
+        if let Some(failure) = failure
+            && first.as_ref().is_none_or(|f| failure.sequence < f.sequence)
+        {
+            first = Some(failure);
+        }
+    }
+    match first {
+        Some(failure) => Err(failure.error),
+        None => Ok((runs, events, last_sequence)),
+    }
+}
+
+/// One part folded, its states sorted into a run in `dir`; or its first bad event (a
+/// failure to read or write the files counts as one at sequence 0, before any event).
+fn fold_part(part: spill::Part, dir: &Path) -> Result<Run, FoldFailure> {
+    let io_failure = |e: std::io::Error| FoldFailure {
+        sequence: 0,
+        error: StoreError::Unavailable(Cause::msg(format!(
+            "temporary files in {}: {e}",
+            dir.display()
+        ))),
+    };
+    let mut folded = FoldedKeys::default();
+    let mut failure = None;
+    part.for_each(|item| {
+        let outcome = match item {
+            Item::State(key_id, encoded) => {
+                folded.put_encoded(key_id, encoded.into());
+                Ok(())
+            }
+            Item::Event(e) => fold_one(&mut folded, &e).map_err(|error| FoldFailure {
+                sequence: e.sequence,
+                error,
+            }),
+        };
+        outcome.map_err(|f| failure = Some(f)).is_ok()
+    })
+    .map_err(io_failure)?;
+    if let Some(failure) = failure {
+        return Err(failure);
+    }
+    Run::write(dir, folded.into_sorted_by_workspace().into_iter()).map_err(io_failure)
+}
+
 /// Writes the folded states as `keys` rows, in the table's order (so that every row is
 /// appended), decoding them on another thread while this one inserts.
-fn write_keys(conn: &Connection, table: &str, mut sorted: fold::Sorted) -> Result<u64, StoreError> {
+fn write_keys(
+    conn: &Connection,
+    table: &str,
+    mut sorted: impl Iterator<Item = Result<Box<[u8]>, String>> + Send,
+) -> Result<u64, StoreError> {
     let placeholders = (1..=KEY_COLUMN_COUNT)
         .map(|i| format!("?{i}"))
         .collect::<Vec<_>>()
@@ -651,7 +783,7 @@ fn write_keys(conn: &Connection, table: &str, mut sorted: fold::Sorted) -> Resul
                 let mut batch = ValueBatch::with_capacity(1024);
                 // Each encoding is freed once decoded: memory falls as rows are written.
                 let decoded = sorted.by_ref().take(1024).try_for_each(|encoded| {
-                    batch.push(&fold::decode(&encoded)?);
+                    batch.push(&fold::decode(&encoded?)?);
                     Ok(())
                 });
                 let chunk = decoded.map(|()| batch);
@@ -703,8 +835,10 @@ fn projection_schema(conn: &Connection) -> Result<(String, Vec<String>), StoreEr
 }
 
 /// Recreates the `keys` projection from the log alone, in one transaction, on a database whose
-/// lock this process holds and whose other connections are closed.
-pub(super) fn rebuild(path: &Path) -> Result<RebuildReport, StoreError> {
+/// lock this process holds and whose other connections are closed. A log of more events than
+/// `limits` allows keys in memory is folded in parts through temporary files (by default in
+/// the database's directory), and the parts' sorted states merged as they are written.
+pub(super) fn rebuild(path: &Path, limits: &FoldLimits) -> Result<RebuildReport, StoreError> {
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -730,9 +864,28 @@ pub(super) fn rebuild(path: &Path) -> Result<RebuildReport, StoreError> {
         ));
     }
     conn.execute_batch("BEGIN IMMEDIATE")?;
-    let (parts, events, last_sequence) = fold_log(&conn)?;
-    let folded = started.elapsed();
-    let sorted = fold::sorted_by_workspace(parts);
+    let max_sequence: i64 =
+        conn.query_row("SELECT COALESCE(MAX(sequence), 0) FROM events", [], |r| {
+            r.get(0)
+        })?;
+    let max_sequence = usize::try_from(max_sequence).unwrap_or(0);
+    let spilled = max_sequence > limits.keys_in_memory;
+    let folded;
+    let (sorted, events, last_sequence): (Box<dyn Iterator<Item = _> + Send>, _, _) = if spilled
+    {
+        // Each part's states are sorted as it is folded; the runs are merged as rows are
+        // written.
+        let dir = limits.dir_or(path.parent().unwrap_or(Path::new(".")));
+        let (runs, events, last_sequence) = fold_log_spilled(&conn, &dir)?;
+        folded = started.elapsed();
+        let merged = spill::merge(runs).map(|r| r.map_err(|e| format!("a run: {e}")));
+        (Box::new(merged), events, last_sequence)
+    } else {
+        let (parts, events, last_sequence) = fold_log(&conn, max_sequence)?;
+        folded = started.elapsed();
+        let sorted = fold::sorted_by_workspace(parts).map(Ok);
+        (Box::new(sorted), events, last_sequence)
+    };
     let sorted_at = started.elapsed();
     // The rows go into a new table that then takes the old one's place, all in this one
     // transaction. Written in place, each page the old rows freed would be read and copied
@@ -769,6 +922,7 @@ pub(super) fn rebuild(path: &Path) -> Result<RebuildReport, StoreError> {
     let ms = |d: Duration| d.as_millis() as u64;
     tracing::debug!(
         ?report,
+        spilled,
         fold_ms = ms(folded),
         sort_ms = ms(sorted_at - folded),
         write_ms = ms(inserted - sorted_at),

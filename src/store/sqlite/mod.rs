@@ -12,6 +12,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Connection, Row, SqliteConnection, SqlitePool};
 
 mod bulk;
+pub(super) use bulk::fold_one;
 pub mod rows;
 
 use super::backend::{Answered, Backend, Effects, RebuildReport, Snapshot, WriteSession};
@@ -20,6 +21,7 @@ use super::{
     StoreError,
 };
 use crate::domain::{self, KeyId, KeyState, OriginClass, Recorded, WorkspaceId};
+use crate::log::spill::FoldLimits;
 use crate::log::chain::{self, Chains, Hash, LogRecord};
 use crate::log::events;
 use bulk::BulkSnapshot;
@@ -342,11 +344,11 @@ impl Backend for SqliteBackend {
         Ok(Box::new(BulkSnapshot::open(&self.path).await?))
     }
 
-    async fn rebuild(&self) -> Result<RebuildReport, StoreError> {
+    async fn rebuild(&self, limits: &FoldLimits) -> Result<RebuildReport, StoreError> {
         // Exclusive use: the rebuild leaves WAL mode for its one big transaction.
         self.pool.close().await;
-        let path = self.path.clone();
-        tokio::task::spawn_blocking(move || bulk::rebuild(&path))
+        let (path, limits) = (self.path.clone(), limits.clone());
+        tokio::task::spawn_blocking(move || bulk::rebuild(&path, &limits))
             .await
             .map_err(|e| StoreError::Invariant(format!("the rebuild failed: {e}")))?
     }
@@ -762,8 +764,8 @@ fn recorded_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Recorded, StoreErr
 /// Recreates the `keys` projection from the event log alone, in one transaction: the table is
 /// emptied, every event is folded with the service's own `apply`, and each key's final state
 /// is written with the same row encoding the live path uses. Run it with the server stopped.
-pub async fn rebuild(path: &Path) -> Result<RebuildReport, StoreError> {
-    SqliteBackend::open(path).await?.rebuild().await
+pub async fn rebuild(path: &Path, limits: &FoldLimits) -> Result<RebuildReport, StoreError> {
+    SqliteBackend::open(path).await?.rebuild(limits).await
 }
 
 /// A read-only connection to an existing database, without migrating it: for the benchmark's
