@@ -206,8 +206,10 @@ impl Verifier {
             }
         }
         if self.spilled.is_none() && self.replay.keys.len() > self.limits.keys_in_memory {
+            // Taken out, so that the map's own memory is freed with the states.
+            let mut states = std::mem::take(&mut self.replay.keys);
             let spilled = Spill::new(&self.temp_dir()).and_then(|mut records| {
-                for (key_id, encoded) in self.replay.keys.drain() {
+                for (key_id, encoded) in states.drain() {
                     records.state(key_id, &encoded)?;
                 }
                 Ok(Spilled {
