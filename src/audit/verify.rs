@@ -26,7 +26,7 @@ use super::replay::{CompactReplay, ReplayError};
 use crate::domain::{KeyId, KeyState};
 use crate::log::chain::{Chains, Hash, LogRecord, canonical_bytes, chain};
 use crate::log::fold::{self, Compared, FoldedKeys};
-use crate::log::spill::{EventRef, FoldLimits, Item, Spill};
+use crate::log::spill::{self, EventRef, FoldLimits, Item, Spill};
 
 /// Which chain a set of records can be checked against.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,16 +171,31 @@ impl Verifier {
             None => Ok(replay_until_failure(replay, records)),
             Some(spilled) => spilled.push(records).map(|()| None),
         };
-        let (expected, replayed) = if records.len() >= PARALLEL_BATCH {
+        let log_jobs = || jobs.iter().map(|(log, _)| *log);
+        let workspace_jobs = || jobs.iter().map(|(_, workspace)| Some(*workspace));
+        let (log, workspace, replayed) = if records.len() >= PARALLEL_BATCH {
+            // Hashing costs more than replaying: each chain gets a thread of its own.
             std::thread::scope(|scope| {
-                let hashing = scope.spawn(|| expected_hashes(records, &jobs));
+                let log = scope.spawn(|| expected_hashes(records, log_jobs()));
+                let workspace = scope.spawn(|| expected_hashes(records, workspace_jobs()));
                 let replayed = replay_or_spill();
-                let expected = hashing.join().unwrap_or_default();
-                (expected, replayed)
+                let log = log.join().unwrap_or_default();
+                let workspace = workspace.join().unwrap_or_default();
+                (log, workspace, replayed)
             })
         } else {
-            (expected_hashes(records, &jobs), replay_or_spill())
+            (
+                expected_hashes(records, log_jobs()),
+                expected_hashes(records, workspace_jobs()),
+                replay_or_spill(),
+            )
         };
+        // A thread that failed left its list short: the records it misses fail below.
+        let expected: Vec<Expected> = log
+            .into_iter()
+            .zip(workspace)
+            .filter_map(|(log, workspace)| Some((log, workspace?)))
+            .collect();
         let replayed = match replayed {
             Ok(replayed) => replayed,
             Err(e) => {
@@ -400,6 +415,7 @@ impl Verifier {
 }
 
 /// What the replay found, in memory or part by part.
+#[derive(Default)]
 struct Replayed {
     keys: usize,
     /// The first record, in log order, that did not replay (a spilled replay finds it only
@@ -419,61 +435,121 @@ impl Spilled {
         Ok(())
     }
 
-    /// Replays each part, then compares the part's projection rows with its states.
+    /// Replays each part, then compares the part's projection rows with its states: the parts
+    /// spread over the cores, each holding its own part's keys.
     fn replay(self, projection: &mut ProjectionCheck) -> io::Result<Replayed> {
+        let records = self.records.into_parts()?;
+        // Each part of records with the same part of rows, if any.
         let mut rows = self
             .rows
             .map(Spill::into_parts)
             .transpose()?
             .map(Vec::into_iter);
+        let work: Vec<(spill::Part, Option<spill::Part>)> = records
+            .into_iter()
+            .map(|part| (part, rows.as_mut().and_then(Iterator::next)))
+            .collect();
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4));
+        let work = std::sync::Mutex::new(work);
+        let next = || work.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let outcomes = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut replayed = Replayed::default();
+                        let mut check = ProjectionCheck::default();
+                        while let Some((part, part_rows)) = next() {
+                            replay_part(part, part_rows, &mut replayed, &mut check)?;
+                        }
+                        Ok::<_, io::Error>((replayed, check))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(io::Error::other("a replaying thread panicked")))
+                })
+                .collect::<io::Result<Vec<_>>>()
+        })?;
         let mut replayed = Replayed {
-            keys: 0,
-            failure: None,
             last_sequence: self.last_sequence,
-            missing: None,
+            ..Replayed::default()
         };
-        for part in self.records.into_parts()? {
-            let mut replay = CompactReplay::default();
-            let mut failure = None;
-            part.for_each(|item| {
-                let folded = match item {
-                    Item::State(key_id, encoded) => {
-                        replay.keys.put_encoded(key_id, encoded.into());
-                        Ok(())
-                    }
-                    Item::Event(e) => e
-                        .to_record()
-                        .map_err(|reason| ReplayError {
-                            sequence: e.sequence,
-                            reason,
-                        })
-                        .and_then(|record| replay.apply(&record)),
-                };
-                // A part stops at its first bad record, as a replay in memory does.
-                folded.map_err(|e| failure = Some(e)).is_ok()
-            })?;
-            if let Some(f) = failure
-                && replayed
-                    .failure
-                    .as_ref()
-                    .is_none_or(|first| f.sequence < first.sequence)
-            {
-                replayed.failure = Some(f);
-            }
-            if let Some(part_rows) = rows.as_mut().and_then(Iterator::next) {
-                part_rows.for_each(|item| {
-                    if let Item::State(key_id, encoded) = item {
-                        projection.row(&mut replay.keys, key_id, encoded);
-                    }
-                    true
-                })?;
-            }
-            replayed.keys += replay.keys.len();
-            if let Some(m) = replay.keys.not_compared().min().copied() {
-                replayed.missing = Some(replayed.missing.map_or(m, |least| least.min(m)));
-            }
+        for (part, check) in outcomes {
+            replayed.absorb(part);
+            projection.absorb(check);
         }
         Ok(replayed)
+    }
+}
+
+/// Replays one part, then compares its projection rows with its states; adds what it found to
+/// `replayed` and `check`.
+fn replay_part(
+    part: spill::Part,
+    rows: Option<spill::Part>,
+    replayed: &mut Replayed,
+    check: &mut ProjectionCheck,
+) -> io::Result<()> {
+    let mut replay = CompactReplay::default();
+    let mut failure = None;
+    part.for_each(|item| {
+        let folded = match item {
+            Item::State(key_id, encoded) => {
+                replay.keys.put_encoded(key_id, encoded.into());
+                Ok(())
+            }
+            Item::Event(e) => e
+                .to_record()
+                .map_err(|reason| ReplayError {
+                    sequence: e.sequence,
+                    reason,
+                })
+                .and_then(|record| replay.apply(&record)),
+        };
+        // A part stops at its first bad record, as a replay in memory does.
+        folded.map_err(|e| failure = Some(e)).is_ok()
+    })?;
+    if let Some(rows) = rows {
+        rows.for_each(|item| {
+            if let Item::State(key_id, encoded) = item {
+                check.row(&mut replay.keys, key_id, encoded);
+            }
+            true
+        })?;
+    }
+    replayed.absorb(Replayed {
+        keys: replay.keys.len(),
+        failure,
+        last_sequence: 0,
+        missing: replay.keys.not_compared().min().copied(),
+    });
+    Ok(())
+}
+
+impl Replayed {
+    /// Adds what another part of the replay found.
+    fn absorb(&mut self, other: Replayed) {
+        self.keys += other.keys;
+        if let Some(f) = other.failure
+            && self
+                .failure
+                .as_ref()
+                .is_none_or(|first| f.sequence < first.sequence)
+        {
+            self.failure = Some(f);
+        }
+        self.missing = least(self.missing, other.missing);
+        self.last_sequence = self.last_sequence.max(other.last_sequence);
+    }
+}
+
+fn least(a: Option<KeyId>, b: Option<KeyId>) -> Option<KeyId> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 
@@ -497,18 +573,16 @@ fn predecessors(chains: &Chains, records: &[LogRecord], check_log: bool) -> Vec<
         .collect()
 }
 
-/// The hashes each record must carry after its predecessors.
-fn expected_hashes(records: &[LogRecord], predecessors: &[Expected]) -> Vec<Expected> {
+/// The hash each record must carry in one chain, after the head it follows there (none where
+/// that chain is not checked).
+fn expected_hashes(
+    records: &[LogRecord],
+    previous: impl Iterator<Item = Option<Hash>>,
+) -> Vec<Option<Hash>> {
     records
         .iter()
-        .zip(predecessors)
-        .map(|(r, (log, workspace))| {
-            let canonical = canonical_bytes(r);
-            (
-                log.map(|log| chain(&log, &canonical)),
-                chain(workspace, &canonical),
-            )
-        })
+        .zip(previous)
+        .map(|(r, previous)| previous.map(|p| chain(&p, &canonical_bytes(r))))
         .collect()
 }
 
@@ -533,6 +607,12 @@ struct ProjectionCheck {
 }
 
 impl ProjectionCheck {
+    /// Adds what the rows of another part showed.
+    fn absorb(&mut self, other: ProjectionCheck) {
+        self.differs = least(self.differs, other.differs);
+        self.extra = least(self.extra, other.extra);
+    }
+
     /// One row, `encoded` as [`fold::encode`] encodes it.
     fn row(&mut self, replayed: &mut FoldedKeys, key_id: KeyId, encoded: &[u8]) {
         let first = |slot: &mut Option<KeyId>, key_id: KeyId| {

@@ -8,8 +8,10 @@
 //! events. A part stops at its first bad event; the first of those in log order, across the
 //! parts, is where a fold of the whole log would have stopped.
 //!
-//! With [`PARTS`] parts and a million keys in memory (about 200 MB), memory stays bounded up to
-//! 128 million keys; past that, each part holds a 128th of the keys.
+//! With [`PARTS`] parts and [`DEFAULT_KEYS_IN_MEMORY`] keys in memory, memory stays bounded up
+//! to 32 million keys; past that, each part holds a 128th of the keys (a 100-million-key log
+//! needs about 160 MB for a part). The temporary files take about as much disk as the log's
+//! events, plus the states for a rebuild.
 //!
 //! The files are made with [`tempfile::tempfile_in`], which unlinks them at once: nothing is
 //! left behind however the process ends. They hold what the database holds (a key's hash,
@@ -42,8 +44,10 @@ pub struct FoldLimits {
     pub temp_dir: Option<PathBuf>,
 }
 
-/// A million states: about 200 MB.
-pub const DEFAULT_KEYS_IN_MEMORY: usize = 1_000_000;
+/// A quarter of a million states, about 50 MB. Folding in parts costs no time measured at a
+/// million keys (BENCHMARKS.md, "Folds in parts"): the parts' maps are small enough to stay
+/// in the processor's caches, which pays for writing the log once more and reading it back.
+pub const DEFAULT_KEYS_IN_MEMORY: usize = 250_000;
 
 impl Default for FoldLimits {
     fn default() -> FoldLimits {
