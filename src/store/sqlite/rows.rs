@@ -369,6 +369,12 @@ impl RowBatch {
         }
     }
 
+    /// Empties the batch, keeping its memory for the next rows.
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.rows.clear();
+    }
+
     pub fn len(&self) -> usize {
         self.rows.len()
     }
