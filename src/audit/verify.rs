@@ -367,8 +367,7 @@ impl Verifier {
                 keys: self.replay.keys.len(),
                 failure: None,
                 last_sequence: self.replay.last_sequence,
-                missing: checkpoint
-                    .and_then(|_| self.replay.keys.not_compared().min().copied()),
+                missing: checkpoint.and_then(|_| self.replay.keys.not_compared().min().copied()),
             },
             Some(spilled) => spilled.replay(&mut self.projection)?,
         };

@@ -161,7 +161,12 @@ impl Spill {
     /// [`PARTS`] empty parts, as files in `dir`.
     pub fn new(dir: &Path) -> io::Result<Spill> {
         let parts = (0..PARTS)
-            .map(|_| Ok(BufWriter::with_capacity(BUFFER, tempfile::tempfile_in(dir)?)))
+            .map(|_| {
+                Ok(BufWriter::with_capacity(
+                    BUFFER,
+                    tempfile::tempfile_in(dir)?,
+                ))
+            })
             .collect::<io::Result<_>>()?;
         Ok(Spill { parts })
     }

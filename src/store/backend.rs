@@ -24,8 +24,8 @@ use super::{
     CreateRequest, ExpiryCursor, Head, KeyUsage, ListFilter, RecordFilter, SealedSecret, StoreError,
 };
 use crate::domain::{KeyId, KeyState, WorkspaceId};
-use crate::log::spill::FoldLimits;
 use crate::log::chain::{Chains, LogRecord};
+use crate::log::spill::FoldLimits;
 
 /// What a committed batch writes: appended records, the projection rows of the keys it
 /// changed, and the side tables.

@@ -24,8 +24,8 @@ use sqlx::{Connection, PgConnection, PgPool, Row};
 use super::backend::{
     Answered, Backend, Effects, RebuildReport, Replica, SharedLog, Snapshot, Wakeups, WriteSession,
 };
-use super::sqlite::rows::{KEY_COLUMNS, KeyRow};
 use super::sqlite;
+use super::sqlite::rows::{KEY_COLUMNS, KeyRow};
 use super::{
     CREATE_REQUEST_WINDOW_MS, Cause, ExpiryCursor, Head, KeyUsage, ListFilter, RecordFilter,
     StoreError,

@@ -514,7 +514,10 @@ async fn thousands_of_keys_rebuild_load_and_verify_exactly() {
         .timeout(Duration::from_secs(120))
         .run()
         .await;
-    let in_parts = within(&["audit", "verify"]).args(db.source_args()).run().await;
+    let in_parts = within(&["audit", "verify"])
+        .args(db.source_args())
+        .run()
+        .await;
     in_memory.assert_failure();
     in_parts.assert_failure();
     assert!(

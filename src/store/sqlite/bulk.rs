@@ -884,8 +884,7 @@ pub(super) fn rebuild(path: &Path, limits: &FoldLimits) -> Result<RebuildReport,
     let max_sequence = usize::try_from(max_sequence).unwrap_or(0);
     let spilled = max_sequence > limits.keys_in_memory;
     let folded;
-    let (sorted, events, last_sequence): (Box<dyn Iterator<Item = _> + Send>, _, _) = if spilled
-    {
+    let (sorted, events, last_sequence): (Box<dyn Iterator<Item = _> + Send>, _, _) = if spilled {
         // Each part's states are sorted as it is folded; the runs are merged as rows are
         // written.
         let dir = limits.dir_or(path.parent().unwrap_or(Path::new(".")));

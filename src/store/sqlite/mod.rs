@@ -21,9 +21,9 @@ use super::{
     StoreError,
 };
 use crate::domain::{self, KeyId, KeyState, OriginClass, Recorded, WorkspaceId};
-use crate::log::spill::FoldLimits;
 use crate::log::chain::{self, Chains, Hash, LogRecord};
 use crate::log::events;
+use crate::log::spill::FoldLimits;
 use bulk::BulkSnapshot;
 use rows::{KEY_COLUMNS, KeyRow};
 
