@@ -373,14 +373,7 @@ impl Verifier {
         };
         // The first failing record is the one with the least sequence; on the same record,
         // the chains are checked before the replay.
-        if let Some(failure) = replayed.failure
-            && self
-                .failure
-                .as_ref()
-                .is_none_or(|f| failure.sequence < f.sequence)
-        {
-            self.failure = Some(failure);
-        }
+        keep_first(&mut self.failure, replayed.failure);
         let keys = replayed.keys;
         if self.failure.is_none() {
             self.failure = self
@@ -532,16 +525,18 @@ impl Replayed {
     /// Adds what another part of the replay found.
     fn absorb(&mut self, other: Replayed) {
         self.keys += other.keys;
-        if let Some(f) = other.failure
-            && self
-                .failure
-                .as_ref()
-                .is_none_or(|first| f.sequence < first.sequence)
-        {
-            self.failure = Some(f);
-        }
+        keep_first(&mut self.failure, other.failure);
         self.missing = least(self.missing, other.missing);
         self.last_sequence = self.last_sequence.max(other.last_sequence);
+    }
+}
+
+/// Keeps in `first` whichever of it and `failure` has the least sequence (`first` on a tie).
+fn keep_first(first: &mut Option<ReplayError>, failure: Option<ReplayError>) {
+    if let Some(failure) = failure
+        && first.as_ref().is_none_or(|f| failure.sequence < f.sequence)
+    {
+        *first = Some(failure);
     }
 }
 

@@ -34,7 +34,7 @@ use crate::domain::{self, DomainPattern, KeyId, KeyState, Recorded, WorkspaceId}
 use crate::log::chain::{self, Chains, Hash, LogRecord};
 use crate::log::events;
 use crate::log::fold::{self, FoldedKeys};
-use crate::log::spill::{EventRef, FoldLimits, Item, Part, Spill};
+use crate::log::spill::{EventRef, FoldLimits, Spill};
 
 /// The advisory lock class of kemon-keys' log lock; the second key is the schema's hash.
 /// (Tools that must hold the log still, as a writer does, take the same lock.)
@@ -411,10 +411,9 @@ impl Backend for PgBackend {
             Some(spill) => {
                 let mut keys = 0;
                 for part in spill.into_parts().map_err(spill_error)? {
-                    let folded = fold_part(part).map_err(|e| match e {
-                        Ok(io) => spill_error(io),
-                        Err(store) => store,
-                    })?;
+                    let folded = sqlite::fold_spilled(part)
+                        .map_err(spill_error)?
+                        .map_err(|failure| failure.error)?;
                     keys += write_folded(&mut tx, folded).await?;
                 }
                 keys
@@ -792,28 +791,6 @@ async fn write_folded(conn: &mut PgConnection, mut folded: FoldedKeys) -> Result
         project_many(conn, chunk).await?;
     }
     Ok(states.len() as u64)
-}
-
-/// One part of a spilled rebuild, folded; its first bad event, or why its file could not be
-/// read.
-fn fold_part(part: Part) -> Result<FoldedKeys, Result<std::io::Error, StoreError>> {
-    let mut folded = FoldedKeys::default();
-    let mut failure = None;
-    part.for_each(|item| {
-        let outcome = match item {
-            Item::State(key_id, encoded) => {
-                folded.put_encoded(key_id, encoded.into());
-                Ok(())
-            }
-            Item::Event(e) => sqlite::fold_one(&mut folded, &e),
-        };
-        outcome.map_err(|e| failure = Some(e)).is_ok()
-    })
-    .map_err(Ok)?;
-    match failure {
-        Some(e) => Err(Err(e)),
-        None => Ok(folded),
-    }
 }
 
 fn recorded_from_row(row: &sqlx::postgres::PgRow) -> Result<Recorded, StoreError> {

@@ -489,11 +489,22 @@ impl EventBatch {
     }
 }
 
-/// Where a folding thread stopped: the first bad event it met.
+/// Where a fold stopped: the first bad event it met.
 #[derive(Debug)]
-struct FoldFailure {
-    sequence: u64,
-    error: StoreError,
+pub(in crate::store) struct FoldFailure {
+    pub sequence: u64,
+    pub error: StoreError,
+}
+
+impl FoldFailure {
+    /// Keeps in `first` whichever of it and `failure` comes first in the log.
+    fn keep_first(first: &mut Option<FoldFailure>, failure: Option<FoldFailure>) {
+        if let Some(failure) = failure
+            && first.as_ref().is_none_or(|f| failure.sequence < f.sequence)
+        {
+            *first = Some(failure);
+        }
+    }
 }
 
 /// One folding thread's share: the keys routed to it, folded in log order, made ready to sort
@@ -649,11 +660,7 @@ fn fold_log(
                 .join()
                 .map_err(|_| StoreError::Invariant("a folding thread panicked".into()))?;
             parts.push(folded);
-            if let Err(failure) = outcome
-                && first.as_ref().is_none_or(|f| failure.sequence < f.sequence)
-            {
-                first = Some(failure);
-            }
+            FoldFailure::keep_first(&mut first, outcome.err());
         }
         if let Some(failure) = first {
             return Err(failure.error);
@@ -710,11 +717,7 @@ fn fold_log_spilled(conn: &Connection, dir: &Path) -> Result<(Vec<Run>, u64, i64
                     while let Some(part) = next_part() {
                         match fold_part(part, dir) {
                             Ok(run) => runs.push(run),
-                            Err(failure) => {
-                                if first.as_ref().is_none_or(|f| failure.sequence < f.sequence) {
-                                    first = Some(failure);
-                                }
-                            }
+                            Err(failure) => FoldFailure::keep_first(&mut first, Some(failure)),
                         }
                     }
                     (runs, first)
@@ -731,11 +734,7 @@ fn fold_log_spilled(conn: &Connection, dir: &Path) -> Result<(Vec<Run>, u64, i64
     let mut first: Option<FoldFailure> = None;
     for (thread_runs, failure) in outcomes {
         runs.extend(thread_runs);
-        if let Some(failure) = failure
-            && first.as_ref().is_none_or(|f| failure.sequence < f.sequence)
-        {
-            first = Some(failure);
-        }
+        FoldFailure::keep_first(&mut first, failure);
     }
     match first {
         Some(failure) => Err(failure.error),
@@ -753,6 +752,15 @@ fn fold_part(part: spill::Part, dir: &Path) -> Result<Run, FoldFailure> {
             dir.display()
         ))),
     };
+    let folded = fold_spilled(part).map_err(io_failure)??;
+    Run::write(dir, folded.into_sorted_by_workspace().into_iter()).map_err(io_failure)
+}
+
+/// One part of a spilled rebuild folded with [`fold_one`]: its keys' states, or its first bad
+/// event. Fails only when the part's file cannot be read.
+pub(in crate::store) fn fold_spilled(
+    part: spill::Part,
+) -> std::io::Result<Result<FoldedKeys, FoldFailure>> {
     let mut folded = FoldedKeys::default();
     let mut failure = None;
     part.for_each(|item| {
@@ -767,12 +775,11 @@ fn fold_part(part: spill::Part, dir: &Path) -> Result<Run, FoldFailure> {
             }),
         };
         outcome.map_err(|f| failure = Some(f)).is_ok()
+    })?;
+    Ok(match failure {
+        Some(failure) => Err(failure),
+        None => Ok(folded),
     })
-    .map_err(io_failure)?;
-    if let Some(failure) = failure {
-        return Err(failure);
-    }
-    Run::write(dir, folded.into_sorted_by_workspace().into_iter()).map_err(io_failure)
 }
 
 /// Writes the folded states as `keys` rows, in the table's order (so that every row is
