@@ -243,9 +243,10 @@ pub async fn verify(args: &VerifyArgs) -> anyhow::Result<bool> {
         ),
         _ => None,
     };
-    let report = verifier
-        .finish(checkpoint)
-        .context("verifying through temporary files")?;
+    let report = verifier.finish(checkpoint).with_context(|| {
+        let dir = args.fold.limits().dir_or(&std::env::temp_dir());
+        format!("replaying through temporary files in {}", dir.display())
+    })?;
     println!("{report}");
     Ok(report.ok())
 }

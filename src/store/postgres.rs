@@ -358,7 +358,9 @@ impl Backend for PgBackend {
         // from their caches, which the rebuild does not change.
         lock_log(&mut tx, &self.schema).await?;
         // Folded as SQLite's rebuild folds: in memory, or, for a log of more events than
-        // `limits` allows keys in memory, in parts through temporary files.
+        // `limits` allows keys in memory, in parts through temporary files. Those are written
+        // and read on this task: a rebuild is a command of its own, with nothing else on its
+        // runtime to hold up.
         let max_sequence: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(sequence), 0) FROM events")
             .fetch_one(&mut *tx)
             .await?;

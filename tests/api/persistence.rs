@@ -543,6 +543,56 @@ async fn thousands_of_keys_rebuild_load_and_verify_exactly() {
     drop(tmp);
 }
 
+/// A replay in parts whose temporary files cannot be made stops with the directory named,
+/// and a rebuild leaves the projection as it was.
+#[tokio::test]
+async fn a_replay_in_parts_without_its_temporary_files_changes_nothing() {
+    let server = TestServer::start().await;
+    populate(&server).await;
+    let db = server.db();
+    let data = server.data_args();
+    let tmp = server.shut_down().await;
+    let original = db.projection().await;
+    let temp = tempfile::tempdir().expect("temporary directory");
+    let nowhere = temp.path().join("no such directory");
+    let in_parts = |command: &[&str]| {
+        Cli::kemon(command)
+            .args(["--keys-in-memory", "1", "--temp-dir"])
+            .arg(&nowhere)
+    };
+
+    db.rename_key_rows(None, "to be rebuilt").await;
+    let tampered = db.projection().await;
+    let out = in_parts(&["rebuild"]).args(data.clone()).run().await;
+    out.assert_failure();
+    let named = format!("temporary files in {}", nowhere.display());
+    assert!(out.stderr.contains(&named), "{}", out.report());
+    assert_eq!(db.projection().await, tampered, "nothing half written");
+
+    let out = in_parts(&["audit", "verify"])
+        .args(db.source_args())
+        .run()
+        .await;
+    out.assert_failure();
+    assert!(out.stderr.contains(&named), "{}", out.report());
+    assert!(!out.stdout.contains("OK"), "{}", out.report());
+
+    // With the files, the same rebuild restores the projection, and it verifies.
+    std::fs::create_dir(&nowhere).expect("create the directory");
+    in_parts(&["rebuild"])
+        .args(data)
+        .run()
+        .await
+        .assert_success();
+    assert_eq!(db.projection().await, original);
+    in_parts(&["audit", "verify"])
+        .args(db.source_args())
+        .run()
+        .await
+        .assert_verified();
+    drop(tmp);
+}
+
 #[tokio::test]
 async fn the_event_log_refuses_update_and_delete() {
     let (server, mut client) = TestServer::with_client().await;
