@@ -674,6 +674,16 @@ impl Db {
             .expect("rename key rows")
     }
 
+    /// Gives a projected key a name that is not UTF-8 (SQLite stores the bytes as text).
+    pub async fn corrupt_key_row_name(&self, key_id: &str) -> u64 {
+        self.change(
+            "UPDATE keys SET name = CAST(X'6bff' AS TEXT) WHERE key_id = ?".into(),
+            vec![Bind::Text(key_id.into())],
+        )
+        .await
+        .expect("corrupt a key row")
+    }
+
     /// Makes every projected key unrevoked and seven versions newer.
     pub async fn unrevoke_and_bump_key_rows(&self) {
         self.change(

@@ -400,6 +400,29 @@ async fn a_projection_behind_its_log_is_refused_at_start() {
     drop(tmp);
 }
 
+/// The start-up load copies text as bytes and checks it on the loading threads: a row whose
+/// text is not UTF-8 still stops the start, naming the problem, and nothing is served.
+#[tokio::test]
+async fn a_key_row_that_is_not_utf8_is_refused_at_start() {
+    sqlite_only();
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let (key, _) = client.create(private_key("soon corrupt", &[])).await;
+    let (dir, master_key) = (server.data_dir.clone(), server.master_key_hex.clone());
+    let db = server.db();
+    drop(client);
+    let tmp = server.shut_down().await;
+    assert_eq!(db.corrupt_key_row_name(&key.key_id).await, 1);
+    let out = Cli::kemon(&["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&dir)
+        .env("KEMON_MASTER_KEY", &master_key)
+        .run()
+        .await;
+    out.assert_failure();
+    assert!(out.stderr.contains("utf-8"), "{}", out.report());
+    drop(tmp);
+}
+
 /// More events and keys than one batch of the bulk paths holds (4096), over many workspaces,
 /// with streams of several events: the rebuild, the start-up load and `audit verify` read
 /// them on several threads and must agree with the live projection row for row.

@@ -178,7 +178,7 @@ fn fan_out_key_rows(
             let mut batch = next_batch();
             let mut next = 0;
             while let Some(row) = rows.next()? {
-                batch.push(&rows::row_ref(row)?);
+                batch.push(row)?;
                 if batch.len() == BATCH {
                     let full = std::mem::replace(&mut batch, next_batch());
                     if senders[next].send(full).is_err() {

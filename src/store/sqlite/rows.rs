@@ -389,41 +389,62 @@ impl RowBatch {
         (start, u32::try_from(value.len()).unwrap_or(u32::MAX))
     }
 
-    pub fn push(&mut self, r: &KeyRowRef<'_>) {
+    /// Copies a `keys` row as it is stored, selected as [`KEY_COLUMNS`]. Text is copied as
+    /// bytes: the reading thread is the one the others wait on, so checking that it is UTF-8
+    /// is left to [`RowBatch::iter`], on the threads that validate the rest of the row.
+    pub fn push(&mut self, row: &rusqlite::Row<'_>) -> rusqlite::Result<()> {
+        use rusqlite::types::{FromSqlError, Type, ValueRef};
+        let refused = |i: usize, found: Type| {
+            rusqlite::Error::FromSqlConversionFailure(i, found, Box::new(FromSqlError::InvalidType))
+        };
+        let text_or_null = |i: usize| match row.get_ref(i)? {
+            ValueRef::Text(bytes) => Ok(Some(bytes)),
+            ValueRef::Null => Ok(None),
+            other => Err(refused(i, other.data_type())),
+        };
+        let text = |i: usize| text_or_null(i)?.ok_or_else(|| refused(i, Type::Null));
+        let int = |i: usize| row.get_ref(i)?.as_i64().map_err(rusqlite::Error::from);
+        let int_or_null = |i: usize| {
+            row.get_ref(i)?
+                .as_i64_or_null()
+                .map_err(rusqlite::Error::from)
+        };
+        let (public_key, rolled_from, rolled_to) =
+            (text_or_null(9)?, text_or_null(20)?, text_or_null(21)?);
         let spans = [
-            self.copy(r.key_id.as_bytes()),
-            self.copy(r.workspace_id.as_bytes()),
-            self.copy(r.name.as_bytes()),
-            self.copy(r.key_type.as_bytes()),
-            self.copy(r.environment.as_bytes()),
-            self.copy(r.scopes.as_bytes()),
-            self.copy(r.secret_hash),
-            self.copy(r.masked.as_bytes()),
-            self.copy(r.allowed_domains.as_bytes()),
-            self.copy(r.created_by.as_bytes()),
-            self.copy(r.public_key.unwrap_or_default().as_bytes()),
-            self.copy(r.rolled_from_key_id.unwrap_or_default().as_bytes()),
-            self.copy(r.rolled_to_key_id.unwrap_or_default().as_bytes()),
+            self.copy(text(0)?),
+            self.copy(text(1)?),
+            self.copy(text(2)?),
+            self.copy(text(3)?),
+            self.copy(text(4)?),
+            self.copy(text(5)?),
+            self.copy(row.get_ref(7)?.as_blob()?),
+            self.copy(text(8)?),
+            self.copy(text(10)?),
+            self.copy(text(17)?),
+            self.copy(public_key.unwrap_or_default()),
+            self.copy(rolled_from.unwrap_or_default()),
+            self.copy(rolled_to.unwrap_or_default()),
         ];
         self.rows.push(CopiedRow {
             spans,
-            has_public_key: r.public_key.is_some(),
-            has_rolled_from: r.rolled_from_key_id.is_some(),
-            has_rolled_to: r.rolled_to_key_id.is_some(),
-            full_access: r.full_access,
-            reveal_later: r.reveal_later,
-            created_at: r.created_at,
-            expires_at: r.expires_at,
-            revoked_at: r.revoked_at,
-            version: r.version,
-            stream_version: r.stream_version,
-            updated_at: r.updated_at,
-            last_revealed_at: r.last_revealed_at,
+            has_public_key: public_key.is_some(),
+            has_rolled_from: rolled_from.is_some(),
+            has_rolled_to: rolled_to.is_some(),
+            full_access: int(6)? != 0,
+            reveal_later: int(14)? != 0,
+            created_at: int(11)?,
+            expires_at: int_or_null(12)?,
+            revoked_at: int_or_null(13)?,
+            version: int(15)?,
+            stream_version: int(16)?,
+            updated_at: int(18)?,
+            last_revealed_at: int_or_null(19)?,
         });
+        Ok(())
     }
 
-    /// The rows, borrowed from the batch. Text copied from SQLite as `&str` is UTF-8, so the
-    /// checks here never fail on a batch built by [`RowBatch::push`].
+    /// The rows, borrowed from the batch; a text column that is not UTF-8 is refused here.
     pub fn iter(&self) -> impl Iterator<Item = Result<KeyRowRef<'_>, String>> {
         self.rows.iter().map(|row| {
             let bytes = |i: usize| {
