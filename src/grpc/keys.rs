@@ -28,8 +28,12 @@ use crate::proto::convert::{
 };
 use crate::proto::v1 as pb;
 use crate::proto::v1::key_service_server::KeyService;
-use crate::store::{CreateRequest, ListFilter, SealedSecret, Store, Write};
+use crate::store::{CreateRequest, ListFilter, SealedSecret, Store, Write, Written};
 use crate::vault::MasterKey;
+
+fn random_failed(e: getrandom::Error) -> ApiError {
+    ApiError::Internal(format!("random source failed: {e}"))
+}
 
 /// Most entries accepted in a `scopes` or `required_scopes` list.
 pub const MAX_SCOPES_LISTED: usize = 16;
@@ -403,8 +407,6 @@ impl KeyApi {
         };
 
         let now = self.clock.now_ms();
-        let random_failed =
-            |e: getrandom::Error| ApiError::Internal(format!("random source failed: {e}"));
         let key_id = KeyId::try_generate(now).map_err(random_failed)?;
         record_key_id(key_id);
         let secret = ApiKey::try_generate(key_type, environment).map_err(random_failed)?;
@@ -423,49 +425,24 @@ impl KeyApi {
             public_key: (key_type == KeyType::Public).then(|| secret.expose().to_owned()),
         }
         .validate(now)?;
-        let sealed_secret = if key_type == KeyType::Private && req.reveal_later {
-            Some(SealedSecret {
-                sealed: self
-                    .master_key
-                    .seal(key_id, secret.expose())
-                    .map_err(random_failed)?,
-                master_key_id: self.master_key.fingerprint(),
-            })
-        } else {
-            None
-        };
-        let create_request = match request_id {
-            None => None,
-            Some(request_id) => Some(CreateRequest {
-                request_id,
-                digest: create_digest(req),
-                sealed_secret: self
-                    .master_key
-                    .seal(key_id, secret.expose())
-                    .map_err(random_failed)?,
-            }),
-        };
-        let written = self
-            .store
-            .create(Write {
-                workspace_id,
-                key_id,
-                command: Command::Create(Box::new(new_key)),
-                actor: actor.id,
-                caller_identity: actor.caller_identity,
-                sealed_secret,
-                create_request,
-            })
-            .await
-            .map_err(|e| ApiError::from(e).about(key_id))?;
-        let secret = match &written.replayed {
-            None => secret.expose().to_owned(),
-            Some(replayed) => replayed
-                .sealed_secret
-                .as_ref()
-                .and_then(|sealed| self.master_key.open(written.state.key_id, sealed))
-                .unwrap_or_default(),
-        };
+        let sealed_secret = (key_type == KeyType::Private && req.reveal_later)
+            .then(|| self.seal(key_id, &secret))
+            .transpose()?;
+        let (written, secret) = self
+            .write_new_key(
+                Write {
+                    workspace_id,
+                    key_id,
+                    command: Command::Create(Box::new(new_key)),
+                    actor: actor.id,
+                    caller_identity: actor.caller_identity,
+                    sealed_secret,
+                    create_request: None,
+                },
+                request_id.map(|id| (id, create_digest(req))),
+                (key_id, &secret),
+            )
+            .await?;
         if written.replayed.is_some() {
             record_key_id(written.state.key_id);
         }
@@ -698,6 +675,53 @@ impl KeyApi {
         Ok(pb::RevealKeyResponse { secret })
     }
 
+    /// `secret` sealed with the master key for `key_id`, as revealable copies are kept.
+    fn seal(&self, key_id: KeyId, secret: &ApiKey) -> Result<SealedSecret, ApiError> {
+        Ok(SealedSecret {
+            sealed: self
+                .master_key
+                .seal(key_id, secret.expose())
+                .map_err(random_failed)?,
+            master_key_id: self.master_key.fingerprint(),
+        })
+    }
+
+    /// Writes a new key (CreateKey's, or RollKey's successor) `new_key_id` whose key string
+    /// is `secret`, and gives back the key string to answer with. With a request id (and the
+    /// digest of the request without it), the secret is kept sealed with the request, so that
+    /// a retry is answered with the same key string: a retry's answer carries the first
+    /// call's.
+    async fn write_new_key(
+        &self,
+        mut write: Write,
+        request: Option<(String, [u8; 32])>,
+        (new_key_id, secret): (KeyId, &ApiKey),
+    ) -> Result<(Written, String), ApiError> {
+        let key_id = write.key_id;
+        write.create_request = match request {
+            None => None,
+            Some((request_id, digest)) => Some(CreateRequest {
+                request_id,
+                digest,
+                sealed_secret: self.seal(new_key_id, secret)?.sealed,
+            }),
+        };
+        let written = self
+            .store
+            .create(write)
+            .await
+            .map_err(|e| ApiError::from(e).about(key_id))?;
+        let secret = match &written.replayed {
+            None => secret.expose().to_owned(),
+            Some(replayed) => replayed
+                .sealed_secret
+                .as_ref()
+                .and_then(|sealed| self.master_key.open(written.state.key_id, sealed))
+                .unwrap_or_default(),
+        };
+        Ok((written, secret))
+    }
+
     async fn roll(
         &self,
         request: &Request<pb::RollKeyRequest>,
@@ -732,34 +756,13 @@ impl KeyApi {
             .await?
             .ok_or(ApiError::key(KeyRefusal::NotFound, key_id))?;
         let now = self.clock.now_ms();
-        let random_failed =
-            |e: getrandom::Error| ApiError::Internal(format!("random source failed: {e}"));
         let successor_key_id = KeyId::try_generate(now).map_err(random_failed)?;
         let secret = ApiKey::try_generate(old.key_type, old.environment).map_err(random_failed)?;
         // Sealed whatever the old key says: the writer keeps the copy only if the old key,
         // as it stands when the roll is decided, was created with reveal_later.
         let sealed_secret = (old.key_type == KeyType::Private)
-            .then(|| {
-                self.master_key
-                    .seal(successor_key_id, secret.expose())
-                    .map(|sealed| SealedSecret {
-                        sealed,
-                        master_key_id: self.master_key.fingerprint(),
-                    })
-            })
-            .transpose()
-            .map_err(random_failed)?;
-        let create_request = match request_id {
-            None => None,
-            Some(request_id) => Some(CreateRequest {
-                request_id,
-                digest: roll_digest(req),
-                sealed_secret: self
-                    .master_key
-                    .seal(successor_key_id, secret.expose())
-                    .map_err(random_failed)?,
-            }),
-        };
+            .then(|| self.seal(successor_key_id, &secret))
+            .transpose()?;
         let roll = Roll {
             successor_key_id,
             secret_hash: secret.hash(),
@@ -769,27 +772,21 @@ impl KeyApi {
             now_ms: now,
             expected_version: req.expected_version,
         };
-        let written = self
-            .store
-            .create(Write {
-                workspace_id,
-                key_id,
-                command: Command::Roll(Box::new(roll)),
-                actor: actor.id,
-                caller_identity: actor.caller_identity,
-                sealed_secret,
-                create_request,
-            })
-            .await
-            .map_err(|e| ApiError::from(e).about(key_id))?;
-        let secret = match &written.replayed {
-            None => secret.expose().to_owned(),
-            Some(replayed) => replayed
-                .sealed_secret
-                .as_ref()
-                .and_then(|sealed| self.master_key.open(written.state.key_id, sealed))
-                .unwrap_or_default(),
-        };
+        let (written, secret) = self
+            .write_new_key(
+                Write {
+                    workspace_id,
+                    key_id,
+                    command: Command::Roll(Box::new(roll)),
+                    actor: actor.id,
+                    caller_identity: actor.caller_identity,
+                    sealed_secret,
+                    create_request: None,
+                },
+                request_id.map(|id| (id, roll_digest(req))),
+                (successor_key_id, &secret),
+            )
+            .await?;
         tracing::info!(successor = %written.state.key_id, grace_ms = grace.as_ms(), "key rolled");
         let states: Vec<KeyState> = [Some(&written.state), written.previous.as_ref()]
             .into_iter()
