@@ -25,15 +25,16 @@ impl KeyId {
         )))
     }
 
+    /// The canonical spelling only, so that one id has one string: upper case, and a first
+    /// character of at most `7` (26 characters carry 130 bits, of which a ULID is 128; a
+    /// larger first character would spell the same id as a smaller one).
     pub fn parse(s: &str) -> Result<KeyId, String> {
         s.strip_prefix("key_")
-            // The canonical (upper case) spelling only, so one id has one string.
-            .filter(|u| {
-                u.bytes()
-                    .all(|b| b.is_ascii_digit() || b.is_ascii_uppercase())
+            .and_then(|u| {
+                let ulid = ulid::Ulid::from_string(u).ok()?;
+                let mut spelled = [0u8; ulid::ULID_LEN];
+                (ulid.array_to_str(&mut spelled) == u).then_some(KeyId(ulid))
             })
-            .and_then(|u| ulid::Ulid::from_string(u).ok())
-            .map(KeyId)
             .ok_or_else(|| "must be `key_` followed by a 26-character ULID".to_owned())
     }
 
@@ -377,6 +378,12 @@ mod tests {
         );
         assert!(KeyId::parse("key_").is_err());
         assert_eq!(KeyId::from_bytes(id.to_bytes()), id);
+        // 26 characters hold 130 bits: a first character past `7` spells, with the top bits
+        // dropped, an id that has a shorter spelling.
+        let smallest = "key_00000000000000000000000000";
+        assert!(KeyId::parse(smallest).is_ok());
+        assert!(KeyId::parse("key_80000000000000000000000000").is_err());
+        assert!(KeyId::parse("key_7ZZZZZZZZZZZZZZZZZZZZZZZZZ").is_ok());
     }
 
     #[test]

@@ -21,14 +21,16 @@ use crate::domain::{
 /// Key states by key id, each kept as its encoding.
 #[derive(Debug, Default)]
 pub struct FoldedKeys {
-    states: HashMap<KeyId, Box<[u8]>>,
+    /// foldhash rather than SipHash: a replay hashes a key id per event, and these maps are
+    /// private to one process, filled from a log, not from callers.
+    states: HashMap<KeyId, Box<[u8]>, foldhash::fast::RandomState>,
 }
 
 impl FoldedKeys {
     /// Room for `keys` states without rehashing.
     pub fn with_capacity(keys: usize) -> FoldedKeys {
         FoldedKeys {
-            states: HashMap::with_capacity(keys),
+            states: HashMap::with_capacity_and_hasher(keys, Default::default()),
         }
     }
 
