@@ -261,10 +261,15 @@ const REVOKED: u8 = 1 << 5;
 const REVEALED: u8 = 1 << 6;
 const PUBLIC_KEY: u8 = 1 << 7;
 
-/// The sort key of an encoding: (workspace id bytes, key id bytes).
+/// The sort key of an encoding: (workspace id bytes, key id bytes). An encoding too short to
+/// hold them (never made by [`encode`]; decoding refuses it) sorts by what it has.
 fn sort_key(encoded: &[u8]) -> (&[u8], &[u8]) {
-    let len = usize::from(encoded[0]);
-    (&encoded[1..1 + len], &encoded[1 + len..17 + len])
+    let len = encoded.first().map_or(0, |&l| usize::from(l));
+    let part = |from: usize, to: usize| encoded.get(from.min(encoded.len())..to.min(encoded.len()));
+    (
+        part(1, 1 + len).unwrap_or_default(),
+        part(1 + len, 17 + len).unwrap_or_default(),
+    )
 }
 
 /// The order of the SQLite projection's rows (workspace id, then key id, as bytes), between
@@ -624,6 +629,15 @@ mod tests {
             sorted_by_workspace(parts.into_iter().map(FoldedKeys::into_part).collect()).collect();
         assert_eq!(sorted.len(), 3000);
         assert_eq!(sorted, expected);
+    }
+
+    #[test]
+    fn encodings_too_short_for_a_sort_key_still_compare() {
+        let whole = encode(&full(4));
+        for short in [&[][..], &[9], &[3, b'w', b's'], &whole[..10]] {
+            assert_eq!(projection_order(short, short), std::cmp::Ordering::Equal);
+            assert_ne!(projection_order(short, &whole), std::cmp::Ordering::Equal);
+        }
     }
 
     #[test]
