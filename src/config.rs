@@ -111,7 +111,8 @@ pub struct FoldArgs {
     pub keys_in_memory: usize,
     /// Directory for those temporary files (they are unlinked as soon as made, so nothing is
     /// left behind). Default: the database's directory for `rebuild` on SQLite, the system's
-    /// temporary directory (TMPDIR) otherwise.
+    /// temporary directory (TMPDIR) otherwise. Where that is a memory file system (tmpfs),
+    /// name a directory on disk: files in memory would bound nothing.
     #[arg(long, env = "KEMON_TEMP_DIR")]
     pub temp_dir: Option<PathBuf>,
 }

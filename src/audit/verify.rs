@@ -16,7 +16,9 @@
 //! ([`crate::log::spill`]), folded one after another at the end. Its first bad record is then
 //! found at the end rather than when it is pushed; the failure reported is the same, since
 //! every check of a record depends only on the records before it (see
-//! [`Verifier::push_batch`]), so the first failing record is the one with the least sequence.
+//! [`Verifier::push_batch`]): the first failing record is the one pushed first, whichever
+//! check it fails. (Pushed first, not least sequence: a tampered log's sequences need not
+//! increase, which is one thing the checks catch.)
 
 use std::collections::HashMap;
 use std::fmt;
@@ -88,6 +90,10 @@ pub struct Verifier {
     replay: CompactReplay,
     events: u64,
     failure: Option<ReplayError>,
+    /// Records pushed before the current batch: each record's position in the log as read.
+    pushed: u64,
+    /// The position of the record `failure` is about.
+    failure_at: u64,
     expect_head: Option<(u64, Hash)>,
     /// What the stored projection's rows have shown so far ([`Verifier::check_rows`]).
     projection: ProjectionCheck,
@@ -125,6 +131,8 @@ impl Verifier {
             chains: Chains::default(),
             replay: CompactReplay::default(),
             events: 0,
+            pushed: 0,
+            failure_at: 0,
             failure: None,
             projection: ProjectionCheck::default(),
             limits: FoldLimits::default(),
@@ -165,11 +173,11 @@ impl Verifier {
         }
         let check_log = self.scope == Scope::Log;
         let jobs = predecessors(&self.chains, records, check_log);
-        let (replay, spilled) = (&mut self.replay, &mut self.spilled);
+        let (replay, spilled, pushed) = (&mut self.replay, &mut self.spilled, self.pushed);
         // Replayed here, or put in the parts of a spilled replay, replayed at the end.
         let mut replay_or_spill = || match spilled {
             None => Ok(replay_until_failure(replay, records)),
-            Some(spilled) => spilled.push(records).map(|()| None),
+            Some(spilled) => spilled.push(records, pushed).map(|()| None),
         };
         let log_jobs = || jobs.iter().map(|(log, _)| *log);
         let workspace_jobs = || jobs.iter().map(|(_, workspace)| Some(*workspace));
@@ -208,6 +216,7 @@ impl Verifier {
                 Some((at, e)) if *at == i => Some(e.clone()),
                 _ => None,
             };
+            self.failure_at = pushed + i as u64;
             let Some(&expected) = expected.get(i) else {
                 self.failure = Some(ReplayError {
                     sequence: record.sequence,
@@ -220,6 +229,7 @@ impl Verifier {
                 return false;
             }
         }
+        self.pushed += records.len() as u64;
         if self.spilled.is_none() && self.replay.keys.len() > self.limits.keys_in_memory {
             // Taken out, so that the map's own memory is freed with the states.
             let mut states = std::mem::take(&mut self.replay.keys);
@@ -371,9 +381,13 @@ impl Verifier {
             },
             Some(spilled) => spilled.replay(&mut self.projection)?,
         };
-        // The first failing record is the one with the least sequence; on the same record,
-        // the chains are checked before the replay.
-        keep_first(&mut self.failure, replayed.failure);
+        // The first failing record is the one pushed first; on the same record, the chains
+        // are checked before the replay.
+        if let Some((at, failure)) = replayed.failure
+            && (self.failure.is_none() || at < self.failure_at)
+        {
+            self.failure = Some(failure);
+        }
         let keys = replayed.keys;
         if self.failure.is_none() {
             self.failure = self
@@ -410,18 +424,19 @@ impl Verifier {
 #[derive(Default)]
 struct Replayed {
     keys: usize,
-    /// The first record, in log order, that did not replay (a spilled replay finds it only
-    /// at the end).
-    failure: Option<ReplayError>,
+    /// The first record pushed that did not replay, with its position (a spilled replay
+    /// finds it only at the end).
+    failure: Option<(u64, ReplayError)>,
     last_sequence: u64,
     /// The least key id replayed without a row in the projection.
     missing: Option<KeyId>,
 }
 
 impl Spilled {
-    fn push(&mut self, records: &[LogRecord]) -> io::Result<()> {
-        for r in records {
-            self.records.event(&EventRef::of(r))?;
+    /// Puts `records`, the first at position `pushed`, in their parts.
+    fn push(&mut self, records: &[LogRecord], pushed: u64) -> io::Result<()> {
+        for (i, r) in records.iter().enumerate() {
+            self.records.event(&EventRef::at(r, pushed + i as u64))?;
             self.last_sequence = r.sequence;
         }
         Ok(())
@@ -499,7 +514,8 @@ fn replay_part(
                     sequence: e.sequence,
                     reason,
                 })
-                .and_then(|record| replay.apply(&record)),
+                .and_then(|record| replay.apply(&record))
+                .map_err(|failure| (e.position, failure)),
         };
         // A part stops at its first bad record, as a replay in memory does.
         folded.map_err(|e| failure = Some(e)).is_ok()
@@ -525,18 +541,13 @@ impl Replayed {
     /// Adds what another part of the replay found.
     fn absorb(&mut self, other: Replayed) {
         self.keys += other.keys;
-        keep_first(&mut self.failure, other.failure);
+        if let Some((at, failure)) = other.failure
+            && self.failure.as_ref().is_none_or(|(first, _)| at < *first)
+        {
+            self.failure = Some((at, failure));
+        }
         self.missing = least(self.missing, other.missing);
         self.last_sequence = self.last_sequence.max(other.last_sequence);
-    }
-}
-
-/// Keeps in `first` whichever of it and `failure` has the least sequence (`first` on a tie).
-fn keep_first(first: &mut Option<ReplayError>, failure: Option<ReplayError>) {
-    if let Some(failure) = failure
-        && first.as_ref().is_none_or(|f| failure.sequence < f.sequence)
-    {
-        *first = Some(failure);
     }
 }
 
@@ -1120,6 +1131,11 @@ mod tests {
         t[k].key_id = t[k].key_id.to_lowercase();
         rechain(&mut t[..]);
         cases.push(("a stream spelled in lower case", t, None));
+        // Sequences out of order: a record copied later into the log. Its replay fails under
+        // its own (earlier) sequence, but it is the copy's place that fails first.
+        let mut t = original.clone();
+        t.insert(200, original[50].clone());
+        cases.push(("an earlier record copied later", t, None));
         for (what, records, expect_head) in cases {
             let failure = same_verdict(
                 what,
@@ -1182,6 +1198,14 @@ mod tests {
         assert!(same_verdict("another workspace's record", w.clone(), None, &t, None).is_some());
         let mut t = workspace.clone();
         t.swap(30, 31);
-        assert!(same_verdict("records out of order", w, None, &t, None).is_some());
+        assert!(same_verdict("records out of order", w.clone(), None, &t, None).is_some());
+        // A record that does not replay, then an earlier record copied in after it: the
+        // replay's failure comes first, though the copy's sequence is smaller.
+        let mut t = workspace.clone();
+        t[30].stream_version += 5;
+        rechain(&mut t[..]);
+        t.insert(40, t[20].clone());
+        let failure = same_verdict("a bad replay, then a copy", w, None, &t, None);
+        assert_eq!(failure.map(|f| f.sequence), Some(t[30].sequence));
     }
 }

@@ -5,8 +5,9 @@
 //! the key's own events. So folding the parts one after another gives every key the state a
 //! fold of the whole log gives it, while holding one part's keys at a time. A fold that began
 //! in memory and outgrew it moves its states into the parts first, each before its key's later
-//! events. A part stops at its first bad event; the first of those in log order, across the
-//! parts, is where a fold of the whole log would have stopped.
+//! events. A part stops at its first bad event; the first of those in the order the events were
+//! read (their [`EventRef::position`]), across the parts, is where a fold of the whole log
+//! would have stopped.
 //!
 //! With [`PARTS`] parts and [`DEFAULT_KEYS_IN_MEMORY`] keys in memory, memory stays bounded up
 //! to 32 million keys; past that, each part holds a 128th of the keys (a 100-million-key log
@@ -84,6 +85,10 @@ fn part_of_stream(key_id: &[u8]) -> usize {
 /// An event as a fold needs it, borrowed from wherever it was read.
 #[derive(Debug, Clone, Copy)]
 pub struct EventRef<'a> {
+    /// Its place in the order the events were read: what orders failures found in different
+    /// parts. Read from a database in log order, that is the sequence; a file being verified
+    /// may hold sequences out of order, so the verifier counts.
+    pub position: u64,
     pub sequence: u64,
     pub stream_version: u64,
     pub schema_version: u32,
@@ -96,8 +101,10 @@ pub struct EventRef<'a> {
 }
 
 impl<'a> EventRef<'a> {
-    pub fn of(record: &'a LogRecord) -> EventRef<'a> {
+    /// `record`, read at `position`.
+    pub fn at(record: &'a LogRecord, position: u64) -> EventRef<'a> {
         EventRef {
+            position,
             sequence: record.sequence,
             stream_version: record.stream_version,
             schema_version: record.schema_version,
@@ -183,6 +190,7 @@ impl Spill {
     pub fn event(&mut self, e: &EventRef<'_>) -> io::Result<()> {
         let out = &mut self.parts[part_of_stream(e.key_id)];
         out.write_all(&[EVENT])?;
+        out.write_all(&e.position.to_le_bytes())?;
         out.write_all(&e.sequence.to_le_bytes())?;
         out.write_all(&e.stream_version.to_le_bytes())?;
         out.write_all(&e.schema_version.to_le_bytes())?;
@@ -243,6 +251,7 @@ impl Part {
                 }
                 EVENT => {
                     let r = &mut self.reader;
+                    let position = u64::from_le_bytes(read_array(r)?);
                     let sequence = u64::from_le_bytes(read_array(r)?);
                     let stream_version = u64::from_le_bytes(read_array(r)?);
                     let schema_version = u32::from_le_bytes(read_array(r)?);
@@ -252,6 +261,7 @@ impl Part {
                     }
                     let [key_id, workspace_id, event_type, payload, actor] = &fields;
                     each(Item::Event(EventRef {
+                        position,
                         sequence,
                         stream_version,
                         schema_version,
@@ -319,12 +329,13 @@ impl Run {
     }
 
     fn next_encoding(&mut self) -> io::Result<Option<Box<[u8]>>> {
+        // The end of the run is the end of the file before a length; a length cut short is
+        // an error, not the end.
         let mut len = [0u8; 4];
-        match self.reader.read_exact(&mut len) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-            Err(e) => return Err(e),
+        if self.reader.read(&mut len[..1])? == 0 {
+            return Ok(None);
         }
+        self.reader.read_exact(&mut len[1..])?;
         let mut encoded = vec![0u8; u32::from_le_bytes(len) as usize];
         self.reader.read_exact(&mut encoded)?;
         Ok(Some(encoded.into()))
@@ -445,10 +456,10 @@ mod tests {
             }
         }
         records.push(event(9999, "not a key id"));
-        for r in &records {
-            spill.event(&EventRef::of(r)).unwrap();
+        for (position, r) in records.iter().enumerate() {
+            spill.event(&EventRef::at(r, position as u64)).unwrap();
             let part = KeyId::parse(&r.key_id).map_or(0, |k| part_of(&k));
-            written[part].push(format!("event {r:?}"));
+            written[part].push(format!("event {r:?} at {position}"));
         }
         let parts = spill.into_parts().unwrap();
         assert_eq!(parts.len(), PARTS);
@@ -458,7 +469,9 @@ mod tests {
             part.for_each(|item| {
                 read.push(match item {
                     Item::State(key, encoded) => format!("state {key} {encoded:?}"),
-                    Item::Event(e) => format!("event {:?}", e.to_record().unwrap()),
+                    Item::Event(e) => {
+                        format!("event {:?} at {}", e.to_record().unwrap(), e.position)
+                    }
                 });
                 true
             })

@@ -387,6 +387,8 @@ impl Backend for PgBackend {
             while let Some(row) = rows.try_next().await? {
                 let sequence: i64 = row.try_get("sequence")?;
                 let event = EventRef {
+                    // Read in the order of their sequences, which the log's key makes unique.
+                    position: u64::try_from(sequence).unwrap_or(0),
                     sequence: u64::try_from(sequence).unwrap_or(0),
                     stream_version: u64::try_from(row.try_get::<i64, _>("stream_version")?)
                         .unwrap_or(0),
@@ -411,12 +413,22 @@ impl Backend for PgBackend {
         let keys = match spill {
             None => write_folded(&mut tx, folded).await?,
             Some(spill) => {
+                // Every part is folded, so that the failure reported is the first in log
+                // order, as in memory; rows are written while none has failed (a failure
+                // rolls them back with the transaction).
                 let mut keys = 0;
+                let mut first: Option<sqlite::FoldFailure> = None;
                 for part in spill.into_parts().map_err(spill_error)? {
-                    let folded = sqlite::fold_spilled(part)
-                        .map_err(spill_error)?
-                        .map_err(|failure| failure.error)?;
-                    keys += write_folded(&mut tx, folded).await?;
+                    match sqlite::fold_spilled(part).map_err(spill_error)? {
+                        Ok(folded) if first.is_none() => {
+                            keys += write_folded(&mut tx, folded).await?;
+                        }
+                        Ok(_) => {}
+                        Err(failure) => sqlite::FoldFailure::keep_first(&mut first, Some(failure)),
+                    }
+                }
+                if let Some(failure) = first {
+                    return Err(failure.error);
                 }
                 keys
             }

@@ -475,6 +475,7 @@ impl EventBatch {
 
     fn event(&self, e: &CopiedEvent) -> EventRef<'_> {
         EventRef {
+            position: e.sequence,
             sequence: e.sequence,
             stream_version: e.stream_version,
             schema_version: e.schema_version,
@@ -498,7 +499,10 @@ pub(in crate::store) struct FoldFailure {
 
 impl FoldFailure {
     /// Keeps in `first` whichever of it and `failure` comes first in the log.
-    fn keep_first(first: &mut Option<FoldFailure>, failure: Option<FoldFailure>) {
+    pub(in crate::store) fn keep_first(
+        first: &mut Option<FoldFailure>,
+        failure: Option<FoldFailure>,
+    ) {
         if let Some(failure) = failure
             && first.as_ref().is_none_or(|f| failure.sequence < f.sequence)
         {
@@ -692,6 +696,8 @@ fn fold_log_spilled(conn: &Connection, dir: &Path) -> Result<(Vec<Run>, u64, i64
         let bytes = |i| row.get_ref(i)?.as_bytes().map_err(rusqlite::Error::from);
         parts
             .event(&EventRef {
+                // Read in the order of their sequences, which the log's key makes unique.
+                position: u64::try_from(sequence).unwrap_or(0),
                 sequence: u64::try_from(sequence).unwrap_or(0),
                 stream_version: u64::try_from(row.get::<_, i64>(2)?).unwrap_or(0),
                 schema_version: u32::try_from(row.get::<_, i64>(4)?).unwrap_or(u32::MAX),

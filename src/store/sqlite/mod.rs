@@ -12,7 +12,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Connection, Row, SqliteConnection, SqlitePool};
 
 mod bulk;
-pub(super) use bulk::{fold_one, fold_spilled};
+pub(super) use bulk::{FoldFailure, fold_one, fold_spilled};
 pub mod rows;
 
 use super::backend::{Answered, Backend, Effects, RebuildReport, Snapshot, WriteSession};
