@@ -372,12 +372,7 @@ async fn a_projection_behind_its_log_is_refused_at_start() {
     // As if the revocation had reached the log but not the keys table: a server starting
     // on it would accept the revoked key. It refuses to serve instead.
     db.set_checkpoint(1).await;
-    let out = Cli::kemon(&["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&dir)
-        .env("KEMON_MASTER_KEY", &master_key)
-        .run()
-        .await;
-    out.assert_failure();
+    let out = serve_refused(&dir, &master_key).await;
     assert!(
         out.stderr.contains("kemon-keys rebuild"),
         "names the remedy: {}",
@@ -413,14 +408,20 @@ async fn a_key_row_that_is_not_utf8_is_refused_at_start() {
     drop(client);
     let tmp = server.shut_down().await;
     assert_eq!(db.corrupt_key_row_name(&key.key_id).await, 1);
+    let out = serve_refused(&dir, &master_key).await;
+    assert!(out.stderr.contains("utf-8"), "{}", out.report());
+    drop(tmp);
+}
+
+/// `kemon-keys serve` on `dir`, which must refuse to start.
+async fn serve_refused(dir: &Path, master_key: &str) -> Ran {
     let out = Cli::kemon(&["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&dir)
-        .env("KEMON_MASTER_KEY", &master_key)
+        .arg(dir)
+        .env("KEMON_MASTER_KEY", master_key)
         .run()
         .await;
     out.assert_failure();
-    assert!(out.stderr.contains("utf-8"), "{}", out.report());
-    drop(tmp);
+    out
 }
 
 /// More events and keys than one batch of the bulk paths holds (4096), over many workspaces,
