@@ -106,7 +106,8 @@ pub struct VerifyArgs {
 pub struct FoldArgs {
     /// Key states to hold in memory while replaying the log, about 200 bytes each. A log with
     /// more keys (for `rebuild`, more events) is replayed in 128 parts through temporary
-    /// files, so that memory stays bounded whatever the log's size.
+    /// files, each part's keys in memory in turn: memory stays near this bound up to 128 times
+    /// as many keys, and grows by a 128th of the keys past that.
     #[arg(long, env = "KEMON_KEYS_IN_MEMORY", default_value_t = crate::log::spill::DEFAULT_KEYS_IN_MEMORY)]
     pub keys_in_memory: usize,
     /// Directory for those temporary files (they are unlinked as soon as made, so nothing is
