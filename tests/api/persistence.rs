@@ -1,6 +1,6 @@
 //! Durability: restarts, the event log, projection rebuilds, secrets at rest and master keys.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -190,16 +190,50 @@ async fn populate(server: &TestServer) -> usize {
     5
 }
 
+/// A stopped server's data and what it takes to use it again: the database, the command-line
+/// tools' arguments for it, and a new server on it with the same clock and master key.
+struct Stopped {
+    db: crate::inspect::Db,
+    data_args: Vec<String>,
+    data_dir: PathBuf,
+    clock: ManualClock,
+    master_key: String,
+    /// Keeps the data directory until the test ends.
+    _tmp: Option<Arc<tempfile::TempDir>>,
+}
+
+impl Stopped {
+    async fn of(server: TestServer) -> Stopped {
+        let (db, data_args) = (server.db(), server.data_args());
+        let (data_dir, clock) = (server.data_dir.clone(), server.clock.clone());
+        let master_key = server.master_key_hex.clone();
+        Stopped {
+            db,
+            data_args,
+            data_dir,
+            clock,
+            master_key,
+            _tmp: server.shut_down().await,
+        }
+    }
+
+    /// A server on the same data.
+    async fn restart(&self) -> anyhow::Result<TestServer> {
+        TestServer::start_in(
+            &self.data_dir,
+            self.clock.clone(),
+            MasterKeySource::Hex(self.master_key.clone()),
+        )
+        .await
+    }
+}
+
 #[tokio::test]
 async fn rebuild_recreates_the_projection_exactly() {
     let server = TestServer::start().await;
     let keys = populate(&server).await;
-    let db = server.db();
-    let data_args = server.data_args();
-    let data_dir = server.data_dir.clone();
-    let clock = server.clock.clone();
-    let master_key = server.master_key_hex.clone();
-    let tmp = server.shut_down().await;
+    let stopped = Stopped::of(server).await;
+    let (db, data_args) = (&stopped.db, &stopped.data_args);
 
     let original = db.projection().await;
     let schema = if db.is_sqlite() {
@@ -254,7 +288,7 @@ async fn rebuild_recreates_the_projection_exactly() {
     db.rename_key_rows(None, "tampered again").await;
     db.set_checkpoint(1).await;
     assert_ne!(db.projection().await, original);
-    let output = Cli::kemon(&["rebuild"]).args(&data_args).run().await;
+    let output = Cli::kemon(&["rebuild"]).args(data_args).run().await;
     assert!(
         output.status.success(),
         "kemon-keys rebuild failed: {:?}\n{}",
@@ -277,9 +311,7 @@ async fn rebuild_recreates_the_projection_exactly() {
     }
 
     // The server starts on the rebuilt projection.
-    let server = TestServer::start_in(&data_dir, clock, MasterKeySource::Hex(master_key))
-        .await
-        .expect("start after rebuild");
+    let server = stopped.restart().await.expect("start after rebuild");
     let mut client = server.client().await;
     assert_eq!(client.list_all().await.len(), keys);
 
@@ -304,7 +336,6 @@ async fn rebuild_recreates_the_projection_exactly() {
     drop(client);
     server.shut_down().await;
     assert_eq!(db.projection().await, original);
-    drop(tmp);
 }
 
 /// Whether the projection is the clustered table of migration 3.
@@ -320,37 +351,29 @@ async fn a_database_from_before_the_clustered_projection_keeps_every_row() {
     sqlite_only();
     let server = TestServer::start().await;
     let keys = populate(&server).await;
-    let (dir, clock, key) = (
-        server.data_dir.clone(),
-        server.clock.clone(),
-        server.master_key_hex.clone(),
-    );
-    let db = server.db();
-    let tmp = server.shut_down().await;
+    let stopped = Stopped::of(server).await;
+    let db = &stopped.db;
     let original = db.projection().await;
     db.unmigrate_clustered_keys().await;
-    assert!(!clustered(&db).await);
+    assert!(!clustered(db).await);
     assert_eq!(
         db.projection().await,
         original,
         "the same rows, laid out as before"
     );
 
-    let server = TestServer::start_in(&dir, clock, MasterKeySource::Hex(key))
-        .await
-        .expect("start on the old layout");
+    let server = stopped.restart().await.expect("start on the old layout");
     let mut client = server.client().await;
     assert_eq!(client.list_all().await.len(), keys);
     drop(client);
     server.shut_down().await;
-    assert!(clustered(&db).await, "migrated");
+    assert!(clustered(db).await, "migrated");
     assert_eq!(db.projection().await, original);
     Cli::kemon(&["audit", "verify"])
         .args(db.source_args())
         .run()
         .await
         .assert_verified();
-    drop(tmp);
 }
 
 #[tokio::test]
@@ -360,19 +383,14 @@ async fn a_projection_behind_its_log_is_refused_at_start() {
     let mut client = server.client().await;
     let (key, secret) = client.create(private_key("soon revoked", &[])).await;
     client.revoke(&key.key_id).await;
-    let (dir, clock, master_key) = (
-        server.data_dir.clone(),
-        server.clock.clone(),
-        server.master_key_hex.clone(),
-    );
-    let db = server.db();
     drop(client);
-    let tmp = server.shut_down().await;
+    let stopped = Stopped::of(server).await;
+    let (db, dir) = (&stopped.db, &stopped.data_dir);
 
     // As if the revocation had reached the log but not the keys table: a server starting
     // on it would accept the revoked key. It refuses to serve instead.
     db.set_checkpoint(1).await;
-    let out = serve_refused(&dir, &master_key).await;
+    let out = serve_refused(&stopped).await;
     assert!(
         out.stderr.contains("kemon-keys rebuild"),
         "names the remedy: {}",
@@ -380,19 +398,16 @@ async fn a_projection_behind_its_log_is_refused_at_start() {
     );
 
     Cli::kemon(&["rebuild", "--data-dir"])
-        .arg(&dir)
+        .arg(dir)
         .run()
         .await
         .assert_success();
-    let server = TestServer::start_in(&dir, clock, MasterKeySource::Hex(master_key))
-        .await
-        .expect("start after the rebuild");
+    let server = stopped.restart().await.expect("start after the rebuild");
     let mut client = server.client().await;
     let verdict = client.verify(&secret, &[], "").await;
     assert_eq!(code(&verdict), pb::VerifyCode::Revoked);
     drop(client);
     server.shut_down().await;
-    drop(tmp);
 }
 
 /// The start-up load copies text as bytes and checks it on the loading threads: a row whose
@@ -403,21 +418,18 @@ async fn a_key_row_that_is_not_utf8_is_refused_at_start() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
     let (key, _) = client.create(private_key("soon corrupt", &[])).await;
-    let (dir, master_key) = (server.data_dir.clone(), server.master_key_hex.clone());
-    let db = server.db();
     drop(client);
-    let tmp = server.shut_down().await;
-    assert_eq!(db.corrupt_key_row_name(&key.key_id).await, 1);
-    let out = serve_refused(&dir, &master_key).await;
+    let stopped = Stopped::of(server).await;
+    assert_eq!(stopped.db.corrupt_key_row_name(&key.key_id).await, 1);
+    let out = serve_refused(&stopped).await;
     assert!(out.stderr.contains("utf-8"), "{}", out.report());
-    drop(tmp);
 }
 
-/// `kemon-keys serve` on `dir`, which must refuse to start.
-async fn serve_refused(dir: &Path, master_key: &str) -> Ran {
+/// `kemon-keys serve` on a stopped server's data, which must refuse to start.
+async fn serve_refused(stopped: &Stopped) -> Ran {
     let out = Cli::kemon(&["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir)
-        .env("KEMON_MASTER_KEY", master_key)
+        .arg(&stopped.data_dir)
+        .env("KEMON_MASTER_KEY", &stopped.master_key)
         .run()
         .await;
     out.assert_failure();
@@ -466,14 +478,8 @@ async fn thousands_of_keys_rebuild_load_and_verify_exactly() {
         let (_, kept) = task.await.expect("writer task");
         samples.extend(kept);
     }
-    let (dir, clock, master_key) = (
-        server.data_dir.clone(),
-        server.clock.clone(),
-        server.master_key_hex.clone(),
-    );
-    let db = server.db();
-    let data = server.data_args();
-    let tmp = server.shut_down().await;
+    let stopped = Stopped::of(server).await;
+    let (db, data) = (&stopped.db, &stopped.data_args);
     let live = db.projection().await;
     assert_eq!(live.rows.len(), TASKS * PER_TASK);
     let events = db.event_count(None).await;
@@ -496,7 +502,7 @@ async fn thousands_of_keys_rebuild_load_and_verify_exactly() {
     for in_parts in [false, true] {
         let rebuild = || async {
             cli(&["rebuild"], in_parts)
-                .args(data.clone())
+                .args(data)
                 .run()
                 .await
                 .assert_success();
@@ -542,16 +548,14 @@ async fn thousands_of_keys_rebuild_load_and_verify_exactly() {
         "no temporary file is left"
     );
     cli(&["rebuild"], true)
-        .args(data.clone())
+        .args(data)
         .run()
         .await
         .assert_success();
     assert_eq!(db.projection().await, live);
 
     // Every key is loaded at start, revocations included.
-    let server = TestServer::start_in(&dir, clock, MasterKeySource::Hex(master_key))
-        .await
-        .expect("restart");
+    let server = stopped.restart().await.expect("restart");
     let mut client = server.client().await;
     for (secret, revoked, _) in &samples {
         let verdict = client.verify(secret, &["tickets:read"], "").await;
@@ -564,7 +568,6 @@ async fn thousands_of_keys_rebuild_load_and_verify_exactly() {
     }
     drop(client);
     server.shut_down().await;
-    drop(tmp);
 }
 
 /// A replay in parts whose temporary files cannot be made stops with the directory named,
@@ -573,9 +576,8 @@ async fn thousands_of_keys_rebuild_load_and_verify_exactly() {
 async fn a_replay_in_parts_without_its_temporary_files_changes_nothing() {
     let server = TestServer::start().await;
     populate(&server).await;
-    let db = server.db();
-    let data = server.data_args();
-    let tmp = server.shut_down().await;
+    let stopped = Stopped::of(server).await;
+    let (db, data) = (&stopped.db, &stopped.data_args);
     let original = db.projection().await;
     let temp = tempfile::tempdir().expect("temporary directory");
     let nowhere = temp.path().join("no such directory");
@@ -587,7 +589,7 @@ async fn a_replay_in_parts_without_its_temporary_files_changes_nothing() {
 
     db.rename_key_rows(None, "to be rebuilt").await;
     let tampered = db.projection().await;
-    let out = in_parts(&["rebuild"]).args(data.clone()).run().await;
+    let out = in_parts(&["rebuild"]).args(data).run().await;
     out.assert_failure();
     let named = format!("temporary files in {}", nowhere.display());
     assert!(out.stderr.contains(&named), "{}", out.report());
@@ -614,7 +616,6 @@ async fn a_replay_in_parts_without_its_temporary_files_changes_nothing() {
         .run()
         .await
         .assert_verified();
-    drop(tmp);
 }
 
 #[tokio::test]
@@ -1009,13 +1010,9 @@ async fn a_rebuild_that_runs_out_of_disk_leaves_the_database_as_it_was() {
         keys += 1;
     }
     drop(client);
-    let db = server.db();
     let db_path = server.db_path();
-    let data_args = server.data_args();
-    let data_dir = server.data_dir.clone();
-    let clock = server.clock.clone();
-    let master_key = server.master_key_hex.clone();
-    let tmp = server.shut_down().await;
+    let stopped = Stopped::of(server).await;
+    let (db, data_args) = (&stopped.db, &stopped.data_args);
 
     let original = db.projection().await;
     let schema = db.keys_schema().await;
@@ -1029,7 +1026,7 @@ async fn a_rebuild_that_runs_out_of_disk_leaves_the_database_as_it_was() {
         .arg(size.to_string())
         .arg(SERVER_BIN)
         .arg("rebuild")
-        .args(&data_args)
+        .args(data_args)
         .run()
         .await;
     output.assert_failure();
@@ -1050,24 +1047,20 @@ async fn a_rebuild_that_runs_out_of_disk_leaves_the_database_as_it_was() {
     assert_eq!(db.keys_schema().await, schema);
     assert_eq!(db.event_count(None).await, events);
 
-    let server = TestServer::start_in(
-        &data_dir,
-        clock.clone(),
-        MasterKeySource::Hex(master_key.clone()),
-    )
-    .await
-    .expect("start after the failed rebuild");
+    let server = stopped
+        .restart()
+        .await
+        .expect("start after the failed rebuild");
     let mut client = server.client().await;
     assert_eq!(client.list_all().await.len(), keys);
     drop(client);
     server.shut_down().await;
 
     Cli::kemon(&["rebuild"])
-        .args(&data_args)
+        .args(data_args)
         .run()
         .await
         .assert_success();
     assert_eq!(db.projection().await, original);
     assert_eq!(db.keys_schema().await, schema);
-    drop(tmp);
 }
