@@ -75,7 +75,6 @@ impl Replay {
 #[derive(Debug, Default)]
 pub struct CompactReplay {
     pub keys: FoldedKeys,
-    pub last_sequence: u64,
 }
 
 impl CompactReplay {
@@ -92,7 +91,6 @@ impl CompactReplay {
         };
         let state = fold_record(previous, record)?;
         self.keys.put(&state);
-        self.last_sequence = record.sequence;
         Ok(())
     }
 }

@@ -110,8 +110,6 @@ pub struct Verifier {
 struct Spilled {
     records: Spill,
     rows: Option<Spill>,
-    /// The sequence of the last record pushed.
-    last_sequence: u64,
 }
 
 /// Batches at least this long are hashed on a second thread while this one replays them.
@@ -240,7 +238,6 @@ impl Verifier {
                 Ok(Spilled {
                     records,
                     rows: None,
-                    last_sequence: self.replay.last_sequence,
                 })
             });
             match spilled {
@@ -376,7 +373,6 @@ impl Verifier {
             None => Replayed {
                 keys: self.replay.keys.len(),
                 failure: None,
-                last_sequence: self.replay.last_sequence,
                 missing: checkpoint.and_then(|_| self.replay.keys.not_compared().min().copied()),
             },
             Some(spilled) => spilled.replay(&mut self.projection)?,
@@ -402,8 +398,10 @@ impl Verifier {
                 })
                 .or_else(|| {
                     checkpoint.and_then(|checkpoint| {
+                        // With no failure every record was replayed: the log ends where the
+                        // chains do.
                         self.projection.finish(
-                            replayed.last_sequence,
+                            self.chains.last_sequence,
                             replayed.missing,
                             checkpoint,
                         )
@@ -427,7 +425,6 @@ struct Replayed {
     /// The first record pushed that did not replay, with its position (a spilled replay
     /// finds it only at the end).
     failure: Option<(u64, ReplayError)>,
-    last_sequence: u64,
     /// The least key id replayed without a row in the projection.
     missing: Option<KeyId>,
 }
@@ -437,7 +434,6 @@ impl Spilled {
     fn push(&mut self, records: &[LogRecord], pushed: u64) -> io::Result<()> {
         for (i, r) in records.iter().enumerate() {
             self.records.event(&EventRef::at(r, pushed + i as u64))?;
-            self.last_sequence = r.sequence;
         }
         Ok(())
     }
@@ -480,10 +476,7 @@ impl Spilled {
                 })
                 .collect::<io::Result<Vec<_>>>()
         })?;
-        let mut replayed = Replayed {
-            last_sequence: self.last_sequence,
-            ..Replayed::default()
-        };
+        let mut replayed = Replayed::default();
         for (part, check) in outcomes {
             replayed.absorb(part);
             projection.absorb(check);
@@ -531,7 +524,6 @@ fn replay_part(
     replayed.absorb(Replayed {
         keys: replay.keys.len(),
         failure,
-        last_sequence: 0,
         missing: replay.keys.not_compared().min().copied(),
     });
     Ok(())
@@ -547,7 +539,6 @@ impl Replayed {
             self.failure = Some((at, failure));
         }
         self.missing = least(self.missing, other.missing);
-        self.last_sequence = self.last_sequence.max(other.last_sequence);
     }
 }
 
