@@ -89,23 +89,25 @@ impl ExtAuthzApi {
         }
     }
 
-    /// One pass over the headers, which the forged-header scan needs anyway.
+    /// One pass over the headers, which the forged-header scan needs anyway. Names are
+    /// compared as bytes; only the values kept are taken as text.
     fn presented<'r>(&self, input: &'r CheckInput) -> Presented<'r> {
         let mut presented = Presented::default();
-        for (name, value) in input.headers() {
-            if name == "authorization" {
-                presented.authorization = Some(value);
+        for (name, value) in input.raw_headers() {
+            let text = || Some(wire::as_text(value));
+            if name == b"authorization" {
+                presented.authorization = text();
             }
-            if name == self.api_key_header {
-                presented.api_key = Some(value);
+            if name == self.api_key_header.as_bytes() {
+                presented.api_key = text();
             }
-            if name == "origin" {
-                presented.origin = Some(value);
+            if name == b"origin" {
+                presented.origin = text();
             }
-            if name == "traceparent" {
-                presented.traceparent = Some(value);
+            if name == b"traceparent" {
+                presented.traceparent = text();
             }
-            presented.forged |= is_forged(name);
+            presented.forged |= is_forged_name(name);
         }
         presented
     }
@@ -185,6 +187,11 @@ fn is_forged(name: &str) -> bool {
     name.starts_with(FORWARDED_PREFIX) && !FORWARDED.contains(&name)
 }
 
+/// [`is_forged`] of a header name's bytes, taken as text only when it has the prefix.
+fn is_forged_name(name: &[u8]) -> bool {
+    name.starts_with(FORWARDED_PREFIX.as_bytes()) && is_forged(wire::as_text(name))
+}
+
 /// The scopes a route requires, from its `kemon_scopes` setting. An unknown name is the
 /// route's configuration error: refused as a gRPC error, so that Envoy fails closed.
 fn required_scopes(names: &str) -> Result<ScopeSet, Status> {
@@ -259,9 +266,12 @@ impl CheckAnswer {
 /// service does not set itself (when `forged` holds the request), then the credential headers.
 fn headers_to_remove<'a>(forged: Option<&'a CheckInput>, api_key_header: &'a str) -> Vec<&'a str> {
     let mut remove: Vec<&str> = Vec::with_capacity(2);
-    for (name, _) in forged.into_iter().flat_map(CheckInput::headers) {
-        if is_forged(name) && !remove.contains(&name) {
-            remove.push(name);
+    for (name, _) in forged.into_iter().flat_map(CheckInput::raw_headers) {
+        if is_forged_name(name) {
+            let name = wire::as_text(name);
+            if !remove.contains(&name) {
+                remove.push(name);
+            }
         }
     }
     remove.push("authorization");

@@ -49,9 +49,17 @@ pub struct CheckInput {
 impl CheckInput {
     /// The HTTP request's headers, names in the case Envoy sent them (lower case).
     pub fn headers(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.raw_headers()
+            .map(|(name, value)| (as_text(name), as_text(value)))
+    }
+
+    /// The headers as their bytes, checked as UTF-8 when parsed ([`as_text`] gives the text):
+    /// a Check compares every name but reads only a few values, and need not check the
+    /// others again.
+    pub fn raw_headers(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         self.headers
             .iter()
-            .map(|(name, value)| (self.text(name), self.text(value)))
+            .map(|(name, value)| (&self.message[name.clone()], &self.message[value.clone()]))
     }
 
     /// The route's `kemon_scopes`, when it has one.
@@ -61,7 +69,7 @@ impl CheckInput {
 
     /// A range checked as UTF-8 when parsed.
     fn text(&self, range: &Range<usize>) -> &str {
-        std::str::from_utf8(&self.message[range.clone()]).unwrap_or_default()
+        as_text(&self.message[range.clone()])
     }
 
     /// Parses an encoded `CheckRequest`.
@@ -109,6 +117,12 @@ impl CheckInput {
         }
         Ok(())
     }
+}
+
+/// A header name or value of a parsed [`CheckInput`] as text (checked when parsed, so never
+/// empty for want of UTF-8).
+pub fn as_text(bytes: &[u8]) -> &str {
+    std::str::from_utf8(bytes).unwrap_or_default()
 }
 
 /// A `map<string, string>` entry: key (1) and value (2), each absent meaning empty.
