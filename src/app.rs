@@ -614,7 +614,7 @@ pub async fn load_cache(store: &Store, cache: &Arc<VerifyCache>) -> anyhow::Resu
     cache.reserve(usize::try_from(expected).unwrap_or(0));
     let filling = cache.clone();
     store
-        .for_each_key_concurrently(Arc::new(move |state| filling.upsert(&state)))
+        .for_each_key_concurrently(Arc::new(move |states| filling.upsert_all(states)))
         .await
         .context("loading the verification cache")
 }

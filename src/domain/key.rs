@@ -56,6 +56,45 @@ impl KeyState {
     pub fn revealable(&self) -> bool {
         !self.is_revoked() && (self.key_type == KeyType::Public || self.reveal_later)
     }
+
+    /// What verification needs of this state.
+    pub fn verify_state(&self) -> VerifyState<'_> {
+        VerifyState {
+            key_id: self.key_id,
+            workspace_id: self.workspace_id.as_str(),
+            key_type: self.key_type,
+            environment: self.environment,
+            scopes: self.scopes,
+            full_access: self.full_access,
+            secret_hash: self.secret_hash,
+            expires_at_ms: self.expires_at_ms,
+            revoked: self.is_revoked(),
+            allowed_domains: self.allowed_domains.clone().into_boxed_slice(),
+            version: self.version,
+            rolled: self.rolled_to.is_some(),
+        }
+    }
+}
+
+/// What verification needs of a key's state, and the hash its string is found by: what the
+/// verification cache holds of it. The workspace id is borrowed, so that loading the cache
+/// builds these straight from the rows it reads, without a whole [`KeyState`] each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyState<'a> {
+    pub key_id: KeyId,
+    /// Validated as a [`WorkspaceId`].
+    pub workspace_id: &'a str,
+    pub key_type: KeyType,
+    pub environment: Environment,
+    pub scopes: ScopeSet,
+    pub full_access: bool,
+    pub secret_hash: SecretHash,
+    pub expires_at_ms: Option<i64>,
+    pub revoked: bool,
+    pub allowed_domains: Box<[DomainPattern]>,
+    pub version: u64,
+    /// Rolled to a successor: its `expires_at_ms` is then the grace period's end.
+    pub rolled: bool,
 }
 
 /// Everything KeyCreated records. Built only by [`NewKey::validate`].

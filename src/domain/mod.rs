@@ -9,8 +9,8 @@ pub mod values;
 
 pub use api_key::{ApiKey, SecretHash};
 pub use key::{
-    Command, DomainError, Event, GracePeriod, KeyState, NewKey, Recorded, Roll, Violation, apply,
-    decide,
+    Command, DomainError, Event, GracePeriod, KeyState, NewKey, Recorded, Roll, VerifyState,
+    Violation, apply, decide,
 };
 pub use scope::{Scope, ScopeSet};
 pub use values::{DomainPattern, Expiration, KeyId, KeyName, WorkspaceId};

@@ -63,6 +63,12 @@ impl WorkspaceId {
     pub const MAX_LEN: usize = 64;
 
     pub fn parse(s: &str) -> Result<WorkspaceId, String> {
+        Self::check(s)?;
+        Ok(WorkspaceId(s.to_owned()))
+    }
+
+    /// What [`WorkspaceId::parse`] checks, without making a `WorkspaceId`.
+    pub fn check(s: &str) -> Result<(), String> {
         if s.is_empty() {
             return Err("is required".into());
         }
@@ -75,7 +81,7 @@ impl WorkspaceId {
         {
             return Err("may contain only letters, digits, `_` and `-`".into());
         }
-        Ok(WorkspaceId(s.to_owned()))
+        Ok(())
     }
 
     pub fn as_str(&self) -> &str {

@@ -23,9 +23,15 @@ use async_trait::async_trait;
 use super::{
     CreateRequest, ExpiryCursor, Head, KeyUsage, ListFilter, RecordFilter, SealedSecret, StoreError,
 };
-use crate::domain::{KeyId, KeyState, WorkspaceId};
+use crate::domain::{KeyId, KeyState, VerifyState, WorkspaceId};
 use crate::log::chain::{Chains, LogRecord};
 use crate::log::spill::FoldLimits;
+
+/// How many keys' states a batch of [`Backend::for_each_key_concurrently`] holds at most.
+pub const KEY_BATCH: usize = 4096;
+
+/// What [`Backend::for_each_key_concurrently`] hands each batch of keys to.
+pub type EachKeys = dyn for<'a> Fn(Vec<VerifyState<'a>>) + Send + Sync;
 
 /// What a committed batch writes: appended records, the projection rows of the keys it
 /// changed, and the side tables.
@@ -120,17 +126,27 @@ pub trait Backend: Send + Sync + 'static {
         each: &mut (dyn FnMut(KeyState) + Send),
     ) -> Result<u64, StoreError>;
 
-    /// For loading the verification cache at start-up: every key's state from the projection,
-    /// handed to `each` possibly from several threads at once and in no particular order.
-    /// Returns how many there were. A backend that can tell refuses (`Corrupt`) a projection
-    /// that does not hold the whole log, rather than serve without some keys or revocations.
+    /// For loading the verification cache at start-up: what verification needs of every key
+    /// in the projection, handed to `each` in batches, possibly from several threads at once
+    /// and in no particular order. Returns how many there were. A backend that can tell
+    /// refuses (`Corrupt`) a projection that does not hold the whole log, rather than serve
+    /// without some keys or revocations.
     ///
-    /// Optional: the default is [`Backend::for_each_key`] on the calling task.
-    async fn for_each_key_concurrently(
-        &self,
-        each: Arc<dyn Fn(KeyState) + Send + Sync>,
-    ) -> Result<u64, StoreError> {
-        self.for_each_key(&mut |state| each(state)).await
+    /// Optional: the default is [`Backend::for_each_key`] on the calling task, in batches of
+    /// [`KEY_BATCH`].
+    async fn for_each_key_concurrently(&self, each: Arc<EachKeys>) -> Result<u64, StoreError> {
+        let mut batch = Vec::with_capacity(KEY_BATCH);
+        let count = self
+            .for_each_key(&mut |state| {
+                batch.push(state);
+                if batch.len() == KEY_BATCH {
+                    each(batch.iter().map(KeyState::verify_state).collect());
+                    batch.clear();
+                }
+            })
+            .await?;
+        each(batch.iter().map(KeyState::verify_state).collect());
+        Ok(count)
     }
 
     async fn count_keys(&self) -> Result<u64, StoreError>;

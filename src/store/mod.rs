@@ -28,7 +28,7 @@ use crate::domain::{
 };
 use crate::log::chain::{Hash, LogRecord};
 pub use backend::{
-    Answered, Backend, Effects, RebuildReport, Replica, SharedLog, Snapshot, WriteSession,
+    Answered, Backend, EachKeys, Effects, RebuildReport, Replica, SharedLog, Snapshot, WriteSession,
 };
 pub use postgres::PgBackend;
 pub use sqlite::{DATABASE_FILE, SqliteBackend, rebuild};
@@ -534,13 +534,10 @@ impl Store {
         self.backend.for_each_key(&mut each).await
     }
 
-    /// [`Store::for_each_key`] for loading the verification cache: `each` may be called from
-    /// several threads at once, in any order. Refuses a projection that does not hold the
-    /// whole log (where the backend can tell).
-    pub async fn for_each_key_concurrently(
-        &self,
-        each: Arc<dyn Fn(KeyState) + Send + Sync>,
-    ) -> Result<u64, StoreError> {
+    /// For loading the verification cache: what verification needs of every key, handed to
+    /// `each` in batches. `each` may be called from several threads at once, in any order.
+    /// Refuses a projection that does not hold the whole log (where the backend can tell).
+    pub async fn for_each_key_concurrently(&self, each: Arc<EachKeys>) -> Result<u64, StoreError> {
         self.backend.for_each_key_concurrently(each).await
     }
 

@@ -674,10 +674,11 @@ impl Db {
             .expect("rename key rows")
     }
 
-    /// Gives a projected key a name that is not UTF-8 (SQLite stores the bytes as text).
-    pub async fn corrupt_key_row_name(&self, key_id: &str) -> u64 {
+    /// Puts text that is not UTF-8 in a projected key's `column` (SQLite stores the bytes as
+    /// text).
+    pub async fn corrupt_key_row_text(&self, key_id: &str, column: &str) -> u64 {
         self.change(
-            "UPDATE keys SET name = CAST(X'6bff' AS TEXT) WHERE key_id = ?".into(),
+            format!("UPDATE keys SET {column} = CAST(X'6bff' AS TEXT) WHERE key_id = ?"),
             vec![Bind::Text(key_id.into())],
         )
         .await

@@ -410,8 +410,9 @@ async fn a_projection_behind_its_log_is_refused_at_start() {
     server.shut_down().await;
 }
 
-/// The start-up load copies text as bytes and checks it on the loading threads: a row whose
-/// text is not UTF-8 still stops the start, naming the problem, and nothing is served.
+/// The start-up load reads the columns verification uses, copies their text as bytes and
+/// checks it on the loading threads: a row whose workspace id is not UTF-8 stops the start,
+/// naming the problem, and nothing is served.
 #[tokio::test]
 async fn a_key_row_that_is_not_utf8_is_refused_at_start() {
     sqlite_only();
@@ -420,9 +421,53 @@ async fn a_key_row_that_is_not_utf8_is_refused_at_start() {
     let (key, _) = client.create(private_key("soon corrupt", &[])).await;
     drop(client);
     let stopped = Stopped::of(server).await;
-    assert_eq!(stopped.db.corrupt_key_row_name(&key.key_id).await, 1);
+    assert_eq!(
+        stopped
+            .db
+            .corrupt_key_row_text(&key.key_id, "workspace_id")
+            .await,
+        1
+    );
     let out = serve_refused(&stopped).await;
     assert!(out.stderr.contains("utf-8"), "{}", out.report());
+}
+
+/// A column verification does not read (the name) is not read at start-up: the server
+/// starts and the key verifies, and the corrupt value is reported by the calls and the audit
+/// that read it.
+#[tokio::test]
+async fn a_corrupt_name_leaves_verification_serving() {
+    sqlite_only();
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let (key, secret) = client.create(private_key("soon corrupt", &[])).await;
+    drop(client);
+    let stopped = Stopped::of(server).await;
+    assert_eq!(
+        stopped.db.corrupt_key_row_text(&key.key_id, "name").await,
+        1
+    );
+    let audit = Cli::kemon(&["audit", "verify"])
+        .args(stopped.db.source_args())
+        .run()
+        .await;
+    audit.assert_failure();
+    assert!(
+        audit.stderr.contains("corrupt data") && audit.stderr.contains("utf-8"),
+        "{}",
+        audit.report()
+    );
+    let server = stopped.restart().await.expect("starts");
+    let mut client = server.client().await;
+    let verdict = client.verify(&secret, &[], "").await;
+    assert_eq!(code(&verdict), pb::VerifyCode::Valid);
+    let status = client
+        .try_get_key(&key.key_id)
+        .await
+        .expect_err("a corrupt row is not served");
+    assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+    drop(client);
+    server.shut_down().await;
 }
 
 /// `kemon-keys serve` on a stopped server's data, which must refuse to start.

@@ -17,14 +17,14 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags, Row};
 
-use super::rows::{self, KEY_COLUMN_COUNT, KEY_COLUMNS, RowBatch, ValueBatch};
+use super::rows::{self, KEY_COLUMN_COUNT, KEY_COLUMNS, RowBatch, VERIFY_COLUMNS, ValueBatch};
 use super::{BUSY_TIMEOUT, Param, records_query};
 use crate::domain::{self, KeyId, KeyState, Recorded};
 use crate::log::chain::{Hash, LogRecord};
 use crate::log::events;
 use crate::log::fold::{self, FoldedKeys, SortablePart};
 use crate::log::spill::{self, EventRef, FoldLimits, Item, Run, Spill};
-use crate::store::backend::{RebuildReport, Snapshot};
+use crate::store::backend::{EachKeys, RebuildReport, Snapshot};
 use crate::store::{Cause, RecordFilter, StoreError};
 
 /// Rows per batch handed between threads.
@@ -37,6 +37,16 @@ const CACHE_KIB: i64 = 16 * 1024;
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> StoreError {
         use rusqlite::ErrorCode as C;
+        // A stored value of the wrong type, or text that is not UTF-8.
+        if matches!(
+            e,
+            rusqlite::Error::FromSqlConversionFailure(..)
+                | rusqlite::Error::InvalidColumnType(..)
+                | rusqlite::Error::IntegralValueOutOfRange(..)
+                | rusqlite::Error::Utf8Error(..)
+        ) {
+            return StoreError::Corrupt(e.to_string());
+        }
         match e.sqlite_error_code() {
             Some(C::DiskFull) => StoreError::Full(Cause::new(e)),
             Some(
@@ -94,12 +104,18 @@ async fn blocking<T: Send + 'static>(
 // ---------------------------------------------------------------------------------------------
 // Start-up: every key, validated, on every core
 
-/// Hands every projection row, validated, to `each` from `workers()` threads while this one
-/// reads, all in one read transaction. Refuses a projection whose checkpoint is not the
-/// log's last sequence: serving from it would miss keys or revocations.
+/// Hands what verification needs of every projection row ([`rows::VERIFY_COLUMNS`]),
+/// validated, to `each` from `workers()` threads while this one reads, all in one read
+/// transaction. Refuses a projection whose checkpoint is not the log's last sequence: serving
+/// from it would miss keys or revocations.
+///
+/// Only the columns verification reads are read and checked: the rest of a row (its name,
+/// masked form, creator, times) is read, and checked, by the calls that serve it, and
+/// `audit verify` reports a corrupt value in any column. Reading 12 columns of 22 took the
+/// load from 4.8–6.5 s to 3.2–5.1 s at 5M keys (BENCHMARKS.md).
 pub(super) async fn for_each_key_concurrently(
     path: &Path,
-    each: std::sync::Arc<dyn Fn(KeyState) + Send + Sync>,
+    each: std::sync::Arc<EachKeys>,
 ) -> Result<u64, StoreError> {
     let path = path.to_owned();
     blocking(move || {
@@ -135,12 +151,9 @@ fn checkpoint_and_end(conn: &Connection) -> Result<(u64, u64), StoreError> {
     ))
 }
 
-/// Reads every `keys` row on this thread and validates them on `workers()` others, handing each
-/// state to `each` there.
-fn fan_out_key_rows(
-    conn: &Connection,
-    each: &(dyn Fn(KeyState) + Send + Sync),
-) -> Result<u64, StoreError> {
+/// Reads every `keys` row on this thread and validates them on `workers()` others, handing
+/// each batch's states to `each` there.
+fn fan_out_key_rows(conn: &Connection, each: &EachKeys) -> Result<u64, StoreError> {
     let workers = workers();
     // Batches go back to the reader once loaded: a new one each time would be fresh memory
     // from the system, every page of it faulted in and zeroed (a tenth of the load's time
@@ -161,10 +174,12 @@ fn fan_out_key_rows(
             handles.push(scope.spawn(move || -> Result<u64, StoreError> {
                 let mut n = 0;
                 for mut batch in rx {
-                    for row in batch.iter() {
-                        each(row.and_then(|r| r.to_state()).map_err(corrupt)?);
-                        n += 1;
-                    }
+                    let states = batch
+                        .iter()
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(corrupt)?;
+                    n += states.len() as u64;
+                    each(states);
                     batch.clear();
                     let _ = spare.try_send(batch);
                 }
@@ -173,7 +188,7 @@ fn fan_out_key_rows(
         }
         drop(spare_tx);
         let read = (|| -> Result<(), StoreError> {
-            let mut statement = conn.prepare(&format!("SELECT {KEY_COLUMNS} FROM keys"))?;
+            let mut statement = conn.prepare(&format!("SELECT {VERIFY_COLUMNS} FROM keys"))?;
             let mut rows = statement.query([])?;
             let mut batch = next_batch();
             let mut next = 0;

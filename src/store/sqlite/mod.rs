@@ -15,7 +15,7 @@ mod bulk;
 pub(super) use bulk::{FoldFailure, fold_one, fold_spilled};
 pub mod rows;
 
-use super::backend::{Answered, Backend, Effects, RebuildReport, Snapshot, WriteSession};
+use super::backend::{Answered, Backend, EachKeys, Effects, RebuildReport, Snapshot, WriteSession};
 use super::{
     CREATE_REQUEST_WINDOW_MS, Cause, ExpiryCursor, Head, KeyUsage, ListFilter, RecordFilter,
     StoreError,
@@ -326,7 +326,7 @@ impl Backend for SqliteBackend {
 
     async fn for_each_key_concurrently(
         &self,
-        each: std::sync::Arc<dyn Fn(KeyState) + Send + Sync>,
+        each: std::sync::Arc<EachKeys>,
     ) -> Result<u64, StoreError> {
         bulk::for_each_key_concurrently(&self.path, each).await
     }

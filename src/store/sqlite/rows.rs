@@ -5,8 +5,8 @@
 use std::borrow::Cow;
 
 use crate::domain::{
-    DomainPattern, Environment, KeyId, KeyName, KeyState, KeyType, ScopeSet, SecretHash,
-    WorkspaceId,
+    DomainPattern, Environment, KeyId, KeyName, KeyState, KeyType, Scope, ScopeSet, SecretHash,
+    VerifyState, WorkspaceId,
 };
 
 /// A `keys` row as read from SQLite, before validation.
@@ -334,37 +334,34 @@ impl ValueBatch {
     }
 }
 
-/// Many `keys` rows copied out of the driver's buffers into one allocation, to hand to another
-/// thread for validation without an allocation per value.
+/// The columns of `keys` that verification reads, for loading the cache at start-up; the
+/// others are read by the calls that serve them.
+pub const VERIFY_COLUMNS: &str = "key_id, workspace_id, key_type, environment, scopes, \
+    full_access, secret_hash, allowed_domains, expires_at, revoked_at, version, rolled_to_key_id";
+
+/// Many `keys` rows, selected as [`VERIFY_COLUMNS`], copied out of the driver's buffers into
+/// one allocation, to hand to another thread for validation without an allocation per value.
 #[derive(Default)]
 pub struct RowBatch {
     bytes: Vec<u8>,
     rows: Vec<CopiedRow>,
 }
 
-/// Spans of [`RowBatch::bytes`]: key_id, workspace_id, name, key_type, environment, scopes,
-/// secret_hash, masked, allowed_domains, created_by, public_key, rolled_from_key_id,
-/// rolled_to_key_id.
+/// Spans of [`RowBatch::bytes`]: key_id, workspace_id, key_type, environment, scopes,
+/// secret_hash, allowed_domains, rolled_to_key_id.
 struct CopiedRow {
-    spans: [(u32, u32); 13],
-    has_public_key: bool,
-    has_rolled_from: bool,
+    spans: [(u32, u32); 8],
     has_rolled_to: bool,
     full_access: bool,
-    reveal_later: bool,
-    created_at: i64,
     expires_at: Option<i64>,
     revoked_at: Option<i64>,
     version: i64,
-    stream_version: i64,
-    updated_at: i64,
-    last_revealed_at: Option<i64>,
 }
 
 impl RowBatch {
     pub fn with_capacity(rows: usize) -> RowBatch {
         RowBatch {
-            bytes: Vec::with_capacity(rows * 160),
+            bytes: Vec::with_capacity(rows * 128),
             rows: Vec::with_capacity(rows),
         }
     }
@@ -389,9 +386,9 @@ impl RowBatch {
         (start, u32::try_from(value.len()).unwrap_or(u32::MAX))
     }
 
-    /// Copies a `keys` row as it is stored, selected as [`KEY_COLUMNS`]. Text is copied as
-    /// bytes: the reading thread is the one the others wait on, so checking that it is UTF-8
-    /// is left to [`RowBatch::iter`], on the threads that validate the rest of the row.
+    /// Copies a row selected as [`VERIFY_COLUMNS`]. Text is copied as bytes: the reading
+    /// thread is the one the others wait on, so checking that it is UTF-8 is left to
+    /// [`RowBatch::iter`], on the threads that validate the rest of the row.
     pub fn push(&mut self, row: &rusqlite::Row<'_>) -> rusqlite::Result<()> {
         use rusqlite::types::{FromSqlError, Type, ValueRef};
         let refused = |i: usize, found: Type| {
@@ -409,83 +406,68 @@ impl RowBatch {
                 .as_i64_or_null()
                 .map_err(rusqlite::Error::from)
         };
-        let (public_key, rolled_from, rolled_to) =
-            (text_or_null(9)?, text_or_null(20)?, text_or_null(21)?);
+        let rolled_to = text_or_null(11)?;
         let spans = [
             self.copy(text(0)?),
             self.copy(text(1)?),
             self.copy(text(2)?),
             self.copy(text(3)?),
             self.copy(text(4)?),
-            self.copy(text(5)?),
-            self.copy(row.get_ref(7)?.as_blob()?),
-            self.copy(text(8)?),
-            self.copy(text(10)?),
-            self.copy(text(17)?),
-            self.copy(public_key.unwrap_or_default()),
-            self.copy(rolled_from.unwrap_or_default()),
+            self.copy(row.get_ref(6)?.as_blob()?),
+            self.copy(text(7)?),
             self.copy(rolled_to.unwrap_or_default()),
         ];
         self.rows.push(CopiedRow {
             spans,
-            has_public_key: public_key.is_some(),
-            has_rolled_from: rolled_from.is_some(),
             has_rolled_to: rolled_to.is_some(),
-            full_access: int(6)? != 0,
-            reveal_later: int(14)? != 0,
-            created_at: int(11)?,
-            expires_at: int_or_null(12)?,
-            revoked_at: int_or_null(13)?,
-            version: int(15)?,
-            stream_version: int(16)?,
-            updated_at: int(18)?,
-            last_revealed_at: int_or_null(19)?,
+            full_access: int(5)? != 0,
+            expires_at: int_or_null(8)?,
+            revoked_at: int_or_null(9)?,
+            version: int(10)?,
         });
         Ok(())
     }
 
-    /// The rows, borrowed from the batch; a text column that is not UTF-8 is refused here.
-    pub fn iter(&self) -> impl Iterator<Item = Result<KeyRowRef<'_>, String>> {
+    /// The rows, borrowed from the batch, every value validated as the API would (a text
+    /// column that is not UTF-8 is refused here): what verification needs of each key.
+    pub fn iter(&self) -> impl Iterator<Item = Result<VerifyState<'_>, String>> {
         self.rows.iter().map(|row| {
             let bytes = |i: usize| {
                 let (start, len) = row.spans[i];
                 &self.bytes[start as usize..start as usize + len as usize]
             };
             let text = |i: usize| std::str::from_utf8(bytes(i)).map_err(|e| e.to_string());
-            Ok(KeyRowRef {
-                key_id: text(0)?,
-                workspace_id: text(1)?,
-                name: text(2)?,
-                key_type: text(3)?,
-                environment: text(4)?,
-                scopes: text(5)?,
+            let (key_type, environment, scopes) = (text(2)?, text(3)?, text(4)?);
+            let workspace_id = text(1)?;
+            WorkspaceId::check(workspace_id)?;
+            let mut granted = ScopeSet::EMPTY;
+            for name in scopes.split_whitespace() {
+                granted
+                    .insert(Scope::parse(name).ok_or_else(|| format!("unknown scope {name:?}"))?);
+            }
+            Ok(VerifyState {
+                key_id: KeyId::parse(text(0)?)?,
+                workspace_id,
+                key_type: KeyType::parse(key_type)
+                    .ok_or_else(|| format!("unknown key_type {key_type:?}"))?,
+                environment: Environment::parse(environment)
+                    .ok_or_else(|| format!("unknown environment {environment:?}"))?,
+                scopes: granted,
                 full_access: row.full_access,
-                secret_hash: bytes(6),
-                masked: text(7)?,
-                public_key: if row.has_public_key {
-                    Some(text(10)?)
+                secret_hash: SecretHash::from_slice(bytes(5))
+                    .ok_or("secret_hash is not 32 bytes")?,
+                expires_at_ms: row.expires_at,
+                revoked: row.revoked_at.is_some(),
+                allowed_domains: text(6)?
+                    .split_whitespace()
+                    .map(DomainPattern::parse)
+                    .collect::<Result<_, _>>()?,
+                version: u64::try_from(row.version).map_err(|_| "negative version")?,
+                rolled: if row.has_rolled_to {
+                    KeyId::parse(text(7)?)?;
+                    true
                 } else {
-                    None
-                },
-                allowed_domains: text(8)?,
-                created_at: row.created_at,
-                expires_at: row.expires_at,
-                revoked_at: row.revoked_at,
-                reveal_later: row.reveal_later,
-                version: row.version,
-                stream_version: row.stream_version,
-                created_by: text(9)?,
-                updated_at: row.updated_at,
-                last_revealed_at: row.last_revealed_at,
-                rolled_from_key_id: if row.has_rolled_from {
-                    Some(text(11)?)
-                } else {
-                    None
-                },
-                rolled_to_key_id: if row.has_rolled_to {
-                    Some(text(12)?)
-                } else {
-                    None
+                    false
                 },
             })
         })
