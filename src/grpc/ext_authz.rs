@@ -90,26 +90,35 @@ impl ExtAuthzApi {
     }
 
     /// One pass over the headers, which the forged-header scan needs anyway. Names are
-    /// compared as bytes; only the values kept are taken as text.
-    fn presented<'r>(&self, input: &'r CheckInput) -> Presented<'r> {
+    /// compared as bytes; the values read, and the `x-kemon-*` names, must be UTF-8 (a
+    /// request that is not is refused, so that Envoy fails closed); the other headers are
+    /// never read, and may hold any bytes. A trace context that is not text is ignored.
+    fn presented<'r>(&self, input: &'r CheckInput) -> Result<Presented<'r>, Status> {
         let mut presented = Presented::default();
         for (name, value) in input.raw_headers() {
-            let text = || Some(wire::as_text(value));
+            let text = || {
+                std::str::from_utf8(value)
+                    .map(Some)
+                    .map_err(|_| not_utf8(name))
+            };
             if name == b"authorization" {
-                presented.authorization = text();
+                presented.authorization = text()?;
             }
             if name == self.api_key_header.as_bytes() {
-                presented.api_key = text();
+                presented.api_key = text()?;
             }
             if name == b"origin" {
-                presented.origin = text();
+                presented.origin = text()?;
             }
             if name == b"traceparent" {
-                presented.traceparent = text();
+                presented.traceparent = std::str::from_utf8(value).ok();
             }
-            presented.forged |= is_forged_name(name);
+            if name.starts_with(FORWARDED_PREFIX.as_bytes()) {
+                let name = std::str::from_utf8(name).map_err(|_| not_utf8(name))?;
+                presented.forged |= is_forged(name);
+            }
         }
-        presented
+        Ok(presented)
     }
 
     /// The key a request carries: `authorization: Bearer <key>`, else the API key header.
@@ -133,7 +142,7 @@ impl ExtAuthzApi {
             Some(names) => required_scopes(names)?,
             None => ScopeSet::EMPTY,
         };
-        let presented = self.presented(input);
+        let presented = self.presented(input)?;
         if let Some(traceparent) = presented.traceparent {
             super::calls::record_request_trace(traceparent);
         }
@@ -187,9 +196,13 @@ fn is_forged(name: &str) -> bool {
     name.starts_with(FORWARDED_PREFIX) && !FORWARDED.contains(&name)
 }
 
-/// [`is_forged`] of a header name's bytes, taken as text only when it has the prefix.
-fn is_forged_name(name: &[u8]) -> bool {
-    name.starts_with(FORWARDED_PREFIX.as_bytes()) && is_forged(wire::as_text(name))
+/// A header Check reads, or one of its own prefix, that is not UTF-8: the request is refused
+/// as invalid, as prost refuses a string that is not.
+fn not_utf8(name: &[u8]) -> Status {
+    Status::invalid_argument(format!(
+        "invalid CheckRequest: the header {:?} is not UTF-8",
+        String::from_utf8_lossy(name)
+    ))
 }
 
 /// The scopes a route requires, from its `kemon_scopes` setting. An unknown name is the
@@ -267,11 +280,13 @@ impl CheckAnswer {
 fn headers_to_remove<'a>(forged: Option<&'a CheckInput>, api_key_header: &'a str) -> Vec<&'a str> {
     let mut remove: Vec<&str> = Vec::with_capacity(2);
     for (name, _) in forged.into_iter().flat_map(CheckInput::raw_headers) {
-        if is_forged_name(name) {
-            let name = wire::as_text(name);
-            if !remove.contains(&name) {
-                remove.push(name);
-            }
+        // Every `x-kemon-*` name was checked as UTF-8 by `presented`.
+        if name.starts_with(FORWARDED_PREFIX.as_bytes())
+            && let Ok(name) = std::str::from_utf8(name)
+            && is_forged(name)
+            && !remove.contains(&name)
+        {
+            remove.push(name);
         }
     }
     remove.push("authorization");
@@ -546,6 +561,61 @@ mod tests {
             .expect("an answer")
             .into_response();
         assert_eq!(verify_code(&empty), "VERIFY_CODE_MISSING");
+    }
+
+    /// A CheckRequest carrying `headers` as raw bytes, as prost could not encode them.
+    fn raw_request(headers: &[(&[u8], &[u8])]) -> CheckInput {
+        let nest = |field: u8, inner: &[u8]| {
+            let length = u8::try_from(inner.len()).expect("short");
+            [&[field, length][..], inner].concat()
+        };
+        let entries: Vec<u8> = headers
+            .iter()
+            .flat_map(|(name, value)| nest(0x1a, &[nest(0x0a, name), nest(0x12, value)].concat()))
+            .collect();
+        let message = nest(0x0a, &nest(0x22, &nest(0x12, &entries)));
+        CheckInput::parse(message.into()).expect("a valid CheckRequest")
+    }
+
+    #[test]
+    fn only_the_headers_check_reads_must_be_utf8() {
+        let api = api("x-api-key");
+        let answered = |headers: &[(&[u8], &[u8])]| {
+            let response = api
+                .decide(&raw_request(headers))
+                .expect("an answer")
+                .into_response();
+            verify_code(&response).to_owned()
+        };
+        let refused = |headers: &[(&[u8], &[u8])]| {
+            api.decide(&raw_request(headers))
+                .expect_err("refused as invalid")
+        };
+        // Headers Check does not read may hold any bytes; nor does a trace context decide.
+        assert_eq!(
+            answered(&[
+                (b"cookie", b"caf\xe9"),
+                (b"x-\xff", b"1"),
+                (b"traceparent", b"\xff"),
+                (b"x-api-key", b"not-a-key"),
+            ]),
+            "VERIFY_CODE_MALFORMED"
+        );
+        for (name, value) in [
+            (&b"x-api-key"[..], &b"sk_\xff"[..]),
+            (b"authorization", b"Bearer \xff"),
+            (b"origin", b"https://\xff.test"),
+            (b"x-kemon-\xff", b"forged"),
+        ] {
+            let status = refused(&[(name, value), (b"x-api-key", b"not-a-key")]);
+            assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+            assert!(
+                status
+                    .message()
+                    .starts_with("invalid CheckRequest: the header"),
+                "{status:?}"
+            );
+        }
     }
 
     #[test]

@@ -333,8 +333,9 @@ async fn a_malformed_check_request_is_refused_as_invalid_and_a_well_formed_one_s
     let (_, secret) = client.create(private_key("any", &["tickets:read"])).await;
     let whole = check_request(&[("x-api-key", &secret)], Some("tickets:read")).encode_to_vec();
 
-    // Cut short inside the attributes, a group wire type, and a header value that is not
-    // UTF-8 (attributes { request { http { headers { key: "x-api-key" value: 0xff } } } }).
+    // Cut short inside the attributes, a group wire type, and a value that is not UTF-8 in a
+    // header Check reads (attributes { request { http { headers { key: "x-api-key"
+    // value: 0xff } } } }).
     let entry = [&[0x0a, 9][..], b"x-api-key", &[0x12, 1, 0xff]].concat();
     let nest = |field: u8, inner: &[u8]| [&[field, inner.len() as u8][..], inner].concat();
     let not_utf8 = nest(0x0a, &nest(0x22, &nest(0x12, &nest(0x1a, &entry))));
@@ -353,6 +354,17 @@ async fn a_malformed_check_request_is_refused_as_invalid_and_a_well_formed_one_s
         );
         assert!(!status.message().contains(&secret), "{what}");
     }
+
+    // A header Check does not read may hold any bytes (a cookie in Latin-1): the request is
+    // decided on the headers it reads. (Two encodings of the attributes merge into one.)
+    let cookie = [&[0x0a, 6][..], b"cookie", &[0x12, 4], b"caf\xe9"].concat();
+    let with_cookie = [
+        whole.clone(),
+        nest(0x0a, &nest(0x22, &nest(0x12, &nest(0x1a, &cookie)))),
+    ]
+    .concat();
+    let allowed = check_raw(&channel, with_cookie).await.expect("an answer");
+    assert_eq!(verify_code(&allowed), "VERIFY_CODE_VALID");
 
     // The same connection and server still decide a well-formed request, from the same bytes
     // a prost client sends.
