@@ -118,12 +118,19 @@ pub const KEYS_FLOOR_SQL: &str = "SELECT count(*), total(length(key_id) + \
     ifnull(expires_at, 0) + ifnull(revoked_at, 0) + reveal_later + version + stream_version + \
     length(created_by) + updated_at + ifnull(last_revealed_at, 0)) FROM keys";
 
-/// Issue 14's bounds, on this machine.
+/// Issue 14's bounds, on this machine. The rebuild's and the verifier's are set at 1M events;
+/// a path that reads at the speed of the disk takes time in proportion to the log, so they
+/// scale with it ([`per_million`]). Peak memory must not grow with the log: it does not scale.
 const STARTUP_SECONDS_1M: f64 = 2.0;
 const STARTUP_SECONDS_5M: f64 = 5.0;
-const REBUILD_SECONDS: f64 = 4.0;
-const VERIFY_SECONDS: f64 = 4.0;
+const REBUILD_SECONDS_PER_MILLION: f64 = 4.0;
+const VERIFY_SECONDS_PER_MILLION: f64 = 4.0;
 const PEAK_MIB: f64 = 300.0;
+
+/// A bound set per million events, for a log of `events` (and no less than at 1M).
+fn per_million(bound: f64, events: u64) -> f64 {
+    bound * (events as f64 / 1e6).max(1.0)
+}
 
 /// The `sqlite3` floors on this machine with nothing else running, in seconds per million
 /// rows (BENCHMARKS.md). The same bounds as multiples of the floor measured in the run are
@@ -396,7 +403,7 @@ pub async fn run(
         "5. Rebuild, seconds",
         rebuilds.median().seconds,
         false,
-        REBUILD_SECONDS,
+        per_million(REBUILD_SECONDS_PER_MILLION, keys),
     );
     report.check(
         "5. Rebuild, peak RSS MiB",
@@ -408,7 +415,7 @@ pub async fn run(
         "5. Audit verify, seconds",
         verifies.median().seconds,
         false,
-        VERIFY_SECONDS,
+        per_million(VERIFY_SECONDS_PER_MILLION, keys),
     );
     report.check(
         "5. Audit verify, peak RSS MiB",
@@ -428,13 +435,15 @@ pub async fn run(
             "5. Rebuild / sqlite3 events scan",
             rebuilds.median().seconds / events_floor.median().seconds,
             false,
-            (REBUILD_SECONDS / (EVENTS_FLOOR_IDLE * millions)).round(),
+            (per_million(REBUILD_SECONDS_PER_MILLION, keys) / (EVENTS_FLOOR_IDLE * millions))
+                .round(),
         );
         report.check(
             "5. Audit verify / sqlite3 events scan",
             verifies.median().seconds / events_floor.median().seconds,
             false,
-            (VERIFY_SECONDS / (EVENTS_FLOOR_IDLE * millions)).round(),
+            (per_million(VERIFY_SECONDS_PER_MILLION, keys) / (EVENTS_FLOOR_IDLE * millions))
+                .round(),
         );
     }
 
