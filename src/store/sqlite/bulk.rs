@@ -111,8 +111,9 @@ async fn blocking<T: Send + 'static>(
 ///
 /// Only the columns verification reads are read and checked: the rest of a row (its name,
 /// masked form, creator, times) is read, and checked, by the calls that serve it, and
-/// `audit verify` reports a corrupt value in any column. Reading 12 columns of 22 took the
-/// load from 4.8–6.5 s to 3.2–5.1 s at 5M keys (BENCHMARKS.md).
+/// `audit verify` reports a corrupt value in any column. With the cache's batched inserts,
+/// reading 12 columns of 22 took the load from 4.8–6.5 s to 3.2–5.1 s at 5M keys
+/// (BENCHMARKS.md).
 pub(super) async fn for_each_key_concurrently(
     path: &Path,
     each: std::sync::Arc<EachKeys>,
