@@ -5,8 +5,9 @@
 //! applies each committed change before it answers the caller. Expiry is checked against the
 //! clock on every call, so a key stops working at its expiry instant with no lag.
 //!
-//! The map is split into shards, each behind its own `RwLock` held only for a map operation
-//! (never across I/O), so writers never stall readers for long and readers never contend.
+//! The map is split into shards, each behind its own `RwLock`, write-locked only for map
+//! operations (one key's, or a batch's keys that fall in that shard) and never across I/O, so
+//! writers never stall readers for long and readers never contend.
 //!
 //! Last used. Each entry carries the minute it was last accepted in and the class of origin it
 //! came from, packed in one `AtomicU64` ([`Usage`]): a Verify that accepts a key loads it and
