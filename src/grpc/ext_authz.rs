@@ -17,7 +17,8 @@
 //! - denied: 401 with `WWW-Authenticate: Bearer` for a missing, malformed, unknown, expired or
 //!   revoked key; 403 for insufficient scope, a wrong origin or environment; a small JSON
 //!   body with the reason; dynamic metadata `verify_code` (under the filter's namespace,
-//!   `envoy.filters.http.ext_authz`) for Envoy's access log;
+//!   `envoy.filters.http.ext_authz`) for Envoy's access log; 400 for a request whose
+//!   credential, origin or `x-kemon-*` header name is not UTF-8;
 //! - a route whose `kemon_scopes` names an unknown scope, or a server still loading its
 //!   cache: a gRPC error, which Envoy turns into its configured failure mode (deny, with
 //!   `failure_mode_allow: false`).
@@ -90,10 +91,10 @@ impl ExtAuthzApi {
     }
 
     /// One pass over the headers, which the forged-header scan needs anyway. Names are
-    /// compared as bytes; the values read, and the `x-kemon-*` names, must be UTF-8 (a
-    /// request that is not is refused, so that Envoy fails closed); the other headers are
-    /// never read, and may hold any bytes. A trace context that is not text is ignored.
-    fn presented<'r>(&self, input: &'r CheckInput) -> Result<Presented<'r>, Status> {
+    /// compared as bytes; the values read, and the `x-kemon-*` names, must be UTF-8 (the
+    /// error names the first header that is not); the other headers are never read, and may
+    /// hold any bytes. A trace context that is not text is ignored.
+    fn presented<'r>(&self, input: &'r CheckInput) -> Result<Presented<'r>, String> {
         let mut presented = Presented::default();
         for (name, value) in input.raw_headers() {
             let text = || {
@@ -142,7 +143,10 @@ impl ExtAuthzApi {
             Some(names) => required_scopes(names)?,
             None => ScopeSet::EMPTY,
         };
-        let presented = self.presented(input)?;
+        let presented = match self.presented(input) {
+            Ok(presented) => presented,
+            Err(header) => return Ok(CheckAnswer::Message(Box::new(unreadable(&header)))),
+        };
         if let Some(traceparent) = presented.traceparent {
             super::calls::record_request_trace(traceparent);
         }
@@ -196,13 +200,9 @@ fn is_forged(name: &str) -> bool {
     name.starts_with(FORWARDED_PREFIX) && !FORWARDED.contains(&name)
 }
 
-/// A header Check reads, or one of its own prefix, that is not UTF-8: the request is refused
-/// as invalid, as prost refuses a string that is not.
-fn not_utf8(name: &[u8]) -> Status {
-    Status::invalid_argument(format!(
-        "invalid CheckRequest: the header {:?} is not UTF-8",
-        String::from_utf8_lossy(name)
-    ))
+/// The name of a header Check reads, or of its own prefix, whose value or name is not UTF-8.
+fn not_utf8(name: &[u8]) -> String {
+    String::from_utf8_lossy(name).into_owned()
 }
 
 /// The scopes a route requires, from its `kemon_scopes` setting. An unknown name is the
@@ -280,7 +280,8 @@ impl CheckAnswer {
 fn headers_to_remove<'a>(forged: Option<&'a CheckInput>, api_key_header: &'a str) -> Vec<&'a str> {
     let mut remove: Vec<&str> = Vec::with_capacity(2);
     for (name, _) in forged.into_iter().flat_map(CheckInput::raw_headers) {
-        // Every `x-kemon-*` name was checked as UTF-8 by `presented`.
+        // Every `x-kemon-*` name was checked as UTF-8 by `presented`, which `decide` calls
+        // before it allows anything: a request with one that is not is never allowed.
         if name.starts_with(FORWARDED_PREFIX.as_bytes())
             && let Ok(name) = std::str::from_utf8(name)
             && is_forged(name)
@@ -401,6 +402,33 @@ fn denied(key: Option<&CachedKey>, code: VerifyCode) -> CheckResponse {
             "test keys work only from localhost",
         ),
     };
+    denial(key, code, status, message, http, reason)
+}
+
+/// A request whose credential, origin or `x-kemon-*` header name is not UTF-8 (`header`
+/// names it): it cannot be checked, so it is denied with 400 and the verify code MALFORMED.
+/// An answer rather than a gRPC error, so that it fails closed whatever Envoy's
+/// `failure_mode_allow`: a client must not be able to turn a check into an error at will.
+fn unreadable(header: &str) -> CheckResponse {
+    denial(
+        None,
+        VerifyCode::Malformed,
+        Code::InvalidArgument,
+        "unreadable request",
+        HttpStatusCode::BadRequest,
+        &format!("the request's {header:?} header is not UTF-8"),
+    )
+}
+
+/// A denial's answer: its gRPC status, HTTP status and headers, JSON body and verify code.
+fn denial(
+    key: Option<&CachedKey>,
+    code: VerifyCode,
+    status: Code,
+    message: &str,
+    http: HttpStatusCode,
+    reason: &str,
+) -> CheckResponse {
     let code_name = verify_code_name(code);
     super::calls::record_verify_code(code as i32, code_name);
     let body = serde_json::json!({
@@ -581,41 +609,68 @@ mod tests {
     fn only_the_headers_check_reads_must_be_utf8() {
         let api = api("x-api-key");
         let answered = |headers: &[(&[u8], &[u8])]| {
-            let response = api
-                .decide(&raw_request(headers))
-                .expect("an answer")
-                .into_response();
-            verify_code(&response).to_owned()
-        };
-        let refused = |headers: &[(&[u8], &[u8])]| {
             api.decide(&raw_request(headers))
-                .expect_err("refused as invalid")
+                .expect("an answer, never a gRPC error")
+                .into_response()
         };
         // Headers Check does not read may hold any bytes; nor does a trace context decide.
-        assert_eq!(
-            answered(&[
-                (b"cookie", b"caf\xe9"),
-                (b"x-\xff", b"1"),
-                (b"traceparent", b"\xff"),
-                (b"x-api-key", b"not-a-key"),
-            ]),
-            "VERIFY_CODE_MALFORMED"
-        );
+        let read = answered(&[
+            (b"cookie", b"caf\xe9"),
+            (b"x-\xff", b"1"),
+            (b"traceparent", b"\xff"),
+            (b"x-api-key", b"not-a-key"),
+        ]);
+        assert_eq!(verify_code(&read), "VERIFY_CODE_MALFORMED");
+        assert_eq!(http_status(&read), 401, "the key was read, and is not one");
+        // A request whose credential, origin or x-kemon-* name is not text is denied with
+        // 400, an answer: Envoy denies it whatever its failure mode.
         for (name, value) in [
             (&b"x-api-key"[..], &b"sk_\xff"[..]),
             (b"authorization", b"Bearer \xff"),
             (b"origin", b"https://\xff.test"),
             (b"x-kemon-\xff", b"forged"),
         ] {
-            let status = refused(&[(name, value), (b"x-api-key", b"not-a-key")]);
-            assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-            assert!(
-                status
-                    .message()
-                    .starts_with("invalid CheckRequest: the header"),
-                "{status:?}"
+            let denied = answered(&[(name, value), (b"x-api-key", b"not-a-key")]);
+            assert_eq!(verify_code(&denied), "VERIFY_CODE_MALFORMED");
+            assert_eq!(http_status(&denied), 400);
+            assert_eq!(
+                denied.status.as_ref().map(|s| s.code),
+                Some(Code::InvalidArgument as i32)
             );
         }
+    }
+
+    /// The HTTP status a denial answers with.
+    fn http_status(response: &CheckResponse) -> i32 {
+        match &response.http_response {
+            Some(HttpResponse::DeniedResponse(denied)) => {
+                denied.status.as_ref().map_or(0, |s| s.code)
+            }
+            other => panic!("not a denial: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn forged_headers_are_removed_beside_headers_that_are_not_text() {
+        let input = raw_request(&[
+            (b"x-kemon-role", b"admin"),
+            (b"cookie", b"caf\xe9"),
+            (b"x-api-key", b"k"),
+        ]);
+        let api = api("x-api-key");
+        assert!(api.presented(&input).expect("readable").forged);
+        use prost::Message;
+        let answer = CheckResponse::decode(
+            wire::allowed(&cached(&["tickets:read"], false), Some(&input), "x-api-key").as_slice(),
+        )
+        .expect("decodes");
+        let Some(HttpResponse::OkResponse(ok)) = &answer.http_response else {
+            panic!("not an OK answer: {answer:?}");
+        };
+        assert_eq!(
+            ok.headers_to_remove,
+            ["x-kemon-role", "authorization", "x-api-key"]
+        );
     }
 
     #[test]

@@ -333,16 +333,13 @@ async fn a_malformed_check_request_is_refused_as_invalid_and_a_well_formed_one_s
     let (_, secret) = client.create(private_key("any", &["tickets:read"])).await;
     let whole = check_request(&[("x-api-key", &secret)], Some("tickets:read")).encode_to_vec();
 
-    // Cut short inside the attributes, a group wire type, and a value that is not UTF-8 in a
-    // header Check reads (attributes { request { http { headers { key: "x-api-key"
-    // value: 0xff } } } }).
+    // Cut short inside the attributes, and a group wire type.
     let entry = [&[0x0a, 9][..], b"x-api-key", &[0x12, 1, 0xff]].concat();
     let nest = |field: u8, inner: &[u8]| [&[field, inner.len() as u8][..], inner].concat();
     let not_utf8 = nest(0x0a, &nest(0x22, &nest(0x12, &nest(0x1a, &entry))));
     for (what, bytes) in [
         ("truncated", whole[..whole.len() - 3].to_vec()),
         ("a group", vec![0x0b]),
-        ("not UTF-8", not_utf8),
     ] {
         let status = check_raw(&channel, bytes)
             .await
@@ -353,6 +350,19 @@ async fn a_malformed_check_request_is_refused_as_invalid_and_a_well_formed_one_s
             "{what}: {status:?}"
         );
         assert!(!status.message().contains(&secret), "{what}");
+    }
+
+    // A credential that is not text (attributes { request { http { headers { key:
+    // "x-api-key" value: 0xff } } } }) is denied with an answer (400, MALFORMED), not an
+    // error: Envoy denies it whatever its failure mode.
+    let denied = check_raw(&channel, not_utf8).await.expect("an answer");
+    assert_eq!(verify_code(&denied), "VERIFY_CODE_MALFORMED");
+    match &denied.http_response {
+        Some(HttpResponse::DeniedResponse(d)) => {
+            assert_eq!(d.status.as_ref().map(|s| s.code), Some(400), "{d:?}");
+            assert!(!d.body.contains(&secret));
+        }
+        other => panic!("not a denial: {other:?}"),
     }
 
     // A header Check does not read may hold any bytes (a cookie in Latin-1): the request is
