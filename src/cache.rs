@@ -581,6 +581,84 @@ mod tests {
         );
     }
 
+    const NOW: i64 = 1_767_225_600_000;
+
+    /// What verification needs of a production private key with no scopes.
+    fn state(key: &api_key::ApiKey, key_id: KeyId, version: u64) -> VerifyState<'static> {
+        VerifyState {
+            key_id,
+            workspace_id: "ws_1",
+            key_type: KeyType::Private,
+            environment: Environment::Production,
+            scopes: ScopeSet::EMPTY,
+            full_access: false,
+            secret_hash: key.hash(),
+            expires_at_ms: None,
+            revoked: false,
+            allowed_domains: Box::new([]),
+            version,
+            rolled: false,
+        }
+    }
+
+    #[test]
+    fn a_batch_keeps_each_keys_order_versions_uses_and_rolls() {
+        let clock = crate::clock::ManualClock::new(NOW);
+        let cache = VerifyCache::new(Arc::new(clock.clone()));
+        // Enough keys to fall in every shard.
+        let keys: Vec<(api_key::ApiKey, KeyId)> = (0..300)
+            .map(|_| {
+                let key = api_key::ApiKey::generate(KeyType::Private, Environment::Production);
+                (key, KeyId::generate(NOW))
+            })
+            .collect();
+        cache.upsert_all(keys.iter().map(|(k, id)| state(k, *id, 1)).collect());
+        assert_eq!(cache.len(), 300);
+        let verify = |i: usize| cache.verify(keys[i].0.expose(), ScopeSet::EMPTY, "");
+        assert!(matches!(verify(0), Verdict::Valid(_)));
+        let used = cache.last_used(&keys[0].0.hash());
+        assert!(used.is_some());
+
+        let at = |i: usize, version: u64| state(&keys[i].0, keys[i].1, version);
+        let revoked = |mut s: VerifyState<'static>| {
+            s.revoked = true;
+            s
+        };
+        let rolled = |mut s: VerifyState<'static>, end: i64| {
+            s.rolled = true;
+            s.expires_at_ms = Some(end);
+            s
+        };
+        cache.upsert_all(vec![
+            // Key 0: version 3 then an older 2, which changes nothing.
+            revoked(at(0, 3)),
+            at(0, 2),
+            // Key 1: both apply, in the order given.
+            revoked(at(1, 2)),
+            at(1, 3),
+            // Key 2: the same version again changes nothing.
+            revoked(at(2, 1)),
+            // Key 3 rolled, in its grace period; key 4 rolled, past its end.
+            rolled(at(3, 2), NOW + 1_000),
+            rolled(at(4, 2), NOW - 1),
+        ]);
+        assert!(matches!(verify(0), Verdict::Revoked(_)));
+        assert_eq!(
+            cache.last_used(&keys[0].0.hash()),
+            used,
+            "the use is carried over"
+        );
+        assert!(matches!(verify(1), Verdict::Valid(_)));
+        assert!(matches!(verify(2), Verdict::Valid(_)));
+        assert!(matches!(verify(3), Verdict::Valid(_)));
+        assert_eq!(verify(4), Verdict::NotFound);
+        assert_eq!(cache.len(), 299);
+        clock.set_ms(NOW + 1_000);
+        cache.evict_ended();
+        assert_eq!(verify(3), Verdict::NotFound);
+        assert!(matches!(verify(5), Verdict::Valid(_)));
+    }
+
     #[test]
     fn the_map_hash_is_the_digest_prefix() {
         let build = BuildHasherDefault::<DigestHasher>::default();
