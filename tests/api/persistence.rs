@@ -429,7 +429,11 @@ async fn a_key_row_that_is_not_utf8_is_refused_at_start() {
         1
     );
     let out = serve_refused(&stopped).await;
-    assert!(out.stderr.contains("utf-8"), "{}", out.report());
+    assert!(
+        out.stderr.contains("utf-8") && out.stderr.contains(&key.key_id),
+        "names the problem and the row: {}",
+        out.report()
+    );
 }
 
 /// A column verification does not read (the name) is not read at start-up: the server
@@ -453,8 +457,10 @@ async fn a_corrupt_name_leaves_verification_serving() {
         .await;
     audit.assert_failure();
     assert!(
-        audit.stderr.contains("corrupt data") && audit.stderr.contains("utf-8"),
-        "{}",
+        audit.stderr.contains("corrupt data")
+            && audit.stderr.contains("utf-8")
+            && audit.stderr.contains(&key.key_id),
+        "names the problem and the row: {}",
         audit.report()
     );
     let server = stopped.restart().await.expect("starts");

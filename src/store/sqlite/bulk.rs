@@ -92,6 +92,23 @@ fn corrupt(e: String) -> StoreError {
     StoreError::Corrupt(e)
 }
 
+/// A row of `SELECT {KEY_COLUMNS}`, validated; a row that is not valid is reported with its
+/// key id (as stored, so that the operator can find it) and what is wrong with it.
+fn projected_state(row: &Row<'_>) -> Result<KeyState, StoreError> {
+    rows::row_ref(row)
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.to_state())
+        .map_err(|e| {
+            let key_id = row
+                .get_ref(0)
+                .ok()
+                .and_then(|v| v.as_bytes().ok())
+                .map(String::from_utf8_lossy)
+                .unwrap_or_default();
+            StoreError::Corrupt(format!("keys row {key_id:?}: {e}"))
+        })
+}
+
 /// Runs blocking work on tokio's blocking pool.
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
@@ -374,7 +391,7 @@ impl Snapshot for BulkSnapshot {
             let mut rows = statement.query([])?;
             let mut states = Vec::new();
             while let Some(row) = rows.next()? {
-                states.push(rows::row_ref(row)?.to_state().map_err(corrupt)?);
+                states.push(projected_state(row)?);
             }
             // Key id order, as the trait promises (the table is clustered by workspace).
             states.sort_unstable_by_key(|s| s.key_id);
@@ -430,7 +447,7 @@ impl Snapshot for BulkSnapshot {
                 let mut rows = statement.query([])?;
                 let mut batch = Vec::with_capacity(BATCH);
                 while let Some(row) = rows.next()? {
-                    batch.push(rows::row_ref(row)?.to_state().map_err(corrupt)?);
+                    batch.push(projected_state(row)?);
                     if batch.len() == BATCH {
                         let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
                         if tx.blocking_send(full).is_err() {

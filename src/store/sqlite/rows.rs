@@ -436,40 +436,49 @@ impl RowBatch {
                 let (start, len) = row.spans[i];
                 &self.bytes[start as usize..start as usize + len as usize]
             };
-            let text = |i: usize| std::str::from_utf8(bytes(i)).map_err(|e| e.to_string());
-            let (key_type, environment, scopes) = (text(2)?, text(3)?, text(4)?);
-            let workspace_id = text(1)?;
-            WorkspaceId::check(workspace_id)?;
-            let mut granted = ScopeSet::EMPTY;
-            for name in scopes.split_whitespace() {
-                granted
-                    .insert(Scope::parse(name).ok_or_else(|| format!("unknown scope {name:?}"))?);
-            }
-            Ok(VerifyState {
-                key_id: KeyId::parse(text(0)?)?,
-                workspace_id,
-                key_type: KeyType::parse(key_type)
-                    .ok_or_else(|| format!("unknown key_type {key_type:?}"))?,
-                environment: Environment::parse(environment)
-                    .ok_or_else(|| format!("unknown environment {environment:?}"))?,
-                scopes: granted,
-                full_access: row.full_access,
-                secret_hash: SecretHash::from_slice(bytes(5))
-                    .ok_or("secret_hash is not 32 bytes")?,
-                expires_at_ms: row.expires_at,
-                revoked: row.revoked_at.is_some(),
-                allowed_domains: text(6)?
-                    .split_whitespace()
-                    .map(DomainPattern::parse)
-                    .collect::<Result<_, _>>()?,
-                version: u64::try_from(row.version).map_err(|_| "negative version")?,
-                rolled: if row.has_rolled_to {
-                    KeyId::parse(text(7)?)?;
-                    true
-                } else {
-                    false
-                },
-            })
+            // A row that is not valid is named by its key id as stored.
+            Self::verify_state(row, bytes)
+                .map_err(|e| format!("keys row {:?}: {e}", String::from_utf8_lossy(bytes(0))))
+        })
+    }
+
+    /// What verification needs of one copied row, every value checked; `bytes(i)` is the
+    /// row's span `i`.
+    fn verify_state<'b>(
+        row: &CopiedRow,
+        bytes: impl Fn(usize) -> &'b [u8],
+    ) -> Result<VerifyState<'b>, String> {
+        let text = |i: usize| std::str::from_utf8(bytes(i)).map_err(|e| e.to_string());
+        let (key_type, environment, scopes) = (text(2)?, text(3)?, text(4)?);
+        let workspace_id = text(1)?;
+        WorkspaceId::check(workspace_id)?;
+        let mut granted = ScopeSet::EMPTY;
+        for name in scopes.split_whitespace() {
+            granted.insert(Scope::parse(name).ok_or_else(|| format!("unknown scope {name:?}"))?);
+        }
+        Ok(VerifyState {
+            key_id: KeyId::parse(text(0)?)?,
+            workspace_id,
+            key_type: KeyType::parse(key_type)
+                .ok_or_else(|| format!("unknown key_type {key_type:?}"))?,
+            environment: Environment::parse(environment)
+                .ok_or_else(|| format!("unknown environment {environment:?}"))?,
+            scopes: granted,
+            full_access: row.full_access,
+            secret_hash: SecretHash::from_slice(bytes(5)).ok_or("secret_hash is not 32 bytes")?,
+            expires_at_ms: row.expires_at,
+            revoked: row.revoked_at.is_some(),
+            allowed_domains: text(6)?
+                .split_whitespace()
+                .map(DomainPattern::parse)
+                .collect::<Result<_, _>>()?,
+            version: u64::try_from(row.version).map_err(|_| "negative version")?,
+            rolled: if row.has_rolled_to {
+                KeyId::parse(text(7)?)?;
+                true
+            } else {
+                false
+            },
         })
     }
 }
