@@ -437,48 +437,126 @@ impl RowBatch {
                 &self.bytes[start as usize..start as usize + len as usize]
             };
             // A row that is not valid is named by its key id as stored.
-            Self::verify_state(row, bytes)
+            Self::verify_row(row, bytes)
+                .and_then(|r| r.to_verify_state())
                 .map_err(|e| format!("keys row {:?}: {e}", String::from_utf8_lossy(bytes(0))))
         })
     }
 
-    /// What verification needs of one copied row, every value checked; `bytes(i)` is the
-    /// row's span `i`.
-    fn verify_state<'b>(
+    /// One copied row's values, text checked as UTF-8; `bytes(i)` is the row's span `i`.
+    fn verify_row<'b>(
         row: &CopiedRow,
         bytes: impl Fn(usize) -> &'b [u8],
-    ) -> Result<VerifyState<'b>, String> {
+    ) -> Result<VerifyRowRef<'b>, String> {
         let text = |i: usize| std::str::from_utf8(bytes(i)).map_err(|e| e.to_string());
-        let (key_type, environment, scopes) = (text(2)?, text(3)?, text(4)?);
-        let workspace_id = text(1)?;
-        WorkspaceId::check(workspace_id)?;
+        Ok(VerifyRowRef {
+            key_id: text(0)?,
+            workspace_id: text(1)?,
+            key_type: text(2)?,
+            environment: text(3)?,
+            scopes: text(4)?,
+            full_access: row.full_access,
+            secret_hash: bytes(5),
+            allowed_domains: text(6)?,
+            expires_at: row.expires_at,
+            revoked_at: row.revoked_at,
+            version: row.version,
+            rolled_to_key_id: if row.has_rolled_to {
+                Some(text(7)?)
+            } else {
+                None
+            },
+        })
+    }
+}
+
+/// The [`VERIFY_COLUMNS`] of a `keys` row, borrowed, before validation: the start-up load's
+/// one validation, for SQLite's [`RowBatch`] and PostgreSQL's [`VerifyRow`] alike.
+pub struct VerifyRowRef<'a> {
+    pub key_id: &'a str,
+    pub workspace_id: &'a str,
+    pub key_type: &'a str,
+    pub environment: &'a str,
+    pub scopes: &'a str,
+    pub full_access: bool,
+    pub secret_hash: &'a [u8],
+    pub allowed_domains: &'a str,
+    pub expires_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+    pub version: i64,
+    pub rolled_to_key_id: Option<&'a str>,
+}
+
+impl<'a> VerifyRowRef<'a> {
+    /// What verification needs of the row, every value checked as the API would.
+    pub fn to_verify_state(&self) -> Result<VerifyState<'a>, String> {
+        WorkspaceId::check(self.workspace_id)?;
         let mut granted = ScopeSet::EMPTY;
-        for name in scopes.split_whitespace() {
+        for name in self.scopes.split_whitespace() {
             granted.insert(Scope::parse(name).ok_or_else(|| format!("unknown scope {name:?}"))?);
         }
         Ok(VerifyState {
-            key_id: KeyId::parse(text(0)?)?,
-            workspace_id,
-            key_type: KeyType::parse(key_type)
-                .ok_or_else(|| format!("unknown key_type {key_type:?}"))?,
-            environment: Environment::parse(environment)
-                .ok_or_else(|| format!("unknown environment {environment:?}"))?,
+            key_id: KeyId::parse(self.key_id)?,
+            workspace_id: self.workspace_id,
+            key_type: KeyType::parse(self.key_type)
+                .ok_or_else(|| format!("unknown key_type {:?}", self.key_type))?,
+            environment: Environment::parse(self.environment)
+                .ok_or_else(|| format!("unknown environment {:?}", self.environment))?,
             scopes: granted,
-            full_access: row.full_access,
-            secret_hash: SecretHash::from_slice(bytes(5)).ok_or("secret_hash is not 32 bytes")?,
-            expires_at_ms: row.expires_at,
-            revoked: row.revoked_at.is_some(),
-            allowed_domains: text(6)?
+            full_access: self.full_access,
+            secret_hash: SecretHash::from_slice(self.secret_hash)
+                .ok_or("secret_hash is not 32 bytes")?,
+            expires_at_ms: self.expires_at,
+            revoked: self.revoked_at.is_some(),
+            allowed_domains: self
+                .allowed_domains
                 .split_whitespace()
                 .map(DomainPattern::parse)
                 .collect::<Result<_, _>>()?,
-            version: u64::try_from(row.version).map_err(|_| "negative version")?,
-            rolled: if row.has_rolled_to {
-                KeyId::parse(text(7)?)?;
-                true
-            } else {
-                false
+            version: u64::try_from(self.version).map_err(|_| "negative version")?,
+            rolled: match self.rolled_to_key_id {
+                Some(id) => KeyId::parse(id).map(|_| true)?,
+                None => false,
             },
         })
+    }
+}
+
+/// The [`VERIFY_COLUMNS`] of a `keys` row as sqlx reads them (PostgreSQL's start-up).
+#[derive(sqlx::FromRow)]
+pub struct VerifyRow {
+    pub key_id: String,
+    pub workspace_id: String,
+    pub key_type: String,
+    pub environment: String,
+    pub scopes: String,
+    pub full_access: bool,
+    pub secret_hash: Vec<u8>,
+    pub allowed_domains: String,
+    pub expires_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+    pub version: i64,
+    pub rolled_to_key_id: Option<String>,
+}
+
+impl VerifyRow {
+    /// What verification needs of the row, every value checked; an error names the row.
+    pub fn to_verify_state(&self) -> Result<VerifyState<'_>, String> {
+        VerifyRowRef {
+            key_id: &self.key_id,
+            workspace_id: &self.workspace_id,
+            key_type: &self.key_type,
+            environment: &self.environment,
+            scopes: &self.scopes,
+            full_access: self.full_access,
+            secret_hash: &self.secret_hash,
+            allowed_domains: &self.allowed_domains,
+            expires_at: self.expires_at,
+            revoked_at: self.revoked_at,
+            version: self.version,
+            rolled_to_key_id: self.rolled_to_key_id.as_deref(),
+        }
+        .to_verify_state()
+        .map_err(|e| format!("keys row {:?}: {e}", self.key_id))
     }
 }
