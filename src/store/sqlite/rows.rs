@@ -93,34 +93,41 @@ pub struct KeyRowRef<'a> {
 }
 
 impl KeyRowRef<'_> {
-    /// The state the row holds, every value validated.
+    /// The state the row holds, every value validated: the columns verification reads as
+    /// [`VerifyRowRef`] checks them, the others here.
     pub fn to_state(&self) -> Result<KeyState, String> {
-        let scopes: Vec<&str> = self.scopes.split_whitespace().collect();
+        let verify = VerifyRowRef {
+            key_id: self.key_id,
+            workspace_id: self.workspace_id,
+            key_type: self.key_type,
+            environment: self.environment,
+            scopes: self.scopes,
+            full_access: self.full_access,
+            secret_hash: self.secret_hash,
+            allowed_domains: self.allowed_domains,
+            expires_at: self.expires_at,
+            revoked_at: self.revoked_at,
+            version: self.version,
+            rolled_to_key_id: self.rolled_to_key_id,
+        }
+        .to_verify_state()?;
         Ok(KeyState {
-            key_id: KeyId::parse(self.key_id)?,
+            key_id: verify.key_id,
             workspace_id: WorkspaceId::parse(self.workspace_id)?,
             name: KeyName::parse(self.name)?,
-            key_type: KeyType::parse(self.key_type)
-                .ok_or_else(|| format!("unknown key_type {:?}", self.key_type))?,
-            environment: Environment::parse(self.environment)
-                .ok_or_else(|| format!("unknown environment {:?}", self.environment))?,
-            scopes: ScopeSet::parse(&scopes)
-                .map_err(|unknown| format!("unknown scopes {unknown:?}"))?,
-            full_access: self.full_access,
-            secret_hash: SecretHash::from_slice(self.secret_hash)
-                .ok_or("secret_hash is not 32 bytes")?,
+            key_type: verify.key_type,
+            environment: verify.environment,
+            scopes: verify.scopes,
+            full_access: verify.full_access,
+            secret_hash: verify.secret_hash,
             masked: self.masked.to_owned(),
             public_key: self.public_key.map(str::to_owned),
-            allowed_domains: self
-                .allowed_domains
-                .split_whitespace()
-                .map(DomainPattern::parse)
-                .collect::<Result<_, _>>()?,
+            allowed_domains: verify.allowed_domains.into_vec(),
             created_at_ms: self.created_at,
-            expires_at_ms: self.expires_at,
+            expires_at_ms: verify.expires_at_ms,
             revoked_at_ms: self.revoked_at,
             reveal_later: self.reveal_later,
-            version: u64::try_from(self.version).map_err(|_| "negative version")?,
+            version: verify.version,
             stream_version: u64::try_from(self.stream_version)
                 .map_err(|_| "negative stream_version")?,
             last_revealed_at_ms: self.last_revealed_at,
