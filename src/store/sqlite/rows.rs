@@ -9,111 +9,67 @@ use crate::domain::{
     VerifyState, WorkspaceId,
 };
 
-/// A `keys` row as read from SQLite, before validation.
+/// A `keys` row as read by sqlx, before validation: the columns verification reads, and the
+/// others.
 #[derive(sqlx::FromRow)]
 pub struct KeyRow {
-    pub key_id: String,
-    pub workspace_id: String,
+    #[sqlx(flatten)]
+    pub verify: VerifyRow,
     pub name: String,
-    pub key_type: String,
-    pub environment: String,
-    pub scopes: String,
-    pub full_access: bool,
-    pub secret_hash: Vec<u8>,
     pub masked: String,
     pub public_key: Option<String>,
-    pub allowed_domains: String,
     pub created_at: i64,
-    pub expires_at: Option<i64>,
-    pub revoked_at: Option<i64>,
     pub reveal_later: bool,
-    pub version: i64,
     pub stream_version: i64,
     pub created_by: String,
     pub updated_at: i64,
     pub last_revealed_at: Option<i64>,
     pub rolled_from_key_id: Option<String>,
-    pub rolled_to_key_id: Option<String>,
 }
 
 impl KeyRow {
     pub fn into_state(self) -> Result<KeyState, String> {
         KeyRowRef {
-            key_id: &self.key_id,
-            workspace_id: &self.workspace_id,
+            verify: self.verify.as_ref(),
             name: &self.name,
-            key_type: &self.key_type,
-            environment: &self.environment,
-            scopes: &self.scopes,
-            full_access: self.full_access,
-            secret_hash: &self.secret_hash,
             masked: &self.masked,
             public_key: self.public_key.as_deref(),
-            allowed_domains: &self.allowed_domains,
             created_at: self.created_at,
-            expires_at: self.expires_at,
-            revoked_at: self.revoked_at,
             reveal_later: self.reveal_later,
-            version: self.version,
             stream_version: self.stream_version,
             created_by: &self.created_by,
             updated_at: self.updated_at,
             last_revealed_at: self.last_revealed_at,
             rolled_from_key_id: self.rolled_from_key_id.as_deref(),
-            rolled_to_key_id: self.rolled_to_key_id.as_deref(),
         }
         .to_state()
     }
 }
 
-/// A `keys` row borrowed from the driver's buffers, before validation.
+/// A `keys` row borrowed from the driver's buffers, before validation: the columns
+/// verification reads, and the others.
 pub struct KeyRowRef<'a> {
-    pub key_id: &'a str,
-    pub workspace_id: &'a str,
+    pub verify: VerifyRowRef<'a>,
     pub name: &'a str,
-    pub key_type: &'a str,
-    pub environment: &'a str,
-    pub scopes: &'a str,
-    pub full_access: bool,
-    pub secret_hash: &'a [u8],
     pub masked: &'a str,
     pub public_key: Option<&'a str>,
-    pub allowed_domains: &'a str,
     pub created_at: i64,
-    pub expires_at: Option<i64>,
-    pub revoked_at: Option<i64>,
     pub reveal_later: bool,
-    pub version: i64,
     pub stream_version: i64,
     pub created_by: &'a str,
     pub updated_at: i64,
     pub last_revealed_at: Option<i64>,
     pub rolled_from_key_id: Option<&'a str>,
-    pub rolled_to_key_id: Option<&'a str>,
 }
 
 impl KeyRowRef<'_> {
     /// The state the row holds, every value validated: the columns verification reads as
     /// [`VerifyRowRef`] checks them, the others here.
     pub fn to_state(&self) -> Result<KeyState, String> {
-        let verify = VerifyRowRef {
-            key_id: self.key_id,
-            workspace_id: self.workspace_id,
-            key_type: self.key_type,
-            environment: self.environment,
-            scopes: self.scopes,
-            full_access: self.full_access,
-            secret_hash: self.secret_hash,
-            allowed_domains: self.allowed_domains,
-            expires_at: self.expires_at,
-            revoked_at: self.revoked_at,
-            version: self.version,
-            rolled_to_key_id: self.rolled_to_key_id,
-        }
-        .to_verify_state()?;
+        let verify = self.verify.to_verify_state()?;
         Ok(KeyState {
             key_id: verify.key_id,
-            workspace_id: WorkspaceId::parse(self.workspace_id)?,
+            workspace_id: WorkspaceId::parse(verify.workspace_id)?,
             name: KeyName::parse(self.name)?,
             key_type: verify.key_type,
             environment: verify.environment,
@@ -125,7 +81,7 @@ impl KeyRowRef<'_> {
             allowed_domains: verify.allowed_domains.into_vec(),
             created_at_ms: self.created_at,
             expires_at_ms: verify.expires_at_ms,
-            revoked_at_ms: self.revoked_at,
+            revoked_at_ms: self.verify.revoked_at,
             reveal_later: self.reveal_later,
             version: verify.version,
             stream_version: u64::try_from(self.stream_version)
@@ -134,12 +90,12 @@ impl KeyRowRef<'_> {
             created_by: self.created_by.to_owned(),
             updated_at_ms: self.updated_at,
             rolled_from: self.rolled_from_key_id.map(KeyId::parse).transpose()?,
-            rolled_to: self.rolled_to_key_id.map(KeyId::parse).transpose()?,
+            rolled_to: self.verify.rolled_to_key_id.map(KeyId::parse).transpose()?,
         })
     }
 }
 
-/// The column list of `keys`, in [`KeyRow`]'s order.
+/// The column list of `keys`, in the order of [`values`] and [`row_ref`].
 pub const KEY_COLUMNS: &str = "key_id, workspace_id, name, key_type, environment, scopes, \
     full_access, secret_hash, masked, public_key, allowed_domains, created_at, expires_at, \
     revoked_at, reveal_later, version, stream_version, created_by, updated_at, last_revealed_at, \
@@ -232,28 +188,30 @@ pub fn row_ref<'a>(row: &'a rusqlite::Row<'_>) -> rusqlite::Result<KeyRowRef<'a>
         Ok(row.get_ref(i)?.as_i64_or_null()?)
     }
     Ok(KeyRowRef {
-        key_id: text(row, 0)?,
-        workspace_id: text(row, 1)?,
+        verify: VerifyRowRef {
+            key_id: text(row, 0)?,
+            workspace_id: text(row, 1)?,
+            key_type: text(row, 3)?,
+            environment: text(row, 4)?,
+            scopes: text(row, 5)?,
+            full_access: int(row, 6)? != 0,
+            secret_hash: row.get_ref(7)?.as_blob()?,
+            allowed_domains: text(row, 10)?,
+            expires_at: int_or_null(row, 12)?,
+            revoked_at: int_or_null(row, 13)?,
+            version: int(row, 15)?,
+            rolled_to_key_id: row.get_ref(21)?.as_str_or_null()?,
+        },
         name: text(row, 2)?,
-        key_type: text(row, 3)?,
-        environment: text(row, 4)?,
-        scopes: text(row, 5)?,
-        full_access: int(row, 6)? != 0,
-        secret_hash: row.get_ref(7)?.as_blob()?,
         masked: text(row, 8)?,
         public_key: row.get_ref(9)?.as_str_or_null()?,
-        allowed_domains: text(row, 10)?,
         created_at: int(row, 11)?,
-        expires_at: int_or_null(row, 12)?,
-        revoked_at: int_or_null(row, 13)?,
         reveal_later: int(row, 14)? != 0,
-        version: int(row, 15)?,
         stream_version: int(row, 16)?,
         created_by: text(row, 17)?,
         updated_at: int(row, 18)?,
         last_revealed_at: int_or_null(row, 19)?,
         rolled_from_key_id: row.get_ref(20)?.as_str_or_null()?,
-        rolled_to_key_id: row.get_ref(21)?.as_str_or_null()?,
     })
 }
 
@@ -529,7 +487,8 @@ impl<'a> VerifyRowRef<'a> {
     }
 }
 
-/// The [`VERIFY_COLUMNS`] of a `keys` row as sqlx reads them (PostgreSQL's start-up).
+/// The [`VERIFY_COLUMNS`] of a `keys` row as sqlx reads them (PostgreSQL's start-up, and
+/// part of every [`KeyRow`]).
 #[derive(sqlx::FromRow)]
 pub struct VerifyRow {
     pub key_id: String,
@@ -549,6 +508,12 @@ pub struct VerifyRow {
 impl VerifyRow {
     /// What verification needs of the row, every value checked; an error names the row.
     pub fn to_verify_state(&self) -> Result<VerifyState<'_>, String> {
+        self.as_ref()
+            .to_verify_state()
+            .map_err(|e| format!("keys row {:?}: {e}", self.key_id))
+    }
+
+    fn as_ref(&self) -> VerifyRowRef<'_> {
         VerifyRowRef {
             key_id: &self.key_id,
             workspace_id: &self.workspace_id,
@@ -563,7 +528,5 @@ impl VerifyRow {
             version: self.version,
             rolled_to_key_id: self.rolled_to_key_id.as_deref(),
         }
-        .to_verify_state()
-        .map_err(|e| format!("keys row {:?}: {e}", self.key_id))
     }
 }
