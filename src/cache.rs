@@ -181,7 +181,7 @@ impl CachedKey {
             revoked: s.revoked,
             allowed_domains: s.allowed_domains,
             version: s.version,
-            rolled: s.rolled,
+            rolled: s.rolled_to.is_some(),
             usage: Usage::default(),
         }
     }
@@ -597,7 +597,7 @@ mod tests {
             revoked: false,
             allowed_domains: Box::new([]),
             version,
-            rolled: false,
+            rolled_to: None,
         }
     }
 
@@ -625,7 +625,7 @@ mod tests {
             s
         };
         let rolled = |mut s: VerifyState<'static>, end: i64| {
-            s.rolled = true;
+            s.rolled_to = Some(KeyId::generate(NOW));
             s.expires_at_ms = Some(end);
             s
         };

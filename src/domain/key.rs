@@ -71,7 +71,7 @@ impl KeyState {
             revoked: self.is_revoked(),
             allowed_domains: self.allowed_domains.clone().into_boxed_slice(),
             version: self.version,
-            rolled: self.rolled_to.is_some(),
+            rolled_to: self.rolled_to,
         }
     }
 }
@@ -93,8 +93,8 @@ pub struct VerifyState<'a> {
     pub revoked: bool,
     pub allowed_domains: Box<[DomainPattern]>,
     pub version: u64,
-    /// Rolled to a successor: its `expires_at_ms` is then the grace period's end.
-    pub rolled: bool,
+    /// The successor it was rolled to: its `expires_at_ms` is then the grace period's end.
+    pub rolled_to: Option<KeyId>,
 }
 
 /// Everything KeyCreated records. Built only by [`NewKey::validate`].

@@ -90,7 +90,7 @@ impl KeyRowRef<'_> {
             created_by: self.created_by.to_owned(),
             updated_at_ms: self.updated_at,
             rolled_from: self.rolled_from_key_id.map(KeyId::parse).transpose()?,
-            rolled_to: self.verify.rolled_to_key_id.map(KeyId::parse).transpose()?,
+            rolled_to: verify.rolled_to,
         })
     }
 }
@@ -479,10 +479,7 @@ impl<'a> VerifyRowRef<'a> {
                 .map(DomainPattern::parse)
                 .collect::<Result<_, _>>()?,
             version: u64::try_from(self.version).map_err(|_| "negative version")?,
-            rolled: match self.rolled_to_key_id {
-                Some(id) => KeyId::parse(id).map(|_| true)?,
-                None => false,
-            },
+            rolled_to: self.rolled_to_key_id.map(KeyId::parse).transpose()?,
         })
     }
 }
