@@ -73,6 +73,14 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// The temporary files of a replay in parts, in `dir`, could not be made, written or read.
+    pub(crate) fn temp_files(dir: &Path, e: std::io::Error) -> StoreError {
+        StoreError::Unavailable(Cause::msg(format!(
+            "temporary files in {}: {e}",
+            dir.display()
+        )))
+    }
+
     /// Whether the storage itself failed (as opposed to a refused command or a bug).
     pub fn is_storage_fault(&self) -> bool {
         matches!(

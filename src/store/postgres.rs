@@ -397,12 +397,7 @@ impl Backend for PgBackend {
             .fetch_one(&mut *tx)
             .await?;
         let dir = limits.dir_or(&std::env::temp_dir());
-        let spill_error = |e: std::io::Error| {
-            StoreError::Unavailable(Cause::msg(format!(
-                "temporary files in {}: {e}",
-                dir.display()
-            )))
-        };
+        let spill_error = |e| StoreError::temp_files(&dir, e);
         let mut spill = (usize::try_from(max_sequence).unwrap_or(0) > limits.keys_in_memory)
             .then(|| Spill::new(&dir))
             .transpose()

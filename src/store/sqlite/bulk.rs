@@ -711,12 +711,7 @@ fn fold_log(
 /// folded on one of `workers()` threads and its states written, sorted, to a [`Run`]. The runs,
 /// the number of events and the last sequence; or the first bad event in log order.
 fn fold_log_spilled(conn: &Connection, dir: &Path) -> Result<(Vec<Run>, u64, i64), StoreError> {
-    let spill_error = |e: std::io::Error| {
-        StoreError::Unavailable(Cause::msg(format!(
-            "temporary files in {}: {e}",
-            dir.display()
-        )))
-    };
+    let spill_error = |e| StoreError::temp_files(dir, e);
     let mut parts = Spill::new(dir).map_err(spill_error)?;
     let mut statement = conn.prepare(
         "SELECT sequence, key_id, stream_version, event_type, schema_version, payload, actor, \
@@ -784,12 +779,9 @@ fn fold_log_spilled(conn: &Connection, dir: &Path) -> Result<(Vec<Run>, u64, i64
 /// One part folded, its states sorted into a run in `dir`; or its first bad event (a
 /// failure to read or write the files counts as one at sequence 0, before any event).
 fn fold_part(part: spill::Part, dir: &Path) -> Result<Run, FoldFailure> {
-    let io_failure = |e: std::io::Error| FoldFailure {
+    let io_failure = |e| FoldFailure {
         sequence: 0,
-        error: StoreError::Unavailable(Cause::msg(format!(
-            "temporary files in {}: {e}",
-            dir.display()
-        ))),
+        error: StoreError::temp_files(dir, e),
     };
     let folded = fold_spilled(part).map_err(io_failure)??;
     Run::write(dir, folded.into_sorted_by_workspace().into_iter()).map_err(io_failure)
