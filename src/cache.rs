@@ -290,12 +290,6 @@ impl VerifyCache {
         shared
     }
 
-    /// Inserts or replaces a key's entry, unless the cache already holds a newer version.
-    /// See [`VerifyCache::upsert_all`].
-    pub fn upsert(&self, state: &KeyState) {
-        self.upsert_all(vec![state.verify_state()]);
-    }
-
     /// Inserts or replaces each key's entry, unless the cache already holds a newer version.
     /// The last use is carried over from the entry replaced. A rolled key already past its
     /// end is removed instead (see the module documentation).

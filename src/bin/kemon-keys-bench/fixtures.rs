@@ -42,10 +42,12 @@ pub fn sample_state(key: &ApiKey, i: usize, now_ms: i64) -> KeyState {
 pub fn loaded_cache(n: usize) -> (VerifyCache, Vec<String>) {
     let cache = VerifyCache::new(Arc::new(SystemClock));
     let mut secrets = Vec::with_capacity(n);
+    let mut states = Vec::with_capacity(n);
     for i in 0..n {
         let key = ApiKey::generate(KeyType::Private, Environment::Production);
-        cache.upsert(&sample_state(&key, i, 1_767_225_600_000));
+        states.push(sample_state(&key, i, 1_767_225_600_000));
         secrets.push(key.expose().to_owned());
     }
+    cache.upsert_all(states.iter().map(KeyState::verify_state).collect());
     (cache, secrets)
 }
